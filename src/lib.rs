@@ -1,0 +1,8 @@
+//! committer: turn a running containerd container's filesystem into an OCI image in a registry.
+//!
+//! `commit::run` shows the pipeline order; each stage lives in its own module and knows
+//! nothing of the stages after it.
+
+pub mod digest;
+pub mod diff;
+pub mod registry;

@@ -1,0 +1,1 @@
+//! The OCI distribution client (owned by the registry helper).
