@@ -6,3 +6,6 @@
 pub mod digest;
 pub mod diff;
 pub mod registry;
+pub mod containerd;
+pub mod image;
+pub mod layer;

@@ -1,0 +1,132 @@
+//! The containerd side of a commit: a gRPC connection over the node's unix socket, with the
+//! namespace (and, once taken, the lease) attached to every call as metadata.
+//!
+//! Sub-modules: `lookup` finds the container, `content` reads the base image from the content
+//! store, `task` pauses and resumes the sandbox, `lease` keeps what we read from the GC.
+
+pub mod content;
+pub mod lease;
+pub mod lookup;
+pub mod task;
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, RwLock};
+
+use containerd_client::tonic::{self, metadata::MetadataValue, service::Interceptor, transport::Channel};
+
+/// Errors talking to containerd. Each names the thing asked for and what to do.
+#[derive(Debug, thiserror::Error)]
+pub enum ContainerdError {
+    #[error("containerd socket {path} does not exist: is containerd running on this node? pass --address or set CONTAINERD_ADDRESS")]
+    SocketMissing { path: PathBuf },
+    #[error("cannot connect to containerd at {path}: {source}")]
+    Connect { path: PathBuf, #[source] source: tonic::transport::Error },
+    #[error("{what}: containerd answered {code:?}: {message}")]
+    Rpc { what: String, code: tonic::Code, message: String },
+    #[error("container {id:?} not found in containerd namespace {namespace:?}: check the ID with `ctr -n {namespace} containers ls` or pass --namespace")]
+    ContainerNotFound { id: String, namespace: String },
+    #[error("no container of pod {pod} {detail} in containerd namespace {namespace:?}")]
+    PodNotFound { pod: String, detail: String, namespace: String },
+    #[error("pod {pod} has {count} containers ({candidates}): pass --container-name to pick one")]
+    AmbiguousPod { pod: String, count: usize, candidates: String },
+    #[error("{what}: {detail}")]
+    Invalid { what: String, detail: String },
+}
+
+impl ContainerdError {
+    pub fn rpc(what: impl Into<String>, status: tonic::Status) -> Self {
+        ContainerdError::Rpc { what: what.into(), code: status.code(), message: status.message().to_string() }
+    }
+
+    /// True when the thing asked for does not exist (maps to the "not found" exit code).
+    pub fn is_not_found(&self) -> bool {
+        matches!(
+            self,
+            ContainerdError::ContainerNotFound { .. }
+                | ContainerdError::PodNotFound { .. }
+                | ContainerdError::AmbiguousPod { .. }
+                | ContainerdError::SocketMissing { .. }
+        ) || matches!(self, ContainerdError::Rpc { code: tonic::Code::NotFound, .. })
+    }
+}
+
+/// Adds `containerd-namespace` and, when set, `containerd-lease` to every request.
+#[derive(Clone)]
+pub struct Metadata {
+    namespace: MetadataValue<tonic::metadata::Ascii>,
+    lease: Arc<RwLock<Option<MetadataValue<tonic::metadata::Ascii>>>>,
+}
+
+impl Interceptor for Metadata {
+    fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        let md = req.metadata_mut();
+        md.insert("containerd-namespace", self.namespace.clone());
+        if let Some(lease) = self.lease.read().expect("lease lock").clone() {
+            md.insert("containerd-lease", lease);
+        }
+        Ok(req)
+    }
+}
+
+type Intercepted = tonic::service::interceptor::InterceptedService<Channel, Metadata>;
+
+/// One connection to containerd in one namespace. Cheap to clone.
+#[derive(Clone)]
+pub struct Containerd {
+    channel: Channel,
+    metadata: Metadata,
+    pub namespace: String,
+    pub address: PathBuf,
+}
+
+impl Containerd {
+    pub async fn connect(address: &Path, namespace: &str) -> Result<Self, ContainerdError> {
+        if !address.exists() {
+            return Err(ContainerdError::SocketMissing { path: address.to_path_buf() });
+        }
+        let ns = namespace.parse().map_err(|_| ContainerdError::Invalid {
+            what: format!("namespace {namespace:?}"),
+            detail: "not a valid gRPC metadata value".into(),
+        })?;
+        let channel = containerd_client::connect(address)
+            .await
+            .map_err(|source| ContainerdError::Connect { path: address.to_path_buf(), source })?;
+        Ok(Containerd {
+            channel,
+            metadata: Metadata { namespace: ns, lease: Arc::new(RwLock::new(None)) },
+            namespace: namespace.to_string(),
+            address: address.to_path_buf(),
+        })
+    }
+
+    /// From now on every call carries this lease, so what it creates or reads is protected.
+    pub(crate) fn set_lease(&self, lease: Option<&str>) {
+        *self.metadata.lease.write().expect("lease lock") = lease.and_then(|l| l.parse().ok());
+    }
+
+    fn intercepted(&self) -> Intercepted {
+        tonic::service::interceptor::InterceptedService::new(self.channel.clone(), self.metadata.clone())
+    }
+
+    pub(crate) fn containers(&self) -> containerd_client::services::v1::containers_client::ContainersClient<Intercepted> {
+        containerd_client::services::v1::containers_client::ContainersClient::new(self.intercepted())
+    }
+    pub(crate) fn images(&self) -> containerd_client::services::v1::images_client::ImagesClient<Intercepted> {
+        containerd_client::services::v1::images_client::ImagesClient::new(self.intercepted())
+    }
+    pub(crate) fn content(&self) -> containerd_client::services::v1::content_client::ContentClient<Intercepted> {
+        containerd_client::services::v1::content_client::ContentClient::new(self.intercepted())
+            .max_decoding_message_size(16 << 20)
+    }
+    pub(crate) fn snapshots(
+        &self,
+    ) -> containerd_client::services::v1::snapshots::snapshots_client::SnapshotsClient<Intercepted> {
+        containerd_client::services::v1::snapshots::snapshots_client::SnapshotsClient::new(self.intercepted())
+    }
+    pub(crate) fn tasks(&self) -> containerd_client::services::v1::tasks_client::TasksClient<Intercepted> {
+        containerd_client::services::v1::tasks_client::TasksClient::new(self.intercepted())
+    }
+    pub(crate) fn leases(&self) -> containerd_client::services::v1::leases_client::LeasesClient<Intercepted> {
+        containerd_client::services::v1::leases_client::LeasesClient::new(self.intercepted())
+    }
+}

@@ -1,0 +1,177 @@
+//! The layer blob: tar bytes in, one streaming pass computes the diff_id (sha256 of the tar),
+//! compresses, and computes the blob digest and size (sha256 of the compressed bytes) on the
+//! way to the sink. A descriptor exists only once `finish` has flushed every byte.
+//!
+//! Writers nest: `LayerWriter { diff_id: Sha256, enc: Encoder<Counted<W>> }`.
+
+use crate::digest::Digest;
+use crate::image::Compression;
+use sha2::{Digest as _, Sha256};
+use std::io::{self, Write};
+
+/// The new layer, as the manifest and the config name it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct LayerDescriptor {
+    pub digest: Digest,
+    pub diff_id: Digest,
+    pub size: u64,
+    pub media_type: String,
+}
+
+/// Compression settings.
+#[derive(Debug, Clone, Copy)]
+pub struct CompressOptions {
+    pub compression: Compression,
+    /// gzip 0-9 (default 6: what docker and containerd use), zstd 1-19 (default 3).
+    pub level: Option<i32>,
+    /// zstd worker threads (0 = compress on the calling thread).
+    pub threads: u32,
+}
+
+/// Hashes and counts what passes through to the sink.
+struct Counted<W: Write> {
+    inner: W,
+    hasher: Sha256,
+    bytes: u64,
+}
+
+impl<W: Write> Write for Counted<W> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        self.hasher.update(&buf[..n]);
+        self.bytes += n as u64;
+        Ok(n)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+enum Encoder<W: Write> {
+    Gzip(flate2::write::GzEncoder<W>),
+    Zstd(zstd::Encoder<'static, W>),
+    Plain(W),
+}
+
+/// Write tar bytes in; `finish` returns the sink and the descriptor.
+pub struct LayerWriter<W: Write> {
+    diff_id: Sha256,
+    tar_bytes: u64,
+    enc: Encoder<Counted<W>>,
+    media_type: String,
+}
+
+impl<W: Write> LayerWriter<W> {
+    pub fn new(sink: W, opts: &CompressOptions, media_type: &str) -> io::Result<Self> {
+        let counted = Counted { inner: sink, hasher: Sha256::new(), bytes: 0 };
+        let enc = match opts.compression {
+            Compression::Gzip => {
+                let level = opts.level.unwrap_or(6).clamp(0, 9) as u32;
+                // No file name or mtime in the gzip header: the same tar must give the same digest.
+                let gz = flate2::GzBuilder::new().write(counted, flate2::Compression::new(level));
+                Encoder::Gzip(gz)
+            }
+            Compression::Zstd => {
+                let mut z = zstd::Encoder::new(counted, opts.level.unwrap_or(3))?;
+                if opts.threads > 0 {
+                    z.multithread(opts.threads)?;
+                }
+                // Content size unknown up front; a checksum lets readers detect corruption.
+                z.include_checksum(true)?;
+                Encoder::Zstd(z)
+            }
+            Compression::None => Encoder::Plain(counted),
+        };
+        Ok(LayerWriter { diff_id: Sha256::new(), tar_bytes: 0, enc, media_type: media_type.to_string() })
+    }
+
+    /// Flushes the compressor and returns the sink with the layer's descriptor.
+    pub fn finish(self) -> io::Result<(W, LayerDescriptor, u64)> {
+        let counted = match self.enc {
+            Encoder::Gzip(g) => g.finish()?,
+            Encoder::Zstd(z) => z.finish()?,
+            Encoder::Plain(c) => c,
+        };
+        let Counted { mut inner, hasher, bytes } = counted;
+        inner.flush()?;
+        let desc = LayerDescriptor {
+            digest: Digest::from_sha256(hasher.finalize().into()),
+            diff_id: Digest::from_sha256(self.diff_id.finalize().into()),
+            size: bytes,
+            media_type: self.media_type,
+        };
+        Ok((inner, desc, self.tar_bytes))
+    }
+}
+
+impl<W: Write> Write for LayerWriter<W> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let n = match &mut self.enc {
+            Encoder::Gzip(g) => g.write(buf)?,
+            Encoder::Zstd(z) => z.write(buf)?,
+            Encoder::Plain(p) => p.write(buf)?,
+        };
+        self.diff_id.update(&buf[..n]);
+        self.tar_bytes += n as u64;
+        Ok(n)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        match &mut self.enc {
+            Encoder::Gzip(g) => g.flush(),
+            Encoder::Zstd(z) => z.flush(),
+            Encoder::Plain(p) => p.flush(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Read;
+
+    fn roundtrip(c: Compression) {
+        let data: Vec<u8> = (0..3_000_000u32).map(|i| (i % 251) as u8).collect();
+        let opts = CompressOptions { compression: c, level: None, threads: 2 };
+        let mut w = LayerWriter::new(Vec::new(), &opts, "mt").unwrap();
+        for chunk in data.chunks(70_000) {
+            w.write_all(chunk).unwrap();
+        }
+        let (blob, desc, tar_bytes) = w.finish().unwrap();
+        assert_eq!(tar_bytes, data.len() as u64);
+        assert_eq!(desc.diff_id, Digest::of(&data));
+        assert_eq!(desc.digest, Digest::of(&blob));
+        assert_eq!(desc.size, blob.len() as u64);
+        let mut back = Vec::new();
+        match c {
+            Compression::Gzip => flate2::read::GzDecoder::new(&blob[..]).read_to_end(&mut back).unwrap(),
+            Compression::Zstd => zstd::Decoder::new(&blob[..]).unwrap().read_to_end(&mut back).unwrap(),
+            Compression::None => (&blob[..]).read_to_end(&mut back).unwrap(),
+        };
+        assert!(back == data, "decompressed bytes differ");
+    }
+
+    #[test]
+    fn gzip_digests_match_the_bytes() {
+        roundtrip(Compression::Gzip)
+    }
+    #[test]
+    fn zstd_digests_match_the_bytes() {
+        roundtrip(Compression::Zstd)
+    }
+    #[test]
+    fn uncompressed_digest_equals_diff_id() {
+        roundtrip(Compression::None)
+    }
+
+    #[test]
+    fn same_input_gives_same_gzip_digest() {
+        let opts = CompressOptions { compression: Compression::Gzip, level: None, threads: 0 };
+        let one = |_| {
+            let mut w = LayerWriter::new(Vec::new(), &opts, "mt").unwrap();
+            w.write_all(b"hello world").unwrap();
+            w.finish().unwrap().1.digest
+        };
+        assert_eq!(one(1), one(2));
+    }
+}
