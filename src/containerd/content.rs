@@ -124,3 +124,34 @@ fn parse_digest(name: &str, d: &str) -> Result<Digest, ContainerdError> {
 fn invalid(name: &str, detail: &str) -> ContainerdError {
     ContainerdError::Invalid { what: format!("base image {name:?}"), detail: detail.to_string() }
 }
+
+impl Containerd {
+    /// Streams a blob out of the content store (≤ 1 MiB messages), never holding it whole.
+    pub async fn blob_stream(
+        &self,
+        digest: &Digest,
+    ) -> Result<impl futures_util::Stream<Item = std::io::Result<bytes::Bytes>> + Send + 'static, ContainerdError> {
+        use futures_util::StreamExt;
+        let what = format!("reading {digest} from the content store");
+        let stream = self
+            .content()
+            .read(ReadContentRequest { digest: digest.to_string(), offset: 0, size: 0 })
+            .await
+            .map_err(|s| ContainerdError::rpc(what.clone(), s))?
+            .into_inner();
+        Ok(stream.map(move |msg| {
+            msg.map(|m| bytes::Bytes::from(m.data))
+                .map_err(|s| std::io::Error::other(format!("{what}: {}", s.message())))
+        }))
+    }
+
+    /// True when the content store holds this blob.
+    pub async fn has_blob(&self, digest: &Digest) -> Result<bool, ContainerdError> {
+        use containerd_client::services::v1::InfoRequest;
+        match self.content().info(InfoRequest { digest: digest.to_string() }).await {
+            Ok(_) => Ok(true),
+            Err(s) if s.code() == tonic::Code::NotFound => Ok(false),
+            Err(s) => Err(ContainerdError::rpc(format!("looking up {digest} in the content store"), s)),
+        }
+    }
+}

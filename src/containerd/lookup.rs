@@ -149,3 +149,48 @@ fn container_info(c: Container) -> Result<ContainerInfo, ContainerdError> {
         mount_destinations,
     })
 }
+
+impl Containerd {
+    /// The parent snapshot's key, or None for a snapshot with no parent.
+    pub async fn snapshot_parent(&self, snapshotter: &str, key: &str) -> Result<Option<String>, ContainerdError> {
+        use containerd_client::services::v1::snapshots::StatSnapshotRequest;
+        let info = self
+            .snapshots()
+            .stat(StatSnapshotRequest { snapshotter: snapshotter.to_string(), key: key.to_string() })
+            .await
+            .map_err(|s| ContainerdError::rpc(format!("reading snapshot {key:?}"), s))?
+            .into_inner()
+            .info;
+        Ok(info.map(|i| i.parent).filter(|p| !p.is_empty()))
+    }
+
+    /// A read-only view of a committed snapshot.
+    pub async fn view_snapshot(&self, snapshotter: &str, key: &str, parent: &str) -> Result<Vec<SnapshotMount>, ContainerdError> {
+        use containerd_client::services::v1::snapshots::ViewSnapshotRequest;
+        let resp = self
+            .snapshots()
+            .view(ViewSnapshotRequest {
+                snapshotter: snapshotter.to_string(),
+                key: key.to_string(),
+                parent: parent.to_string(),
+                labels: Default::default(),
+            })
+            .await
+            .map_err(|s| ContainerdError::rpc(format!("creating a view of snapshot {parent:?}"), s))?;
+        Ok(resp
+            .into_inner()
+            .mounts
+            .into_iter()
+            .map(|m| SnapshotMount { kind: m.r#type, source: m.source, options: m.options })
+            .collect())
+    }
+
+    pub async fn remove_snapshot(&self, snapshotter: &str, key: &str) -> Result<(), ContainerdError> {
+        use containerd_client::services::v1::snapshots::RemoveSnapshotRequest;
+        self.snapshots()
+            .remove(RemoveSnapshotRequest { snapshotter: snapshotter.to_string(), key: key.to_string() })
+            .await
+            .map(|_| ())
+            .map_err(|s| ContainerdError::rpc(format!("removing snapshot view {key:?}"), s))
+    }
+}

@@ -1,0 +1,229 @@
+//! The pipeline, in order: locate → lease → base image → diff (paused) → image → push → report.
+//! Each stage is a call into its own module; this file only sequences them.
+
+use crate::cli::{CommitPlan, SourcePlan};
+use crate::containerd::content::BaseImage;
+use crate::containerd::lease::Lease;
+use crate::containerd::lookup::ContainerInfo;
+use crate::containerd::Containerd;
+use crate::error::CommitError;
+use crate::image::{self, Family, HistoryNote};
+use crate::layer::{LayerDescriptor, LayerWriter};
+use crate::registry::{self, Client, ClientOptions};
+use crate::report::CommitResult;
+use crate::{diff, diff_source, freeze, log, push};
+use std::io::Write;
+use std::time::Instant;
+
+/// Runtimes that keep the container's writes somewhere the snapshot does not see.
+const OFF_HOST_RUNTIMES: &[&str] = &["runsc", "gvisor", "kata", "firecracker", "krun"];
+
+/// What reading the diff produced.
+pub struct LayerRead<W> {
+    pub sink: W,
+    /// None when the container changed nothing (no layer is written to the image).
+    pub layer: Option<LayerDescriptor>,
+    pub stats: diff::Stats,
+    pub paused_ms: u64,
+    pub source: String,
+    pub reason: String,
+}
+
+/// `committer commit`: the whole job.
+pub async fn commit(plan: &CommitPlan) -> Result<CommitResult, CommitError> {
+    let started = Instant::now();
+    let opts = ClientOptions {
+        plain_http: plan.plain_http,
+        ca_file: plan.registry_ca.clone(),
+        registry_config: plan.registry_config.clone(),
+        user_agent: concat!("committer/", env!("CARGO_PKG_VERSION")).to_string(),
+    };
+    // Connecting to the registry early turns a wrong host, TLS or credential into an error before
+    // the sandbox is paused; containerd lookups run meanwhile.
+    let (ctr, client) = tokio::join!(
+        async {
+            let ctr = Containerd::connect(&plan.source.address, &plan.source.namespace).await?;
+            let info = locate(&ctr, &plan.source).await?;
+            Ok::<_, CommitError>((ctr, info))
+        },
+        Client::new(&plan.image, &opts)
+    );
+    let (ctr, info) = ctr?;
+    let client = client?;
+    let lease = ctr.take_lease(&info.id).await?;
+    let result = commit_leased(&ctr, &client, &info, &lease, plan, &opts).await;
+    if let Err(e) = ctr.drop_lease(lease).await {
+        log::warn(&format!("{e} (it expires by itself within an hour)"));
+    }
+    let mut result = result?;
+    result.duration_ms = started.elapsed().as_millis() as u64;
+    Ok(result)
+}
+
+async fn commit_leased(
+    ctr: &Containerd,
+    client: &Client,
+    info: &ContainerInfo,
+    lease: &Lease,
+    plan: &CommitPlan,
+    opts: &ClientOptions,
+) -> Result<CommitResult, CommitError> {
+    ctr.lease_resource(lease, &info.snapshot_key, &format!("snapshots/{}", info.snapshotter)).await?;
+    let base = ctr.base_image(&info.image).await?;
+    for d in base_digests(&base) {
+        ctr.lease_resource(lease, &d, "content").await?;
+    }
+    let family = Family::for_base(&base.manifest_media_type, plan.source.compress.compression);
+    let layer_mt = family.layer_media_type(plan.source.compress.compression);
+
+    let spool = tempfile::Builder::new()
+        .prefix("committer-layer-")
+        .tempfile_in(plan.spool_dir.clone().unwrap_or_else(std::env::temp_dir))
+        .map_err(CommitError::io("creating the layer spool file (see --spool-dir)"))?;
+    let (spool_file, spool_path) = spool.into_parts();
+    let read = read_layer(ctr, info, &plan.source, layer_mt, std::io::BufWriter::with_capacity(1 << 20, spool_file)).await?;
+    drop(read.sink);
+
+    let created = now_rfc3339();
+    let note = HistoryNote { created: &created, comment: &plan.message };
+    let config = image::new_config(&base, read.layer.as_ref(), family, &note)?;
+    let manifest = image::new_manifest(&base, &config, read.layer.as_ref(), family)?;
+
+    let base_ref: Option<registry::Reference> = base.name.parse().ok();
+    let job = push::PushJob {
+        client,
+        ctr,
+        base: &base,
+        base_ref: base_ref.as_ref(),
+        base_opts: opts,
+        layer: read.layer.as_ref().map(|l| (l, spool_path.as_ref())),
+        config: &config,
+        manifest: &manifest,
+        tags: std::iter::once(plan.image.tag_or_latest().to_string()).chain(plan.extra_tags.iter().cloned()).collect(),
+    };
+    push::push(&job).await?;
+
+    let repo = plan.image.repo_url_name();
+    Ok(CommitResult {
+        image: format!("{repo}@{}", manifest.digest),
+        tag: format!("{repo}:{}", plan.image.tag_or_latest()),
+        manifest_digest: manifest.digest.clone(),
+        config_digest: config.digest.clone(),
+        media_type: manifest.media_type.clone(),
+        layer: read.layer,
+        base_image: base.name.clone(),
+        container: info.id.clone(),
+        diff_source: read.source,
+        diff_source_reason: read.reason,
+        entries: read.stats.entries,
+        content_bytes: read.stats.content_bytes,
+        paused_ms: read.paused_ms,
+        duration_ms: 0,
+        extra_tags: plan.extra_tags.iter().map(|t| format!("{repo}:{t}")).collect(),
+    })
+}
+
+/// Finds the container and refuses what we cannot commit truthfully.
+pub async fn locate(ctr: &Containerd, plan: &SourcePlan) -> Result<ContainerInfo, CommitError> {
+    let info = ctr.find_container(&plan.selector).await?;
+    let runtime = info.runtime.to_ascii_lowercase();
+    if let Some(r) = OFF_HOST_RUNTIMES.iter().find(|r| runtime.contains(*r)) {
+        return Err(CommitError::Refused(format!(
+            "container {:?} runs on runtime {:?} ({r}), which keeps the container's writes off the host snapshot; \
+             committing it would silently miss them — commit it from inside the sandbox instead",
+            info.id, info.runtime
+        )));
+    }
+    if info.image.is_empty() {
+        return Err(CommitError::Refused(format!(
+            "container {:?} was not created from an image; committer needs the base image to build on",
+            info.id
+        )));
+    }
+    Ok(info)
+}
+
+/// Reads the diff into `sink` as a compressed layer, pausing the container only meanwhile.
+pub async fn read_layer<W: Write + Send + 'static>(
+    ctr: &Containerd,
+    info: &ContainerInfo,
+    plan: &SourcePlan,
+    media_type: &str,
+    sink: W,
+) -> Result<LayerRead<W>, CommitError> {
+    let mounts = ctr.snapshot_mounts(info).await?;
+    let source = diff_source::prepare(ctr, info, &mounts, plan.diff_source).await?;
+    let opts = diff::Options {
+        exclude: plan.exclude.clone(),
+        skip_mount_stubs: info.mount_destinations.clone(),
+        source_date_epoch: plan.source_date_epoch,
+        max_files: plan.max_files,
+        max_bytes: plan.max_layer_bytes,
+    };
+    let compress = plan.compress;
+    let media_type = media_type.to_string();
+    let paused = if plan.pause { freeze::pause(ctr, &info.id).await? } else { None };
+    let work = tokio::task::spawn_blocking(move || {
+        let run = || -> Result<_, CommitError> {
+            let w = LayerWriter::new(sink, &compress, &media_type).map_err(CommitError::io("starting the compressor"))?;
+            let (w, stats) = diff::write_layer(&source.kind.as_diff_source(), &opts, w)?;
+            let (sink, desc, _) = w.finish().map_err(CommitError::io("writing the layer to the spool"))?;
+            Ok((sink, desc, stats))
+        };
+        (run(), source)
+    })
+    .await;
+    // Resume before anything else can fail.
+    let paused_ms = match paused {
+        Some(p) => p.resume().await?,
+        None => 0,
+    };
+    let (out, source) = work.map_err(|e| CommitError::Internal(format!("diff reader: {e}")))?;
+    let (kind, reason) = (source.kind.name().to_string(), source.reason.clone());
+    source.cleanup().await;
+    let (sink, desc, stats) = out?;
+    let layer = (stats.entries > 0).then_some(desc);
+    Ok(LayerRead { sink, layer, stats, paused_ms, source: kind, reason })
+}
+
+fn base_digests(base: &BaseImage) -> Vec<String> {
+    let mut out = vec![base.manifest_digest.to_string()];
+    if let Some(c) = base.manifest.pointer("/config/digest").and_then(|d| d.as_str()) {
+        out.push(c.to_string());
+    }
+    for l in base.layers() {
+        if let Some(d) = l.get("digest").and_then(|d| d.as_str()) {
+            out.push(d.to_string());
+        }
+    }
+    out
+}
+
+fn now_rfc3339() -> String {
+    time::OffsetDateTime::now_utc()
+        .replace_nanosecond(0)
+        .ok()
+        .and_then(|t| t.format(&time::format_description::well_known::Rfc3339).ok())
+        .unwrap_or_else(|| "1970-01-01T00:00:00Z".into())
+}
+
+/// `committer diff`: the layer written to a local file; prints its descriptor.
+pub async fn diff_to_file(plan: &SourcePlan, output: &std::path::Path) -> Result<LayerDescriptor, CommitError> {
+    let ctr = Containerd::connect(&plan.address, &plan.namespace).await?;
+    let info = locate(&ctr, plan).await?;
+    let lease = ctr.take_lease(&info.id).await?;
+    let out = async {
+        ctr.lease_resource(&lease, &info.snapshot_key, &format!("snapshots/{}", info.snapshotter)).await?;
+        let file = std::fs::File::create(output).map_err(CommitError::io(format!("creating {}", output.display())))?;
+        let media_type = crate::image::Family::Oci.layer_media_type(plan.compress.compression);
+        let read = read_layer(&ctr, &info, plan, media_type, std::io::BufWriter::new(file)).await?;
+        let file = read.sink.into_inner().map_err(|e| CommitError::io(format!("writing {}", output.display()))(e.into_error()))?;
+        file.sync_all().map_err(CommitError::io(format!("syncing {}", output.display())))?;
+        let (layer, tar_bytes) = (read.layer, read.stats.entries);
+        let _ = tar_bytes;
+        layer.ok_or_else(|| CommitError::Refused(format!("container {:?} has no changes: the layer would be empty", info.id)))
+    }
+    .await;
+    let _ = ctr.drop_lease(lease).await;
+    out
+}

@@ -1,0 +1,229 @@
+//! Choosing where the diff is read from, from the snapshot's mounts: the overlay upperdir when
+//! it alone is exact; otherwise a double walk of a read-only view of the parent and a read-only
+//! view of the container's tree (native snapshotter, redirect_dir, metacopy, blind to trusted.*).
+//! Owns the temporary read-only mounts and snapshot views that the walk needs, and removes them.
+
+use crate::containerd::lookup::{ContainerInfo, SnapshotMount};
+use crate::containerd::{Containerd, ContainerdError};
+use clap::ValueEnum;
+use std::path::{Path, PathBuf};
+
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DiffSourceChoice {
+    /// The fastest exact source available.
+    Auto,
+    /// The overlay upperdir only (fails when it is not exact).
+    Upperdir,
+    /// Double walk of the parent and the container's tree.
+    Walk,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SourceError {
+    #[error(transparent)]
+    Containerd(#[from] ContainerdError),
+    #[error("container {id:?}: snapshotter {snapshotter:?} gives {detail}; this build reads overlay and bind (native) snapshots only")]
+    Unsupported { id: String, snapshotter: String, detail: String },
+    #[error("--diff-source upperdir: the upperdir of {id:?} is not exact ({why}); use --diff-source auto or walk")]
+    UpperdirNotExact { id: String, why: String },
+    #[error("mounting a read-only view for the walk at {target}: {source}")]
+    Mount { target: PathBuf, #[source] source: std::io::Error },
+}
+
+/// The prepared source. Dropping it unmounts what it mounted.
+pub struct PreparedSource {
+    pub kind: SourceKind,
+    /// Why this source was picked (reported in the result).
+    pub reason: String,
+    mounts: Vec<TempMount>,
+    view_key: Option<(Containerd, String, String)>,
+}
+
+pub enum SourceKind {
+    Upperdir { upper: PathBuf, lowers: Vec<PathBuf> },
+    Walk { lower: Option<PathBuf>, upper: PathBuf },
+}
+
+impl SourceKind {
+    pub fn name(&self) -> &'static str {
+        match self {
+            SourceKind::Upperdir { .. } => "upperdir",
+            SourceKind::Walk { .. } => "walk",
+        }
+    }
+
+    pub fn as_diff_source(&self) -> crate::diff::Source<'_> {
+        match self {
+            SourceKind::Upperdir { upper, lowers } => crate::diff::Source::Upperdir { upper, lowers },
+            SourceKind::Walk { lower, upper } => crate::diff::Source::Walk { lower: lower.as_deref(), upper },
+        }
+    }
+}
+
+impl PreparedSource {
+    /// Removes the temporary snapshot view (the mounts go on drop).
+    pub async fn cleanup(mut self) {
+        self.mounts.clear();
+        if let Some((ctr, snapshotter, key)) = self.view_key.take() {
+            let _ = ctr.remove_snapshot(&snapshotter, &key).await;
+        }
+    }
+}
+
+/// Picks and prepares the source for this container.
+pub async fn prepare(
+    ctr: &Containerd,
+    info: &ContainerInfo,
+    mounts: &[SnapshotMount],
+    choice: DiffSourceChoice,
+) -> Result<PreparedSource, SourceError> {
+    let unsupported = |detail: String| SourceError::Unsupported {
+        id: info.id.clone(),
+        snapshotter: info.snapshotter.clone(),
+        detail,
+    };
+    let [m] = mounts else {
+        return Err(unsupported(format!("{} mounts", mounts.len())));
+    };
+    match m.kind.as_str() {
+        "overlay" => overlay_source(info, m, choice),
+        "bind" | "rbind" => bind_source(ctr, info, m).await,
+        other => Err(unsupported(format!("a mount of type {other:?}"))),
+    }
+}
+
+fn overlay_source(info: &ContainerInfo, m: &SnapshotMount, choice: DiffSourceChoice) -> Result<PreparedSource, SourceError> {
+    let opt = |name: &str| m.options.iter().find_map(|o| o.strip_prefix(name).map(str::to_string));
+    let lowers: Vec<PathBuf> =
+        opt("lowerdir=").map(|l| l.split(':').map(PathBuf::from).collect()).unwrap_or_default();
+    let Some(upper) = opt("upperdir=").map(PathBuf::from) else {
+        // A read-only overlay (a view): nothing was written.
+        return Err(SourceError::Unsupported {
+            id: info.id.clone(),
+            snapshotter: info.snapshotter.clone(),
+            detail: "an overlay mount without an upperdir (a read-only view)".into(),
+        });
+    };
+    let exact = crate::diff::upperdir_is_exact(&upper, &m.options);
+    match (choice, exact) {
+        (DiffSourceChoice::Upperdir | DiffSourceChoice::Auto, Ok(())) => Ok(PreparedSource {
+            kind: SourceKind::Upperdir { upper, lowers },
+            reason: "overlay upperdir is exact".into(),
+            mounts: vec![],
+            view_key: None,
+        }),
+        (DiffSourceChoice::Upperdir, Err(why)) => {
+            Err(SourceError::UpperdirNotExact { id: info.id.clone(), why: why.to_string() })
+        }
+        (_, exact) => {
+            let reason = match exact {
+                Ok(()) => "--diff-source walk".to_string(),
+                Err(why) => format!("overlay upperdir is not exact: {why}"),
+            };
+            overlay_walk(&upper, &lowers, &m.options, reason)
+        }
+    }
+}
+
+/// Read-only views for a walk over an overlay snapshot: the parent as `lowerdir=L1:L2…` and the
+/// container as `lowerdir=UPPER:L1:L2…` — no upperdir, so nothing can be written through them.
+fn overlay_walk(upper: &Path, lowers: &[PathBuf], options: &[String], reason: String) -> Result<PreparedSource, SourceError> {
+    // The lower layers may use redirects and metacopy when the container's mount did.
+    let mut extra = vec!["ro".to_string()];
+    if options.iter().any(|o| o == "metacopy=on") {
+        extra.push("metacopy=on".into());
+    }
+    if options.iter().any(|o| o.starts_with("redirect_dir=") && o != "redirect_dir=off") || options.iter().any(|o| o == "metacopy=on") {
+        extra.push("redirect_dir=follow".into());
+    }
+    let join = |dirs: &[&Path]| dirs.iter().map(|d| d.to_string_lossy().into_owned()).collect::<Vec<_>>().join(":");
+    let mut mounts = Vec::new();
+    let lower = match lowers {
+        [] => None,
+        [one] => Some(one.clone()),
+        many => {
+            let dirs: Vec<&Path> = many.iter().map(PathBuf::as_path).collect();
+            let m = TempMount::overlay(&join(&dirs), &extra)?;
+            let p = m.path().to_path_buf();
+            mounts.push(m);
+            Some(p)
+        }
+    };
+    let mut dirs: Vec<&Path> = vec![upper];
+    dirs.extend(lowers.iter().map(PathBuf::as_path));
+    let merged = TempMount::overlay(&join(&dirs), &extra)?;
+    let upper_view = merged.path().to_path_buf();
+    mounts.push(merged);
+    Ok(PreparedSource { kind: SourceKind::Walk { lower, upper: upper_view }, reason, mounts, view_key: None })
+}
+
+/// Native (and other bind-mount) snapshotters: the container's tree is the bind source; the
+/// parent, if any, comes from a temporary view of the parent snapshot.
+async fn bind_source(ctr: &Containerd, info: &ContainerInfo, m: &SnapshotMount) -> Result<PreparedSource, SourceError> {
+    let upper = PathBuf::from(&m.source);
+    let parent = ctr.snapshot_parent(&info.snapshotter, &info.snapshot_key).await?;
+    let Some(parent) = parent else {
+        return Ok(PreparedSource {
+            kind: SourceKind::Walk { lower: None, upper },
+            reason: format!("{} snapshot without a parent: everything is new", info.snapshotter),
+            mounts: vec![],
+            view_key: None,
+        });
+    };
+    let key = format!("committer-view-{}-{}", info.id, std::process::id());
+    let view = ctr.view_snapshot(&info.snapshotter, &key, &parent).await?;
+    let view_key = Some((ctr.clone(), info.snapshotter.clone(), key));
+    match view.as_slice() {
+        [v] if v.kind == "bind" || v.kind == "rbind" => Ok(PreparedSource {
+            kind: SourceKind::Walk { lower: Some(PathBuf::from(&v.source)), upper },
+            reason: format!("{} snapshotter: double walk against the parent snapshot", info.snapshotter),
+            mounts: vec![],
+            view_key,
+        }),
+        other => {
+            let src = PreparedSource { kind: SourceKind::Walk { lower: None, upper }, reason: String::new(), mounts: vec![], view_key };
+            src.cleanup().await;
+            Err(SourceError::Unsupported {
+                id: info.id.clone(),
+                snapshotter: info.snapshotter.clone(),
+                detail: format!("a parent view of {} mounts ({:?})", other.len(), other.first().map(|m| &m.kind)),
+            })
+        }
+    }
+}
+
+/// A read-only mount on a private temp dir, unmounted (lazily) and removed on drop.
+struct TempMount {
+    dir: tempfile::TempDir,
+}
+
+impl TempMount {
+    fn overlay(lowerdir: &str, extra: &[String]) -> Result<TempMount, SourceError> {
+        let dir = tempfile::Builder::new()
+            .prefix("committer-view-")
+            .tempdir()
+            .map_err(|source| SourceError::Mount { target: std::env::temp_dir(), source })?;
+        let mut data = format!("lowerdir={lowerdir}");
+        for e in extra.iter().filter(|e| *e != "ro") {
+            data.push(',');
+            data.push_str(e);
+        }
+        let data = std::ffi::CString::new(data).map_err(|e| SourceError::Mount {
+            target: dir.path().to_path_buf(),
+            source: std::io::Error::new(std::io::ErrorKind::InvalidInput, e),
+        })?;
+        rustix::mount::mount("overlay", dir.path(), "overlay", rustix::mount::MountFlags::RDONLY, Some(data.as_c_str()))
+            .map_err(|e| SourceError::Mount { target: dir.path().to_path_buf(), source: e.into() })?;
+        Ok(TempMount { dir })
+    }
+
+    fn path(&self) -> &Path {
+        self.dir.path()
+    }
+}
+
+impl Drop for TempMount {
+    fn drop(&mut self) {
+        let _ = rustix::mount::unmount(self.dir.path(), rustix::mount::UnmountFlags::DETACH);
+    }
+}
