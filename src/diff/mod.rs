@@ -1,1 +1,132 @@
-//! The container's filesystem changes, as a sorted stream of tar entries (owned by the diff helper).
+//! The diff stage: a container's rootfs changes as an uncompressed OCI layer tar, written to any
+//! `std::io::Write` (the caller wraps it with hashing and compression).
+//!
+//! # API
+//! - [`write_layer`]`(source, opts, out) -> (out, Stats)` writes one complete tar (PAX format,
+//!   end-of-archive blocks included) and hands the writer back.
+//! - [`Source::Upperdir`] reads the overlay upperdir (cost ∝ the diff), looking into the lowerdirs
+//!   only to skip whiteouts with nothing below and to drop no-op copy-ups. [`Source::Walk`]
+//!   compares two mounted trees (cost ∝ the whole rootfs).
+//! - [`upperdir_is_exact`]`(upper, mount_options)` says whether the upperdir alone tells the
+//!   whole story. It checks the mount options against a whitelist, probes that this thread can
+//!   read `trusted.*` xattrs, and scans the upperdir (metadata only) for
+//!   `trusted.overlay.redirect` / `trusted.overlay.metacopy`. `write_layer` checks for those
+//!   xattrs again as it walks and stops with [`DiffError::NotExact`]; the caller then discards
+//!   what was written and falls back to the walk.
+//!
+//! # Output form
+//! - Entries in depth-first order with siblings sorted by name bytes (= path-byte order with `/`
+//!   sorting first); a whiteout `d/.wh.n` stands where `d/n` would, before any new entry `d/n`.
+//!   An opaque marker `d/.wh..wh..opq` follows its directory entry.
+//! - Every header field is set explicitly: ustar magic, mode = permission bits incl.
+//!   setuid/setgid/sticky, uname/gname empty, mtime in whole seconds (clamped to
+//!   `source_date_epoch`), no atime/ctime. A PAX header carries, in this order, `path`,
+//!   `linkpath`, `uid`, `gid`, `size`, `mtime` (only when the ustar field cannot hold the
+//!   value) then `SCHILY.xattr.*` sorted by name. Never GNU long names or GNU sparse entries.
+//! - Only `user.*` (minus overlay's private `user.overlay.*`) and `security.*` xattrs are kept.
+//! - Whiteouts and opaque markers: empty regular files, mode 0, owner 0:0, mtime
+//!   `source_date_epoch` or 0, so that two runs over the same tree give the same bytes.
+//! - Hardlinks (nlink > 1): the first path in output order is a regular entry, later ones are
+//!   link entries repeating the first entry's metadata and xattrs.
+//! - Mount stubs (`skip_mount_stubs`): an empty regular file or a directory with nothing emitted
+//!   beneath it is left out; so is a new directory that only exists to hold such stubs.
+//! - Exclusions leave a path exactly as the lower layers have it: no entry and no whiteout.
+//!   Below an opaque directory that an exclusion reaches into, explicit whiteouts replace the
+//!   opaque marker so the excluded lower paths survive.
+
+mod double_walk;
+mod emit;
+mod exact;
+mod filter;
+mod fsx;
+mod lower;
+mod meta;
+mod tarw;
+mod upper;
+
+#[cfg(test)]
+mod tests;
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+pub use exact::{upperdir_is_exact, NotExact};
+
+/// What to leave out of the layer and when to give up.
+#[derive(Debug, Clone, Default)]
+pub struct Options {
+    /// Absolute paths (`/tmp/cache`) left out together with everything below them; `*` and `?`
+    /// glob within one component (`/var/log/*.log`). What they match keeps its lower content.
+    pub exclude: Vec<String>,
+    /// Mount destinations of the container's OCI spec: left out when the diff holds only an empty
+    /// stub there (empty regular file, or a directory with nothing else to emit beneath it).
+    pub skip_mount_stubs: Vec<String>,
+    /// Clamp every mtime newer than this (seconds since the epoch).
+    pub source_date_epoch: Option<i64>,
+    /// Give up with [`DiffError::LimitExceeded`] past this many tar entries (whiteouts included).
+    pub max_files: Option<u64>,
+    /// Give up with [`DiffError::LimitExceeded`] past this many bytes of file content.
+    pub max_bytes: Option<u64>,
+}
+
+/// Where the changes are read from.
+#[derive(Debug, Clone, Copy)]
+pub enum Source<'a> {
+    /// Overlay upperdir + the lowerdirs (immediate parent first, as in the mount's `lowerdir=`).
+    Upperdir { upper: &'a Path, lowers: &'a [PathBuf] },
+    /// Double walk: the lower view (read-only tree of the parent snapshot) vs the container's
+    /// full current tree. `lower: None` means everything in `upper` is new.
+    Walk { lower: Option<&'a Path>, upper: &'a Path },
+}
+
+/// What went into the layer.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+pub struct Stats {
+    /// Tar entries, not counting PAX extended headers.
+    pub entries: u64,
+    /// Regular-file entries with content (hardlink entries not included).
+    pub files: u64,
+    /// Bytes of file content.
+    pub content_bytes: u64,
+    /// Whiteouts and opaque markers.
+    pub whiteouts: u64,
+    /// `"upperdir"` or `"walk"`.
+    pub source: &'static str,
+}
+
+/// Why the layer could not be written. Paths are displayed lossily.
+#[derive(Debug, thiserror::Error)]
+pub enum DiffError {
+    #[error("{op} {path}: {source}")]
+    Io { path: String, op: &'static str, #[source] source: std::io::Error },
+    #[error("{path} changed while it was read: expected {expected}, found {found}")]
+    FileChanged { path: String, expected: String, found: String },
+    #[error("the layer exceeds the limit of {limit} {what}")]
+    LimitExceeded { what: &'static str, limit: u64 },
+    #[error("{path} cannot be put in a layer: {why}")]
+    Unrepresentable { path: String, why: String },
+    #[error("writing the layer: {0}")]
+    Write(#[source] std::io::Error),
+    #[error("the upperdir is not exact: {0}")]
+    NotExact(#[from] NotExact),
+}
+
+impl DiffError {
+    pub(crate) fn io(op: &'static str, path: impl AsRef<[u8]>) -> impl FnOnce(std::io::Error) -> DiffError {
+        let path = display(path.as_ref());
+        move |source| DiffError::Io { path, op, source }
+    }
+}
+
+/// A relative path (as bytes) for messages: absolute-looking and lossy.
+pub(crate) fn display(path: &[u8]) -> String {
+    format!("/{}", String::from_utf8_lossy(path))
+}
+
+/// Writes the layer for `source` to `out` as an uncompressed tar and returns `out`.
+pub fn write_layer<W: Write>(source: &Source, opts: &Options, out: W) -> Result<(W, Stats), DiffError> {
+    match *source {
+        Source::Upperdir { upper, lowers } => upper::write(upper, lowers, opts, out),
+        Source::Walk { lower, upper } => double_walk::write(lower, upper, opts, out),
+    }
+}

@@ -1,0 +1,166 @@
+//! The double-walk source: compares the parent's tree (`lower`) with the container's current
+//! tree (`upper`) name by name, for snapshotters without an upperdir and for overlay mounts whose
+//! upperdir is not exact. Cost is the whole rootfs: every file whose size and mtime match but
+//! that is not provably the same inode (same dev, ino and ctime) has its bytes compared.
+//!
+//! Deletions become whiteouts. A directory replaced by a non-directory (or the reverse) gets a
+//! whiteout before the new entry. A directory deleted and recreated is, as in containerd's own
+//! differ, the directory entry plus a whiteout per lower child that is gone — never an opaque
+//! marker — which also keeps excluded lower paths intact.
+
+use super::emit::{join_path, Sink};
+use super::filter::Filter;
+use super::fsx;
+use super::meta::{is_whiteout_stat, read_meta_at, read_node, Handle, Meta};
+use super::upper::same_file_content;
+use super::{DiffError, Options, Stats};
+use std::fs::File;
+use std::io::Write;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::path::Path;
+
+pub(crate) fn write<W: Write>(lower: Option<&Path>, upper: &Path, opts: &Options, out: W) -> Result<(W, Stats), DiffError> {
+    let open = |p: &Path| fsx::open_root(p).map_err(DiffError::io("opening", p.as_os_str().as_encoded_bytes()));
+    let up = open(upper)?;
+    let low = lower.map(open).transpose()?;
+    let mut walk = Walk {
+        sink: Sink::new(out, opts, "walk"),
+        filter: Filter::new(&opts.exclude, &opts.skip_mount_stubs),
+        buf: Vec::new(),
+    };
+    walk.dir(low.as_ref().map(OwnedFd::as_fd), up.as_fd(), b"")?;
+    walk.sink.finish()
+}
+
+struct Walk<'o, W: Write> {
+    sink: Sink<'o, W>,
+    filter: Filter,
+    buf: Vec<u8>,
+}
+
+impl<W: Write> Walk<'_, W> {
+    /// Merges the sorted listings of one directory on both sides.
+    fn dir(&mut self, low: Option<BorrowedFd>, up: BorrowedFd, rel: &[u8]) -> Result<(), DiffError> {
+        let unames = fsx::list_names(up).map_err(DiffError::io("listing", rel))?;
+        let lnames = match low {
+            Some(fd) => fsx::list_names(fd).map_err(DiffError::io("listing lower", rel))?,
+            None => Vec::new(),
+        };
+        let mut lnames = lnames.into_iter().peekable();
+        for name in &unames {
+            while let Some(gone) = lnames.next_if(|l| l < name) {
+                self.deleted(low, rel, &gone)?;
+            }
+            let in_lower = lnames.next_if(|l| l == name).is_some();
+            self.entry(if in_lower { low } else { None }, up, rel, name)?;
+        }
+        for gone in lnames {
+            self.deleted(low, rel, &gone)?;
+        }
+        Ok(())
+    }
+
+    /// A lower name the upper tree no longer has.
+    fn deleted(&mut self, low: Option<BorrowedFd>, rel: &[u8], name: &[u8]) -> Result<(), DiffError> {
+        if self.filter.excluded(&join_path(rel, name)) || self.lower_meta(low, rel, name)?.is_none() {
+            return Ok(());
+        }
+        self.sink.whiteout(rel, name)
+    }
+
+    /// The lower side of `name`, if there is one. A char 0:0 is an overlay whiteout seen through
+    /// a raw lowerdir, i.e. nothing.
+    fn lower_meta(&mut self, low: Option<BorrowedFd>, rel: &[u8], name: &[u8]) -> Result<Option<Meta>, DiffError> {
+        let Some(low) = low else { return Ok(None) };
+        let path = join_path(rel, name);
+        let Some(st) = fsx::lstat_opt(low, name).map_err(DiffError::io("lstat lower", &path))? else {
+            return Ok(None);
+        };
+        if is_whiteout_stat(&st) {
+            return Ok(None);
+        }
+        read_meta_at(low, name, st, &path).map(Some)
+    }
+
+    fn entry(&mut self, low: Option<BorrowedFd>, up: BorrowedFd, rel: &[u8], name: &[u8]) -> Result<(), DiffError> {
+        let path = join_path(rel, name);
+        if self.filter.excluded(&path) {
+            return Ok(());
+        }
+        let mut lm = self.lower_meta(low, rel, name)?;
+        let node = read_node(up, name, &path)?;
+        let skip = node.as_ref().is_none_or(|n| n.meta.st.ftype == rustix::fs::FileType::Socket);
+        let kind_changed = match (&lm, &node) {
+            (Some(l), Some(n)) => l.is_dir() != n.meta.is_dir(),
+            _ => false,
+        };
+        if lm.is_some() && (skip || kind_changed) {
+            self.sink.whiteout(rel, name)?; // gone (or now a socket), or dir <-> non-dir
+            lm = None;
+        }
+        let Some(mut node) = node.filter(|_| !skip) else { return Ok(()) };
+        if let Handle::Dir(sub) = node.handle {
+            return self.subdir(low.filter(|_| lm.is_some()), name, &path, &node.meta, lm.as_ref(), sub);
+        }
+        let m = &node.meta;
+        if self.filter.is_stub(&path) && m.is_reg() && m.st.size == 0 {
+            return Ok(());
+        }
+        let mut file = match &mut node.handle {
+            Handle::File(f) => Some(f),
+            _ => None,
+        };
+        if let (Some(l), Some(low)) = (&lm, low) {
+            if self.unchanged(l, m, file.as_deref_mut(), low, name, &path)? {
+                return Ok(());
+            }
+        }
+        self.sink.node(&path, &node.meta, file)
+    }
+
+    fn subdir(
+        &mut self,
+        low: Option<BorrowedFd>,
+        name: &[u8],
+        path: &[u8],
+        m: &Meta,
+        lm: Option<&Meta>,
+        sub: OwnedFd,
+    ) -> Result<(), DiffError> {
+        let changed = lm.is_none_or(|l| !l.same_attrs(m));
+        if self.filter.is_stub(path) || (lm.is_none() && self.filter.holds_stub(path)) {
+            self.sink.defer_dir(path, m);
+        } else if changed {
+            self.sink.dir(path, m)?;
+        }
+        let lsub = match low {
+            Some(low) => Some(fsx::open_dir_at(low, name).map_err(DiffError::io("opening lower directory", path))?),
+            None => None,
+        };
+        self.dir(lsub.as_ref().map(OwnedFd::as_fd), sub.as_fd(), path)?;
+        self.sink.end_dir(path);
+        Ok(())
+    }
+
+    /// Same type, mode, owner, size, mtime (ns), xattrs, target and device — and for regular
+    /// files, the same inode (dev, ino, ctime) or the same bytes. A multi-link file whose link
+    /// count changed is emitted so that new links to it can point at it.
+    fn unchanged(
+        &mut self,
+        l: &Meta,
+        m: &Meta,
+        file: Option<&mut File>,
+        low: BorrowedFd,
+        name: &[u8],
+        path: &[u8],
+    ) -> Result<bool, DiffError> {
+        if !l.same_attrs(m) || (m.st.nlink > 1 && m.st.nlink != l.st.nlink) {
+            return Ok(false);
+        }
+        let Some(file) = file else { return Ok(true) };
+        if (l.st.dev, l.st.ino, l.st.ctime) == (m.st.dev, m.st.ino, m.st.ctime) {
+            return Ok(true);
+        }
+        same_file_content(low, name, &l.st, file, m.st.size, path, &mut self.buf)
+    }
+}

@@ -1,0 +1,1 @@
+//! Tests of the diff stage against real overlay mounts.

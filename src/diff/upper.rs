@@ -1,0 +1,188 @@
+//! The overlay upperdir source: walks only the upperdir (cost ∝ the diff) and translates overlay's
+//! on-disk form into OCI changeset form — char 0:0 (or xattr) whiteouts become `.wh.<name>`,
+//! `overlay.opaque=y` becomes `.wh..wh..opq`. The lowerdirs are consulted, in step, to skip
+//! whiteouts with nothing below them and to drop copy-ups that changed nothing (a `chown` to the
+//! same owner, an open for writing that wrote nothing). A redirect or metacopy xattr means the
+//! upperdir is not the whole story: we stop with `NotExact` and the caller walks instead.
+
+use super::emit::{join_path, Sink};
+use super::filter::Filter;
+use super::fsx::{self, St};
+use super::lower::{Below, LowerView};
+use super::meta::{read_meta_at, read_node, Handle, Meta, Node};
+use super::{display, DiffError, NotExact, Options, Stats};
+use std::fs::File;
+use std::io::{Seek, SeekFrom, Write};
+use std::os::fd::{AsFd, BorrowedFd};
+use std::path::{Path, PathBuf};
+
+pub(crate) fn write<W: Write>(upper: &Path, lowers: &[PathBuf], opts: &Options, out: W) -> Result<(W, Stats), DiffError> {
+    let root = fsx::open_root(upper).map_err(DiffError::io("opening upperdir", upper.as_os_str().as_encoded_bytes()))?;
+    let lower = LowerView::root(lowers)?;
+    let mut walk = UpperWalk {
+        sink: Sink::new(out, opts, "upperdir"),
+        filter: Filter::new(&opts.exclude, &opts.skip_mount_stubs),
+        buf: Vec::new(),
+    };
+    walk.dir(root.as_fd(), b"", &lower, false)?;
+    walk.sink.finish()
+}
+
+struct UpperWalk<'o, W: Write> {
+    sink: Sink<'o, W>,
+    filter: Filter,
+    buf: Vec<u8>,
+}
+
+impl<W: Write> UpperWalk<'_, W> {
+    /// Walks upper directory `fd` (path `rel`) over its lower view. `explicit` holds below an
+    /// opaque directory that an exclusion reaches into: instead of an opaque marker, every lower
+    /// name missing from the upperdir gets its own whiteout, so excluded lower paths survive.
+    fn dir(&mut self, fd: BorrowedFd, rel: &[u8], lower: &LowerView, explicit: bool) -> Result<(), DiffError> {
+        let names = fsx::list_names(fd).map_err(DiffError::io("listing", rel))?;
+        let hidden = if explicit { lower.names(rel)? } else { Vec::new() };
+        let mut hidden = hidden.into_iter().peekable();
+        for name in &names {
+            while let Some(h) = hidden.next_if(|h| h < name) {
+                self.explicit_whiteout(rel, &h)?;
+            }
+            hidden.next_if(|h| h == name);
+            self.entry(fd, rel, name, lower, explicit)?;
+        }
+        for h in hidden {
+            self.explicit_whiteout(rel, &h)?;
+        }
+        Ok(())
+    }
+
+    fn explicit_whiteout(&mut self, rel: &[u8], name: &[u8]) -> Result<(), DiffError> {
+        if self.filter.excluded(&join_path(rel, name)) {
+            return Ok(());
+        }
+        self.sink.whiteout(rel, name)
+    }
+
+    fn entry(&mut self, fd: BorrowedFd, rel: &[u8], name: &[u8], lower: &LowerView, explicit: bool) -> Result<(), DiffError> {
+        let path = join_path(rel, name);
+        if self.filter.excluded(&path) {
+            return Ok(());
+        }
+        let Some(mut node) = read_node(fd, name, &path)? else { return Ok(()) };
+        let m = &node.meta;
+        if m.marks.redirect {
+            return Err(NotExact::Redirect(display(&path)).into());
+        }
+        if m.marks.metacopy {
+            return Err(NotExact::Metacopy(display(&path)).into());
+        }
+        let below = lower.lookup(name, &path)?;
+        if m.is_whiteout() {
+            return match below {
+                Below::Absent => Ok(()), // nothing to delete
+                _ => self.sink.whiteout(rel, name),
+            };
+        }
+        if let Below::Present { st, .. } = &below {
+            if (st.ftype == rustix::fs::FileType::Directory) != m.is_dir() {
+                // A directory replaced by a non-directory or the reverse: delete first.
+                self.sink.whiteout(rel, name)?;
+            }
+        }
+        if m.is_dir() {
+            return self.subdir(name, &path, node, &below, lower, explicit);
+        }
+        if self.filter.is_stub(&path) && m.is_reg() && m.st.size == 0 {
+            return Ok(());
+        }
+        let mut file = match &mut node.handle {
+            Handle::File(f) => Some(f),
+            _ => None,
+        };
+        if self.is_noop_copy_up(&node.meta, file.as_deref_mut(), &below, lower, &path)? {
+            return Ok(());
+        }
+        self.sink.node(&path, &node.meta, file)
+    }
+
+    fn subdir(
+        &mut self,
+        name: &[u8],
+        path: &[u8],
+        node: Node,
+        below: &Below,
+        lower: &LowerView,
+        explicit: bool,
+    ) -> Result<(), DiffError> {
+        let Handle::Dir(sub) = node.handle else { unreachable!("read_node opens directories") };
+        let m = node.meta;
+        let lower_is_dir = matches!(below, Below::Present { st, .. } if st.ftype == rustix::fs::FileType::Directory)
+            || matches!(below, Below::Unknown);
+        let new = !lower_is_dir;
+        let child_view;
+        let mut child_explicit = explicit;
+        if m.marks.opaque && !self.filter.excludes_below(path) {
+            self.sink.dir(path, &m)?;
+            self.sink.opaque(path)?;
+            child_view = LowerView::empty();
+            child_explicit = false;
+        } else {
+            if m.marks.opaque {
+                child_explicit = true; // an exclusion reaches in: spell out the deletions
+            }
+            if self.filter.is_stub(path) || (new && self.filter.holds_stub(path)) {
+                self.sink.defer_dir(path, &m);
+            } else {
+                self.sink.dir(path, &m)?;
+            }
+            child_view = if lower_is_dir { lower.child(name, path)? } else { LowerView::empty() };
+        }
+        self.dir(sub.as_fd(), path, &child_view, child_explicit)?;
+        self.sink.end_dir(path);
+        Ok(())
+    }
+
+    /// An upper non-directory identical to what it shadows: same type, mode, owner, size, mtime,
+    /// xattrs, target, device, and (compared last, only then) content. A multi-link inode is
+    /// never dropped: its other names in the diff need it as their link target.
+    fn is_noop_copy_up(
+        &mut self,
+        m: &Meta,
+        file: Option<&mut File>,
+        below: &Below,
+        lower: &LowerView,
+        path: &[u8],
+    ) -> Result<bool, DiffError> {
+        let Below::Present { layer, st } = below else { return Ok(false) };
+        if m.st.nlink > 1 || st.ftype != m.st.ftype || st.size != m.st.size || st.mtime != m.st.mtime {
+            return Ok(false);
+        }
+        let name = path.rsplit(|&c| c == b'/').next().unwrap_or(path);
+        let dir = lower.layer(*layer);
+        let lm = read_meta_at(dir, name, *st, path)?;
+        if lm.marks.metacopy || !m.same_attrs(&lm) {
+            return Ok(false);
+        }
+        let Some(file) = file else { return Ok(true) };
+        same_file_content(dir, name, st, file, m.st.size, path, &mut self.buf)
+    }
+}
+
+/// Compares an open upper file with `name` in lower `dir`, then rewinds the upper file.
+pub(crate) fn same_file_content(
+    dir: BorrowedFd,
+    name: &[u8],
+    st: &St,
+    file: &mut File,
+    size: u64,
+    path: &[u8],
+    buf: &mut Vec<u8>,
+) -> Result<bool, DiffError> {
+    let mut lf = fsx::open_file_at(dir, name).map_err(DiffError::io("opening lower file", path))?;
+    let lst = fsx::fstat(lf.as_fd()).map_err(DiffError::io("fstat lower file", path))?;
+    if !lst.same_object(st) {
+        return Ok(false);
+    }
+    let same = fsx::same_content(file, &mut lf, size, buf).map_err(DiffError::io("comparing", path))?;
+    file.seek(SeekFrom::Start(0)).map_err(DiffError::io("rewinding", path))?;
+    Ok(same)
+}
