@@ -243,7 +243,7 @@ mod tests {
         record(&mut out, b"path", b"x");
         assert_eq!(out, b"9 path=x\n");
         let mut out = Vec::new();
-        let v = vec![b'a'; 90]; // 1+4+1+90+1 = 97 → "100 " makes 101
+        let v = vec![b'a'; 91]; // 1+4+1+91+1 = 98: two digits would make 100, which has three
         record(&mut out, b"path", &v);
         assert!(out.starts_with(b"101 path="));
         assert_eq!(out.len(), 101);
