@@ -1,0 +1,520 @@
+#!/usr/bin/env bash
+# The embedded lab: a private containerd + a private registry, both on this machine only.
+#
+#   scripts/lab.sh start DIR                  start containerd (root DIR/root, state DIR/state) and a registry;
+#                                             writes DIR/env (KEY=VALUE lines, sourceable)
+#   scripts/lab.sh base-image DIR NAME [--docker] [--namespace NS]
+#                                             build the two-layer busybox base image offline (cached in DIR/cache),
+#                                             push it as REGISTRY/NAME:1 (OCI, or Docker schema2 with --docker),
+#                                             pull it into containerd; prints the image reference on stdout
+#   scripts/lab.sh stop DIR                   kill every task, delete every container, stop containerd and the
+#                                             registry, kill this lab's shims, unmount everything under DIR.
+#                                             Safe twice and after a partial start.
+#   scripts/lab.sh fetch-containerd-1.7 DIR   download Debian trixie's containerd .deb with apt (private apt state
+#                                             in DIR/apt), extract it; prints the bin dir to use as
+#                                             COMMITTER_CONTAINERD_BIN_DIR
+#
+# Environment:
+#   COMMITTER_CONTAINERD_BIN_DIR   take containerd, ctr and containerd-shim-runc-v2 from here (default: PATH)
+#   CONTAINERD_NAMESPACE           namespace base-image pulls into (default: the lab's, "committer-test")
+#
+# Containers run by the test fixture use `--runc-root DIR/runc` and `--cgroup $LAB_CGROUP_PARENT/ID` so that two
+# labs on one machine never share runc state or a cgroup (a shared freezer cgroup would pause both).
+set -euo pipefail
+
+LAB_NAMESPACE_DEFAULT=committer-test
+here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+
+die() { echo "lab.sh: $*" >&2; exit 1; }
+log() { echo "lab.sh: $*" >&2; }
+
+usage() {
+  sed -n '2,20p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//' >&2
+  exit 2
+}
+
+# abs_dir DIR: absolute, symlink-free path of DIR (created if missing).
+abs_dir() {
+  mkdir -p "$1"
+  (cd "$1" && pwd -P)
+}
+
+# The socket lives in DIR unless the path would be too long for sockaddr_un (108 bytes incl. NUL; the ttrpc
+# socket adds ".ttrpc"); then in /run/committer-lab/<hash of DIR>/.
+sock_dir_for() {
+  local dir=$1 suffix=/containerd.sock.ttrpc
+  if [ $((${#dir} + ${#suffix})) -le 100 ]; then
+    echo "$dir"
+  else
+    echo "/run/committer-lab/$(dir_hash "$dir")"
+  fi
+}
+
+dir_hash() { printf '%s' "$1" | sha256sum | cut -c1-12; }
+
+need() {
+  local b
+  for b in "$@"; do
+    command -v "$b" >/dev/null 2>&1 || die "'$b' not found on PATH (run scripts/test.sh once as root to install the lab's packages)"
+  done
+}
+
+containerd_bin_dir() {
+  if [ -n "${COMMITTER_CONTAINERD_BIN_DIR:-}" ]; then
+    local d
+    d=$(cd "$COMMITTER_CONTAINERD_BIN_DIR" 2>/dev/null && pwd -P) ||
+      die "COMMITTER_CONTAINERD_BIN_DIR=$COMMITTER_CONTAINERD_BIN_DIR is not a directory"
+    echo "$d"
+  else
+    need containerd
+    dirname "$(command -v containerd)"
+  fi
+}
+
+# pids_with_args ARG...: pids whose command line contains every ARG as a whole argument.
+pids_with_args() {
+  local p f want found
+  for f in /proc/[0-9]*/cmdline; do
+    p=${f#/proc/}; p=${p%/cmdline}
+    [ "$p" = "$$" ] && continue
+    local -a argv=()
+    mapfile -d "" -t argv 2>/dev/null <"$f" || continue
+    [ ${#argv[@]} -gt 0 ] || continue
+    found=1
+    for want in "$@"; do
+      local a hit=0
+      for a in "${argv[@]}"; do [ "$a" = "$want" ] && { hit=1; break; }; done
+      [ $hit = 1 ] || { found=0; break; }
+    done
+    [ $found = 1 ] && echo "$p"
+  done
+  return 0
+}
+
+# alive PID: the process exists and is not a zombie (kill -0 succeeds on zombies, and here an orphan's zombie
+# can wait a while for PID 1 to reap it).
+alive() {
+  local s
+  [ -n "${1:-}" ] || return 1
+  s=$(cat "/proc/$1/stat" 2>/dev/null) || return 1
+  s=${s##*) }
+  [ "${s%% *}" != Z ]
+}
+
+# ---------------------------------------------------------------------------------------------------------------
+cmd_start() {
+  local dir sockdir sock bindir
+  dir=$(abs_dir "$1")
+  case "$dir" in *[[:space:]\'\"\$\\]*) die "DIR must not contain spaces, quotes, \$ or backslashes: $dir" ;; esac
+  need runc docker-registry curl python3 sha256sum
+  bindir=$(containerd_bin_dir)
+  local b
+  for b in containerd ctr containerd-shim-runc-v2; do
+    [ -x "$bindir/$b" ] || die "$bindir/$b is missing (containerd binaries are taken from ${COMMITTER_CONTAINERD_BIN_DIR:+COMMITTER_CONTAINERD_BIN_DIR=}$bindir)"
+  done
+
+  if [ -f "$dir/env" ]; then
+    # shellcheck disable=SC1091
+    . "$dir/env"
+    if alive "${CONTAINERD_PID:-}" && "$CTR" -a "$CONTAINERD_ADDRESS" version >/dev/null 2>&1; then
+      log "lab already running in $dir"
+      return 0
+    fi
+    die "$dir holds a lab that is not running; run 'scripts/lab.sh stop $dir' first"
+  fi
+
+  sockdir=$(sock_dir_for "$dir")
+  mkdir -p "$sockdir" "$dir/root" "$dir/state" "$dir/opt" "$dir/runc" "$dir/logs"
+  sock=$sockdir/containerd.sock
+  rm -f "$sock" "$sock.ttrpc"
+
+  cat >"$dir/config.toml" <<TOML
+version = 2
+root = "$dir/root"
+state = "$dir/state"
+disabled_plugins = [
+  "io.containerd.grpc.v1.cri",
+  "io.containerd.snapshotter.v1.btrfs",
+  "io.containerd.snapshotter.v1.zfs",
+  "io.containerd.snapshotter.v1.devmapper",
+  "io.containerd.snapshotter.v1.aufs",
+  "io.containerd.snapshotter.v1.blockfile",
+]
+
+[grpc]
+  address = "$sock"
+
+[ttrpc]
+  address = "$sock.ttrpc"
+
+[debug]
+  level = "info"
+
+[plugins."io.containerd.internal.v1.opt"]
+  path = "$dir/opt"
+TOML
+
+  local cgparent
+  cgparent="/committer-lab-$(dir_hash "$dir")"
+  # containerd finds containerd-shim-runc-v2 on its PATH; put the chosen bin dir first. setsid: the daemon must not
+  # get the caller's terminal signals; its output goes to a file so that callers capturing our stdout don't hang.
+  PATH="$bindir:$PATH" setsid "$bindir/containerd" --config "$dir/config.toml" \
+    </dev/null >"$dir/containerd.log" 2>&1 &
+  local pid=$!
+  # env is written before waiting, so that `stop` after a failed start finds the pid.
+  write_env "$dir" "$sock" "$pid" "$bindir" "" "" "$cgparent"
+
+  local i ok=0
+  for i in $(seq 1 200); do
+    if "$bindir/ctr" -a "$sock" version >/dev/null 2>&1; then ok=1; break; fi
+    alive "$pid" || { tail -n 30 "$dir/containerd.log" >&2; die "containerd exited during start (log: $dir/containerd.log)"; }
+    sleep 0.05
+  done
+  [ $ok = 1 ] || { tail -n 30 "$dir/containerd.log" >&2; die "containerd did not answer on $sock within 10 s"; }
+
+  "$here/registry.sh" start "$dir/registry" || die "registry did not start (log: $dir/registry/registry.log)"
+  local REGISTRY_ADDR REGISTRY_PID
+  # shellcheck disable=SC1091
+  . "$dir/registry/env"
+  write_env "$dir" "$sock" "$pid" "$bindir" "$REGISTRY_ADDR" "$REGISTRY_PID" "$cgparent"
+  log "containerd $("$bindir/ctr" -a "$sock" version 2>/dev/null | awk '/Server:/{s=1} s&&/Version:/{print $2; exit}') on $sock, registry on $REGISTRY_ADDR"
+}
+
+write_env() {
+  local dir=$1 sock=$2 pid=$3 bindir=$4 reg=$5 regpid=$6 cgparent=$7
+  cat >"$dir/env.tmp" <<ENV
+LAB_DIR=$dir
+CONTAINERD_ADDRESS=$sock
+CONTAINERD_PID=$pid
+CONTAINERD_NAMESPACE=$LAB_NAMESPACE_DEFAULT
+CONTAINERD_BIN_DIR=$bindir
+CTR=$bindir/ctr
+REGISTRY=$reg
+REGISTRY_PID=$regpid
+LAB_RUNC_ROOT=$dir/runc
+LAB_CGROUP_PARENT=$cgparent
+ENV
+  mv "$dir/env.tmp" "$dir/env"
+}
+
+load_env() {
+  local dir=$1
+  [ -f "$dir/env" ] || die "$dir/env not found: run 'scripts/lab.sh start $dir' first"
+  # shellcheck disable=SC1091
+  . "$dir/env"
+  [ -n "${REGISTRY:-}" ] || die "$dir/env has no REGISTRY: the lab did not finish starting"
+}
+
+# ---------------------------------------------------------------------------------------------------------------
+# base image
+
+# build_layout LAYOUT: the two-layer OCI layout, tag "1". Every mtime is fixed so that the layers (and digests)
+# are the same on every build with the same busybox.
+build_layout() {
+  local layout=$1 work
+  need umoci
+  [ -x /bin/busybox ] || die "/bin/busybox not found (install busybox-static)"
+  file_is_static /bin/busybox || die "/bin/busybox is not statically linked (install busybox-static, not busybox)"
+  work=$(mktemp -d "$(dirname "$layout")/build.XXXXXX")
+  local epoch=1700000000 created=2023-11-14T22:13:20Z
+  umoci init --layout "$work/oci" >&2
+  umoci new --image "$work/oci:1" >&2
+  umoci config --image "$work/oci:1" --no-history --created "$created" \
+    --config.cmd /bin/sh --config.env PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin \
+    --config.workingdir / --architecture amd64 --os linux >&2
+  umoci unpack --image "$work/oci:1" "$work/bundle" >&2
+  local r=$work/bundle/rootfs
+
+  # layer 1: busybox and the usual directories
+  mkdir -p "$r"/{bin,sbin,etc,tmp,root,var/tmp,var/log,usr/bin,usr/sbin,usr/local/bin,data,home,proc,sys,dev,run,mnt,opt,srv}
+  chmod 0755 "$r"
+  chmod 1777 "$r/tmp" "$r/var/tmp"
+  chmod 0700 "$r/root"
+  cp /bin/busybox "$r/bin/busybox"
+  chmod 0755 "$r/bin/busybox"
+  local a
+  for a in sh ash ls cat echo mkdir rmdir rm mv ln chmod chown chgrp sleep touch cp find stat sync head tail wc \
+    grep sed tr test true false id env printf readlink realpath dd du df mknod mkfifo truncate kill ps uname \
+    whoami xargs sort uniq md5sum sha256sum tar gzip date basename dirname hostname diff cmp od hexdump yes \
+    seq awk which setfattr getfattr; do
+    if /bin/busybox --list | grep -qx "$a"; then ln -s busybox "$r/bin/$a"; fi
+  done
+  ln -s ../../bin/busybox "$r/usr/bin/env"
+  echo "layer one" >"$r/etc/layer1-only"
+  echo "removed by layer two" >"$r/etc/removed-in-layer2"
+  echo "lab" >"$r/etc/hostname"
+  fix_mtimes "$r" "$epoch"
+  umoci repack --image "$work/oci:1" --refresh-bundle --history.created "$created" \
+    --history.created_by "lab.sh base-image: busybox" "$work/bundle" >&2
+
+  # layer 2: files that tests modify, delete and replace
+  rm "$r/etc/removed-in-layer2"
+  printf 'root:x:0:0:root:/root:/bin/sh\napp:x:1000:1000:app:/home/app:/bin/sh\nnobody:x:65534:65534:nobody:/nonexistent:/bin/false\n' >"$r/etc/passwd"
+  printf 'root:x:0:\napp:x:1000:\nnogroup:x:65534:\n' >"$r/etc/group"
+  mkdir -p "$r/home/app" "$r/data/dir-to-delete" "$r/data/dir-to-replace" "$r/data/sub/deep"
+  chown 1000:1000 "$r/home/app"
+  echo "keep me" >"$r/data/keep.txt"
+  echo "modify me" >"$r/data/modify.txt"
+  echo "delete me" >"$r/data/delete.txt"
+  echo a >"$r/data/dir-to-delete/a"
+  echo b >"$r/data/dir-to-delete/b"
+  echo x >"$r/data/dir-to-replace/x"
+  echo y >"$r/data/dir-to-replace/y"
+  echo "deep" >"$r/data/sub/deep/file"
+  echo "owned by app" >"$r/data/owned.txt"
+  chown 1000:1000 "$r/data/owned.txt"
+  chmod 0640 "$r/data/owned.txt"
+  printf '#!/bin/sh\necho hello\n' >"$r/data/exec.sh"
+  chmod 0755 "$r/data/exec.sh"
+  echo "hardlinked" >"$r/data/hardlink-a"
+  ln "$r/data/hardlink-a" "$r/data/hardlink-b"
+  ln -s keep.txt "$r/data/symlink-to-keep"
+  { yes "committer lab data 0123456789" || true; } | head -c 262144 >"$r/data/256k.bin"
+  # Layer 2's paths, and the directories it changes, get a later mtime: then the layer holds their directory
+  # entries (etc/, home/) as a docker build's would, and every unpacker gives them the same mtime.
+  fix_mtimes "$r" "$epoch"
+  fix_mtimes "$r/data" "$((epoch + 3600))"
+  fix_mtimes "$r/home" "$((epoch + 3600))"
+  touch -h -d "@$((epoch + 3600))" "$r/etc" "$r/etc/passwd" "$r/etc/group"
+  umoci repack --image "$work/oci:1" --refresh-bundle --history.created "$created" \
+    --history.created_by "lab.sh base-image: test files" "$work/bundle" >&2
+  umoci gc --layout "$work/oci" >&2
+  rm -rf "$layout"
+  mv "$work/oci" "$layout"
+  rm -rf "$work"
+}
+
+fix_mtimes() { find "$1" -exec touch -h -d "@$2" {} +; }
+
+file_is_static() {
+  # ldd says "not a dynamic executable" (and fails) for a static binary
+  command -v ldd >/dev/null 2>&1 || return 0
+  ! ldd "$1" >/dev/null 2>&1
+}
+
+cmd_base_image() {
+  local dir=$1 name=$2; shift 2
+  local docker=0 ns=${CONTAINERD_NAMESPACE:-}
+  while [ $# -gt 0 ]; do
+    case "$1" in
+    --docker) docker=1 ;;
+    --namespace) ns=${2:?--namespace needs a value}; shift ;;
+    *) die "base-image: unknown argument $1" ;;
+    esac
+    shift
+  done
+  dir=$(cd "$dir" 2>/dev/null && pwd -P) || die "no lab in $1"
+  load_env "$dir"
+  ns=${ns:-$CONTAINERD_NAMESPACE}
+  need skopeo flock
+
+  mkdir -p "$dir/cache"
+  local layout=$dir/cache/base-oci
+  (
+    flock 9
+    [ -f "$layout/index.json" ] || build_layout "$layout"
+  ) 9>"$dir/cache/lock"
+
+  local ref=$REGISTRY/$name:1 fmt=()
+  [ $docker = 1 ] && fmt=(--format v2s2)
+  skopeo copy --quiet --dest-tls-verify=false "${fmt[@]}" "oci:$layout:1" "docker://$ref" >&2 ||
+    die "skopeo could not push $ref"
+  "$CTR" -a "$CONTAINERD_ADDRESS" -n "$ns" images pull --plain-http "$ref" >"$dir/logs/pull-$name.log" 2>&1 ||
+    { cat "$dir/logs/pull-$name.log" >&2; die "ctr could not pull $ref"; }
+  echo "$ref"
+}
+
+# ---------------------------------------------------------------------------------------------------------------
+# stop: every step tolerates what an earlier, partial start did not create.
+
+cmd_stop() {
+  local dir=$1
+  [ -d "$dir" ] || return 0
+  dir=$(cd "$dir" && pwd -P)
+  local CONTAINERD_ADDRESS="" CONTAINERD_PID="" CTR="" LAB_CGROUP_PARENT="" REGISTRY="" REGISTRY_PID=""
+  # shellcheck disable=SC1091
+  [ -f "$dir/env" ] && . "$dir/env"
+  local sock=${CONTAINERD_ADDRESS:-$(sock_dir_for "$dir")/containerd.sock}
+  local cgparent=${LAB_CGROUP_PARENT:-/committer-lab-$(dir_hash "$dir")}
+
+  # the pid is checked against our config file: pids get reused
+  local pids p
+  pids=$(pids_with_args --config "$dir/config.toml")
+
+  # 1. tasks and containers, through containerd while it still answers (ctr waits for a dead socket: ask only a
+  #    live containerd)
+  if [ -n "$pids" ] && [ -n "$CTR" ] && [ -x "$CTR" ] && timeout 5 "$CTR" -a "$sock" version >/dev/null 2>&1; then
+    local ns id st
+    for ns in $(timeout 10 "$CTR" -a "$sock" namespaces ls -q 2>/dev/null); do
+      local c=("$CTR" -a "$sock" -n "$ns")
+      while read -r id _ st; do
+        [ -n "$id" ] || continue
+        # a frozen process does not die of SIGKILL until thawed
+        if [ "$st" = PAUSED ] || [ "$st" = PAUSING ]; then
+          timeout 10 "${c[@]}" tasks resume "$id" >/dev/null 2>&1 || true
+        fi
+        timeout 10 "${c[@]}" tasks kill -a -s SIGKILL "$id" >/dev/null 2>&1 || true
+      done < <(timeout 10 "${c[@]}" tasks ls 2>/dev/null | tail -n +2)
+      for id in $(timeout 10 "${c[@]}" tasks ls -q 2>/dev/null); do
+        timeout 20 "${c[@]}" tasks delete -f "$id" >/dev/null 2>&1 || log "could not delete task $ns/$id"
+      done
+      for id in $(timeout 10 "${c[@]}" containers ls -q 2>/dev/null); do
+        timeout 20 "${c[@]}" containers delete "$id" >/dev/null 2>&1 || log "could not delete container $ns/$id"
+      done
+    done
+  fi
+
+  # 2. containerd itself
+  for p in $pids; do kill -TERM "$p" 2>/dev/null || true; done
+  for p in $pids; do
+    for _ in $(seq 1 100); do alive "$p" || break; sleep 0.05; done
+    alive "$p" && { log "containerd $p ignored SIGTERM; killing"; kill -KILL "$p" 2>/dev/null || true; }
+  done
+
+  # 3. shims of this lab (left when a task could not be deleted) and their containers' processes
+  for p in $(pids_with_args -address "$sock"); do kill -KILL "$p" 2>/dev/null || true; done
+  kill_cgroup_procs "$cgparent"
+
+  # 4. the registry: its data is thrown away with DIR, so it gets no graceful shutdown (that takes 2 s)
+  if alive "${REGISTRY_PID:-}" && [ "$(cat "/proc/$REGISTRY_PID/comm" 2>/dev/null)" = docker-registry ]; then
+    kill -KILL "$REGISTRY_PID" 2>/dev/null || true
+    for _ in $(seq 1 40); do alive "$REGISTRY_PID" || break; sleep 0.05; done
+  fi
+  "$here/registry.sh" stop "$dir/registry" >/dev/null 2>&1 || true
+
+  # 5. mounts under DIR (and the socket dir), deepest first, lazily
+  local sockdir
+  sockdir=$(dirname "$sock")
+  unmount_under "$dir"
+  [ "$sockdir" != "$dir" ] && unmount_under "$sockdir"
+
+  # 6. cgroups and the short socket dir
+  remove_cgroups "$cgparent"
+  rm -f "$sock" "$sock.ttrpc"
+  case "$sockdir" in /run/committer-lab/*) rmdir "$sockdir" 2>/dev/null || true ;; esac
+  rm -f "$dir/env"
+  return 0
+}
+
+# mounts_under DIR: mount points at or below DIR, deepest first.
+mounts_under() {
+  local dir=$1
+  awk -v d="$dir" '
+    function unescape(s,   out, i, c) {
+      out = ""
+      for (i = 1; i <= length(s); i++) {
+        c = substr(s, i, 1)
+        if (c == "\\" && substr(s, i + 1, 3) ~ /^[0-7][0-7][0-7]$/) {
+          out = out sprintf("%c", (substr(s, i + 1, 1) * 64) + (substr(s, i + 2, 1) * 8) + substr(s, i + 3, 1))
+          i += 3
+        } else out = out c
+      }
+      return out
+    }
+    { m = unescape($5); if (m == d || index(m, d "/") == 1) { n = gsub("/", "/", m); print n "\t" m } }
+  ' /proc/self/mountinfo | sort -rn -k1,1 | cut -f2-
+}
+
+unmount_under() {
+  local dir=$1 m round
+  for round in 1 2 3 4 5; do
+    local any=0
+    while IFS= read -r m; do
+      [ -n "$m" ] || continue
+      any=1
+      umount -l "$m" 2>/dev/null || log "could not unmount $m"
+    done < <(mounts_under "$dir")
+    [ $any = 1 ] || return 0
+  done
+  mounts_under "$dir" | sed 's/^/lab.sh: still mounted: /' >&2
+}
+
+cgroup_dirs() {
+  local parent=$1 h
+  for h in /sys/fs/cgroup /sys/fs/cgroup/*; do
+    [ -d "$h$parent" ] && echo "$h$parent"
+  done
+  return 0
+}
+
+kill_cgroup_procs() {
+  local parent=$1 d f p
+  for d in $(cgroup_dirs "$parent"); do
+    for f in "$d"/*/freezer.state; do if [ -f "$f" ]; then echo THAWED >"$f" 2>/dev/null || true; fi; done
+    for f in "$d"/*/cgroup.freeze; do if [ -f "$f" ]; then echo 0 >"$f" 2>/dev/null || true; fi; done
+    for f in "$d"/cgroup.procs "$d"/*/cgroup.procs; do
+      [ -f "$f" ] || continue
+      for p in $(cat "$f" 2>/dev/null); do kill -KILL "$p" 2>/dev/null || true; done
+    done
+  done
+  return 0
+}
+
+remove_cgroups() {
+  local parent=$1 d sub
+  for d in $(cgroup_dirs "$parent"); do
+    for _ in $(seq 1 50); do
+      for sub in "$d"/*/; do if [ -d "$sub" ]; then rmdir "$sub" 2>/dev/null || true; fi; done
+      rmdir "$d" 2>/dev/null && break
+      sleep 0.1
+    done
+    if [ -d "$d" ]; then log "could not remove cgroup $d"; fi
+  done
+  return 0
+}
+
+# ---------------------------------------------------------------------------------------------------------------
+# fetch-containerd-1.7: Debian trixie's containerd, through apt with a private state dir (the machine's own apt
+# sources and lists are not touched). The mirror is the one this machine already uses for bookworm.
+cmd_fetch_containerd_17() {
+  local dir
+  dir=$(abs_dir "$1")
+  if [ -x "$dir/root/usr/bin/containerd" ]; then echo "$dir/root/usr/bin"; return 0; fi
+  need apt-get dpkg
+  local uri
+  uri=$(debian_mirror) || die "no Debian mirror found in /etc/apt/sources.list{,.d/*}"
+  local apt=$dir/apt
+  mkdir -p "$apt/lists/partial" "$apt/cache/archives/partial" "$apt/etc/sources.list.d" "$apt/etc/preferences.d"
+  local keyring=/usr/share/keyrings/debian-archive-keyring.gpg
+  [ -f "$keyring" ] || die "$keyring not found (install debian-archive-keyring)"
+  echo "deb [signed-by=$keyring] $uri trixie main" >"$apt/etc/sources.list"
+  local o=(-o "Dir::Etc::SourceList=$apt/etc/sources.list" -o "Dir::Etc::SourceParts=$apt/etc/sources.list.d"
+    -o "Dir::Etc::PreferencesParts=$apt/etc/preferences.d" -o "Dir::State::Lists=$apt/lists"
+    -o "Dir::Cache=$apt/cache" -o "Dir::State::status=/dev/null" -o "APT::Sandbox::User=root" -o "Debug::NoLocking=1")
+  apt-get "${o[@]}" -qq update >&2 || die "apt-get update of trixie's package list failed"
+  local ver
+  ver=$(apt-cache "${o[@]}" show containerd 2>/dev/null | awk '/^Version:/{print $2; exit}')
+  case "$ver" in 1.7.*) ;; *) die "trixie's containerd is '$ver', not 1.7.x" ;; esac
+  (cd "$apt" && apt-get "${o[@]}" -qq download "containerd=$ver" >&2) || die "apt-get download containerd=$ver failed"
+  rm -rf "$dir/root"
+  dpkg -x "$apt"/containerd_*.deb "$dir/root"
+  [ -x "$dir/root/usr/bin/containerd" ] || die "the .deb has no usr/bin/containerd"
+  "$dir/root/usr/bin/containerd" --version >&2
+  echo "$dir/root/usr/bin"
+}
+
+debian_mirror() {
+  # deb822 files first (URIs: line of a stanza whose Suites include bookworm), then one-line sources.
+  local f
+  for f in /etc/apt/sources.list.d/*.sources; do
+    [ -f "$f" ] || continue
+    awk '
+      /^[[:space:]]*$/ { if (u != "" && s ~ /(^| )bookworm( |$)/) { print u; exit } u = ""; s = "" }
+      /^URIs:/ { u = $2 } /^Suites:/ { $1 = ""; s = $0 " " }
+      END { if (u != "" && s ~ /(^| )bookworm( |$)/) print u }' "$f" | head -n1
+  done | grep -m1 . && return 0
+  cat /etc/apt/sources.list /etc/apt/sources.list.d/*.list 2>/dev/null |
+    awk '$1 == "deb" { for (i = 2; i <= NF; i++) if ($i !~ /^\[/ && $i !~ /\]$/) { if ($(i + 1) == "bookworm") { print $i; exit } break } }' |
+    grep -m1 .
+}
+
+# ---------------------------------------------------------------------------------------------------------------
+[ $# -ge 2 ] || usage
+cmd=$1; shift
+case "$cmd" in
+start) cmd_start "$1" ;;
+stop) cmd_stop "$1" ;;
+base-image) [ $# -ge 2 ] || usage; cmd_base_image "$@" ;;
+fetch-containerd-1.7) cmd_fetch_containerd_17 "$1" ;;
+*) usage ;;
+esac
