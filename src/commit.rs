@@ -12,7 +12,6 @@ use crate::layer::{LayerDescriptor, LayerWriter};
 use crate::registry::{self, Client, ClientOptions};
 use crate::report::CommitResult;
 use crate::{diff, diff_source, freeze, log, push};
-use std::io::Write;
 use std::time::Instant;
 
 /// Runtimes that keep the container's writes somewhere the snapshot does not see.
@@ -81,7 +80,7 @@ async fn commit_leased(
         .tempfile_in(plan.spool_dir.clone().unwrap_or_else(std::env::temp_dir))
         .map_err(CommitError::io("creating the layer spool file (see --spool-dir)"))?;
     let (spool_file, spool_path) = spool.into_parts();
-    let read = read_layer(ctr, info, &plan.source, layer_mt, std::io::BufWriter::with_capacity(1 << 20, spool_file)).await?;
+    let read = read_layer(ctr, info, &plan.source, layer_mt, spool_file).await?;
     drop(read.sink);
 
     let created = now_rfc3339();
@@ -143,16 +142,18 @@ pub async fn locate(ctr: &Containerd, plan: &SourcePlan) -> Result<ContainerInfo
     Ok(info)
 }
 
-/// Reads the diff into `sink` as a compressed layer, pausing the container only meanwhile.
-pub async fn read_layer<W: Write + Send + 'static>(
+/// Reads the diff into `spool` as a compressed layer, pausing the container only meanwhile.
+/// When the upperdir turns out not to be exact mid-read, the spool is rewound and the diff is
+/// read again by a walk, inside the same pause window.
+pub async fn read_layer(
     ctr: &Containerd,
     info: &ContainerInfo,
     plan: &SourcePlan,
     media_type: &str,
-    sink: W,
-) -> Result<LayerRead<W>, CommitError> {
+    spool: std::fs::File,
+) -> Result<LayerRead<std::fs::File>, CommitError> {
     let mounts = ctr.snapshot_mounts(info).await?;
-    let source = diff_source::prepare(ctr, info, &mounts, plan.diff_source).await?;
+    let mut source = diff_source::prepare(ctr, info, &mounts, plan.diff_source).await?;
     let opts = diff::Options {
         exclude: plan.exclude.clone(),
         skip_mount_stubs: info.mount_destinations.clone(),
@@ -160,30 +161,68 @@ pub async fn read_layer<W: Write + Send + 'static>(
         max_files: plan.max_files,
         max_bytes: plan.max_layer_bytes,
     };
-    let compress = plan.compress;
-    let media_type = media_type.to_string();
     let paused = if plan.pause { freeze::pause(ctr, &info.id).await? } else { None };
-    let work = tokio::task::spawn_blocking(move || {
-        let run = || -> Result<_, CommitError> {
-            let w = LayerWriter::new(sink, &compress, &media_type).map_err(CommitError::io("starting the compressor"))?;
-            let (w, stats) = diff::write_layer(&source.kind.as_diff_source(), &opts, w)?;
-            let (sink, desc, _) = w.finish().map_err(CommitError::io("writing the layer to the spool"))?;
-            Ok((sink, desc, stats))
-        };
-        (run(), source)
-    })
-    .await;
+    let mut spool = Some(spool);
+    let outcome = loop {
+        let file = spool.take().expect("spool is handed back after each attempt");
+        let (out, file, src) = write_blocking(source, opts.clone(), plan.compress, media_type, file).await?;
+        source = src;
+        match out {
+            Err(CommitError::Diff(diff::DiffError::NotExact(why))) if source.kind.name() == "upperdir" => {
+                log::info(&format!("upperdir is not exact ({why}); reading the diff by a walk"));
+                source.cleanup().await;
+                rewind(&file)?;
+                spool = Some(file);
+                source = diff_source::prepare(ctr, info, &mounts, diff_source::DiffSourceChoice::Walk).await?;
+                source.reason = format!("overlay upperdir is not exact: {why}");
+            }
+            out => break out.map(|(desc, stats)| (file, desc, stats)),
+        }
+    };
     // Resume before anything else can fail.
     let paused_ms = match paused {
         Some(p) => p.resume().await?,
         None => 0,
     };
-    let (out, source) = work.map_err(|e| CommitError::Internal(format!("diff reader: {e}")))?;
     let (kind, reason) = (source.kind.name().to_string(), source.reason.clone());
     source.cleanup().await;
-    let (sink, desc, stats) = out?;
+    let (sink, desc, stats) = outcome?;
     let layer = (stats.entries > 0).then_some(desc);
     Ok(LayerRead { sink, layer, stats, paused_ms, source: kind, reason })
+}
+
+type Attempt = (Result<(LayerDescriptor, diff::Stats), CommitError>, std::fs::File, diff_source::PreparedSource);
+
+/// One read of the diff on a blocking thread: tar → hash → compress → hash → spool file.
+async fn write_blocking(
+    source: diff_source::PreparedSource,
+    opts: diff::Options,
+    compress: crate::layer::CompressOptions,
+    media_type: &str,
+    file: std::fs::File,
+) -> Result<Attempt, CommitError> {
+    let media_type = media_type.to_string();
+    let spool_copy = file.try_clone().map_err(CommitError::io("duplicating the spool file handle"))?;
+    tokio::task::spawn_blocking(move || {
+        let run = || -> Result<_, CommitError> {
+            let sink = std::io::BufWriter::with_capacity(1 << 20, file);
+            let w = LayerWriter::new(sink, &compress, &media_type).map_err(CommitError::io("starting the compressor"))?;
+            let (w, stats) = diff::write_layer(&source.kind.as_diff_source(), &opts, w)?;
+            let (sink, desc, _) = w.finish().map_err(CommitError::io("writing the layer to the spool"))?;
+            sink.into_inner().map_err(|e| CommitError::io("writing the layer to the spool")(e.into_error()))?;
+            Ok((desc, stats))
+        };
+        (run(), spool_copy, source)
+    })
+    .await
+    .map_err(|e| CommitError::Internal(format!("diff reader: {e}")))
+}
+
+fn rewind(file: &std::fs::File) -> Result<(), CommitError> {
+    use std::io::Seek;
+    file.set_len(0).map_err(CommitError::io("truncating the spool file"))?;
+    (&*file).seek(std::io::SeekFrom::Start(0)).map_err(CommitError::io("rewinding the spool file"))?;
+    Ok(())
 }
 
 fn base_digests(base: &BaseImage) -> Vec<String> {
@@ -216,12 +255,9 @@ pub async fn diff_to_file(plan: &SourcePlan, output: &std::path::Path) -> Result
         ctr.lease_resource(&lease, &info.snapshot_key, &format!("snapshots/{}", info.snapshotter)).await?;
         let file = std::fs::File::create(output).map_err(CommitError::io(format!("creating {}", output.display())))?;
         let media_type = crate::image::Family::Oci.layer_media_type(plan.compress.compression);
-        let read = read_layer(&ctr, &info, plan, media_type, std::io::BufWriter::new(file)).await?;
-        let file = read.sink.into_inner().map_err(|e| CommitError::io(format!("writing {}", output.display()))(e.into_error()))?;
-        file.sync_all().map_err(CommitError::io(format!("syncing {}", output.display())))?;
-        let (layer, tar_bytes) = (read.layer, read.stats.entries);
-        let _ = tar_bytes;
-        layer.ok_or_else(|| CommitError::Refused(format!("container {:?} has no changes: the layer would be empty", info.id)))
+        let read = read_layer(&ctr, &info, plan, media_type, file).await?;
+        read.sink.sync_all().map_err(CommitError::io(format!("syncing {}", output.display())))?;
+        read.layer.ok_or_else(|| CommitError::Refused(format!("container {:?} has no changes: the layer would be empty", info.id)))
     }
     .await;
     let _ = ctr.drop_lease(lease).await;

@@ -51,7 +51,11 @@ impl CommitError {
             CommitError::Source(SourceError::Containerd(e)) if e.is_not_found() => exit::NOT_FOUND,
             CommitError::Source(SourceError::Containerd(_)) => exit::CONTAINERD,
             CommitError::Source(_) => exit::REFUSED,
-            CommitError::Diff(e) if e.is_refusal() => exit::REFUSED,
+            CommitError::Diff(
+                crate::diff::DiffError::LimitExceeded { .. }
+                | crate::diff::DiffError::Unrepresentable { .. }
+                | crate::diff::DiffError::FileChanged { .. },
+            ) => exit::REFUSED,
             CommitError::Diff(_) => exit::INTERNAL,
             CommitError::Image(_) => exit::REFUSED,
             CommitError::Registry(_) => exit::REGISTRY,

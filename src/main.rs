@@ -1,16 +1,12 @@
 //! Thin entry point: parse → validate → run → print the result or one error line → exit code.
 //! The sandbox is resumed on every way out: success, error, panic, SIGTERM and SIGINT.
 
-#[cfg(not(feature = "pipeline"))]
-fn main() {}
-#[cfg(feature = "pipeline")]
-mod real {
 use clap::Parser;
 use committer::cli::{Cli, Command, LogFormat, LogLevel};
 use committer::error::{exit, CommitError};
 use committer::{freeze, log, report};
 
-pub fn main() {
+fn main() {
     let cli = Cli::parse();
     log::init(
         match cli.log_level {
@@ -109,6 +105,3 @@ fn failure(e: CommitError) -> i32 {
 fn s_next<'a>(e: Option<&'a (dyn std::error::Error + 'static)>) -> Option<&'a (dyn std::error::Error + 'static)> {
     e.and_then(|e| e.source())
 }
-}
-#[cfg(feature = "pipeline")]
-fn main() { real::main() }

@@ -245,18 +245,22 @@ impl Authenticator {
         scopes: &[String],
         token: &Secret,
     ) -> Result<reqwest::Response, RegistryError> {
-        let mut form = url::form_urlencoded::Serializer::new(String::new());
-        form.append_pair("grant_type", "refresh_token")
-            .append_pair("refresh_token", token.expose())
-            .append_pair("client_id", "committer")
-            .append_pair("scope", &scopes.join(" "));
-        if let Some(s) = service {
-            form.append_pair("service", s);
-        }
+        // Built in its own scope: the serializer is not Send and must not live across the await.
+        let body = {
+            let mut form = url::form_urlencoded::Serializer::new(String::new());
+            form.append_pair("grant_type", "refresh_token")
+                .append_pair("refresh_token", token.expose())
+                .append_pair("client_id", "committer")
+                .append_pair("scope", &scopes.join(" "));
+            if let Some(s) = service {
+                form.append_pair("service", s);
+            }
+            form.finish()
+        };
         self.http
             .post(realm.clone())
             .header(reqwest::header::CONTENT_TYPE, "application/x-www-form-urlencoded")
-            .body(form.finish())
+            .body(body)
             .send()
             .await
             .map_err(|e| RegistryError::transport("POST", realm, e))

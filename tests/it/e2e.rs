@@ -30,6 +30,10 @@ chown 1234:5678 /new/deep/dir/f
 echo "sub change" > /data/sub/deep/file
 "#;
 
+fn out_path(lab: &Lab, name: &str) -> String {
+    lab.dir.join(name).to_string_lossy().into_owned()
+}
+
 fn run_json(out: &std::process::Output) -> Value {
     assert!(
         out.status.success(),
@@ -96,11 +100,11 @@ fn pod_selector_finds_the_same_container_as_its_id() {
     let base = lab.base_image("base", false);
     sandbox(&lab, "c2", &base);
     lab.exec("c2", "echo x > /data/x");
-    let by_id = run_json(&lab.committer(&["diff", "--container", "c2", "--output", &lab.path("by-id.tgz")]));
+    let by_id = run_json(&lab.committer(&["diff", "--container", "c2", "--output", &out_path(&lab, "by-id.tgz")]));
     let by_pod = run_json(&lab.committer(&[
-        "diff", "--pod", "team-a/pod-c2", "--container-name", "work", "--output", &lab.path("by-pod.tgz"),
+        "diff", "--pod", "team-a/pod-c2", "--container-name", "work", "--output", &out_path(&lab, "by-pod.tgz"),
     ]));
-    let by_pod_alone = run_json(&lab.committer(&["diff", "--pod", "team-a/pod-c2", "--output", &lab.path("p.tgz")]));
+    let by_pod_alone = run_json(&lab.committer(&["diff", "--pod", "team-a/pod-c2", "--output", &out_path(&lab, "p.tgz")]));
     assert_eq!(by_id["diffId"], by_pod["diffId"]);
     assert_eq!(by_id["digest"], by_pod_alone["digest"], "an unchanged container gives the same layer digest");
 }
@@ -174,7 +178,11 @@ fn bad_inputs_get_one_clear_line_and_push_nothing() {
         5,
         "127.0.0.1:1",
     );
-    assert_clear_failure(&commit(&["--container", "c4", "--image", "UPPER/Case::bad"]), 2, "--image");
+    assert_clear_failure(
+        &lab.committer(&["commit", "--container", "c4", "--image", "UPPER/Case::bad", "--plain-http"]),
+        2,
+        "--image",
+    );
     assert_eq!(lab.task_status("c4"), "RUNNING");
     assert!(tags_of(&lab, "snap/bad").is_empty(), "no tag may be pushed by a failed commit");
 }
