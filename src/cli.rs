@@ -10,7 +10,11 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use std::path::PathBuf;
 
 #[derive(Parser, Debug)]
-#[command(name = "committer", version, about = "Commit a running containerd container's filesystem to an OCI registry")]
+#[command(
+    name = "committer",
+    version,
+    about = "Commit a running containerd container's filesystem to an OCI registry"
+)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
@@ -64,7 +68,11 @@ pub struct Target {
     #[arg(long, requires = "pod")]
     pub container_name: Option<String>,
     /// containerd socket.
-    #[arg(long, env = "CONTAINERD_ADDRESS", default_value = "/run/containerd/containerd.sock")]
+    #[arg(
+        long,
+        env = "CONTAINERD_ADDRESS",
+        default_value = "/run/containerd/containerd.sock"
+    )]
     pub address: PathBuf,
     /// containerd namespace (Kubernetes uses k8s.io).
     #[arg(long, env = "CONTAINERD_NAMESPACE", default_value = "k8s.io")]
@@ -189,12 +197,16 @@ impl Target {
         }
         let pod = self.pod.as_deref().unwrap_or_default();
         match pod.split_once('/') {
-            Some((ns, name)) if !ns.is_empty() && !name.is_empty() && !name.contains('/') => Ok(Selector::Pod {
-                namespace: ns.to_string(),
-                name: name.to_string(),
-                container: self.container_name.clone(),
-            }),
-            _ => Err(UsageError(format!("--pod {pod:?}: expected NAMESPACE/NAME, e.g. --pod default/my-sandbox"))),
+            Some((ns, name)) if !ns.is_empty() && !name.is_empty() && !name.contains('/') => {
+                Ok(Selector::Pod {
+                    namespace: ns.to_string(),
+                    name: name.to_string(),
+                    container: self.container_name.clone(),
+                })
+            }
+            _ => Err(UsageError(format!(
+                "--pod {pod:?}: expected NAMESPACE/NAME, e.g. --pod default/my-sandbox"
+            ))),
         }
     }
 }
@@ -221,18 +233,26 @@ impl LayerArgs {
         let threads = match self.threads {
             Some(0) => return Err(UsageError("--threads 0: give at least 1".into())),
             Some(n) => n,
-            None => std::thread::available_parallelism().map(|n| n.get() as u32).unwrap_or(1),
+            None => std::thread::available_parallelism()
+                .map(|n| n.get() as u32)
+                .unwrap_or(1),
         };
         for e in &self.exclude {
             if !e.starts_with('/') {
-                return Err(UsageError(format!("--exclude {e:?}: give an absolute path inside the container, like /tmp/cache")));
+                return Err(UsageError(format!(
+                    "--exclude {e:?}: give an absolute path inside the container, like /tmp/cache"
+                )));
             }
         }
         Ok(SourcePlan {
             address: target.address.clone(),
             namespace: target.namespace.clone(),
             selector: target.selector()?,
-            compress: CompressOptions { compression, level: self.compression_level, threads },
+            compress: CompressOptions {
+                compression,
+                level: self.compression_level,
+                threads,
+            },
             diff_source: self.diff_source,
             exclude: self.exclude.clone(),
             source_date_epoch: self.source_date_epoch,
@@ -245,7 +265,10 @@ impl LayerArgs {
 
 impl CommitArgs {
     pub fn plan(&self) -> Result<CommitPlan, UsageError> {
-        let image: Reference = self.image.parse().map_err(|e| UsageError(format!("--image: {e}")))?;
+        let image: Reference = self
+            .image
+            .parse()
+            .map_err(|e| UsageError(format!("--image: {e}")))?;
         if image.digest.is_some() {
             return Err(UsageError(format!(
                 "--image {:?}: give a tag, not a digest — the digest of the new image is only known once it is built",
@@ -255,10 +278,15 @@ impl CommitArgs {
         for t in &self.tags {
             let valid = !t.is_empty()
                 && t.len() <= 128
-                && t.chars().next().is_some_and(|c| c.is_ascii_alphanumeric() || c == '_')
-                && t.chars().all(|c| c.is_ascii_alphanumeric() || "_.-".contains(c));
+                && t.chars()
+                    .next()
+                    .is_some_and(|c| c.is_ascii_alphanumeric() || c == '_')
+                && t.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "_.-".contains(c));
             if !valid {
-                return Err(UsageError(format!("--tag {t:?}: a tag is 1-128 of [A-Za-z0-9_.-], not starting with . or -")));
+                return Err(UsageError(format!(
+                    "--tag {t:?}: a tag is 1-128 of [A-Za-z0-9_.-], not starting with . or -"
+                )));
             }
         }
         let result_file = self.result_file.clone().or_else(|| {

@@ -50,10 +50,9 @@ pub async fn commit(plan: &CommitPlan) -> Result<CommitResult, CommitError> {
     let (ctr, info) = ctr?;
     let client = client?;
     let lease = ctr.take_lease(&info.id).await?;
+    start_guardian(&ctr, &info, &lease);
     let result = commit_leased(&ctr, &client, &info, &lease, plan, &opts).await;
-    if let Err(e) = ctr.drop_lease(lease).await {
-        log::warn(&format!("{e} (it expires by itself within an hour)"));
-    }
+    end_lease(&ctr, lease, &result).await;
     let mut result = result?;
     result.duration_ms = started.elapsed().as_millis() as u64;
     Ok(result)
@@ -67,7 +66,12 @@ async fn commit_leased(
     plan: &CommitPlan,
     opts: &ClientOptions,
 ) -> Result<CommitResult, CommitError> {
-    ctr.lease_resource(lease, &info.snapshot_key, &format!("snapshots/{}", info.snapshotter)).await?;
+    ctr.lease_resource(
+        lease,
+        &info.snapshot_key,
+        &format!("snapshots/{}", info.snapshotter),
+    )
+    .await?;
     let base = ctr.base_image(&info.image).await?;
     for d in base_digests(&base) {
         ctr.lease_resource(lease, &d, "content").await?;
@@ -78,13 +82,18 @@ async fn commit_leased(
     let spool = tempfile::Builder::new()
         .prefix("committer-layer-")
         .tempfile_in(plan.spool_dir.clone().unwrap_or_else(std::env::temp_dir))
-        .map_err(CommitError::io("creating the layer spool file (see --spool-dir)"))?;
+        .map_err(CommitError::io(
+            "creating the layer spool file (see --spool-dir)",
+        ))?;
     let (spool_file, spool_path) = spool.into_parts();
     let read = read_layer(ctr, info, &plan.source, layer_mt, spool_file).await?;
     drop(read.sink);
 
     let created = now_rfc3339();
-    let note = HistoryNote { created: &created, comment: &plan.message };
+    let note = HistoryNote {
+        created: &created,
+        comment: &plan.message,
+    };
     let config = image::new_config(&base, read.layer.as_ref(), family, &note)?;
     let manifest = image::new_manifest(&base, &config, read.layer.as_ref(), family)?;
 
@@ -98,7 +107,9 @@ async fn commit_leased(
         layer: read.layer.as_ref().map(|l| (l, spool_path.as_ref())),
         config: &config,
         manifest: &manifest,
-        tags: std::iter::once(plan.image.tag_or_latest().to_string()).chain(plan.extra_tags.iter().cloned()).collect(),
+        tags: std::iter::once(plan.image.tag_or_latest().to_string())
+            .chain(plan.extra_tags.iter().cloned())
+            .collect(),
     };
     push::push(&job).await?;
 
@@ -118,7 +129,11 @@ async fn commit_leased(
         content_bytes: read.stats.content_bytes,
         paused_ms: read.paused_ms,
         duration_ms: 0,
-        extra_tags: plan.extra_tags.iter().map(|t| format!("{repo}:{t}")).collect(),
+        extra_tags: plan
+            .extra_tags
+            .iter()
+            .map(|t| format!("{repo}:{t}"))
+            .collect(),
     })
 }
 
@@ -161,19 +176,32 @@ pub async fn read_layer(
         max_files: plan.max_files,
         max_bytes: plan.max_layer_bytes,
     };
-    let paused = if plan.pause { freeze::pause(ctr, &info.id).await? } else { None };
+    let paused = if plan.pause {
+        freeze::pause(ctr, &info.id).await?
+    } else {
+        None
+    };
     let mut spool = Some(spool);
     let outcome = loop {
-        let file = spool.take().expect("spool is handed back after each attempt");
-        let (out, file, src) = write_blocking(source, opts.clone(), plan.compress, media_type, file).await?;
+        let file = spool
+            .take()
+            .expect("spool is handed back after each attempt");
+        let (out, file, src) =
+            write_blocking(source, opts.clone(), plan.compress, media_type, file).await?;
         source = src;
         match out {
-            Err(CommitError::Diff(diff::DiffError::NotExact(why))) if source.kind.name() == "upperdir" => {
-                log::info(&format!("upperdir is not exact ({why}); reading the diff by a walk"));
+            Err(CommitError::Diff(diff::DiffError::NotExact(why)))
+                if source.kind.name() == "upperdir" =>
+            {
+                log::info(&format!(
+                    "upperdir is not exact ({why}); reading the diff by a walk"
+                ));
                 source.cleanup().await;
                 rewind(&file)?;
                 spool = Some(file);
-                source = diff_source::prepare(ctr, info, &mounts, diff_source::DiffSourceChoice::Walk).await?;
+                source =
+                    diff_source::prepare(ctr, info, &mounts, diff_source::DiffSourceChoice::Walk)
+                        .await?;
                 source.reason = format!("overlay upperdir is not exact: {why}");
             }
             out => break out.map(|(desc, stats)| (file, desc, stats)),
@@ -188,10 +216,21 @@ pub async fn read_layer(
     source.cleanup().await;
     let (sink, desc, stats) = outcome?;
     let layer = (stats.entries > 0).then_some(desc);
-    Ok(LayerRead { sink, layer, stats, paused_ms, source: kind, reason })
+    Ok(LayerRead {
+        sink,
+        layer,
+        stats,
+        paused_ms,
+        source: kind,
+        reason,
+    })
 }
 
-type Attempt = (Result<(LayerDescriptor, diff::Stats), CommitError>, std::fs::File, diff_source::PreparedSource);
+type Attempt = (
+    Result<(LayerDescriptor, diff::Stats), CommitError>,
+    std::fs::File,
+    diff_source::PreparedSource,
+);
 
 /// One read of the diff on a blocking thread: tar → hash → compress → hash → spool file.
 async fn write_blocking(
@@ -202,14 +241,20 @@ async fn write_blocking(
     file: std::fs::File,
 ) -> Result<Attempt, CommitError> {
     let media_type = media_type.to_string();
-    let spool_copy = file.try_clone().map_err(CommitError::io("duplicating the spool file handle"))?;
+    let spool_copy = file
+        .try_clone()
+        .map_err(CommitError::io("duplicating the spool file handle"))?;
     tokio::task::spawn_blocking(move || {
         let run = || -> Result<_, CommitError> {
             let sink = std::io::BufWriter::with_capacity(1 << 20, file);
-            let w = LayerWriter::new(sink, &compress, &media_type).map_err(CommitError::io("starting the compressor"))?;
+            let w = LayerWriter::new(sink, &compress, &media_type)
+                .map_err(CommitError::io("starting the compressor"))?;
             let (w, stats) = diff::write_layer(&source.kind.as_diff_source(), &opts, w)?;
-            let (sink, desc, _) = w.finish().map_err(CommitError::io("writing the layer to the spool"))?;
-            sink.into_inner().map_err(|e| CommitError::io("writing the layer to the spool")(e.into_error()))?;
+            let (sink, desc, _) = w
+                .finish()
+                .map_err(CommitError::io("writing the layer to the spool"))?;
+            sink.into_inner()
+                .map_err(|e| CommitError::io("writing the layer to the spool")(e.into_error()))?;
             Ok((desc, stats))
         };
         (run(), spool_copy, source)
@@ -220,14 +265,21 @@ async fn write_blocking(
 
 fn rewind(file: &std::fs::File) -> Result<(), CommitError> {
     use std::io::Seek;
-    file.set_len(0).map_err(CommitError::io("truncating the spool file"))?;
-    (&*file).seek(std::io::SeekFrom::Start(0)).map_err(CommitError::io("rewinding the spool file"))?;
+    file.set_len(0)
+        .map_err(CommitError::io("truncating the spool file"))?;
+    (&*file)
+        .seek(std::io::SeekFrom::Start(0))
+        .map_err(CommitError::io("rewinding the spool file"))?;
     Ok(())
 }
 
 fn base_digests(base: &BaseImage) -> Vec<String> {
     let mut out = vec![base.manifest_digest.to_string()];
-    if let Some(c) = base.manifest.pointer("/config/digest").and_then(|d| d.as_str()) {
+    if let Some(c) = base
+        .manifest
+        .pointer("/config/digest")
+        .and_then(|d| d.as_str())
+    {
         out.push(c.to_string());
     }
     for l in base.layers() {
@@ -242,24 +294,63 @@ fn now_rfc3339() -> String {
     time::OffsetDateTime::now_utc()
         .replace_nanosecond(0)
         .ok()
-        .and_then(|t| t.format(&time::format_description::well_known::Rfc3339).ok())
+        .and_then(|t| {
+            t.format(&time::format_description::well_known::Rfc3339)
+                .ok()
+        })
         .unwrap_or_else(|| "1970-01-01T00:00:00Z".into())
 }
 
 /// `committer diff`: the layer written to a local file; prints its descriptor.
-pub async fn diff_to_file(plan: &SourcePlan, output: &std::path::Path) -> Result<LayerDescriptor, CommitError> {
+pub async fn diff_to_file(
+    plan: &SourcePlan,
+    output: &std::path::Path,
+) -> Result<LayerDescriptor, CommitError> {
     let ctr = Containerd::connect(&plan.address, &plan.namespace).await?;
     let info = locate(&ctr, plan).await?;
     let lease = ctr.take_lease(&info.id).await?;
+    start_guardian(&ctr, &info, &lease);
     let out = async {
-        ctr.lease_resource(&lease, &info.snapshot_key, &format!("snapshots/{}", info.snapshotter)).await?;
-        let file = std::fs::File::create(output).map_err(CommitError::io(format!("creating {}", output.display())))?;
+        ctr.lease_resource(
+            &lease,
+            &info.snapshot_key,
+            &format!("snapshots/{}", info.snapshotter),
+        )
+        .await?;
+        let file = std::fs::File::create(output)
+            .map_err(CommitError::io(format!("creating {}", output.display())))?;
         let media_type = crate::image::Family::Oci.layer_media_type(plan.compress.compression);
         let read = read_layer(&ctr, &info, plan, media_type, file).await?;
-        read.sink.sync_all().map_err(CommitError::io(format!("syncing {}", output.display())))?;
-        read.layer.ok_or_else(|| CommitError::Refused(format!("container {:?} has no changes: the layer would be empty", info.id)))
+        read.sink
+            .sync_all()
+            .map_err(CommitError::io(format!("syncing {}", output.display())))?;
+        read.layer.ok_or_else(|| {
+            CommitError::Refused(format!(
+                "container {:?} has no changes: the layer would be empty",
+                info.id
+            ))
+        })
     }
     .await;
-    let _ = ctr.drop_lease(lease).await;
+    end_lease(&ctr, lease, &out).await;
     out
+}
+
+fn start_guardian(ctr: &Containerd, info: &ContainerInfo, lease: &Lease) {
+    if let Err(e) = crate::guard::start(&ctr.address, &ctr.namespace, &info.id, &lease.id) {
+        log::warn(&format!("could not start the guardian process ({e}); a SIGKILL could leave the container paused"));
+    }
+}
+
+/// Resumes (if an error left the sandbox paused), releases the lease, and dismisses the guardian.
+async fn end_lease<T>(ctr: &Containerd, lease: Lease, result: &Result<T, CommitError>) {
+    if result.is_err() {
+        if let Err(e) = freeze::resume_if_paused().await {
+            log::error(&format!("could not resume the container: {e}"));
+        }
+    }
+    if let Err(e) = ctr.drop_lease(lease).await {
+        log::warn(&format!("{e} (it expires by itself within an hour)"));
+    }
+    crate::guard::finish();
 }

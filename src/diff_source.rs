@@ -23,11 +23,19 @@ pub enum SourceError {
     #[error(transparent)]
     Containerd(#[from] ContainerdError),
     #[error("container {id:?}: snapshotter {snapshotter:?} gives {detail}; this build reads overlay and bind (native) snapshots only")]
-    Unsupported { id: String, snapshotter: String, detail: String },
+    Unsupported {
+        id: String,
+        snapshotter: String,
+        detail: String,
+    },
     #[error("--diff-source upperdir: the upperdir of {id:?} is not exact ({why}); use --diff-source auto or walk")]
     UpperdirNotExact { id: String, why: String },
     #[error("mounting a read-only view for the walk at {target}: {source}")]
-    Mount { target: PathBuf, #[source] source: std::io::Error },
+    Mount {
+        target: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 /// The prepared source. Dropping it unmounts what it mounted.
@@ -40,8 +48,14 @@ pub struct PreparedSource {
 }
 
 pub enum SourceKind {
-    Upperdir { upper: PathBuf, lowers: Vec<PathBuf> },
-    Walk { lower: Option<PathBuf>, upper: PathBuf },
+    Upperdir {
+        upper: PathBuf,
+        lowers: Vec<PathBuf>,
+    },
+    Walk {
+        lower: Option<PathBuf>,
+        upper: PathBuf,
+    },
 }
 
 impl SourceKind {
@@ -54,8 +68,13 @@ impl SourceKind {
 
     pub fn as_diff_source(&self) -> crate::diff::Source<'_> {
         match self {
-            SourceKind::Upperdir { upper, lowers } => crate::diff::Source::Upperdir { upper, lowers },
-            SourceKind::Walk { lower, upper } => crate::diff::Source::Walk { lower: lower.as_deref(), upper },
+            SourceKind::Upperdir { upper, lowers } => {
+                crate::diff::Source::Upperdir { upper, lowers }
+            }
+            SourceKind::Walk { lower, upper } => crate::diff::Source::Walk {
+                lower: lower.as_deref(),
+                upper,
+            },
         }
     }
 }
@@ -92,10 +111,19 @@ pub async fn prepare(
     }
 }
 
-fn overlay_source(info: &ContainerInfo, m: &SnapshotMount, choice: DiffSourceChoice) -> Result<PreparedSource, SourceError> {
-    let opt = |name: &str| m.options.iter().find_map(|o| o.strip_prefix(name).map(str::to_string));
-    let lowers: Vec<PathBuf> =
-        opt("lowerdir=").map(|l| l.split(':').map(PathBuf::from).collect()).unwrap_or_default();
+fn overlay_source(
+    info: &ContainerInfo,
+    m: &SnapshotMount,
+    choice: DiffSourceChoice,
+) -> Result<PreparedSource, SourceError> {
+    let opt = |name: &str| {
+        m.options
+            .iter()
+            .find_map(|o| o.strip_prefix(name).map(str::to_string))
+    };
+    let lowers: Vec<PathBuf> = opt("lowerdir=")
+        .map(|l| l.split(':').map(PathBuf::from).collect())
+        .unwrap_or_default();
     let Some(upper) = opt("upperdir=").map(PathBuf::from) else {
         // A read-only overlay (a view): nothing was written.
         return Err(SourceError::Unsupported {
@@ -112,9 +140,10 @@ fn overlay_source(info: &ContainerInfo, m: &SnapshotMount, choice: DiffSourceCho
             mounts: vec![],
             view_key: None,
         }),
-        (DiffSourceChoice::Upperdir, Err(why)) => {
-            Err(SourceError::UpperdirNotExact { id: info.id.clone(), why: why.to_string() })
-        }
+        (DiffSourceChoice::Upperdir, Err(why)) => Err(SourceError::UpperdirNotExact {
+            id: info.id.clone(),
+            why: why.to_string(),
+        }),
         (_, exact) => {
             let reason = match exact {
                 Ok(()) => "--diff-source walk".to_string(),
@@ -127,16 +156,30 @@ fn overlay_source(info: &ContainerInfo, m: &SnapshotMount, choice: DiffSourceCho
 
 /// Read-only views for a walk over an overlay snapshot: the parent as `lowerdir=L1:L2…` and the
 /// container as `lowerdir=UPPER:L1:L2…` — no upperdir, so nothing can be written through them.
-fn overlay_walk(upper: &Path, lowers: &[PathBuf], options: &[String], reason: String) -> Result<PreparedSource, SourceError> {
+fn overlay_walk(
+    upper: &Path,
+    lowers: &[PathBuf],
+    options: &[String],
+    reason: String,
+) -> Result<PreparedSource, SourceError> {
     // The lower layers may use redirects and metacopy when the container's mount did.
     let mut extra = vec!["ro".to_string()];
     if options.iter().any(|o| o == "metacopy=on") {
         extra.push("metacopy=on".into());
     }
-    if options.iter().any(|o| o.starts_with("redirect_dir=") && o != "redirect_dir=off") || options.iter().any(|o| o == "metacopy=on") {
+    if options
+        .iter()
+        .any(|o| o.starts_with("redirect_dir=") && o != "redirect_dir=off")
+        || options.iter().any(|o| o == "metacopy=on")
+    {
         extra.push("redirect_dir=follow".into());
     }
-    let join = |dirs: &[&Path]| dirs.iter().map(|d| d.to_string_lossy().into_owned()).collect::<Vec<_>>().join(":");
+    let join = |dirs: &[&Path]| {
+        dirs.iter()
+            .map(|d| d.to_string_lossy().into_owned())
+            .collect::<Vec<_>>()
+            .join(":")
+    };
     let mut mounts = Vec::new();
     let lower = match lowers {
         [] => None,
@@ -154,18 +197,35 @@ fn overlay_walk(upper: &Path, lowers: &[PathBuf], options: &[String], reason: St
     let merged = TempMount::overlay(&join(&dirs), &extra)?;
     let upper_view = merged.path().to_path_buf();
     mounts.push(merged);
-    Ok(PreparedSource { kind: SourceKind::Walk { lower, upper: upper_view }, reason, mounts, view_key: None })
+    Ok(PreparedSource {
+        kind: SourceKind::Walk {
+            lower,
+            upper: upper_view,
+        },
+        reason,
+        mounts,
+        view_key: None,
+    })
 }
 
 /// Native (and other bind-mount) snapshotters: the container's tree is the bind source; the
 /// parent, if any, comes from a temporary view of the parent snapshot.
-async fn bind_source(ctr: &Containerd, info: &ContainerInfo, m: &SnapshotMount) -> Result<PreparedSource, SourceError> {
+async fn bind_source(
+    ctr: &Containerd,
+    info: &ContainerInfo,
+    m: &SnapshotMount,
+) -> Result<PreparedSource, SourceError> {
     let upper = PathBuf::from(&m.source);
-    let parent = ctr.snapshot_parent(&info.snapshotter, &info.snapshot_key).await?;
+    let parent = ctr
+        .snapshot_parent(&info.snapshotter, &info.snapshot_key)
+        .await?;
     let Some(parent) = parent else {
         return Ok(PreparedSource {
             kind: SourceKind::Walk { lower: None, upper },
-            reason: format!("{} snapshot without a parent: everything is new", info.snapshotter),
+            reason: format!(
+                "{} snapshot without a parent: everything is new",
+                info.snapshotter
+            ),
             mounts: vec![],
             view_key: None,
         });
@@ -175,18 +235,33 @@ async fn bind_source(ctr: &Containerd, info: &ContainerInfo, m: &SnapshotMount) 
     let view_key = Some((ctr.clone(), info.snapshotter.clone(), key));
     match view.as_slice() {
         [v] if v.kind == "bind" || v.kind == "rbind" => Ok(PreparedSource {
-            kind: SourceKind::Walk { lower: Some(PathBuf::from(&v.source)), upper },
-            reason: format!("{} snapshotter: double walk against the parent snapshot", info.snapshotter),
+            kind: SourceKind::Walk {
+                lower: Some(PathBuf::from(&v.source)),
+                upper,
+            },
+            reason: format!(
+                "{} snapshotter: double walk against the parent snapshot",
+                info.snapshotter
+            ),
             mounts: vec![],
             view_key,
         }),
         other => {
-            let src = PreparedSource { kind: SourceKind::Walk { lower: None, upper }, reason: String::new(), mounts: vec![], view_key };
+            let src = PreparedSource {
+                kind: SourceKind::Walk { lower: None, upper },
+                reason: String::new(),
+                mounts: vec![],
+                view_key,
+            };
             src.cleanup().await;
             Err(SourceError::Unsupported {
                 id: info.id.clone(),
                 snapshotter: info.snapshotter.clone(),
-                detail: format!("a parent view of {} mounts ({:?})", other.len(), other.first().map(|m| &m.kind)),
+                detail: format!(
+                    "a parent view of {} mounts ({:?})",
+                    other.len(),
+                    other.first().map(|m| &m.kind)
+                ),
             })
         }
     }
@@ -202,7 +277,10 @@ impl TempMount {
         let dir = tempfile::Builder::new()
             .prefix("committer-view-")
             .tempdir()
-            .map_err(|source| SourceError::Mount { target: std::env::temp_dir(), source })?;
+            .map_err(|source| SourceError::Mount {
+                target: std::env::temp_dir(),
+                source,
+            })?;
         let mut data = format!("lowerdir={lowerdir}");
         for e in extra.iter().filter(|e| *e != "ro") {
             data.push(',');
@@ -212,8 +290,17 @@ impl TempMount {
             target: dir.path().to_path_buf(),
             source: std::io::Error::new(std::io::ErrorKind::InvalidInput, e),
         })?;
-        rustix::mount::mount("overlay", dir.path(), "overlay", rustix::mount::MountFlags::RDONLY, Some(data.as_c_str()))
-            .map_err(|e| SourceError::Mount { target: dir.path().to_path_buf(), source: e.into() })?;
+        rustix::mount::mount(
+            "overlay",
+            dir.path(),
+            "overlay",
+            rustix::mount::MountFlags::RDONLY,
+            Some(data.as_c_str()),
+        )
+        .map_err(|e| SourceError::Mount {
+            target: dir.path().to_path_buf(),
+            source: e.into(),
+        })?;
         Ok(TempMount { dir })
     }
 

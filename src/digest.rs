@@ -35,8 +35,14 @@ impl Digest {
 impl FromStr for Digest {
     type Err = InvalidDigest;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let hex = s.strip_prefix("sha256:").ok_or_else(|| InvalidDigest(s.to_string()))?;
-        if hex.len() == 64 && hex.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)) {
+        let hex = s
+            .strip_prefix("sha256:")
+            .ok_or_else(|| InvalidDigest(s.to_string()))?;
+        if hex.len() == 64
+            && hex
+                .bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+        {
             Ok(Digest(s.to_string()))
         } else {
             Err(InvalidDigest(s.to_string()))
@@ -83,7 +89,11 @@ mod tests {
 
     #[test]
     fn rejects_uppercase_short_and_other_algorithms() {
-        assert!("sha256:E3B0C44298FC1C149AFBF4C8996FB92427AE41E4649B934CA495991B7852B855".parse::<Digest>().is_err());
+        assert!(
+            "sha256:E3B0C44298FC1C149AFBF4C8996FB92427AE41E4649B934CA495991B7852B855"
+                .parse::<Digest>()
+                .is_err()
+        );
         assert!("sha256:abc".parse::<Digest>().is_err());
         assert!("sha512:00".parse::<Digest>().is_err());
     }

@@ -12,6 +12,7 @@ pub mod exit {
     pub const REFUSED: i32 = 4;
     pub const REGISTRY: i32 = 5;
     pub const CONTAINERD: i32 = 6;
+    pub const BUSY: i32 = 7;
     pub const INTERRUPTED: i32 = 130;
 }
 
@@ -31,7 +32,11 @@ pub enum CommitError {
     #[error("{0}")]
     Refused(String),
     #[error("{what}: {source}")]
-    Io { what: String, #[source] source: std::io::Error },
+    Io {
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("interrupted by {0}; the container was resumed and no tag was pushed")]
     Interrupted(&'static str),
     #[error("internal error: {0}")]
@@ -46,6 +51,7 @@ impl CommitError {
 
     pub fn exit_code(&self) -> i32 {
         match self {
+            CommitError::Containerd(ContainerdError::Busy { .. }) => exit::BUSY,
             CommitError::Containerd(e) if e.is_not_found() => exit::NOT_FOUND,
             CommitError::Containerd(_) => exit::CONTAINERD,
             CommitError::Source(SourceError::Containerd(e)) if e.is_not_found() => exit::NOT_FOUND,

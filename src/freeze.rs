@@ -23,11 +23,15 @@ pub async fn pause(ctr: &Containerd, id: &str) -> Result<Option<Paused>, Contain
     }
     // Record first: if we are killed between the RPC and the record, the resume path still runs.
     *PAUSED.lock().expect("pause lock") = Some((ctr.clone(), id.to_string()));
+    crate::guard::tell("paused");
     if let Err(e) = ctr.pause(id).await {
         PAUSED.lock().expect("pause lock").take();
+        crate::guard::tell("resumed");
         return Err(e);
     }
-    Ok(Some(Paused { since: Instant::now() }))
+    Ok(Some(Paused {
+        since: Instant::now(),
+    }))
 }
 
 impl Paused {
@@ -44,6 +48,7 @@ pub async fn resume_if_paused() -> Result<(), ContainerdError> {
     let entry = PAUSED.lock().expect("pause lock").take();
     if let Some((ctr, id)) = entry {
         ctr.resume(&id).await?;
+        crate::guard::tell("resumed");
     }
     Ok(())
 }

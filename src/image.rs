@@ -97,7 +97,11 @@ pub struct Blob {
 
 impl Blob {
     fn new(media_type: &str, bytes: Vec<u8>) -> Blob {
-        Blob { media_type: media_type.to_string(), digest: Digest::of(&bytes), bytes }
+        Blob {
+            media_type: media_type.to_string(),
+            digest: Digest::of(&bytes),
+            bytes,
+        }
     }
 }
 
@@ -108,27 +112,45 @@ pub struct HistoryNote<'a> {
 }
 
 /// New config = base config + our diff_id (unless the diff is empty) + a history entry.
-pub fn new_config(base: &BaseImage, layer: Option<&LayerDescriptor>, family: Family, note: &HistoryNote) -> Result<Blob, ImageError> {
-    let err = |detail: &str| ImageError { image: base.name.clone(), detail: detail.to_string() };
-    let mut config: Value =
-        serde_json::from_slice(&base.config_bytes).map_err(|e| err(&format!("config is not JSON: {e}")))?;
-    let obj = config.as_object_mut().ok_or_else(|| err("config is not a JSON object"))?;
+pub fn new_config(
+    base: &BaseImage,
+    layer: Option<&LayerDescriptor>,
+    family: Family,
+    note: &HistoryNote,
+) -> Result<Blob, ImageError> {
+    let err = |detail: &str| ImageError {
+        image: base.name.clone(),
+        detail: detail.to_string(),
+    };
+    let mut config: Value = serde_json::from_slice(&base.config_bytes)
+        .map_err(|e| err(&format!("config is not JSON: {e}")))?;
+    let obj = config
+        .as_object_mut()
+        .ok_or_else(|| err("config is not a JSON object"))?;
     let base_layers = base.layers().len();
 
-    let rootfs = obj.entry("rootfs").or_insert_with(|| json!({"type": "layers", "diff_ids": []}));
+    let rootfs = obj
+        .entry("rootfs")
+        .or_insert_with(|| json!({"type": "layers", "diff_ids": []}));
     let diff_ids = rootfs
         .get_mut("diff_ids")
         .and_then(Value::as_array_mut)
         .ok_or_else(|| err("config has no rootfs.diff_ids array"))?;
     if diff_ids.len() != base_layers {
-        return Err(err(&format!("config lists {} diff_ids but the manifest {} layers", diff_ids.len(), base_layers)));
+        return Err(err(&format!(
+            "config lists {} diff_ids but the manifest {} layers",
+            diff_ids.len(),
+            base_layers
+        )));
     }
     if let Some(l) = layer {
         diff_ids.push(Value::String(l.diff_id.to_string()));
     }
 
     let history = obj.entry("history").or_insert_with(|| Value::Array(vec![]));
-    let history = history.as_array_mut().ok_or_else(|| err("config history is not an array"))?;
+    let history = history
+        .as_array_mut()
+        .ok_or_else(|| err("config history is not an array"))?;
     pad_history(history, base_layers);
     let mut entry = Map::new();
     entry.insert("created".into(), Value::String(note.created.to_string()));
@@ -140,7 +162,8 @@ pub fn new_config(base: &BaseImage, layer: Option<&LayerDescriptor>, family: Fam
     history.push(Value::Object(entry));
     obj.insert("created".into(), Value::String(note.created.to_string()));
 
-    let bytes = serde_json::to_vec(&config).map_err(|e| err(&format!("serialising config: {e}")))?;
+    let bytes =
+        serde_json::to_vec(&config).map_err(|e| err(&format!("serialising config: {e}")))?;
     Ok(Blob::new(family.config_media_type(), bytes))
 }
 
@@ -149,7 +172,11 @@ pub fn new_config(base: &BaseImage, layer: Option<&LayerDescriptor>, family: Fam
 fn pad_history(history: &mut Vec<Value>, layers: usize) {
     let non_empty = history
         .iter()
-        .filter(|h| !h.get("empty_layer").and_then(Value::as_bool).unwrap_or(false))
+        .filter(|h| {
+            !h.get("empty_layer")
+                .and_then(Value::as_bool)
+                .unwrap_or(false)
+        })
         .count();
     for _ in non_empty..layers {
         history.push(json!({"created_by": "(base layer without history)"}));
@@ -163,11 +190,19 @@ pub fn new_manifest(
     layer: Option<&LayerDescriptor>,
     family: Family,
 ) -> Result<Blob, ImageError> {
-    let err = |detail: &str| ImageError { image: base.name.clone(), detail: detail.to_string() };
+    let err = |detail: &str| ImageError {
+        image: base.name.clone(),
+        detail: detail.to_string(),
+    };
     let mut manifest = base.manifest.clone();
-    let obj = manifest.as_object_mut().ok_or_else(|| err("manifest is not a JSON object"))?;
+    let obj = manifest
+        .as_object_mut()
+        .ok_or_else(|| err("manifest is not a JSON object"))?;
     obj.insert("schemaVersion".into(), json!(2));
-    obj.insert("mediaType".into(), Value::String(family.manifest_media_type().into()));
+    obj.insert(
+        "mediaType".into(),
+        Value::String(family.manifest_media_type().into()),
+    );
     obj.insert(
         "config".into(),
         json!({"mediaType": config.media_type, "digest": config.digest.to_string(), "size": config.bytes.len()}),
@@ -181,23 +216,36 @@ pub fn new_manifest(
         }
     }
     if let Some(l) = layer {
-        layers.push(json!({"mediaType": l.media_type, "digest": l.digest.to_string(), "size": l.size}));
+        layers.push(
+            json!({"mediaType": l.media_type, "digest": l.digest.to_string(), "size": l.size}),
+        );
     }
     obj.insert("layers".into(), Value::Array(layers));
     if family == Family::Oci {
-        let ann = obj.entry("annotations").or_insert_with(|| Value::Object(Map::new()));
+        let ann = obj
+            .entry("annotations")
+            .or_insert_with(|| Value::Object(Map::new()));
         if let Some(ann) = ann.as_object_mut() {
-            ann.insert("org.opencontainers.image.base.name".into(), Value::String(base.name.clone()));
-            ann.insert("org.opencontainers.image.base.digest".into(), Value::String(base.manifest_digest.to_string()));
+            ann.insert(
+                "org.opencontainers.image.base.name".into(),
+                Value::String(base.name.clone()),
+            );
+            ann.insert(
+                "org.opencontainers.image.base.digest".into(),
+                Value::String(base.manifest_digest.to_string()),
+            );
         }
     }
-    let bytes = serde_json::to_vec(&manifest).map_err(|e| err(&format!("serialising manifest: {e}")))?;
+    let bytes =
+        serde_json::to_vec(&manifest).map_err(|e| err(&format!("serialising manifest: {e}")))?;
     Ok(Blob::new(family.manifest_media_type(), bytes))
 }
 
 /// Docker layer media types name the same bytes as their OCI twins.
 fn relabel_docker_layer(layer: &mut Value) {
-    let Some(mt) = layer.get("mediaType").and_then(Value::as_str) else { return };
+    let Some(mt) = layer.get("mediaType").and_then(Value::as_str) else {
+        return;
+    };
     let oci = match mt {
         media::DOCKER_LAYER_GZIP => media::OCI_LAYER_GZIP,
         media::DOCKER_LAYER_TAR => media::OCI_LAYER_TAR,
@@ -227,10 +275,18 @@ mod tests {
     }
 
     fn layer() -> LayerDescriptor {
-        LayerDescriptor { digest: Digest::of(b"z"), diff_id: Digest::of(b"t"), size: 9, media_type: media::OCI_LAYER_GZIP.into() }
+        LayerDescriptor {
+            digest: Digest::of(b"z"),
+            diff_id: Digest::of(b"t"),
+            size: 9,
+            media_type: media::OCI_LAYER_GZIP.into(),
+        }
     }
 
-    const NOTE: HistoryNote = HistoryNote { created: "2026-01-01T00:00:00Z", comment: "c" };
+    const NOTE: HistoryNote = HistoryNote {
+        created: "2026-01-01T00:00:00Z",
+        comment: "c",
+    };
 
     #[test]
     fn config_keeps_unknown_keys_in_order_and_appends_diff_id() {
@@ -238,10 +294,19 @@ mod tests {
         let b = base(cfg, one_layer_manifest(media::OCI_MANIFEST));
         let blob = new_config(&b, Some(&layer()), Family::Oci, &NOTE).unwrap();
         let text = String::from_utf8(blob.bytes.clone()).unwrap();
-        assert!(text.starts_with(r#"{"zeta":1,"config":{"Healthcheck":{"Test":["CMD","true"]},"Shell":["/bin/sh"]}"#), "{text}");
+        assert!(
+            text.starts_with(
+                r#"{"zeta":1,"config":{"Healthcheck":{"Test":["CMD","true"]},"Shell":["/bin/sh"]}"#
+            ),
+            "{text}"
+        );
         let v: Value = serde_json::from_str(&text).unwrap();
         assert_eq!(v["rootfs"]["diff_ids"][1], layer().diff_id.to_string());
-        assert_eq!(v["history"].as_array().unwrap().len(), 2, "one placeholder for the base layer + ours");
+        assert_eq!(
+            v["history"].as_array().unwrap().len(),
+            2,
+            "one placeholder for the base layer + ours"
+        );
         assert_eq!(v["history"][1]["created_by"], "committer");
         assert_eq!(blob.digest, Digest::of(&blob.bytes));
     }
@@ -250,24 +315,43 @@ mod tests {
     fn empty_diff_adds_only_an_empty_layer_history_entry() {
         let cfg = r#"{"rootfs":{"type":"layers","diff_ids":["sha256:aa"]},"history":[{"created_by":"x"}]}"#;
         let b = base(cfg, one_layer_manifest(media::OCI_MANIFEST));
-        let v: Value = serde_json::from_slice(&new_config(&b, None, Family::Oci, &NOTE).unwrap().bytes).unwrap();
+        let v: Value =
+            serde_json::from_slice(&new_config(&b, None, Family::Oci, &NOTE).unwrap().bytes)
+                .unwrap();
         assert_eq!(v["rootfs"]["diff_ids"].as_array().unwrap().len(), 1);
         assert_eq!(v["history"][1]["empty_layer"], true);
     }
 
     #[test]
     fn config_with_mismatched_diff_ids_is_refused() {
-        let b = base(r#"{"rootfs":{"type":"layers","diff_ids":[]}}"#, one_layer_manifest(media::OCI_MANIFEST));
+        let b = base(
+            r#"{"rootfs":{"type":"layers","diff_ids":[]}}"#,
+            one_layer_manifest(media::OCI_MANIFEST),
+        );
         assert!(new_config(&b, None, Family::Oci, &NOTE).is_err());
     }
 
     #[test]
     fn docker_base_with_zstd_becomes_oci_and_relabels_base_layers() {
-        assert_eq!(Family::for_base(media::DOCKER_MANIFEST, Compression::Zstd), Family::Oci);
-        assert_eq!(Family::for_base(media::DOCKER_MANIFEST, Compression::Gzip), Family::Docker);
-        let b = base(r#"{"rootfs":{"type":"layers","diff_ids":["sha256:aa"]}}"#, one_layer_manifest(media::DOCKER_MANIFEST));
+        assert_eq!(
+            Family::for_base(media::DOCKER_MANIFEST, Compression::Zstd),
+            Family::Oci
+        );
+        assert_eq!(
+            Family::for_base(media::DOCKER_MANIFEST, Compression::Gzip),
+            Family::Docker
+        );
+        let b = base(
+            r#"{"rootfs":{"type":"layers","diff_ids":["sha256:aa"]}}"#,
+            one_layer_manifest(media::DOCKER_MANIFEST),
+        );
         let cfg = new_config(&b, Some(&layer()), Family::Oci, &NOTE).unwrap();
-        let m: Value = serde_json::from_slice(&new_manifest(&b, &cfg, Some(&layer()), Family::Oci).unwrap().bytes).unwrap();
+        let m: Value = serde_json::from_slice(
+            &new_manifest(&b, &cfg, Some(&layer()), Family::Oci)
+                .unwrap()
+                .bytes,
+        )
+        .unwrap();
         assert_eq!(m["mediaType"], media::OCI_MANIFEST);
         assert_eq!(m["layers"][0]["mediaType"], media::OCI_LAYER_GZIP);
         assert_eq!(m["layers"][1]["digest"], layer().digest.to_string());

@@ -64,7 +64,11 @@ pub struct LayerWriter<W: Write> {
 
 impl<W: Write> LayerWriter<W> {
     pub fn new(sink: W, opts: &CompressOptions, media_type: &str) -> io::Result<Self> {
-        let counted = Counted { inner: sink, hasher: Sha256::new(), bytes: 0 };
+        let counted = Counted {
+            inner: sink,
+            hasher: Sha256::new(),
+            bytes: 0,
+        };
         let enc = match opts.compression {
             Compression::Gzip => {
                 let level = opts.level.unwrap_or(6).clamp(0, 9) as u32;
@@ -83,7 +87,12 @@ impl<W: Write> LayerWriter<W> {
             }
             Compression::None => Encoder::Plain(counted),
         };
-        Ok(LayerWriter { diff_id: Sha256::new(), tar_bytes: 0, enc, media_type: media_type.to_string() })
+        Ok(LayerWriter {
+            diff_id: Sha256::new(),
+            tar_bytes: 0,
+            enc,
+            media_type: media_type.to_string(),
+        })
     }
 
     /// Flushes the compressor and returns the sink with the layer's descriptor.
@@ -93,7 +102,11 @@ impl<W: Write> LayerWriter<W> {
             Encoder::Zstd(z) => z.finish()?,
             Encoder::Plain(c) => c,
         };
-        let Counted { mut inner, hasher, bytes } = counted;
+        let Counted {
+            mut inner,
+            hasher,
+            bytes,
+        } = counted;
         inner.flush()?;
         let desc = LayerDescriptor {
             digest: Digest::from_sha256(hasher.finalize().into()),
@@ -132,7 +145,11 @@ mod tests {
 
     fn roundtrip(c: Compression) {
         let data: Vec<u8> = (0..3_000_000u32).map(|i| (i % 251) as u8).collect();
-        let opts = CompressOptions { compression: c, level: None, threads: 2 };
+        let opts = CompressOptions {
+            compression: c,
+            level: None,
+            threads: 2,
+        };
         let mut w = LayerWriter::new(Vec::new(), &opts, "mt").unwrap();
         for chunk in data.chunks(70_000) {
             w.write_all(chunk).unwrap();
@@ -144,8 +161,13 @@ mod tests {
         assert_eq!(desc.size, blob.len() as u64);
         let mut back = Vec::new();
         match c {
-            Compression::Gzip => flate2::read::GzDecoder::new(&blob[..]).read_to_end(&mut back).unwrap(),
-            Compression::Zstd => zstd::Decoder::new(&blob[..]).unwrap().read_to_end(&mut back).unwrap(),
+            Compression::Gzip => flate2::read::GzDecoder::new(&blob[..])
+                .read_to_end(&mut back)
+                .unwrap(),
+            Compression::Zstd => zstd::Decoder::new(&blob[..])
+                .unwrap()
+                .read_to_end(&mut back)
+                .unwrap(),
             Compression::None => (&blob[..]).read_to_end(&mut back).unwrap(),
         };
         assert!(back == data, "decompressed bytes differ");
@@ -166,7 +188,11 @@ mod tests {
 
     #[test]
     fn same_input_gives_same_gzip_digest() {
-        let opts = CompressOptions { compression: Compression::Gzip, level: None, threads: 0 };
+        let opts = CompressOptions {
+            compression: Compression::Gzip,
+            level: None,
+            threads: 0,
+        };
         let one = |_| {
             let mut w = LayerWriter::new(Vec::new(), &opts, "mt").unwrap();
             w.write_all(b"hello world").unwrap();

@@ -11,6 +11,7 @@ pub mod diff_source;
 pub mod digest;
 pub mod error;
 pub mod freeze;
+pub mod guard;
 pub mod image;
 pub mod layer;
 pub mod log;

@@ -7,6 +7,10 @@ use committer::error::{exit, CommitError};
 use committer::{freeze, log, report};
 
 fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    if args.get(1).map(String::as_str) == Some(committer::guard::SUBCOMMAND) {
+        std::process::exit(committer::guard::run(&args[2..]));
+    }
     let cli = Cli::parse();
     log::init(
         match cli.log_level {
@@ -21,7 +25,10 @@ fn main() {
             LogFormat::Json => Some(true),
         },
     );
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(r) => r,
         Err(e) => {
             eprintln!("committer: cannot start the async runtime: {e}");
@@ -35,7 +42,7 @@ fn main() {
 }
 
 async fn run(command: Command) -> i32 {
-    let work = tokio::spawn(async move {
+    let mut work = tokio::spawn(async move {
         match command {
             Command::Commit(args) => {
                 let plan = args.plan().map_err(usage)?;
@@ -51,19 +58,30 @@ async fn run(command: Command) -> i32 {
             }
             Command::Diff(args) => {
                 let plan = args.plan().map_err(usage)?;
-                let desc = committer::commit::diff_to_file(&plan, &args.output).await.map_err(failure)?;
-                println!("{}", serde_json::to_string(&desc).expect("descriptor serialises"));
+                let desc = committer::commit::diff_to_file(&plan, &args.output)
+                    .await
+                    .map_err(failure)?;
+                println!(
+                    "{}",
+                    serde_json::to_string(&desc).expect("descriptor serialises")
+                );
                 Ok(())
             }
         }
     });
     let code = tokio::select! {
-        joined = work => match joined {
+        joined = &mut work => match joined {
             Ok(Ok(())) => 0,
             Ok(Err(code)) => code,
             Err(e) => { log::error(&format!("internal error: {e}")); exit::INTERNAL }
         },
-        sig = interrupted() => failure(CommitError::Interrupted(sig)),
+        sig = interrupted() => {
+            // Stop the commit at its next await: no blob, manifest or tag goes out after this.
+            // Its lease is left to the guardian, which deletes it once this process is gone.
+            work.abort();
+            let _ = work.await;
+            failure(CommitError::Interrupted(sig))
+        }
     };
     if let Err(e) = freeze::resume_if_paused().await {
         log::error(&format!("could not resume the container: {e}"));
@@ -73,7 +91,10 @@ async fn run(command: Command) -> i32 {
 
 async fn interrupted() -> &'static str {
     use tokio::signal::unix::{signal, SignalKind};
-    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
         return std::future::pending().await;
     };
     tokio::select! {
@@ -102,6 +123,8 @@ fn failure(e: CommitError) -> i32 {
     e.exit_code()
 }
 
-fn s_next<'a>(e: Option<&'a (dyn std::error::Error + 'static)>) -> Option<&'a (dyn std::error::Error + 'static)> {
+fn s_next<'a>(
+    e: Option<&'a (dyn std::error::Error + 'static)>,
+) -> Option<&'a (dyn std::error::Error + 'static)> {
     e.and_then(|e| e.source())
 }

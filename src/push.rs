@@ -8,8 +8,8 @@ use crate::digest::Digest;
 use crate::error::CommitError;
 use crate::image::Blob;
 use crate::layer::LayerDescriptor;
-use crate::registry::{Client, ClientOptions, MountOutcome, Reference};
 use crate::log;
+use crate::registry::{Client, ClientOptions, MountOutcome, Reference};
 use futures_util::future::try_join_all;
 use std::path::Path;
 
@@ -33,22 +33,31 @@ pub async fn push(job: &PushJob<'_>) -> Result<(), CommitError> {
             .get("digest")
             .and_then(|d| d.as_str())
             .and_then(|d| d.parse().ok())
-            .ok_or_else(|| CommitError::Internal(format!("base layer without a valid digest: {l}")))?;
+            .ok_or_else(|| {
+                CommitError::Internal(format!("base layer without a valid digest: {l}"))
+            })?;
         base_layers.push(digest);
     }
     let bases = try_join_all(base_layers.iter().map(|d| push_base_layer(job, d)));
     let new_layer = async {
         if let Some((desc, path)) = job.layer {
             if job.client.blob_exists(&desc.digest).await?.is_none() {
-                log::info(&format!("uploading layer {} ({} bytes)", desc.digest, desc.size));
-                job.client.upload_blob_file(&desc.digest, path, desc.size).await?;
+                log::info(&format!(
+                    "uploading layer {} ({} bytes)",
+                    desc.digest, desc.size
+                ));
+                job.client
+                    .upload_blob_file(&desc.digest, path, desc.size)
+                    .await?;
             }
         }
         Ok::<_, CommitError>(())
     };
     let config = async {
         if job.client.blob_exists(&job.config.digest).await?.is_none() {
-            job.client.upload_blob_bytes(&job.config.digest, job.config.bytes.clone().into()).await?;
+            job.client
+                .upload_blob_bytes(&job.config.digest, job.config.bytes.clone().into())
+                .await?;
         }
         Ok::<_, CommitError>(())
     };
@@ -56,10 +65,20 @@ pub async fn push(job: &PushJob<'_>) -> Result<(), CommitError> {
 
     // The manifest goes up by digest first, so no tag moves until the registry holds it whole.
     job.client
-        .put_manifest(job.manifest.digest.as_str(), &job.manifest.media_type, job.manifest.bytes.clone().into())
+        .put_manifest(
+            job.manifest.digest.as_str(),
+            &job.manifest.media_type,
+            job.manifest.bytes.clone().into(),
+        )
         .await?;
     for tag in &job.tags {
-        job.client.put_manifest(tag, &job.manifest.media_type, job.manifest.bytes.clone().into()).await?;
+        job.client
+            .put_manifest(
+                tag,
+                &job.manifest.media_type,
+                job.manifest.bytes.clone().into(),
+            )
+            .await?;
     }
     Ok(())
 }
@@ -77,7 +96,9 @@ async fn push_base_layer(job: &PushJob<'_>, digest: &Digest) -> Result<(), Commi
         }
     }
     if job.ctr.has_blob(digest).await? {
-        log::info(&format!("uploading base layer {digest} from the node's content store"));
+        log::info(&format!(
+            "uploading base layer {digest} from the node's content store"
+        ));
         let size = job
             .base
             .layers()

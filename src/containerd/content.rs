@@ -23,7 +23,11 @@ pub struct BaseImage {
 impl BaseImage {
     /// The base manifest's layer descriptors, as JSON objects (annotations and all).
     pub fn layers(&self) -> Vec<serde_json::Value> {
-        self.manifest.get("layers").and_then(|l| l.as_array()).cloned().unwrap_or_default()
+        self.manifest
+            .get("layers")
+            .and_then(|l| l.as_array())
+            .cloned()
+            .unwrap_or_default()
     }
 }
 
@@ -32,9 +36,16 @@ impl Containerd {
     pub async fn base_image(&self, name: &str) -> Result<BaseImage, ContainerdError> {
         let image = self
             .images()
-            .get(GetImageRequest { name: name.to_string() })
+            .get(GetImageRequest {
+                name: name.to_string(),
+            })
             .await
-            .map_err(|s| ContainerdError::rpc(format!("reading image {name:?} the container was created from"), s))?
+            .map_err(|s| {
+                ContainerdError::rpc(
+                    format!("reading image {name:?} the container was created from"),
+                    s,
+                )
+            })?
             .into_inner()
             .image
             .and_then(|i| i.target)
@@ -49,17 +60,26 @@ impl Containerd {
             bytes = self.read_small_blob(&digest).await?;
         }
         if !media::is_manifest(&media_type) {
-            return Err(invalid(name, &format!("its target has media type {media_type:?}, not an image manifest")));
+            return Err(invalid(
+                name,
+                &format!("its target has media type {media_type:?}, not an image manifest"),
+            ));
         }
-        let manifest: serde_json::Value =
-            serde_json::from_slice(&bytes).map_err(|e| invalid(name, &format!("manifest {digest} is not JSON: {e}")))?;
+        let manifest: serde_json::Value = serde_json::from_slice(&bytes)
+            .map_err(|e| invalid(name, &format!("manifest {digest} is not JSON: {e}")))?;
         let config_digest = manifest
             .pointer("/config/digest")
             .and_then(|d| d.as_str())
             .ok_or_else(|| invalid(name, &format!("manifest {digest} has no config digest")))?;
         let config_digest = parse_digest(name, config_digest)?;
         let config_bytes = self.read_small_blob(&config_digest).await?;
-        Ok(BaseImage { name: name.to_string(), manifest_digest: digest, manifest_media_type: media_type, manifest, config_bytes })
+        Ok(BaseImage {
+            name: name.to_string(),
+            manifest_digest: digest,
+            manifest_media_type: media_type,
+            manifest,
+            config_bytes,
+        })
     }
 
     /// Reads a whole (small) blob and checks it against its digest.
@@ -67,20 +87,34 @@ impl Containerd {
         let what = format!("reading {digest} from the content store");
         let mut stream = self
             .content()
-            .read(ReadContentRequest { digest: digest.to_string(), offset: 0, size: 0 })
+            .read(ReadContentRequest {
+                digest: digest.to_string(),
+                offset: 0,
+                size: 0,
+            })
             .await
             .map_err(|s| ContainerdError::rpc(what.clone(), s))?
             .into_inner();
         let mut out = Vec::new();
-        while let Some(msg) = stream.message().await.map_err(|s| ContainerdError::rpc(what.clone(), s))? {
+        while let Some(msg) = stream
+            .message()
+            .await
+            .map_err(|s| ContainerdError::rpc(what.clone(), s))?
+        {
             out.extend_from_slice(&msg.data);
             if out.len() as i64 > MAX_METADATA_BLOB {
-                return Err(ContainerdError::Invalid { what, detail: "larger than any manifest or config".into() });
+                return Err(ContainerdError::Invalid {
+                    what,
+                    detail: "larger than any manifest or config".into(),
+                });
             }
         }
         let found = Digest::of(&out);
         if &found != digest {
-            return Err(ContainerdError::Invalid { what, detail: format!("content hashes to {found}") });
+            return Err(ContainerdError::Invalid {
+                what,
+                detail: format!("content hashes to {found}"),
+            });
         }
         Ok(out)
     }
@@ -100,20 +134,37 @@ pub fn node_platform() -> (&'static str, &'static str) {
 
 /// Picks the manifest for this node from an index (containerd pulled only that one).
 fn select_platform(name: &str, index: &[u8]) -> Result<(Digest, String), ContainerdError> {
-    let index: serde_json::Value =
-        serde_json::from_slice(index).map_err(|e| invalid(name, &format!("index is not JSON: {e}")))?;
+    let index: serde_json::Value = serde_json::from_slice(index)
+        .map_err(|e| invalid(name, &format!("index is not JSON: {e}")))?;
     let (os, arch) = node_platform();
-    let manifests = index.get("manifests").and_then(|m| m.as_array()).cloned().unwrap_or_default();
+    let manifests = index
+        .get("manifests")
+        .and_then(|m| m.as_array())
+        .cloned()
+        .unwrap_or_default();
     let pick = manifests
         .iter()
         .find(|m| {
             m.pointer("/platform/os").and_then(|v| v.as_str()) == Some(os)
                 && m.pointer("/platform/architecture").and_then(|v| v.as_str()) == Some(arch)
         })
-        .or_else(|| if manifests.len() == 1 { manifests.first() } else { None })
+        .or_else(|| {
+            if manifests.len() == 1 {
+                manifests.first()
+            } else {
+                None
+            }
+        })
         .ok_or_else(|| invalid(name, &format!("its index has no manifest for {os}/{arch}")))?;
-    let digest = pick.get("digest").and_then(|d| d.as_str()).unwrap_or_default();
-    let mt = pick.get("mediaType").and_then(|d| d.as_str()).unwrap_or(media::OCI_MANIFEST).to_string();
+    let digest = pick
+        .get("digest")
+        .and_then(|d| d.as_str())
+        .unwrap_or_default();
+    let mt = pick
+        .get("mediaType")
+        .and_then(|d| d.as_str())
+        .unwrap_or(media::OCI_MANIFEST)
+        .to_string();
     Ok((parse_digest(name, digest)?, mt))
 }
 
@@ -122,7 +173,10 @@ fn parse_digest(name: &str, d: &str) -> Result<Digest, ContainerdError> {
 }
 
 fn invalid(name: &str, detail: &str) -> ContainerdError {
-    ContainerdError::Invalid { what: format!("base image {name:?}"), detail: detail.to_string() }
+    ContainerdError::Invalid {
+        what: format!("base image {name:?}"),
+        detail: detail.to_string(),
+    }
 }
 
 impl Containerd {
@@ -130,12 +184,19 @@ impl Containerd {
     pub async fn blob_stream(
         &self,
         digest: &Digest,
-    ) -> Result<impl futures_util::Stream<Item = std::io::Result<bytes::Bytes>> + Send + 'static, ContainerdError> {
+    ) -> Result<
+        impl futures_util::Stream<Item = std::io::Result<bytes::Bytes>> + Send + 'static,
+        ContainerdError,
+    > {
         use futures_util::StreamExt;
         let what = format!("reading {digest} from the content store");
         let stream = self
             .content()
-            .read(ReadContentRequest { digest: digest.to_string(), offset: 0, size: 0 })
+            .read(ReadContentRequest {
+                digest: digest.to_string(),
+                offset: 0,
+                size: 0,
+            })
             .await
             .map_err(|s| ContainerdError::rpc(what.clone(), s))?
             .into_inner();
@@ -148,10 +209,19 @@ impl Containerd {
     /// True when the content store holds this blob.
     pub async fn has_blob(&self, digest: &Digest) -> Result<bool, ContainerdError> {
         use containerd_client::services::v1::InfoRequest;
-        match self.content().info(InfoRequest { digest: digest.to_string() }).await {
+        match self
+            .content()
+            .info(InfoRequest {
+                digest: digest.to_string(),
+            })
+            .await
+        {
             Ok(_) => Ok(true),
             Err(s) if s.code() == tonic::Code::NotFound => Ok(false),
-            Err(s) => Err(ContainerdError::rpc(format!("looking up {digest} in the content store"), s)),
+            Err(s) => Err(ContainerdError::rpc(
+                format!("looking up {digest} in the content store"),
+                s,
+            )),
         }
     }
 }

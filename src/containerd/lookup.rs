@@ -2,8 +2,8 @@
 //! containers; and what we need of it (image, snapshotter, snapshot key, runtime, mount stubs).
 
 use super::{Containerd, ContainerdError};
-use containerd_client::services::v1::{GetContainerRequest, ListContainersRequest, Container};
 use containerd_client::services::v1::snapshots::MountsRequest;
+use containerd_client::services::v1::{Container, GetContainerRequest, ListContainersRequest};
 
 pub const LABEL_POD_NAMESPACE: &str = "io.kubernetes.pod.namespace";
 pub const LABEL_POD_NAME: &str = "io.kubernetes.pod.name";
@@ -13,7 +13,11 @@ pub const LABEL_CONTAINER_NAME: &str = "io.kubernetes.container.name";
 #[derive(Debug, Clone)]
 pub enum Selector {
     Id(String),
-    Pod { namespace: String, name: String, container: Option<String> },
+    Pod {
+        namespace: String,
+        name: String,
+        container: Option<String>,
+    },
 }
 
 /// The facts about the container the rest of the pipeline needs.
@@ -40,22 +44,36 @@ impl Containerd {
     pub async fn find_container(&self, sel: &Selector) -> Result<ContainerInfo, ContainerdError> {
         let container = match sel {
             Selector::Id(id) => self.get_container(id).await?,
-            Selector::Pod { namespace, name, container } => {
-                self.find_pod_container(namespace, name, container.as_deref()).await?
+            Selector::Pod {
+                namespace,
+                name,
+                container,
+            } => {
+                self.find_pod_container(namespace, name, container.as_deref())
+                    .await?
             }
         };
         container_info(container)
     }
 
     async fn get_container(&self, id: &str) -> Result<Container, ContainerdError> {
-        let resp = self.containers().get(GetContainerRequest { id: id.to_string() }).await;
+        let resp = self
+            .containers()
+            .get(GetContainerRequest { id: id.to_string() })
+            .await;
         match resp {
-            Ok(r) => r.into_inner().container.ok_or_else(|| ContainerdError::ContainerNotFound {
-                id: id.to_string(),
-                namespace: self.namespace.clone(),
-            }),
+            Ok(r) => r
+                .into_inner()
+                .container
+                .ok_or_else(|| ContainerdError::ContainerNotFound {
+                    id: id.to_string(),
+                    namespace: self.namespace.clone(),
+                }),
             Err(s) if s.code() == tonic::Code::NotFound => {
-                Err(ContainerdError::ContainerNotFound { id: id.to_string(), namespace: self.namespace.clone() })
+                Err(ContainerdError::ContainerNotFound {
+                    id: id.to_string(),
+                    namespace: self.namespace.clone(),
+                })
             }
             Err(s) => Err(ContainerdError::rpc(format!("getting container {id:?}"), s)),
         }
@@ -77,15 +95,19 @@ impl Containerd {
         let pod = format!("{pod_ns}/{pod_name}");
         let list = self
             .containers()
-            .list(ListContainersRequest { filters: vec![filter] })
+            .list(ListContainersRequest {
+                filters: vec![filter],
+            })
             .await
             .map_err(|s| ContainerdError::rpc(format!("listing containers of pod {pod}"), s))?
             .into_inner()
             .containers;
         // The CRI also creates a sandbox ("pause") container per pod; it carries the pod labels
         // but no container name, and is never what a user wants to commit.
-        let mut candidates: Vec<Container> =
-            list.into_iter().filter(|c| c.labels.contains_key(LABEL_CONTAINER_NAME)).collect();
+        let mut candidates: Vec<Container> = list
+            .into_iter()
+            .filter(|c| c.labels.contains_key(LABEL_CONTAINER_NAME))
+            .collect();
         match candidates.len() {
             0 => Err(ContainerdError::PodNotFound {
                 pod,
@@ -102,23 +124,42 @@ impl Containerd {
                     .map(|c| format!("{} (id {})", c.labels[LABEL_CONTAINER_NAME], c.id))
                     .collect();
                 names.sort();
-                Err(ContainerdError::AmbiguousPod { pod, count: n, candidates: names.join(", ") })
+                Err(ContainerdError::AmbiguousPod {
+                    pod,
+                    count: n,
+                    candidates: names.join(", "),
+                })
             }
         }
     }
 
     /// The mounts containerd would use for the container's rootfs.
-    pub async fn snapshot_mounts(&self, info: &ContainerInfo) -> Result<Vec<SnapshotMount>, ContainerdError> {
+    pub async fn snapshot_mounts(
+        &self,
+        info: &ContainerInfo,
+    ) -> Result<Vec<SnapshotMount>, ContainerdError> {
         let resp = self
             .snapshots()
-            .mounts(MountsRequest { snapshotter: info.snapshotter.clone(), key: info.snapshot_key.clone() })
+            .mounts(MountsRequest {
+                snapshotter: info.snapshotter.clone(),
+                key: info.snapshot_key.clone(),
+            })
             .await
-            .map_err(|s| ContainerdError::rpc(format!("reading mounts of snapshot {:?}", info.snapshot_key), s))?;
+            .map_err(|s| {
+                ContainerdError::rpc(
+                    format!("reading mounts of snapshot {:?}", info.snapshot_key),
+                    s,
+                )
+            })?;
         Ok(resp
             .into_inner()
             .mounts
             .into_iter()
-            .map(|m| SnapshotMount { kind: m.r#type, source: m.source, options: m.options })
+            .map(|m| SnapshotMount {
+                kind: m.r#type,
+                source: m.source,
+                options: m.options,
+            })
             .collect())
     }
 }
@@ -136,7 +177,9 @@ fn container_info(c: Container) -> Result<ContainerInfo, ContainerdError> {
         .and_then(|any| serde_json::from_slice::<serde_json::Value>(&any.value).ok())
         .and_then(|spec| {
             spec.get("mounts")?.as_array().map(|ms| {
-                ms.iter().filter_map(|m| m.get("destination")?.as_str().map(str::to_string)).collect()
+                ms.iter()
+                    .filter_map(|m| m.get("destination")?.as_str().map(str::to_string))
+                    .collect()
             })
         })
         .unwrap_or_default();
@@ -152,11 +195,18 @@ fn container_info(c: Container) -> Result<ContainerInfo, ContainerdError> {
 
 impl Containerd {
     /// The parent snapshot's key, or None for a snapshot with no parent.
-    pub async fn snapshot_parent(&self, snapshotter: &str, key: &str) -> Result<Option<String>, ContainerdError> {
+    pub async fn snapshot_parent(
+        &self,
+        snapshotter: &str,
+        key: &str,
+    ) -> Result<Option<String>, ContainerdError> {
         use containerd_client::services::v1::snapshots::StatSnapshotRequest;
         let info = self
             .snapshots()
-            .stat(StatSnapshotRequest { snapshotter: snapshotter.to_string(), key: key.to_string() })
+            .stat(StatSnapshotRequest {
+                snapshotter: snapshotter.to_string(),
+                key: key.to_string(),
+            })
             .await
             .map_err(|s| ContainerdError::rpc(format!("reading snapshot {key:?}"), s))?
             .into_inner()
@@ -165,7 +215,12 @@ impl Containerd {
     }
 
     /// A read-only view of a committed snapshot.
-    pub async fn view_snapshot(&self, snapshotter: &str, key: &str, parent: &str) -> Result<Vec<SnapshotMount>, ContainerdError> {
+    pub async fn view_snapshot(
+        &self,
+        snapshotter: &str,
+        key: &str,
+        parent: &str,
+    ) -> Result<Vec<SnapshotMount>, ContainerdError> {
         use containerd_client::services::v1::snapshots::ViewSnapshotRequest;
         let resp = self
             .snapshots()
@@ -176,19 +231,32 @@ impl Containerd {
                 labels: Default::default(),
             })
             .await
-            .map_err(|s| ContainerdError::rpc(format!("creating a view of snapshot {parent:?}"), s))?;
+            .map_err(|s| {
+                ContainerdError::rpc(format!("creating a view of snapshot {parent:?}"), s)
+            })?;
         Ok(resp
             .into_inner()
             .mounts
             .into_iter()
-            .map(|m| SnapshotMount { kind: m.r#type, source: m.source, options: m.options })
+            .map(|m| SnapshotMount {
+                kind: m.r#type,
+                source: m.source,
+                options: m.options,
+            })
             .collect())
     }
 
-    pub async fn remove_snapshot(&self, snapshotter: &str, key: &str) -> Result<(), ContainerdError> {
+    pub async fn remove_snapshot(
+        &self,
+        snapshotter: &str,
+        key: &str,
+    ) -> Result<(), ContainerdError> {
         use containerd_client::services::v1::snapshots::RemoveSnapshotRequest;
         self.snapshots()
-            .remove(RemoveSnapshotRequest { snapshotter: snapshotter.to_string(), key: key.to_string() })
+            .remove(RemoveSnapshotRequest {
+                snapshotter: snapshotter.to_string(),
+                key: key.to_string(),
+            })
             .await
             .map(|_| ())
             .map_err(|s| ContainerdError::rpc(format!("removing snapshot view {key:?}"), s))

@@ -12,7 +12,9 @@ pub mod task;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
 
-use containerd_client::tonic::{self, metadata::MetadataValue, service::Interceptor, transport::Channel};
+use containerd_client::tonic::{
+    self, metadata::MetadataValue, service::Interceptor, transport::Channel,
+};
 
 /// Errors talking to containerd. Each names the thing asked for and what to do.
 #[derive(Debug, thiserror::Error)]
@@ -20,22 +22,48 @@ pub enum ContainerdError {
     #[error("containerd socket {path} does not exist: is containerd running on this node? pass --address or set CONTAINERD_ADDRESS")]
     SocketMissing { path: PathBuf },
     #[error("cannot connect to containerd at {path}: {source}")]
-    Connect { path: PathBuf, #[source] source: tonic::transport::Error },
+    Connect {
+        path: PathBuf,
+        #[source]
+        source: tonic::transport::Error,
+    },
     #[error("{what}: containerd answered {code:?}: {message}")]
-    Rpc { what: String, code: tonic::Code, message: String },
+    Rpc {
+        what: String,
+        code: tonic::Code,
+        message: String,
+    },
     #[error("container {id:?} not found in containerd namespace {namespace:?}: check the ID with `ctr -n {namespace} containers ls` or pass --namespace")]
     ContainerNotFound { id: String, namespace: String },
     #[error("no container of pod {pod} {detail} in containerd namespace {namespace:?}")]
-    PodNotFound { pod: String, detail: String, namespace: String },
+    PodNotFound {
+        pod: String,
+        detail: String,
+        namespace: String,
+    },
     #[error("pod {pod} has {count} containers ({candidates}): pass --container-name to pick one")]
-    AmbiguousPod { pod: String, count: usize, candidates: String },
+    AmbiguousPod {
+        pod: String,
+        count: usize,
+        candidates: String,
+    },
+    #[error("another commit of container {container:?} is in progress (it holds containerd lease {lease:?} until {until}); wait for it to finish, or delete the lease if that commit is dead: ctr leases rm {lease}")]
+    Busy {
+        container: String,
+        lease: String,
+        until: String,
+    },
     #[error("{what}: {detail}")]
     Invalid { what: String, detail: String },
 }
 
 impl ContainerdError {
     pub fn rpc(what: impl Into<String>, status: tonic::Status) -> Self {
-        ContainerdError::Rpc { what: what.into(), code: status.code(), message: status.message().to_string() }
+        ContainerdError::Rpc {
+            what: what.into(),
+            code: status.code(),
+            message: status.message().to_string(),
+        }
     }
 
     /// True when the thing asked for does not exist (maps to the "not found" exit code).
@@ -46,7 +74,13 @@ impl ContainerdError {
                 | ContainerdError::PodNotFound { .. }
                 | ContainerdError::AmbiguousPod { .. }
                 | ContainerdError::SocketMissing { .. }
-        ) || matches!(self, ContainerdError::Rpc { code: tonic::Code::NotFound, .. })
+        ) || matches!(
+            self,
+            ContainerdError::Rpc {
+                code: tonic::Code::NotFound,
+                ..
+            }
+        )
     }
 }
 
@@ -82,7 +116,9 @@ pub struct Containerd {
 impl Containerd {
     pub async fn connect(address: &Path, namespace: &str) -> Result<Self, ContainerdError> {
         if !address.exists() {
-            return Err(ContainerdError::SocketMissing { path: address.to_path_buf() });
+            return Err(ContainerdError::SocketMissing {
+                path: address.to_path_buf(),
+            });
         }
         let ns = namespace.parse().map_err(|_| ContainerdError::Invalid {
             what: format!("namespace {namespace:?}"),
@@ -90,10 +126,16 @@ impl Containerd {
         })?;
         let channel = containerd_client::connect(address)
             .await
-            .map_err(|source| ContainerdError::Connect { path: address.to_path_buf(), source })?;
+            .map_err(|source| ContainerdError::Connect {
+                path: address.to_path_buf(),
+                source,
+            })?;
         Ok(Containerd {
             channel,
-            metadata: Metadata { namespace: ns, lease: Arc::new(RwLock::new(None)) },
+            metadata: Metadata {
+                namespace: ns,
+                lease: Arc::new(RwLock::new(None)),
+            },
             namespace: namespace.to_string(),
             address: address.to_path_buf(),
         })
@@ -105,28 +147,46 @@ impl Containerd {
     }
 
     fn intercepted(&self) -> Intercepted {
-        tonic::service::interceptor::InterceptedService::new(self.channel.clone(), self.metadata.clone())
+        tonic::service::interceptor::InterceptedService::new(
+            self.channel.clone(),
+            self.metadata.clone(),
+        )
     }
 
-    pub(crate) fn containers(&self) -> containerd_client::services::v1::containers_client::ContainersClient<Intercepted> {
-        containerd_client::services::v1::containers_client::ContainersClient::new(self.intercepted())
+    pub(crate) fn containers(
+        &self,
+    ) -> containerd_client::services::v1::containers_client::ContainersClient<Intercepted> {
+        containerd_client::services::v1::containers_client::ContainersClient::new(
+            self.intercepted(),
+        )
     }
-    pub(crate) fn images(&self) -> containerd_client::services::v1::images_client::ImagesClient<Intercepted> {
+    pub(crate) fn images(
+        &self,
+    ) -> containerd_client::services::v1::images_client::ImagesClient<Intercepted> {
         containerd_client::services::v1::images_client::ImagesClient::new(self.intercepted())
     }
-    pub(crate) fn content(&self) -> containerd_client::services::v1::content_client::ContentClient<Intercepted> {
+    pub(crate) fn content(
+        &self,
+    ) -> containerd_client::services::v1::content_client::ContentClient<Intercepted> {
         containerd_client::services::v1::content_client::ContentClient::new(self.intercepted())
             .max_decoding_message_size(16 << 20)
     }
     pub(crate) fn snapshots(
         &self,
-    ) -> containerd_client::services::v1::snapshots::snapshots_client::SnapshotsClient<Intercepted> {
-        containerd_client::services::v1::snapshots::snapshots_client::SnapshotsClient::new(self.intercepted())
+    ) -> containerd_client::services::v1::snapshots::snapshots_client::SnapshotsClient<Intercepted>
+    {
+        containerd_client::services::v1::snapshots::snapshots_client::SnapshotsClient::new(
+            self.intercepted(),
+        )
     }
-    pub(crate) fn tasks(&self) -> containerd_client::services::v1::tasks_client::TasksClient<Intercepted> {
+    pub(crate) fn tasks(
+        &self,
+    ) -> containerd_client::services::v1::tasks_client::TasksClient<Intercepted> {
         containerd_client::services::v1::tasks_client::TasksClient::new(self.intercepted())
     }
-    pub(crate) fn leases(&self) -> containerd_client::services::v1::leases_client::LeasesClient<Intercepted> {
+    pub(crate) fn leases(
+        &self,
+    ) -> containerd_client::services::v1::leases_client::LeasesClient<Intercepted> {
         containerd_client::services::v1::leases_client::LeasesClient::new(self.intercepted())
     }
 }

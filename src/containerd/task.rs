@@ -31,16 +31,32 @@ impl TaskStatus {
 
 impl Containerd {
     pub async fn task_status(&self, id: &str) -> Result<TaskStatus, ContainerdError> {
-        match self.tasks().get(GetRequest { container_id: id.to_string(), exec_id: String::new() }).await {
-            Ok(r) => Ok(r.into_inner().process.map(|p| TaskStatus::from_proto(p.status)).unwrap_or(TaskStatus::NoTask)),
+        match self
+            .tasks()
+            .get(GetRequest {
+                container_id: id.to_string(),
+                exec_id: String::new(),
+            })
+            .await
+        {
+            Ok(r) => Ok(r
+                .into_inner()
+                .process
+                .map(|p| TaskStatus::from_proto(p.status))
+                .unwrap_or(TaskStatus::NoTask)),
             Err(s) if s.code() == tonic::Code::NotFound => Ok(TaskStatus::NoTask),
-            Err(s) => Err(ContainerdError::rpc(format!("reading the task state of {id:?}"), s)),
+            Err(s) => Err(ContainerdError::rpc(
+                format!("reading the task state of {id:?}"),
+                s,
+            )),
         }
     }
 
     pub async fn pause(&self, id: &str) -> Result<(), ContainerdError> {
         self.tasks()
-            .pause(PauseTaskRequest { container_id: id.to_string() })
+            .pause(PauseTaskRequest {
+                container_id: id.to_string(),
+            })
             .await
             .map(|_| ())
             .map_err(|s| ContainerdError::rpc(format!("pausing {id:?}"), s))
@@ -48,7 +64,9 @@ impl Containerd {
 
     pub async fn resume(&self, id: &str) -> Result<(), ContainerdError> {
         self.tasks()
-            .resume(ResumeTaskRequest { container_id: id.to_string() })
+            .resume(ResumeTaskRequest {
+                container_id: id.to_string(),
+            })
             .await
             .map(|_| ())
             .map_err(|s| ContainerdError::rpc(format!("resuming {id:?}"), s))

@@ -19,8 +19,15 @@ use std::io::Write;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::path::Path;
 
-pub(crate) fn write<W: Write>(lower: Option<&Path>, upper: &Path, opts: &Options, out: W) -> Result<(W, Stats), DiffError> {
-    let open = |p: &Path| fsx::open_root(p).map_err(DiffError::io("opening", p.as_os_str().as_encoded_bytes()));
+pub(crate) fn write<W: Write>(
+    lower: Option<&Path>,
+    upper: &Path,
+    opts: &Options,
+    out: W,
+) -> Result<(W, Stats), DiffError> {
+    let open = |p: &Path| {
+        fsx::open_root(p).map_err(DiffError::io("opening", p.as_os_str().as_encoded_bytes()))
+    };
     let up = open(upper)?;
     let low = lower.map(open).transpose()?;
     let mut walk = Walk {
@@ -40,7 +47,12 @@ struct Walk<'o, W: Write> {
 
 impl<W: Write> Walk<'_, W> {
     /// Merges the sorted listings of one directory on both sides.
-    fn dir(&mut self, low: Option<BorrowedFd>, up: BorrowedFd, rel: &[u8]) -> Result<(), DiffError> {
+    fn dir(
+        &mut self,
+        low: Option<BorrowedFd>,
+        up: BorrowedFd,
+        rel: &[u8],
+    ) -> Result<(), DiffError> {
         let unames = fsx::list_names(up).map_err(DiffError::io("listing", rel))?;
         let lnames = match low {
             Some(fd) => fsx::list_names(fd).map_err(DiffError::io("listing lower", rel))?,
@@ -61,8 +73,14 @@ impl<W: Write> Walk<'_, W> {
     }
 
     /// A lower name the upper tree no longer has.
-    fn deleted(&mut self, low: Option<BorrowedFd>, rel: &[u8], name: &[u8]) -> Result<(), DiffError> {
-        if self.filter.excluded(&join_path(rel, name)) || self.lower_meta(low, rel, name)?.is_none() {
+    fn deleted(
+        &mut self,
+        low: Option<BorrowedFd>,
+        rel: &[u8],
+        name: &[u8],
+    ) -> Result<(), DiffError> {
+        if self.filter.excluded(&join_path(rel, name)) || self.lower_meta(low, rel, name)?.is_none()
+        {
             return Ok(());
         }
         self.sink.whiteout(rel, name)
@@ -70,10 +88,16 @@ impl<W: Write> Walk<'_, W> {
 
     /// The lower side of `name`, if there is one. A char 0:0 is an overlay whiteout seen through
     /// a raw lowerdir, i.e. nothing.
-    fn lower_meta(&mut self, low: Option<BorrowedFd>, rel: &[u8], name: &[u8]) -> Result<Option<Meta>, DiffError> {
+    fn lower_meta(
+        &mut self,
+        low: Option<BorrowedFd>,
+        rel: &[u8],
+        name: &[u8],
+    ) -> Result<Option<Meta>, DiffError> {
         let Some(low) = low else { return Ok(None) };
         let path = join_path(rel, name);
-        let Some(st) = fsx::lstat_opt(low, name).map_err(DiffError::io("lstat lower", &path))? else {
+        let Some(st) = fsx::lstat_opt(low, name).map_err(DiffError::io("lstat lower", &path))?
+        else {
             return Ok(None);
         };
         if is_whiteout_stat(&st) {
@@ -82,14 +106,22 @@ impl<W: Write> Walk<'_, W> {
         read_meta_at(low, name, st, &path).map(Some)
     }
 
-    fn entry(&mut self, low: Option<BorrowedFd>, up: BorrowedFd, rel: &[u8], name: &[u8]) -> Result<(), DiffError> {
+    fn entry(
+        &mut self,
+        low: Option<BorrowedFd>,
+        up: BorrowedFd,
+        rel: &[u8],
+        name: &[u8],
+    ) -> Result<(), DiffError> {
         let path = join_path(rel, name);
         if self.filter.excluded(&path) {
             return Ok(());
         }
         let mut lm = self.lower_meta(low, rel, name)?;
         let node = read_node(up, name, &path)?;
-        let skip = node.as_ref().is_none_or(|n| n.meta.st.ftype == rustix::fs::FileType::Socket);
+        let skip = node
+            .as_ref()
+            .is_none_or(|n| n.meta.st.ftype == rustix::fs::FileType::Socket);
         let kind_changed = match (&lm, &node) {
             (Some(l), Some(n)) => l.is_dir() != n.meta.is_dir(),
             _ => false,
@@ -98,9 +130,18 @@ impl<W: Write> Walk<'_, W> {
             self.sink.whiteout(rel, name)?; // gone (or now a socket), or dir <-> non-dir
             lm = None;
         }
-        let Some(mut node) = node.filter(|_| !skip) else { return Ok(()) };
+        let Some(mut node) = node.filter(|_| !skip) else {
+            return Ok(());
+        };
         if let Handle::Dir(sub) = node.handle {
-            return self.subdir(low.filter(|_| lm.is_some()), name, &path, &node.meta, lm.as_ref(), sub);
+            return self.subdir(
+                low.filter(|_| lm.is_some()),
+                name,
+                &path,
+                &node.meta,
+                lm.as_ref(),
+                sub,
+            );
         }
         let m = &node.meta;
         if self.filter.is_stub(&path) && m.is_reg() && m.st.size == 0 {
@@ -134,7 +175,10 @@ impl<W: Write> Walk<'_, W> {
             self.sink.dir(path, m)?;
         }
         let lsub = match low {
-            Some(low) => Some(fsx::open_dir_at(low, name).map_err(DiffError::io("opening lower directory", path))?),
+            Some(low) => Some(
+                fsx::open_dir_at(low, name)
+                    .map_err(DiffError::io("opening lower directory", path))?,
+            ),
             None => None,
         };
         self.dir(lsub.as_ref().map(OwnedFd::as_fd), sub.as_fd(), path)?;

@@ -41,7 +41,10 @@ impl<'o, W: Write> Sink<'o, W> {
         Sink {
             tar: TarWriter::new(BufWriter::with_capacity(256 * 1024, out)),
             opts,
-            stats: Stats { source, ..Stats::default() },
+            stats: Stats {
+                source,
+                ..Stats::default()
+            },
             links: HashMap::new(),
             pending: Vec::new(),
             buf: vec![0; CONTENT_BUF],
@@ -51,7 +54,9 @@ impl<'o, W: Write> Sink<'o, W> {
     /// Ends the archive and returns the caller's writer.
     pub fn finish(self) -> Result<(W, Stats), DiffError> {
         let buffered = self.tar.finish().map_err(DiffError::Write)?;
-        let out = buffered.into_inner().map_err(|e| DiffError::Write(e.into_error()))?;
+        let out = buffered
+            .into_inner()
+            .map_err(|e| DiffError::Write(e.into_error()))?;
         Ok((out, self.stats))
     }
 
@@ -86,8 +91,15 @@ impl<'o, W: Write> Sink<'o, W> {
     }
 
     /// A non-directory node; `file` is the open regular file whose content follows.
-    pub fn node(&mut self, rel: &[u8], meta: &Meta, file: Option<&mut File>) -> Result<(), DiffError> {
-        let Some(kind) = entry_kind(meta.st.ftype) else { return Ok(()) }; // sockets
+    pub fn node(
+        &mut self,
+        rel: &[u8],
+        meta: &Meta,
+        file: Option<&mut File>,
+    ) -> Result<(), DiffError> {
+        let Some(kind) = entry_kind(meta.st.ftype) else {
+            return Ok(());
+        }; // sockets
         self.flush_pending()?;
         if meta.st.nlink > 1 {
             let key = (meta.st.dev, meta.st.ino);
@@ -101,13 +113,25 @@ impl<'o, W: Write> Sink<'o, W> {
             return self.write(rel, kind, meta, &meta.target, 0);
         }
         let size = meta.st.size;
-        if let Some(limit) = self.opts.max_bytes.filter(|l| self.stats.content_bytes + size > *l) {
-            return Err(DiffError::LimitExceeded { what: "bytes of content", limit });
+        if let Some(limit) = self
+            .opts
+            .max_bytes
+            .filter(|l| self.stats.content_bytes + size > *l)
+        {
+            return Err(DiffError::LimitExceeded {
+                what: "bytes of content",
+                limit,
+            });
         }
         self.write(rel, kind, meta, b"", size)?;
         let file = file.expect("a regular node comes with its open file");
-        hook::fire(hook::Stage::BeforeRead, rel.rsplit(|&c| c == b'/').next().unwrap_or(rel));
-        self.tar.content(file, size, &mut self.buf).map_err(|e| content_error(rel, size, e))?;
+        hook::fire(
+            hook::Stage::BeforeRead,
+            rel.rsplit(|&c| c == b'/').next().unwrap_or(rel),
+        );
+        self.tar
+            .content(file, size, &mut self.buf)
+            .map_err(|e| content_error(rel, size, e))?;
         self.stats.files += 1;
         self.stats.content_bytes += size;
         Ok(())
@@ -147,13 +171,23 @@ impl<'o, W: Write> Sink<'o, W> {
 
     fn count(&mut self) -> Result<(), DiffError> {
         if let Some(limit) = self.opts.max_files.filter(|l| self.stats.entries >= *l) {
-            return Err(DiffError::LimitExceeded { what: "entries", limit });
+            return Err(DiffError::LimitExceeded {
+                what: "entries",
+                limit,
+            });
         }
         self.stats.entries += 1;
         Ok(())
     }
 
-    fn write(&mut self, path: &[u8], kind: EntryKind, meta: &Meta, link: &[u8], size: u64) -> Result<(), DiffError> {
+    fn write(
+        &mut self,
+        path: &[u8],
+        kind: EntryKind,
+        meta: &Meta,
+        link: &[u8],
+        size: u64,
+    ) -> Result<(), DiffError> {
         self.count()?;
         let st = &meta.st;
         let mtime = match self.opts.source_date_epoch {
@@ -161,9 +195,17 @@ impl<'o, W: Write> Sink<'o, W> {
             None => st.mtime.0,
         };
         let dev = (rustix::fs::major(st.rdev), rustix::fs::minor(st.rdev));
-        if matches!(kind, EntryKind::Char | EntryKind::Block) && (dev.0 > 0o7777777 || dev.1 > 0o7777777) {
-            let why = format!("device number {}:{} does not fit a tar header", dev.0, dev.1);
-            return Err(DiffError::Unrepresentable { path: display(path), why });
+        if matches!(kind, EntryKind::Char | EntryKind::Block)
+            && (dev.0 > 0o7777777 || dev.1 > 0o7777777)
+        {
+            let why = format!(
+                "device number {}:{} does not fit a tar header",
+                dev.0, dev.1
+            );
+            return Err(DiffError::Unrepresentable {
+                path: display(path),
+                why,
+            });
         }
         let h = Header {
             path,

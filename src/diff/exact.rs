@@ -23,7 +23,9 @@ pub enum NotExact {
     ModuleDefault(&'static str),
     #[error("this process cannot read trusted.* xattrs ({0}); opaque directories would go unseen")]
     TrustedXattrsUnreadable(String),
-    #[error("{0} is a renamed directory (overlay.redirect): its content is still in a lower layer")]
+    #[error(
+        "{0} is a renamed directory (overlay.redirect): its content is still in a lower layer"
+    )]
     Redirect(String),
     #[error("{0} holds metadata only (overlay.metacopy): its data is still in a lower layer")]
     Metacopy(String),
@@ -41,7 +43,8 @@ pub fn upperdir_is_exact(upper: &Path, mount_options: &[String]) -> Result<(), N
     if !mount_options.iter().any(|o| o == "userxattr") {
         probe_trusted(upper)?;
     }
-    let root = fsx::open_root(upper).map_err(|e| NotExact::Scan(format!("{}: {e}", upper.display())))?;
+    let root =
+        fsx::open_root(upper).map_err(|e| NotExact::Scan(format!("{}: {e}", upper.display())))?;
     scan(root.as_fd(), &mut Vec::new())
 }
 
@@ -92,26 +95,40 @@ pub(crate) fn probe_trusted(upper: &Path) -> Result<(), NotExact> {
     if cap_eff.is_some_and(|c| c & (1 << CAP_SYS_ADMIN) == 0) {
         return Err(NotExact::TrustedXattrsUnreadable("no CAP_SYS_ADMIN".into()));
     }
-    let Some(dir) = upper.parent() else { return Ok(()) };
+    let Some(dir) = upper.parent() else {
+        return Ok(());
+    };
     // A directory we cannot write to leaves the capability check as the answer.
-    let Ok(tmp) = tempfile::Builder::new().prefix(".committer-probe-").tempfile_in(dir) else {
+    let Ok(tmp) = tempfile::Builder::new()
+        .prefix(".committer-probe-")
+        .tempfile_in(dir)
+    else {
         return Ok(());
     };
     let (name, value) = ("trusted.committer.probe", b"1");
     let fd = tmp.as_file().as_fd();
-    rustix::fs::fsetxattr(fd, name, value, rustix::fs::XattrFlags::empty())
-        .map_err(|e| NotExact::TrustedXattrsUnreadable(format!("setting {name} on {}: {e}", tmp.path().display())))?;
+    rustix::fs::fsetxattr(fd, name, value, rustix::fs::XattrFlags::empty()).map_err(|e| {
+        NotExact::TrustedXattrsUnreadable(format!(
+            "setting {name} on {}: {e}",
+            tmp.path().display()
+        ))
+    })?;
     match fsx::xattr_get(XattrAt::Fd(fd), name.as_bytes()) {
         Ok(Some(v)) if v == value => Ok(()),
-        Ok(_) => Err(NotExact::TrustedXattrsUnreadable(format!("{name} reads back as absent"))),
-        Err(e) => Err(NotExact::TrustedXattrsUnreadable(format!("reading {name}: {e}"))),
+        Ok(_) => Err(NotExact::TrustedXattrsUnreadable(format!(
+            "{name} reads back as absent"
+        ))),
+        Err(e) => Err(NotExact::TrustedXattrsUnreadable(format!(
+            "reading {name}: {e}"
+        ))),
     }
 }
 
 /// Depth-first scan for redirect (directories) and metacopy (regular files) xattrs. Reads
 /// metadata only, so it costs about a tenth of the diff itself.
 fn scan(dir: BorrowedFd, rel: &mut Vec<u8>) -> Result<(), NotExact> {
-    let err = |rel: &[u8], e: std::io::Error| NotExact::Scan(format!("{}: {e}", super::display(rel)));
+    let err =
+        |rel: &[u8], e: std::io::Error| NotExact::Scan(format!("{}: {e}", super::display(rel)));
     for name in fsx::list_names(dir).map_err(|e| err(rel, e))? {
         let len = rel.len();
         if !rel.is_empty() {
@@ -125,13 +142,16 @@ fn scan(dir: BorrowedFd, rel: &mut Vec<u8>) -> Result<(), NotExact> {
         match st.ftype {
             rustix::fs::FileType::Directory => {
                 let sub = fsx::open_dir_at(dir, &name).map_err(|e| err(rel, e))?;
-                if has_overlay_xattr(XattrAt::Fd(sub.as_fd()), b"redirect").map_err(|e| err(rel, e))? {
+                if has_overlay_xattr(XattrAt::Fd(sub.as_fd()), b"redirect")
+                    .map_err(|e| err(rel, e))?
+                {
                     return Err(NotExact::Redirect(super::display(rel)));
                 }
                 scan(sub.as_fd(), rel)?;
             }
             rustix::fs::FileType::RegularFile
-                if has_overlay_xattr(XattrAt::Name(dir, &name), b"metacopy").map_err(|e| err(rel, e))? =>
+                if has_overlay_xattr(XattrAt::Name(dir, &name), b"metacopy")
+                    .map_err(|e| err(rel, e))? =>
             {
                 return Err(NotExact::Metacopy(super::display(rel)));
             }
@@ -145,7 +165,9 @@ fn scan(dir: BorrowedFd, rel: &mut Vec<u8>) -> Result<(), NotExact> {
 fn has_overlay_xattr(at: XattrAt, key: &[u8]) -> std::io::Result<bool> {
     let names = fsx::xattr_names(at)?;
     Ok(names.iter().any(|n| {
-        let private = n.strip_prefix(b"trusted.overlay.").or_else(|| n.strip_prefix(b"user.overlay."));
+        let private = n
+            .strip_prefix(b"trusted.overlay.")
+            .or_else(|| n.strip_prefix(b"user.overlay."));
         private == Some(key)
     }))
 }
@@ -160,17 +182,37 @@ mod tests {
 
     #[test]
     fn containerd_default_options_are_exact() {
-        let o = opts(&["index=off", "workdir=/w", "upperdir=/u", "lowerdir=/a:/b", "xino=auto", "ro"]);
+        let o = opts(&[
+            "index=off",
+            "workdir=/w",
+            "upperdir=/u",
+            "lowerdir=/a:/b",
+            "xino=auto",
+            "ro",
+        ]);
         assert_eq!(check_options(&o), Ok(()));
     }
 
     #[test]
     fn redirect_metacopy_and_unknown_options_are_not_exact() {
-        for bad in ["redirect_dir=on", "redirect_dir=follow", "metacopy=on", "nfs_export=on", "uuid=on"] {
+        for bad in [
+            "redirect_dir=on",
+            "redirect_dir=follow",
+            "metacopy=on",
+            "nfs_export=on",
+            "uuid=on",
+        ] {
             let o = opts(&["workdir=/w", bad]);
-            assert_eq!(check_options(&o), Err(NotExact::MountOption(bad.into())), "{bad}");
+            assert_eq!(
+                check_options(&o),
+                Err(NotExact::MountOption(bad.into())),
+                "{bad}"
+            );
         }
-        assert_eq!(check_options(&opts(&["redirect_dir=nofollow", "metacopy=off"])), Ok(()));
+        assert_eq!(
+            check_options(&opts(&["redirect_dir=nofollow", "metacopy=off"])),
+            Ok(())
+        );
     }
 
     #[test]
@@ -179,7 +221,13 @@ mod tests {
         std::fs::write(dir.path().join("redirect_dir"), "Y\n").unwrap();
         std::fs::write(dir.path().join("metacopy"), "N\n").unwrap();
         let p = dir.path().to_str().unwrap();
-        assert_eq!(check_module_defaults(&[], p), Err(NotExact::ModuleDefault("redirect_dir")));
-        assert_eq!(check_module_defaults(&opts(&["redirect_dir=off"]), p), Ok(()));
+        assert_eq!(
+            check_module_defaults(&[], p),
+            Err(NotExact::ModuleDefault("redirect_dir"))
+        );
+        assert_eq!(
+            check_module_defaults(&opts(&["redirect_dir=off"]), p),
+            Ok(())
+        );
     }
 }

@@ -8,27 +8,38 @@ pub(crate) struct Filter {
 }
 
 fn components(path: &[u8]) -> Vec<Vec<u8>> {
-    path.split(|&c| c == b'/').filter(|c| !c.is_empty() && *c != b".").map(<[u8]>::to_vec).collect()
+    path.split(|&c| c == b'/')
+        .filter(|c| !c.is_empty() && *c != b".")
+        .map(<[u8]>::to_vec)
+        .collect()
 }
 
 impl Filter {
     pub fn new(exclude: &[String], stubs: &[String]) -> Filter {
         Filter {
             excludes: exclude.iter().map(|p| components(p.as_bytes())).collect(),
-            stubs: stubs.iter().map(|p| components(p.as_bytes())).filter(|c| !c.is_empty()).collect(),
+            stubs: stubs
+                .iter()
+                .map(|p| components(p.as_bytes()))
+                .filter(|c| !c.is_empty())
+                .collect(),
         }
     }
 
     /// `rel` (or a directory above it) matches an exclusion.
     pub fn excluded(&self, rel: &[u8]) -> bool {
         let path = components(rel);
-        self.excludes.iter().any(|pat| pat.len() <= path.len() && prefix_matches(pat, &path))
+        self.excludes
+            .iter()
+            .any(|pat| pat.len() <= path.len() && prefix_matches(pat, &path))
     }
 
     /// Some exclusion could match a path strictly below the directory `rel`.
     pub fn excludes_below(&self, rel: &[u8]) -> bool {
         let path = components(rel);
-        self.excludes.iter().any(|pat| pat.len() > path.len() && prefix_matches(&pat[..path.len()], &path))
+        self.excludes
+            .iter()
+            .any(|pat| pat.len() > path.len() && prefix_matches(&pat[..path.len()], &path))
     }
 
     /// `rel` is a mount destination.
@@ -40,7 +51,9 @@ impl Filter {
     /// `rel` is a directory strictly above some mount destination.
     pub fn holds_stub(&self, rel: &[u8]) -> bool {
         let path = components(rel);
-        self.stubs.iter().any(|s| s.len() > path.len() && s[..path.len()] == path[..])
+        self.stubs
+            .iter()
+            .any(|s| s.len() > path.len() && s[..path.len()] == path[..])
     }
 }
 
@@ -99,7 +112,13 @@ mod tests {
 
     #[test]
     fn stubs_and_their_parents() {
-        let f = Filter::new(&[], &["/run/secrets/kubernetes.io/serviceaccount".into(), "/etc/hosts".into()]);
+        let f = Filter::new(
+            &[],
+            &[
+                "/run/secrets/kubernetes.io/serviceaccount".into(),
+                "/etc/hosts".into(),
+            ],
+        );
         assert!(f.is_stub(b"etc/hosts"));
         assert!(f.holds_stub(b"run/secrets"));
         assert!(!f.holds_stub(b"run/secrets/kubernetes.io/serviceaccount"));

@@ -58,7 +58,11 @@ fn name_arg(name: &[u8]) -> &OsStr {
 
 /// Opens a root given by the caller (a host path, so following its symlinks is fine).
 pub(crate) fn open_root(path: &Path) -> io::Result<OwnedFd> {
-    Ok(rfs::open(path, OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC, Mode::empty())?)
+    Ok(rfs::open(
+        path,
+        OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
+        Mode::empty(),
+    )?)
 }
 
 /// lstat that maps "not there" (ENOENT, or ENOTDIR for a vanished parent) to None.
@@ -83,8 +87,14 @@ pub(crate) fn open_dir_at(dir: BorrowedFd, name: &[u8]) -> io::Result<OwnedFd> {
 /// Opens a regular file for reading without following a symlink, blocking on a fifo, or
 /// acquiring a controlling terminal.
 pub(crate) fn open_file_at(dir: BorrowedFd, name: &[u8]) -> io::Result<File> {
-    let flags = OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::NONBLOCK | OFlags::NOCTTY | OFlags::CLOEXEC;
-    Ok(File::from(rfs::openat(dir, name_arg(name), flags, Mode::empty())?))
+    let flags =
+        OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::NONBLOCK | OFlags::NOCTTY | OFlags::CLOEXEC;
+    Ok(File::from(rfs::openat(
+        dir,
+        name_arg(name),
+        flags,
+        Mode::empty(),
+    )?))
 }
 
 /// The names in a directory, without `.` and `..`, sorted by bytes.
@@ -126,10 +136,18 @@ pub(crate) fn xattr_names(at: XattrAt) -> io::Result<Vec<Vec<u8>>> {
     loop {
         let r = match at {
             XattrAt::Fd(fd) => rfs::flistxattr(fd, &mut buf[..]),
-            XattrAt::Name(dir, name) => rfs::llistxattr(name_arg(&proc_path(dir, name)), &mut buf[..]),
+            XattrAt::Name(dir, name) => {
+                rfs::llistxattr(name_arg(&proc_path(dir, name)), &mut buf[..])
+            }
         };
         match r {
-            Ok(n) => return Ok(buf[..n].split(|&c| c == 0).filter(|s| !s.is_empty()).map(<[u8]>::to_vec).collect()),
+            Ok(n) => {
+                return Ok(buf[..n]
+                    .split(|&c| c == 0)
+                    .filter(|s| !s.is_empty())
+                    .map(<[u8]>::to_vec)
+                    .collect())
+            }
             Err(rustix::io::Errno::RANGE) => buf.resize(buf.len() * 4, 0),
             Err(rustix::io::Errno::NOTSUP) => return Ok(Vec::new()),
             Err(e) => return Err(e.into()),
@@ -143,14 +161,18 @@ pub(crate) fn xattr_get(at: XattrAt, name: &[u8]) -> io::Result<Option<Vec<u8>>>
     loop {
         let r = match at {
             XattrAt::Fd(fd) => rfs::fgetxattr(fd, name_arg(name), &mut buf[..]),
-            XattrAt::Name(dir, n) => rfs::lgetxattr(name_arg(&proc_path(dir, n)), name_arg(name), &mut buf[..]),
+            XattrAt::Name(dir, n) => {
+                rfs::lgetxattr(name_arg(&proc_path(dir, n)), name_arg(name), &mut buf[..])
+            }
         };
         match r {
             Ok(n) => {
                 buf.truncate(n);
                 return Ok(Some(buf));
             }
-            Err(rustix::io::Errno::RANGE) => buf.resize(buf.len().max(64 * 1024).saturating_mul(4), 0),
+            Err(rustix::io::Errno::RANGE) => {
+                buf.resize(buf.len().max(64 * 1024).saturating_mul(4), 0)
+            }
             Err(rustix::io::Errno::NODATA | rustix::io::Errno::NOTSUP) => return Ok(None),
             Err(e) => return Err(e.into()),
         }
@@ -158,7 +180,12 @@ pub(crate) fn xattr_get(at: XattrAt, name: &[u8]) -> io::Result<Option<Vec<u8>>>
 }
 
 /// Reads `len` bytes of two files and says whether they are equal; a short read is "different".
-pub(crate) fn same_content(a: &mut File, b: &mut File, len: u64, buf: &mut Vec<u8>) -> io::Result<bool> {
+pub(crate) fn same_content(
+    a: &mut File,
+    b: &mut File,
+    len: u64,
+    buf: &mut Vec<u8>,
+) -> io::Result<bool> {
     use std::io::Read;
     let half = 1 << 20;
     buf.resize(2 * half, 0);

@@ -27,7 +27,10 @@ pub(crate) struct LowerView {
 pub(crate) enum Below {
     Absent,
     /// Present in layer `layer` (the topmost that has it), with its lstat.
-    Present { layer: usize, st: St },
+    Present {
+        layer: usize,
+        st: St,
+    },
     /// Cannot tell (beneath a redirected directory).
     Unknown,
 }
@@ -37,7 +40,10 @@ impl LowerView {
     pub fn root(lowers: &[PathBuf]) -> Result<LowerView, DiffError> {
         let mut view = LowerView::empty();
         for dir in lowers {
-            let fd = fsx::open_root(dir).map_err(DiffError::io("opening lowerdir", dir.as_os_str().as_encoded_bytes()))?;
+            let fd = fsx::open_root(dir).map_err(DiffError::io(
+                "opening lowerdir",
+                dir.as_os_str().as_encoded_bytes(),
+            ))?;
             let (opaque, redirect) = dir_marks(fd.as_fd(), b"")?;
             view.layers.push(fd);
             view.uncertain |= redirect;
@@ -50,7 +56,10 @@ impl LowerView {
 
     /// Nothing below (a new or opaque directory).
     pub fn empty() -> LowerView {
-        LowerView { layers: Vec::new(), uncertain: false }
+        LowerView {
+            layers: Vec::new(),
+            uncertain: false,
+        }
     }
 
     pub fn layer(&self, i: usize) -> BorrowedFd<'_> {
@@ -60,7 +69,9 @@ impl LowerView {
     /// What the lower tree has at `name` in this directory (`rel` is its path, for messages).
     pub fn lookup(&self, name: &[u8], rel: &[u8]) -> Result<Below, DiffError> {
         for (i, fd) in self.layers.iter().enumerate() {
-            let Some(st) = fsx::lstat_opt(fd.as_fd(), name).map_err(DiffError::io("lstat in lowerdir", rel))? else {
+            let Some(st) = fsx::lstat_opt(fd.as_fd(), name)
+                .map_err(DiffError::io("lstat in lowerdir", rel))?
+            else {
                 continue;
             };
             if is_whiteout_at(fd.as_fd(), name, &st, rel)? {
@@ -68,20 +79,30 @@ impl LowerView {
             }
             return Ok(Below::Present { layer: i, st });
         }
-        Ok(if self.uncertain { Below::Unknown } else { Below::Absent })
+        Ok(if self.uncertain {
+            Below::Unknown
+        } else {
+            Below::Absent
+        })
     }
 
     /// The view of subdirectory `name`.
     pub fn child(&self, name: &[u8], rel: &[u8]) -> Result<LowerView, DiffError> {
-        let mut view = LowerView { layers: Vec::new(), uncertain: self.uncertain };
+        let mut view = LowerView {
+            layers: Vec::new(),
+            uncertain: self.uncertain,
+        };
         for fd in &self.layers {
-            let Some(st) = fsx::lstat_opt(fd.as_fd(), name).map_err(DiffError::io("lstat in lowerdir", rel))? else {
+            let Some(st) = fsx::lstat_opt(fd.as_fd(), name)
+                .map_err(DiffError::io("lstat in lowerdir", rel))?
+            else {
                 continue;
             };
             if st.ftype != FileType::Directory {
                 break; // a whiteout or a non-directory hides every layer below
             }
-            let sub = fsx::open_dir_at(fd.as_fd(), name).map_err(DiffError::io("opening lower directory", rel))?;
+            let sub = fsx::open_dir_at(fd.as_fd(), name)
+                .map_err(DiffError::io("opening lower directory", rel))?;
             let (opaque, redirect) = dir_marks(sub.as_fd(), rel)?;
             view.layers.push(sub);
             view.uncertain |= redirect;
@@ -101,11 +122,15 @@ impl LowerView {
         let mut seen = HashSet::new();
         let mut out = Vec::new();
         for fd in &self.layers {
-            for name in fsx::list_names(fd.as_fd()).map_err(DiffError::io("listing lower directory", rel))? {
+            for name in fsx::list_names(fd.as_fd())
+                .map_err(DiffError::io("listing lower directory", rel))?
+            {
                 if !seen.insert(name.clone()) {
                     continue;
                 }
-                let Some(st) = fsx::lstat_opt(fd.as_fd(), &name).map_err(DiffError::io("lstat in lowerdir", rel))? else {
+                let Some(st) = fsx::lstat_opt(fd.as_fd(), &name)
+                    .map_err(DiffError::io("lstat in lowerdir", rel))?
+                else {
                     continue;
                 };
                 if is_whiteout_at(fd.as_fd(), &name, &st, rel)? {

@@ -84,7 +84,11 @@ pub(crate) struct Node {
 /// Reads `name` in `dir` (whose relative path is `rel`, for messages). None when it vanished
 /// since the directory was listed. A directory or file that turns out to be something else
 /// once opened (a symlink swapped in) is `FileChanged`.
-pub(crate) fn read_node(dir: BorrowedFd, name: &[u8], rel: &[u8]) -> Result<Option<Node>, DiffError> {
+pub(crate) fn read_node(
+    dir: BorrowedFd,
+    name: &[u8],
+    rel: &[u8],
+) -> Result<Option<Node>, DiffError> {
     let Some(st) = fsx::lstat_opt(dir, name).map_err(DiffError::io("lstat", rel))? else {
         return Ok(None);
     };
@@ -97,8 +101,17 @@ pub(crate) fn read_node(dir: BorrowedFd, name: &[u8], rel: &[u8]) -> Result<Opti
     let handle = match opened {
         Ok(h) => h,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
-        Err(e) if matches!(e.raw_os_error(), Some(libc::ELOOP | libc::ENOTDIR | libc::ENXIO)) => {
-            return Err(changed(rel, &st, &format!("not a {:?} any more ({e})", st.ftype)));
+        Err(e)
+            if matches!(
+                e.raw_os_error(),
+                Some(libc::ELOOP | libc::ENOTDIR | libc::ENXIO)
+            ) =>
+        {
+            return Err(changed(
+                rel,
+                &st,
+                &format!("not a {:?} any more ({e})", st.ftype),
+            ));
         }
         Err(e) => return Err(DiffError::io("open", rel)(e)),
     };
@@ -112,44 +125,81 @@ pub(crate) fn read_node(dir: BorrowedFd, name: &[u8], rel: &[u8]) -> Result<Opti
 }
 
 /// Metadata of `name` in `dir` without opening it (for lower layers, which we only compare).
-pub(crate) fn read_meta_at(dir: BorrowedFd, name: &[u8], st: St, rel: &[u8]) -> Result<Meta, DiffError> {
+pub(crate) fn read_meta_at(
+    dir: BorrowedFd,
+    name: &[u8],
+    st: St,
+    rel: &[u8],
+) -> Result<Meta, DiffError> {
     finish_meta(st, XattrAt::Name(dir, name), dir, name, rel)
 }
 
 /// Metadata of an open directory.
 pub(crate) fn read_meta_fd(fd: BorrowedFd, st: St, rel: &[u8]) -> Result<Meta, DiffError> {
     let (xattrs, marks) = read_xattrs(XattrAt::Fd(fd), rel)?;
-    Ok(Meta { st, xattrs, marks, target: Vec::new() })
+    Ok(Meta {
+        st,
+        xattrs,
+        marks,
+        target: Vec::new(),
+    })
 }
 
 /// Whether `name` (already lstat'ed as `st`) is an overlay whiteout, reading xattrs only for
 /// the zero-size regular files that could be xattr whiteouts.
-pub(crate) fn is_whiteout_at(dir: BorrowedFd, name: &[u8], st: &St, rel: &[u8]) -> Result<bool, DiffError> {
+pub(crate) fn is_whiteout_at(
+    dir: BorrowedFd,
+    name: &[u8],
+    st: &St,
+    rel: &[u8],
+) -> Result<bool, DiffError> {
     if is_whiteout_stat(st) {
         return Ok(true);
     }
     if st.ftype != FileType::RegularFile || st.size != 0 {
         return Ok(false);
     }
-    let names = fsx::xattr_names(XattrAt::Name(dir, name)).map_err(DiffError::io("listxattr", rel))?;
-    Ok(names.iter().any(|n| n == b"trusted.overlay.whiteout" || n == b"user.overlay.whiteout"))
+    let names =
+        fsx::xattr_names(XattrAt::Name(dir, name)).map_err(DiffError::io("listxattr", rel))?;
+    Ok(names
+        .iter()
+        .any(|n| n == b"trusted.overlay.whiteout" || n == b"user.overlay.whiteout"))
 }
 
-fn finish_meta(st: St, at: XattrAt, dir: BorrowedFd, name: &[u8], rel: &[u8]) -> Result<Meta, DiffError> {
+fn finish_meta(
+    st: St,
+    at: XattrAt,
+    dir: BorrowedFd,
+    name: &[u8],
+    rel: &[u8],
+) -> Result<Meta, DiffError> {
     let target = if st.ftype == FileType::Symlink {
         fsx::read_link_at(dir, name).map_err(DiffError::io("readlink", rel))?
     } else {
         Vec::new()
     };
-    let (xattrs, marks) = if st.ftype == FileType::Socket { Default::default() } else { read_xattrs(at, rel)? };
-    Ok(Meta { st, xattrs, marks, target })
+    let (xattrs, marks) = if st.ftype == FileType::Socket {
+        Default::default()
+    } else {
+        read_xattrs(at, rel)?
+    };
+    Ok(Meta {
+        st,
+        xattrs,
+        marks,
+        target,
+    })
 }
 
 /// The fstat of an opened object, which must be the inode lstat saw.
 fn checked_fstat(fd: BorrowedFd, expected: &St, rel: &[u8]) -> Result<St, DiffError> {
     let st = fsx::fstat(fd).map_err(DiffError::io("fstat", rel))?;
     if !st.same_object(expected) {
-        return Err(changed(rel, expected, &format!("inode {} ({:?})", st.ino, st.ftype)));
+        return Err(changed(
+            rel,
+            expected,
+            &format!("inode {} ({:?})", st.ino, st.ftype),
+        ));
     }
     Ok(st)
 }
@@ -167,7 +217,9 @@ fn read_xattrs(at: XattrAt, rel: &[u8]) -> Result<(Xattrs, Marks), DiffError> {
     let mut keep = Vec::new();
     let mut marks = Marks::default();
     for name in fsx::xattr_names(at).map_err(DiffError::io("listxattr", rel))? {
-        let private = name.strip_prefix(b"trusted.overlay.").or_else(|| name.strip_prefix(b"user.overlay."));
+        let private = name
+            .strip_prefix(b"trusted.overlay.")
+            .or_else(|| name.strip_prefix(b"user.overlay."));
         if let Some(key) = private {
             match key {
                 b"opaque" => marks.opaque = get(at, &name, rel)?.is_some_and(|v| v == b"y"),

@@ -73,10 +73,16 @@ pub struct Options {
 #[derive(Debug, Clone, Copy)]
 pub enum Source<'a> {
     /// Overlay upperdir + the lowerdirs (immediate parent first, as in the mount's `lowerdir=`).
-    Upperdir { upper: &'a Path, lowers: &'a [PathBuf] },
+    Upperdir {
+        upper: &'a Path,
+        lowers: &'a [PathBuf],
+    },
     /// Double walk: the lower view (read-only tree of the parent snapshot) vs the container's
     /// full current tree. `lower: None` means everything in `upper` is new.
-    Walk { lower: Option<&'a Path>, upper: &'a Path },
+    Walk {
+        lower: Option<&'a Path>,
+        upper: &'a Path,
+    },
 }
 
 /// What went into the layer.
@@ -98,9 +104,18 @@ pub struct Stats {
 #[derive(Debug, thiserror::Error)]
 pub enum DiffError {
     #[error("{op} {path}: {source}")]
-    Io { path: String, op: &'static str, #[source] source: std::io::Error },
+    Io {
+        path: String,
+        op: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("{path} changed while it was read: expected {expected}, found {found}")]
-    FileChanged { path: String, expected: String, found: String },
+    FileChanged {
+        path: String,
+        expected: String,
+        found: String,
+    },
     #[error("the layer exceeds the limit of {limit} {what}")]
     LimitExceeded { what: &'static str, limit: u64 },
     #[error("{path} cannot be put in a layer: {why}")]
@@ -112,7 +127,10 @@ pub enum DiffError {
 }
 
 impl DiffError {
-    pub(crate) fn io(op: &'static str, path: impl AsRef<[u8]>) -> impl FnOnce(std::io::Error) -> DiffError {
+    pub(crate) fn io(
+        op: &'static str,
+        path: impl AsRef<[u8]>,
+    ) -> impl FnOnce(std::io::Error) -> DiffError {
         let path = display(path.as_ref());
         move |source| DiffError::Io { path, op, source }
     }
@@ -124,7 +142,11 @@ pub(crate) fn display(path: &[u8]) -> String {
 }
 
 /// Writes the layer for `source` to `out` as an uncompressed tar and returns `out`.
-pub fn write_layer<W: Write>(source: &Source, opts: &Options, out: W) -> Result<(W, Stats), DiffError> {
+pub fn write_layer<W: Write>(
+    source: &Source,
+    opts: &Options,
+    out: W,
+) -> Result<(W, Stats), DiffError> {
     match *source {
         Source::Upperdir { upper, lowers } => upper::write(upper, lowers, opts, out),
         Source::Walk { lower, upper } => double_walk::write(lower, upper, opts, out),

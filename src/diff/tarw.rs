@@ -76,7 +76,17 @@ impl<W: Write> TarWriter<W> {
             self.out.write_all(&pax)?;
             self.pad(pax.len() as u64)?;
         }
-        let mut b = ustar_block(h.path, h.kind.flag(), h.mode, h.uid, h.gid, h.size, h.mtime, h.link, h.dev);
+        let mut b = ustar_block(
+            h.path,
+            h.kind.flag(),
+            h.mode,
+            h.uid,
+            h.gid,
+            h.size,
+            h.mtime,
+            h.link,
+            h.dev,
+        );
         set_checksum(&mut b);
         self.out.write_all(&b)
     }
@@ -84,10 +94,17 @@ impl<W: Write> TarWriter<W> {
     /// Copies exactly `size` bytes of content through `buf`, then pads to the block size. Reads
     /// never ask for more than what is left, so a file that grew is cut at `size`; one that
     /// shrank is reported as `Short` and nothing is padded.
-    pub fn content(&mut self, r: &mut impl Read, size: u64, buf: &mut [u8]) -> Result<(), ContentError> {
+    pub fn content(
+        &mut self,
+        r: &mut impl Read,
+        size: u64,
+        buf: &mut [u8],
+    ) -> Result<(), ContentError> {
         let mut done = 0u64;
         while done < size {
-            let want = buf.len().min(usize::try_from(size - done).unwrap_or(usize::MAX));
+            let want = buf
+                .len()
+                .min(usize::try_from(size - done).unwrap_or(usize::MAX));
             let n = match r.read(&mut buf[..want]) {
                 Ok(0) => return Err(ContentError::Short { got: done }),
                 Ok(n) => n,
@@ -177,14 +194,22 @@ fn pax_entry_name(path: &[u8]) -> Vec<u8> {
     let trimmed = path.strip_suffix(b"/").unwrap_or(path);
     let base = trimmed.rsplit(|&c| c == b'/').next().unwrap_or(b"");
     let mut name = b"PaxHeaders.0/".to_vec();
-    name.extend(base.iter().take(80).map(|&c| if (0x21..0x7f).contains(&c) { c } else { b'_' }));
+    name.extend(
+        base.iter()
+            .take(80)
+            .map(|&c| if (0x21..0x7f).contains(&c) { c } else { b'_' }),
+    );
     name
 }
 
 /// An octal field, or zero when the value only fits in PAX (which then carries it).
 fn put_octal(field: &mut [u8], value: u64) {
     let digits = field.len() - 1;
-    let v = if value > octal_max(field.len()) { 0 } else { value };
+    let v = if value > octal_max(field.len()) {
+        0
+    } else {
+        value
+    };
     let s = format!("{v:0digits$o}");
     field[..digits].copy_from_slice(s.as_bytes());
     field[digits] = 0;
@@ -251,7 +276,10 @@ mod tests {
 
     #[test]
     fn long_non_ascii_and_large_values_go_to_pax_in_fixed_order() {
-        let x = vec![(b"user.b".to_vec(), b"2".to_vec()), (b"user.a".to_vec(), vec![0, 1])];
+        let x = vec![
+            (b"user.b".to_vec(), b"2".to_vec()),
+            (b"user.a".to_vec(), vec![0, 1]),
+        ];
         let h = Header {
             path: b"caf\xe9",
             kind: EntryKind::Regular,
@@ -266,7 +294,19 @@ mod tests {
         };
         let recs = pax_records(&h);
         let text = String::from_utf8_lossy(&recs);
-        let keys: Vec<&str> = text.lines().map(|l| l.split_once(' ').unwrap().1.split('=').next().unwrap()).collect();
-        assert_eq!(keys, ["path", "uid", "mtime", "SCHILY.xattr.user.a", "SCHILY.xattr.user.b"]);
+        let keys: Vec<&str> = text
+            .lines()
+            .map(|l| l.split_once(' ').unwrap().1.split('=').next().unwrap())
+            .collect();
+        assert_eq!(
+            keys,
+            [
+                "path",
+                "uid",
+                "mtime",
+                "SCHILY.xattr.user.a",
+                "SCHILY.xattr.user.b"
+            ]
+        );
     }
 }

@@ -16,8 +16,16 @@ use std::io::{Seek, SeekFrom, Write};
 use std::os::fd::{AsFd, BorrowedFd};
 use std::path::{Path, PathBuf};
 
-pub(crate) fn write<W: Write>(upper: &Path, lowers: &[PathBuf], opts: &Options, out: W) -> Result<(W, Stats), DiffError> {
-    let root = fsx::open_root(upper).map_err(DiffError::io("opening upperdir", upper.as_os_str().as_encoded_bytes()))?;
+pub(crate) fn write<W: Write>(
+    upper: &Path,
+    lowers: &[PathBuf],
+    opts: &Options,
+    out: W,
+) -> Result<(W, Stats), DiffError> {
+    let root = fsx::open_root(upper).map_err(DiffError::io(
+        "opening upperdir",
+        upper.as_os_str().as_encoded_bytes(),
+    ))?;
     let lower = LowerView::root(lowers)?;
     let mut walk = UpperWalk {
         sink: Sink::new(out, opts, "upperdir"),
@@ -38,9 +46,19 @@ impl<W: Write> UpperWalk<'_, W> {
     /// Walks upper directory `fd` (path `rel`) over its lower view. `explicit` holds below an
     /// opaque directory that an exclusion reaches into: instead of an opaque marker, every lower
     /// name missing from the upperdir gets its own whiteout, so excluded lower paths survive.
-    fn dir(&mut self, fd: BorrowedFd, rel: &[u8], lower: &LowerView, explicit: bool) -> Result<(), DiffError> {
+    fn dir(
+        &mut self,
+        fd: BorrowedFd,
+        rel: &[u8],
+        lower: &LowerView,
+        explicit: bool,
+    ) -> Result<(), DiffError> {
         let names = fsx::list_names(fd).map_err(DiffError::io("listing", rel))?;
-        let hidden = if explicit { lower.names(rel)? } else { Vec::new() };
+        let hidden = if explicit {
+            lower.names(rel)?
+        } else {
+            Vec::new()
+        };
         let mut hidden = hidden.into_iter().peekable();
         for name in &names {
             while let Some(h) = hidden.next_if(|h| h < name) {
@@ -62,12 +80,21 @@ impl<W: Write> UpperWalk<'_, W> {
         self.sink.whiteout(rel, name)
     }
 
-    fn entry(&mut self, fd: BorrowedFd, rel: &[u8], name: &[u8], lower: &LowerView, explicit: bool) -> Result<(), DiffError> {
+    fn entry(
+        &mut self,
+        fd: BorrowedFd,
+        rel: &[u8],
+        name: &[u8],
+        lower: &LowerView,
+        explicit: bool,
+    ) -> Result<(), DiffError> {
         let path = join_path(rel, name);
         if self.filter.excluded(&path) {
             return Ok(());
         }
-        let Some(mut node) = read_node(fd, name, &path)? else { return Ok(()) };
+        let Some(mut node) = read_node(fd, name, &path)? else {
+            return Ok(());
+        };
         let m = &node.meta;
         if m.marks.redirect {
             return Err(NotExact::Redirect(display(&path)).into());
@@ -113,7 +140,9 @@ impl<W: Write> UpperWalk<'_, W> {
         lower: &LowerView,
         explicit: bool,
     ) -> Result<(), DiffError> {
-        let Handle::Dir(sub) = node.handle else { unreachable!("read_node opens directories") };
+        let Handle::Dir(sub) = node.handle else {
+            unreachable!("read_node opens directories")
+        };
         let m = node.meta;
         let lower_is_dir = matches!(below, Below::Present { st, .. } if st.ftype == rustix::fs::FileType::Directory)
             || matches!(below, Below::Unknown);
@@ -134,7 +163,11 @@ impl<W: Write> UpperWalk<'_, W> {
             } else {
                 self.sink.dir(path, &m)?;
             }
-            child_view = if lower_is_dir { lower.child(name, path)? } else { LowerView::empty() };
+            child_view = if lower_is_dir {
+                lower.child(name, path)?
+            } else {
+                LowerView::empty()
+            };
         }
         self.dir(sub.as_fd(), path, &child_view, child_explicit)?;
         self.sink.end_dir(path);
@@ -152,8 +185,14 @@ impl<W: Write> UpperWalk<'_, W> {
         lower: &LowerView,
         path: &[u8],
     ) -> Result<bool, DiffError> {
-        let Below::Present { layer, st } = below else { return Ok(false) };
-        if m.st.nlink > 1 || st.ftype != m.st.ftype || st.size != m.st.size || st.mtime != m.st.mtime {
+        let Below::Present { layer, st } = below else {
+            return Ok(false);
+        };
+        if m.st.nlink > 1
+            || st.ftype != m.st.ftype
+            || st.size != m.st.size
+            || st.mtime != m.st.mtime
+        {
             return Ok(false);
         }
         let name = path.rsplit(|&c| c == b'/').next().unwrap_or(path);
@@ -182,7 +221,9 @@ pub(crate) fn same_file_content(
     if !lst.same_object(st) {
         return Ok(false);
     }
-    let same = fsx::same_content(file, &mut lf, size, buf).map_err(DiffError::io("comparing", path))?;
-    file.seek(SeekFrom::Start(0)).map_err(DiffError::io("rewinding", path))?;
+    let same =
+        fsx::same_content(file, &mut lf, size, buf).map_err(DiffError::io("comparing", path))?;
+    file.seek(SeekFrom::Start(0))
+        .map_err(DiffError::io("rewinding", path))?;
     Ok(same)
 }

@@ -21,7 +21,11 @@ use super::error::{RegistryError, Secret};
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub(crate) enum Challenge {
     Basic,
-    Bearer { realm: String, service: Option<String>, scope: Option<String> },
+    Bearer {
+        realm: String,
+        service: Option<String>,
+        scope: Option<String>,
+    },
 }
 
 /// Parse the first Basic or Bearer challenge of a `WWW-Authenticate` value:
@@ -31,11 +35,20 @@ pub(crate) fn parse_challenge(value: &str) -> Option<Challenge> {
     let value = value.trim();
     let (scheme, rest) = value.split_once(' ').unwrap_or((value, ""));
     let params = parse_params(rest);
-    let get = |k: &str| params.iter().find(|(n, _)| n.eq_ignore_ascii_case(k)).map(|(_, v)| v.clone());
+    let get = |k: &str| {
+        params
+            .iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case(k))
+            .map(|(_, v)| v.clone())
+    };
     if scheme.eq_ignore_ascii_case("basic") {
         Some(Challenge::Basic)
     } else if scheme.eq_ignore_ascii_case("bearer") {
-        Some(Challenge::Bearer { realm: get("realm")?, service: get("service"), scope: get("scope") })
+        Some(Challenge::Bearer {
+            realm: get("realm")?,
+            service: get("service"),
+            scope: get("scope"),
+        })
     } else {
         None
     }
@@ -48,7 +61,8 @@ fn parse_params(s: &str) -> Vec<(String, String)> {
         while chars.peek().is_some_and(|c| *c == ',' || c.is_whitespace()) {
             chars.next();
         }
-        let name: String = std::iter::from_fn(|| chars.next_if(|c| *c != '=' && *c != ',')).collect();
+        let name: String =
+            std::iter::from_fn(|| chars.next_if(|c| *c != '=' && *c != ',')).collect();
         if name.is_empty() || chars.next() != Some('=') {
             return out;
         }
@@ -63,7 +77,10 @@ fn parse_params(s: &str) -> Vec<(String, String)> {
                 }
             }
         } else {
-            val = std::iter::from_fn(|| chars.next_if(|c| *c != ',')).collect::<String>().trim().to_string();
+            val = std::iter::from_fn(|| chars.next_if(|c| *c != ','))
+                .collect::<String>()
+                .trim()
+                .to_string();
         }
         out.push((name.trim().to_string(), val));
     }
@@ -75,12 +92,16 @@ enum Scheme {
     /// `/v2/` answered 200: send nothing.
     None,
     Basic,
-    Bearer { realm: Url, service: Option<String> },
+    Bearer {
+        realm: Url,
+        service: Option<String>,
+    },
 }
 
 struct Token {
     value: Secret,
-    expires: Instant,
+    /// Some time before expiry (see `EXPIRY_MARGIN`).
+    refresh_at: Instant,
 }
 
 struct State {
@@ -96,7 +117,7 @@ pub(crate) struct Authenticator {
 
 /// distribution's default when a token response has no `expires_in`.
 const DEFAULT_TOKEN_LIFETIME: Duration = Duration::from_secs(60);
-/// Refresh this long before expiry so a token does not lapse in the middle of a long PATCH.
+/// Refresh this long before expiry (at most half the lifetime) so a token does not lapse mid-PATCH.
 const EXPIRY_MARGIN: Duration = Duration::from_secs(30);
 
 #[derive(Deserialize)]
@@ -108,7 +129,14 @@ struct TokenReply {
 
 impl Authenticator {
     pub(crate) fn new(http: reqwest::Client, resolved: Resolved) -> Authenticator {
-        Authenticator { http, resolved, state: Mutex::new(State { scheme: Scheme::None, tokens: HashMap::new() }) }
+        Authenticator {
+            http,
+            resolved,
+            state: Mutex::new(State {
+                scheme: Scheme::None,
+                tokens: HashMap::new(),
+            }),
+        }
     }
 
     /// Where the credential came from, for hints.
@@ -122,7 +150,11 @@ impl Authenticator {
 
     /// Learn the scheme from a 401's challenge. Returns false when there is no usable challenge.
     pub(crate) async fn learn(&self, headers: &HeaderMap, scopes: &[String]) -> bool {
-        let challenge = headers.get_all(WWW_AUTHENTICATE).iter().filter_map(|v| v.to_str().ok()).find_map(parse_challenge);
+        let challenge = headers
+            .get_all(WWW_AUTHENTICATE)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .find_map(parse_challenge);
         let mut st = self.state.lock().await;
         match challenge {
             Some(Challenge::Basic) => st.scheme = Scheme::Basic,
@@ -138,7 +170,10 @@ impl Authenticator {
     }
 
     /// The `Authorization` value for a request needing `scopes`, fetching a token when needed.
-    pub(crate) async fn authorization(&self, scopes: &[String]) -> Result<Option<HeaderValue>, RegistryError> {
+    pub(crate) async fn authorization(
+        &self,
+        scopes: &[String],
+    ) -> Result<Option<HeaderValue>, RegistryError> {
         let mut st = self.state.lock().await;
         let value = match (&st.scheme, &self.resolved.credential) {
             (_, Credential::RegistryToken(t)) => format!("Bearer {}", t.expose()),
@@ -147,7 +182,10 @@ impl Authenticator {
             (Scheme::Basic, _) => return Ok(None),
             (Scheme::Bearer { realm, service }, _) => {
                 let key = scopes.join(" ");
-                let fresh = st.tokens.get(&key).filter(|t| t.expires > Instant::now() + EXPIRY_MARGIN);
+                let fresh = st
+                    .tokens
+                    .get(&key)
+                    .filter(|t| t.refresh_at > Instant::now());
                 let token = match fresh {
                     Some(t) => t.value.clone(),
                     None => {
@@ -161,27 +199,41 @@ impl Authenticator {
                 format!("Bearer {}", token.expose())
             }
         };
-        let mut hv = HeaderValue::from_str(&value)
-            .map_err(|_| RegistryError::Config("the credential contains characters not allowed in an HTTP header".into()))?;
+        let mut hv = HeaderValue::from_str(&value).map_err(|_| {
+            RegistryError::Config(
+                "the credential contains characters not allowed in an HTTP header".into(),
+            )
+        })?;
         hv.set_sensitive(true);
         Ok(Some(hv))
     }
 
-    async fn fetch_token(&self, realm: &Url, service: Option<&str>, scopes: &[String]) -> Result<Token, RegistryError> {
+    async fn fetch_token(
+        &self,
+        realm: &Url,
+        service: Option<&str>,
+        scopes: &[String],
+    ) -> Result<Token, RegistryError> {
         let (method, resp) = match &self.resolved.credential {
             Credential::IdentityToken { username, token } => {
                 let resp = self.oauth_refresh(realm, service, scopes, token).await?;
                 // Registries without the OAuth2 POST endpoint (404/405) take the identity token as a
                 // password on the classic GET (containerd falls back the same way).
                 if matches!(resp.status().as_u16(), 404 | 405) {
-                    ("GET", self.token_get(realm, service, scopes, Some((username, token))).await?)
+                    (
+                        "GET",
+                        self.token_get(realm, service, scopes, Some((username, token)))
+                            .await?,
+                    )
                 } else {
                     ("POST", resp)
                 }
             }
-            Credential::Basic { username, password } => {
-                ("GET", self.token_get(realm, service, scopes, Some((username, password))).await?)
-            }
+            Credential::Basic { username, password } => (
+                "GET",
+                self.token_get(realm, service, scopes, Some((username, password)))
+                    .await?,
+            ),
             _ => ("GET", self.token_get(realm, service, scopes, None).await?),
         };
         let url = resp.url().clone();
@@ -189,22 +241,40 @@ impl Authenticator {
             let hint = self.rejected_hint(realm);
             return Err(error_from_response(method, &url, resp, Some(hint)).await);
         }
-        let reply: TokenReply = resp
-            .json()
-            .await
-            .map_err(|_| RegistryError::protocol(method, &url, "the token service answered without a JSON token"))?;
+        let reply: TokenReply = resp.json().await.map_err(|_| {
+            RegistryError::protocol(
+                method,
+                &url,
+                "the token service answered without a JSON token",
+            )
+        })?;
         let value = reply.token.or(reply.access_token).filter(|t| !t.is_empty());
-        let value = value.ok_or_else(|| RegistryError::protocol(method, &url, "the token service answered without a token"))?;
-        let life = reply.expires_in.map(Duration::from_secs).unwrap_or(DEFAULT_TOKEN_LIFETIME);
-        Ok(Token { value: Secret::new(value), expires: Instant::now() + life })
+        let value = value.ok_or_else(|| {
+            RegistryError::protocol(method, &url, "the token service answered without a token")
+        })?;
+        let life = reply
+            .expires_in
+            .map(Duration::from_secs)
+            .unwrap_or(DEFAULT_TOKEN_LIFETIME);
+        let margin = EXPIRY_MARGIN.min(life / 2);
+        Ok(Token {
+            value: Secret::new(value),
+            refresh_at: Instant::now() + life - margin,
+        })
     }
 
     pub(crate) fn rejected_hint(&self, at: &Url) -> String {
         let host = super::error::host_port(at);
         if self.is_anonymous() {
-            format!("{host} wants credentials and none were found ({}): add them to --registry-config", self.source())
+            format!(
+                "{host} wants credentials and none were found ({}): add them to --registry-config",
+                self.source()
+            )
         } else {
-            format!("{host} rejected the credentials from {}: check credentials in --registry-config", self.source())
+            format!(
+                "{host} rejected the credentials from {}: check credentials in --registry-config",
+                self.source()
+            )
         }
     }
 
@@ -230,11 +300,14 @@ impl Authenticator {
         }
         let mut req = self.http.get(url.clone());
         if let Some((user, pass)) = basic_auth {
-            let mut hv = HeaderValue::from_str(&basic(user, pass)).map_err(|_| RegistryError::Config("bad credential characters".into()))?;
+            let mut hv = HeaderValue::from_str(&basic(user, pass))
+                .map_err(|_| RegistryError::Config("bad credential characters".into()))?;
             hv.set_sensitive(true);
             req = req.header(reqwest::header::AUTHORIZATION, hv);
         }
-        req.send().await.map_err(|e| RegistryError::transport("GET", &url, e))
+        req.send()
+            .await
+            .map_err(|e| RegistryError::transport("GET", &url, e))
     }
 
     /// OAuth2 refresh-token grant (docker's identity tokens).
@@ -259,7 +332,10 @@ impl Authenticator {
         };
         self.http
             .post(realm.clone())
-            .header(reqwest::header::CONTENT_TYPE, "application/x-www-form-urlencoded")
+            .header(
+                reqwest::header::CONTENT_TYPE,
+                "application/x-www-form-urlencoded",
+            )
             .body(body)
             .send()
             .await
@@ -269,7 +345,10 @@ impl Authenticator {
 
 fn basic(user: &str, pass: &Secret) -> String {
     let raw = format!("{user}:{}", pass.expose());
-    format!("Basic {}", base64::engine::general_purpose::STANDARD.encode(raw))
+    format!(
+        "Basic {}",
+        base64::engine::general_purpose::STANDARD.encode(raw)
+    )
 }
 
 /// `repository:NAME:ACTIONS`
@@ -298,7 +377,10 @@ mod tests {
 
     #[test]
     fn parses_basic_and_rejects_unknown() {
-        assert_eq!(parse_challenge(r#"Basic realm="Registry Realm""#), Some(Challenge::Basic));
+        assert_eq!(
+            parse_challenge(r#"Basic realm="Registry Realm""#),
+            Some(Challenge::Basic)
+        );
         assert_eq!(parse_challenge("Negotiate abc"), None);
         assert_eq!(parse_challenge("Bearer service=x"), None);
     }

@@ -10,7 +10,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use reqwest::header::{HeaderMap, HeaderValue, ACCEPT, AUTHORIZATION, CONTENT_LENGTH, CONTENT_TYPE, LOCATION};
+use reqwest::header::{
+    HeaderMap, HeaderValue, ACCEPT, AUTHORIZATION, CONTENT_LENGTH, CONTENT_TYPE, LOCATION,
+};
 use reqwest::{Method, Response, StatusCode};
 use url::Url;
 
@@ -65,10 +67,17 @@ pub(crate) struct Retry {
 }
 
 impl Retry {
-    pub(crate) const DEFAULT: Retry = Retry { attempts: 6, base: Duration::from_millis(250), max: Duration::from_secs(15) };
+    pub(crate) const DEFAULT: Retry = Retry {
+        attempts: 6,
+        base: Duration::from_millis(250),
+        max: Duration::from_secs(15),
+    };
 
     pub(crate) fn delay(&self, attempt: u32) -> Duration {
-        let exp = self.base.saturating_mul(1u32 << attempt.min(16)).min(self.max);
+        let exp = self
+            .base
+            .saturating_mul(1u32 << attempt.min(16))
+            .min(self.max);
         exp.mul_f64(0.5 + jitter() / 2.0)
     }
 }
@@ -86,7 +95,11 @@ pub(crate) enum Body {
     Empty,
     Bytes(Bytes),
     /// `len` bytes of `path` from `offset`, streamed.
-    File { path: PathBuf, offset: u64, len: u64 },
+    File {
+        path: PathBuf,
+        offset: u64,
+        len: u64,
+    },
     Once(std::sync::Mutex<Option<reqwest::Body>>),
 }
 
@@ -136,14 +149,24 @@ impl Client {
     /// Resolve credentials, then ping `/v2/` and authenticate once, so that an unreachable registry, an
     /// untrusted certificate or rejected credentials fail here with a clear message.
     pub async fn new(reference: &Reference, opts: &ClientOptions) -> Result<Client, RegistryError> {
-        Client::with_lookup(reference, opts, Lookup { config: opts.registry_config.clone(), helper_path: None }).await
+        let lookup = Lookup {
+            config: opts.registry_config.clone(),
+            helper_path: None,
+        };
+        Client::with_lookup(reference, opts, lookup, Retry::DEFAULT).await
     }
 
-    pub(crate) async fn with_lookup(reference: &Reference, opts: &ClientOptions, lookup: Lookup) -> Result<Client, RegistryError> {
+    pub(crate) async fn with_lookup(
+        reference: &Reference,
+        opts: &ClientOptions,
+        lookup: Lookup,
+        retry: Retry,
+    ) -> Result<Client, RegistryError> {
         let http = build_http(opts)?;
         let scheme = if opts.plain_http { "http" } else { "https" };
-        let base = Url::parse(&format!("{scheme}://{}/", reference.api_host()))
-            .map_err(|e| RegistryError::Config(format!("registry {:?}: {e}", reference.registry)))?;
+        let base = Url::parse(&format!("{scheme}://{}/", reference.api_host())).map_err(|e| {
+            RegistryError::Config(format!("registry {:?}: {e}", reference.registry))
+        })?;
         let resolved = credentials::resolve(&reference.registry, &lookup).await?;
         let inner = Inner {
             auth: Authenticator::new(http.clone(), resolved),
@@ -153,9 +176,18 @@ impl Client {
             repository: reference.repository.clone(),
             pending: Default::default(),
         };
-        let client = Client { inner: Arc::new(inner), chunk_size: DEFAULT_CHUNK_SIZE, retry: Retry::DEFAULT };
+        // The first contact retries less: a registry that is down should be reported in about a second.
+        let ping_retry = Retry {
+            attempts: retry.attempts.min(3),
+            ..retry
+        };
+        let client = Client {
+            inner: Arc::new(inner),
+            chunk_size: DEFAULT_CHUNK_SIZE,
+            retry: ping_retry,
+        };
         client.ping().await?;
-        Ok(client)
+        Ok(Client { retry, ..client })
     }
 
     /// PATCH size for `upload_blob_file` (the registry's `OCI-Chunk-Min-Length` still wins when larger).
@@ -180,7 +212,10 @@ impl Client {
             StatusCode::NOT_FOUND => Err(RegistryError::protocol(
                 "GET",
                 &req.url,
-                format!("{} does not serve the registry API at /v2/ (is this a registry?)", host_port(&req.url)),
+                format!(
+                    "{} does not serve the registry API at /v2/ (is this a registry?)",
+                    host_port(&req.url)
+                ),
             )),
             _ => Err(self.fail(&req, resp).await),
         }
@@ -193,7 +228,10 @@ impl Client {
 
     /// `base` + path (relative to the registry root).
     pub(crate) fn url(&self, path: &str) -> Result<Url, RegistryError> {
-        self.inner.base.join(path).map_err(|e| RegistryError::Config(format!("bad registry path {path:?}: {e}")))
+        self.inner
+            .base
+            .join(path)
+            .map_err(|e| RegistryError::Config(format!("bad registry path {path:?}: {e}")))
     }
 
     pub(crate) fn repo_url(&self, rest: &str) -> Result<Url, RegistryError> {
@@ -201,7 +239,14 @@ impl Client {
     }
 
     pub(crate) fn req(&self, method: Method, url: Url) -> Req {
-        Req { method, url, headers: HeaderMap::new(), body: Body::Empty, scopes: self.push_scopes(), retry: true }
+        Req {
+            method,
+            url,
+            headers: HeaderMap::new(),
+            body: Body::Empty,
+            scopes: self.push_scopes(),
+            retry: true,
+        }
     }
 
     /// Send `req`: credentials, one re-authentication on 401, retries, redirects. Any status is returned;
@@ -227,7 +272,11 @@ impl Client {
             if !(transient && req.retry && can_repeat && attempt + 1 < self.retry.attempts) {
                 return result;
             }
-            let wait = result.as_ref().ok().and_then(retry_after).unwrap_or_else(|| self.retry.delay(attempt));
+            let wait = result
+                .as_ref()
+                .ok()
+                .and_then(retry_after)
+                .unwrap_or_else(|| self.retry.delay(attempt));
             tokio::time::sleep(wait).await;
             attempt += 1;
         }
@@ -236,7 +285,11 @@ impl Client {
     async fn send_following_redirects(&self, req: &Req) -> Result<Response, RegistryError> {
         let mut url = req.url.clone();
         for _ in 0..MAX_REDIRECTS {
-            let mut rb = self.inner.http.request(req.method.clone(), url.clone()).headers(req.headers.clone());
+            let mut rb = self
+                .inner
+                .http
+                .request(req.method.clone(), url.clone())
+                .headers(req.headers.clone());
             // Credentials go only to the registry's own origin; a redirect to a storage host gets none.
             if url.origin() == self.inner.base.origin() {
                 if let Some(auth) = self.inner.auth.authorization(&req.scopes).await? {
@@ -244,14 +297,22 @@ impl Client {
                 }
             }
             rb = attach_body(rb, &req.body, &req.method, &url).await?;
-            let resp = rb.send().await.map_err(|e| RegistryError::transport(req.method.as_str(), &url, e))?;
-            let follow = resp.status().is_redirection() && (req.method == Method::GET || req.method == Method::HEAD);
+            let resp = rb
+                .send()
+                .await
+                .map_err(|e| RegistryError::transport(req.method.as_str(), &url, e))?;
+            let follow = resp.status().is_redirection()
+                && (req.method == Method::GET || req.method == Method::HEAD);
             match location(&resp, &url) {
                 Some(next) if follow => url = next,
                 _ => return Ok(resp),
             }
         }
-        Err(RegistryError::protocol(req.method.as_str(), &req.url, format!("more than {MAX_REDIRECTS} redirects")))
+        Err(RegistryError::protocol(
+            req.method.as_str(),
+            &req.url,
+            format!("more than {MAX_REDIRECTS} redirects"),
+        ))
     }
 
     /// Turn an unexpected response into an error with the registry's error body and a hint.
@@ -266,11 +327,25 @@ impl Client {
                 self.inner.repository,
                 self.inner.auth.source()
             )),
-            408 | 429 | 500..=599 => Some(format!("{host} kept failing; gave up after {} attempts", self.retry.attempts)),
+            408 | 429 | 500..=599 => Some(format!(
+                "{host} kept failing; gave up after {} attempts",
+                self.retry.attempts
+            )),
+            // Harbor, GitLab and others answer a push to a project that does not exist this way.
+            404 if req.method != Method::GET && req.method != Method::HEAD => Some(format!(
+                "does the repository {} exist on {host}? some registries need it created first",
+                self.inner.repository
+            )),
             _ => None,
         };
         let mut err = error_from_response(req.method.as_str(), &url, resp, hint).await;
-        if let RegistryError::Status { status: 400, body: Some(b), hint, .. } = &mut err {
+        if let RegistryError::Status {
+            status: 400,
+            body: Some(b),
+            hint,
+            ..
+        } = &mut err
+        {
             // Go's net/http answers a plain request on a TLS port with this text.
             if b.contains("HTTP request to an HTTPS server") {
                 *hint = Some(format!("{host} speaks HTTPS: drop --plain-http"));
@@ -286,7 +361,9 @@ impl Client {
         match resp.status() {
             StatusCode::OK => {
                 let size = header_str(&resp, CONTENT_LENGTH.as_str()).and_then(|s| s.parse().ok());
-                size.map(Some).ok_or_else(|| RegistryError::protocol("HEAD", &req.url, "the answer has no Content-Length"))
+                size.map(Some).ok_or_else(|| {
+                    RegistryError::protocol("HEAD", &req.url, "the answer has no Content-Length")
+                })
             }
             StatusCode::NOT_FOUND => Ok(None),
             _ => Err(self.fail(&req, resp).await),
@@ -295,37 +372,64 @@ impl Client {
 
     /// PUT a manifest under a tag or digest. Returns the sha256 of `body`, after checking it against the
     /// registry's `Docker-Content-Digest` when the registry sends one.
-    pub async fn put_manifest(&self, reference: &str, media_type: &str, body: Bytes) -> Result<Digest, RegistryError> {
+    pub async fn put_manifest(
+        &self,
+        reference: &str,
+        media_type: &str,
+        body: Bytes,
+    ) -> Result<Digest, RegistryError> {
         let digest = Digest::of(&body);
-        let mut req = self.req(Method::PUT, self.repo_url(&format!("manifests/{reference}"))?);
+        let mut req = self.req(
+            Method::PUT,
+            self.repo_url(&format!("manifests/{reference}"))?,
+        );
         req.headers.insert(CONTENT_TYPE, header_value(media_type)?);
         req.body = Body::Bytes(body);
         let resp = self.execute(&req).await?;
         if resp.status() != StatusCode::CREATED && resp.status() != StatusCode::OK {
             return Err(self.fail(&req, resp).await);
         }
-        check_content_digest(&resp, &digest, &format!("manifest {}:{reference}", self.inner.repository))?;
+        check_content_digest(
+            &resp,
+            &digest,
+            &format!("manifest {}:{reference}", self.inner.repository),
+        )?;
         Ok(digest)
     }
 
     /// GET a manifest (tag or digest): `(media type, exact bytes)`, or `None` on 404. When `reference` is a
     /// digest the bytes are checked against it.
-    pub async fn get_manifest(&self, reference: &str) -> Result<Option<(String, Bytes)>, RegistryError> {
-        let mut req = self.req(Method::GET, self.repo_url(&format!("manifests/{reference}"))?);
+    pub async fn get_manifest(
+        &self,
+        reference: &str,
+    ) -> Result<Option<(String, Bytes)>, RegistryError> {
+        let mut req = self.req(
+            Method::GET,
+            self.repo_url(&format!("manifests/{reference}"))?,
+        );
         req.scopes = vec![repo_scope(&self.inner.repository, "pull")];
-        req.headers.insert(ACCEPT, HeaderValue::from_static(MANIFEST_ACCEPT));
+        req.headers
+            .insert(ACCEPT, HeaderValue::from_static(MANIFEST_ACCEPT));
         let resp = self.execute(&req).await?;
         match resp.status() {
             StatusCode::OK => {}
             StatusCode::NOT_FOUND => return Ok(None),
             _ => return Err(self.fail(&req, resp).await),
         }
-        let content_type = header_str(&resp, CONTENT_TYPE.as_str()).map(|s| s.split(';').next().unwrap_or("").trim().to_string());
-        let body = resp.bytes().await.map_err(|e| RegistryError::transport("GET", &req.url, e))?;
+        let content_type = header_str(&resp, CONTENT_TYPE.as_str())
+            .map(|s| s.split(';').next().unwrap_or("").trim().to_string());
+        let body = resp
+            .bytes()
+            .await
+            .map_err(|e| RegistryError::transport("GET", &req.url, e))?;
         if let Ok(expected) = reference.parse::<Digest>() {
             let found = Digest::of(&body);
             if found != expected {
-                return Err(RegistryError::DigestMismatch { what: format!("manifest {reference}"), expected, found: found.to_string() });
+                return Err(RegistryError::DigestMismatch {
+                    what: format!("manifest {reference}"),
+                    expected,
+                    found: found.to_string(),
+                });
             }
         }
         // Some registries answer `application/json` or nothing; the manifest's own mediaType is then the truth.
@@ -350,38 +454,70 @@ fn build_http(opts: &ClientOptions) -> Result<reqwest::Client, RegistryError> {
         .connect_timeout(Duration::from_secs(30))
         .tcp_keepalive(Duration::from_secs(30));
     if let Some(path) = &opts.ca_file {
-        let pem = std::fs::read(path)
-            .map_err(|e| RegistryError::Config(format!("cannot read --registry-ca {}: {e}", path.display())))?;
-        let certs = reqwest::Certificate::from_pem_bundle(&pem)
-            .map_err(|e| RegistryError::Config(format!("--registry-ca {}: not a PEM certificate bundle: {e}", path.display())))?;
+        let pem = std::fs::read(path).map_err(|e| {
+            RegistryError::Config(format!("cannot read --registry-ca {}: {e}", path.display()))
+        })?;
+        let certs = reqwest::Certificate::from_pem_bundle(&pem).map_err(|e| {
+            RegistryError::Config(format!(
+                "--registry-ca {}: not a PEM certificate bundle: {e}",
+                path.display()
+            ))
+        })?;
         if certs.is_empty() {
-            return Err(RegistryError::Config(format!("--registry-ca {}: no certificate in the file", path.display())));
+            return Err(RegistryError::Config(format!(
+                "--registry-ca {}: no certificate in the file",
+                path.display()
+            )));
         }
         for c in certs {
             b = b.add_root_certificate(c);
         }
     }
-    b.build().map_err(|e| RegistryError::Config(format!("cannot build the HTTP client: {e}")))
+    b.build()
+        .map_err(|e| RegistryError::Config(format!("cannot build the HTTP client: {e}")))
 }
 
-async fn attach_body(rb: reqwest::RequestBuilder, body: &Body, method: &Method, url: &Url) -> Result<reqwest::RequestBuilder, RegistryError> {
+async fn attach_body(
+    rb: reqwest::RequestBuilder,
+    body: &Body,
+    method: &Method,
+    url: &Url,
+) -> Result<reqwest::RequestBuilder, RegistryError> {
     Ok(match body {
-        Body::Empty if *method == Method::PUT || *method == Method::POST || *method == Method::PATCH => {
+        Body::Empty
+            if *method == Method::PUT || *method == Method::POST || *method == Method::PATCH =>
+        {
             rb.header(CONTENT_LENGTH, "0")
         }
         Body::Empty => rb,
-        Body::Bytes(b) => rb.header(CONTENT_LENGTH, b.len().to_string()).body(b.clone()),
+        Body::Bytes(b) => rb
+            .header(CONTENT_LENGTH, b.len().to_string())
+            .body(b.clone()),
         Body::File { path, offset, len } => {
             let stream = super::upload::file_range_stream(path, *offset, *len)
                 .await
-                .map_err(|e| RegistryError::Io { context: format!("reading {} for {method} {}", path.display(), redact_url(url)), source: e })?;
+                .map_err(|e| RegistryError::Io {
+                    context: format!(
+                        "reading {} for {method} {}",
+                        path.display(),
+                        redact_url(url)
+                    ),
+                    source: e,
+                })?;
             // An explicit Content-Length makes hyper send a sized body instead of chunked encoding;
             // distribution only checks Content-Range against the body when Content-Length is present.
-            rb.header(CONTENT_LENGTH, len.to_string()).body(reqwest::Body::wrap_stream(stream))
+            rb.header(CONTENT_LENGTH, len.to_string())
+                .body(reqwest::Body::wrap_stream(stream))
         }
         Body::Once(cell) => match cell.lock().ok().and_then(|mut c| c.take()) {
             Some(b) => rb.body(b),
-            None => return Err(RegistryError::protocol(method.as_str(), url, "a streamed body cannot be sent twice")),
+            None => {
+                return Err(RegistryError::protocol(
+                    method.as_str(),
+                    url,
+                    "a streamed body cannot be sent twice",
+                ))
+            }
         },
     })
 }
@@ -403,11 +539,16 @@ pub(crate) fn header_str<'a>(resp: &'a Response, name: &str) -> Option<&'a str> 
 }
 
 pub(crate) fn header_value(s: &str) -> Result<HeaderValue, RegistryError> {
-    HeaderValue::from_str(s).map_err(|_| RegistryError::Config(format!("{s:?} is not a valid HTTP header value")))
+    HeaderValue::from_str(s)
+        .map_err(|_| RegistryError::Config(format!("{s:?} is not a valid HTTP header value")))
 }
 
 /// Registries report what they stored in `Docker-Content-Digest`; a different value means corruption.
-pub(crate) fn check_content_digest(resp: &Response, expected: &Digest, what: &str) -> Result<(), RegistryError> {
+pub(crate) fn check_content_digest(
+    resp: &Response,
+    expected: &Digest,
+    what: &str,
+) -> Result<(), RegistryError> {
     match header_str(resp, "docker-content-digest") {
         Some(found) if found.trim() != expected.as_str() => Err(RegistryError::DigestMismatch {
             what: what.to_string(),
@@ -419,7 +560,12 @@ pub(crate) fn check_content_digest(resp: &Response, expected: &Digest, what: &st
 }
 
 /// Read an error response (bounded) into a `Status` error, keeping the OCI `errors[]` when present.
-pub(crate) async fn error_from_response(method: &str, url: &Url, resp: Response, hint: Option<String>) -> RegistryError {
+pub(crate) async fn error_from_response(
+    method: &str,
+    url: &Url,
+    resp: Response,
+    hint: Option<String>,
+) -> RegistryError {
     let status = resp.status().as_u16();
     let mut raw = Vec::new();
     let mut resp = resp;
@@ -436,9 +582,20 @@ pub(crate) async fn error_from_response(method: &str, url: &Url, resp: Response,
     let (errors, body) = match serde_json::from_slice::<Doc>(&raw) {
         Ok(d) => (d.errors, None),
         Err(_) => {
-            let text: String = String::from_utf8_lossy(&raw).chars().filter(|c| !c.is_control() || *c == ' ').take(300).collect();
+            let text: String = String::from_utf8_lossy(&raw)
+                .chars()
+                .filter(|c| !c.is_control() || *c == ' ')
+                .take(300)
+                .collect();
             (Vec::new(), Some(text))
         }
     };
-    RegistryError::Status { method: method.to_string(), url: redact_url(url), status, errors, body, hint }
+    RegistryError::Status {
+        method: method.to_string(),
+        url: redact_url(url),
+        status,
+        errors,
+        body,
+        hint,
+    }
 }

@@ -42,7 +42,11 @@ pub struct OciError {
 #[derive(Debug, thiserror::Error)]
 pub enum RegistryError {
     /// The registry (or its token service) answered with an unexpected status.
-    #[error("{method} {url}: HTTP {status}{}{}", body_text(errors, body), hint_text(hint))]
+    #[error(
+        "{method} {url}: HTTP {status}{}{}",
+        body_text(errors, body),
+        hint_text(hint)
+    )]
     Status {
         method: String,
         url: String,
@@ -54,30 +58,56 @@ pub enum RegistryError {
     },
     /// No HTTP answer: refused, reset, DNS, TLS, timeout.
     #[error("{method} {url}: {detail}{}", hint_text(hint))]
-    Transport { method: String, url: String, kind: ErrorKind, detail: String, hint: Option<String> },
+    Transport {
+        method: String,
+        url: String,
+        kind: ErrorKind,
+        detail: String,
+        hint: Option<String>,
+    },
     /// The registry's answer broke the protocol.
     #[error("{method} {url}: {message}")]
-    Protocol { method: String, url: String, message: String },
+    Protocol {
+        method: String,
+        url: String,
+        message: String,
+    },
     /// What the registry stored or sent is not what was hashed.
     #[error("digest mismatch for {what}: expected {expected}, registry reported {found}")]
-    DigestMismatch { what: String, expected: Digest, found: String },
+    DigestMismatch {
+        what: String,
+        expected: Digest,
+        found: String,
+    },
     /// A docker config.json / dockerconfigjson file or a credential helper failed.
     #[error("registry credentials{}: {message}", path_text(path))]
-    Credentials { path: Option<PathBuf>, message: String },
+    Credentials {
+        path: Option<PathBuf>,
+        message: String,
+    },
     /// A CA file or other client setting is unusable.
     #[error("registry client configuration: {0}")]
     Config(String),
     #[error(transparent)]
     Reference(#[from] ParseReferenceError),
     #[error("{context}: {source}")]
-    Io { context: String, source: std::io::Error },
+    Io {
+        context: String,
+        source: std::io::Error,
+    },
 }
 
 fn body_text(errors: &[OciError], body: &Option<String>) -> String {
     if !errors.is_empty() {
         let parts: Vec<String> = errors
             .iter()
-            .map(|e| if e.message.is_empty() { e.code.clone() } else { format!("{}: {}", e.code, e.message) })
+            .map(|e| {
+                if e.message.is_empty() {
+                    e.code.clone()
+                } else {
+                    format!("{}: {}", e.code, e.message)
+                }
+            })
             .collect();
         return format!(" ({})", parts.join("; "));
     }
@@ -92,7 +122,9 @@ fn hint_text(hint: &Option<String>) -> String {
 }
 
 fn path_text(path: &Option<PathBuf>) -> String {
-    path.as_ref().map(|p| format!(" in {}", p.display())).unwrap_or_default()
+    path.as_ref()
+        .map(|p| format!(" in {}", p.display()))
+        .unwrap_or_default()
 }
 
 impl RegistryError {
@@ -105,10 +137,12 @@ impl RegistryError {
                 _ => ErrorKind::Protocol,
             },
             RegistryError::Transport { kind, .. } => *kind,
-            RegistryError::Protocol { .. } | RegistryError::DigestMismatch { .. } => ErrorKind::Protocol,
-            RegistryError::Credentials { .. } | RegistryError::Config(_) | RegistryError::Reference(_) => {
-                ErrorKind::Config
+            RegistryError::Protocol { .. } | RegistryError::DigestMismatch { .. } => {
+                ErrorKind::Protocol
             }
+            RegistryError::Credentials { .. }
+            | RegistryError::Config(_)
+            | RegistryError::Reference(_) => ErrorKind::Config,
             RegistryError::Io { .. } => ErrorKind::Io,
         }
     }
@@ -148,7 +182,11 @@ impl RegistryError {
     }
 
     pub(crate) fn protocol(method: &str, url: &Url, message: impl Into<String>) -> RegistryError {
-        RegistryError::Protocol { method: method.to_string(), url: redact_url(url), message: message.into() }
+        RegistryError::Protocol {
+            method: method.to_string(),
+            url: redact_url(url),
+            message: message.into(),
+        }
     }
 
     /// Classify a reqwest failure (no HTTP answer) and attach a hint naming the host.
@@ -159,18 +197,41 @@ impl RegistryError {
         let lower = chain.to_lowercase();
         let (kind, hint) = if lower.contains("certificate") || lower.contains("unknownissuer") {
             (ErrorKind::Tls, format!("TLS certificate for {host} not trusted: pass --registry-ca FILE or --plain-http for a test registry"))
-        } else if lower.contains("corrupt message") || lower.contains("invalidcontenttype") || lower.contains("wrong version number") {
-            (ErrorKind::Tls, format!("{host} does not speak TLS: pass --plain-http if it is a plain-HTTP registry"))
+        } else if lower.contains("corrupt message")
+            || lower.contains("invalidcontenttype")
+            || lower.contains("wrong version number")
+        {
+            (
+                ErrorKind::Tls,
+                format!(
+                    "{host} does not speak TLS: pass --plain-http if it is a plain-HTTP registry"
+                ),
+            )
         } else if has_io_kind(&err, std::io::ErrorKind::ConnectionRefused) {
-            (ErrorKind::Unreachable, format!("is the registry up? connection refused to {host}"))
+            (
+                ErrorKind::Unreachable,
+                format!("is the registry up? connection refused to {host}"),
+            )
         } else if lower.contains("dns error") || lower.contains("failed to lookup") {
             (ErrorKind::Unreachable, format!("cannot resolve {host}"))
         } else if err.is_timeout() {
-            (ErrorKind::Unreachable, format!("timed out talking to {host}"))
+            (
+                ErrorKind::Unreachable,
+                format!("timed out talking to {host}"),
+            )
         } else {
-            (ErrorKind::Unreachable, format!("the connection to {host} failed"))
+            (
+                ErrorKind::Unreachable,
+                format!("the connection to {host} failed"),
+            )
         };
-        RegistryError::Transport { method: method.to_string(), url: redact_url(url), kind, detail: chain, hint: Some(hint) }
+        RegistryError::Transport {
+            method: method.to_string(),
+            url: redact_url(url),
+            kind,
+            detail: chain,
+            hint: Some(hint),
+        }
     }
 }
 
@@ -212,7 +273,9 @@ pub(crate) fn host_port(url: &Url) -> String {
 
 /// Query parameters that carry no secret and help a reader (the rest — `_state`, S3/GCS signatures,
 /// tokens — are replaced by `REDACTED`).
-const HARMLESS_QUERY_KEYS: &[&str] = &["digest", "mount", "from", "n", "last", "service", "scope", "account"];
+const HARMLESS_QUERY_KEYS: &[&str] = &[
+    "digest", "mount", "from", "n", "last", "service", "scope", "account",
+];
 
 /// The URL without user info and with every query value outside [`HARMLESS_QUERY_KEYS`] replaced.
 pub fn redact_url(url: &Url) -> String {
@@ -224,7 +287,14 @@ pub fn redact_url(url: &Url) -> String {
             .query_pairs()
             .map(|(k, v)| {
                 let keep = HARMLESS_QUERY_KEYS.contains(&k.as_ref());
-                (k.into_owned(), if keep { v.into_owned() } else { "REDACTED".to_string() })
+                (
+                    k.into_owned(),
+                    if keep {
+                        v.into_owned()
+                    } else {
+                        "REDACTED".to_string()
+                    },
+                )
             })
             .collect();
         u.query_pairs_mut().clear().extend_pairs(pairs);
@@ -261,7 +331,10 @@ mod tests {
         let u = Url::parse("https://u:pw@r.example/v2/a/blobs/uploads/x?_state=SECRET&digest=sha256%3Aab&X-Amz-Signature=SIG")
             .unwrap();
         let r = redact_url(&u);
-        assert!(!r.contains("SECRET") && !r.contains("SIG") && !r.contains("pw"), "{r}");
+        assert!(
+            !r.contains("SECRET") && !r.contains("SIG") && !r.contains("pw"),
+            "{r}"
+        );
         assert!(r.contains("digest=sha256%3Aab"), "{r}");
     }
 
@@ -276,11 +349,17 @@ mod tests {
             method: "PUT".into(),
             url: "http://h/v2/a/manifests/t".into(),
             status: 400,
-            errors: vec![OciError { code: "MANIFEST_INVALID".into(), message: "manifest invalid".into() }],
+            errors: vec![OciError {
+                code: "MANIFEST_INVALID".into(),
+                message: "manifest invalid".into(),
+            }],
             body: None,
             hint: Some("look".into()),
         };
-        assert_eq!(e.to_string(), "PUT http://h/v2/a/manifests/t: HTTP 400 (MANIFEST_INVALID: manifest invalid) — look");
+        assert_eq!(
+            e.to_string(),
+            "PUT http://h/v2/a/manifests/t: HTTP 400 (MANIFEST_INVALID: manifest invalid) — look"
+        );
         assert_eq!(e.kind(), ErrorKind::Protocol);
     }
 }

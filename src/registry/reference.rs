@@ -85,14 +85,19 @@ impl FromStr for Reference {
     type Err = ParseReferenceError;
 
     fn from_str(input: &str) -> Result<Self, Self::Err> {
-        let fail = |reason: String| ParseReferenceError { input: input.to_string(), reason };
+        let fail = |reason: String| ParseReferenceError {
+            input: input.to_string(),
+            reason,
+        };
         if input.is_empty() {
             return Err(fail("it is empty".into()));
         }
         let (rest, digest) = match input.split_once('@') {
             Some((r, d)) => {
                 let digest = d.parse::<Digest>().map_err(|_| {
-                    fail(format!("digest {d:?} is not sha256:<64 lowercase hex digits>"))
+                    fail(format!(
+                        "digest {d:?} is not sha256:<64 lowercase hex digits>"
+                    ))
                 })?;
                 (r, Some(digest))
             }
@@ -110,9 +115,16 @@ impl FromStr for Reference {
         let (registry, repository) = split_registry(name).map_err(fail)?;
         check_repository(&repository).map_err(fail)?;
         if registry.len() + 1 + repository.len() > NAME_TOTAL_MAX {
-            return Err(fail(format!("the name is longer than {NAME_TOTAL_MAX} characters")));
+            return Err(fail(format!(
+                "the name is longer than {NAME_TOTAL_MAX} characters"
+            )));
         }
-        Ok(Reference { registry, repository, tag: tag.map(str::to_string), digest })
+        Ok(Reference {
+            registry,
+            repository,
+            tag: tag.map(str::to_string),
+            digest,
+        })
     }
 }
 
@@ -123,12 +135,18 @@ fn split_registry(name: &str) -> Result<(String, String), String> {
         Some((f, r)) => (f, Some(r)),
         None => (name, None),
     };
-    let is_registry = |s: &str| s.contains(['.', ':']) || s == "localhost" || s.chars().any(|c| c.is_ascii_uppercase());
+    let is_registry = |s: &str| {
+        s.contains(['.', ':']) || s == "localhost" || s.chars().any(|c| c.is_ascii_uppercase())
+    };
     match rest {
         Some(rest) if is_registry(first) => {
             check_registry(first)?;
             let registry = first.to_ascii_lowercase();
-            let registry = if registry == "index.docker.io" { DOCKER_HUB.to_string() } else { registry };
+            let registry = if registry == "index.docker.io" {
+                DOCKER_HUB.to_string()
+            } else {
+                registry
+            };
             let repository = if registry == DOCKER_HUB && !rest.contains('/') {
                 format!("library/{rest}")
             } else {
@@ -144,9 +162,13 @@ fn split_registry(name: &str) -> Result<(String, String), String> {
 fn check_registry(host: &str) -> Result<(), String> {
     let (h, port) = if let Some(stripped) = host.strip_prefix('[') {
         // [ipv6]:port
-        let (v6, after) = stripped.split_once(']').ok_or("unterminated '[' in the registry host")?;
+        let (v6, after) = stripped
+            .split_once(']')
+            .ok_or("unterminated '[' in the registry host")?;
         if !v6.chars().all(|c| c.is_ascii_hexdigit() || c == ':') {
-            return Err(format!("registry host {host:?} is not a valid IPv6 address"));
+            return Err(format!(
+                "registry host {host:?} is not a valid IPv6 address"
+            ));
         }
         ("x", after.strip_prefix(':'))
     } else {
@@ -156,14 +178,19 @@ fn check_registry(host: &str) -> Result<(), String> {
         }
     };
     let label_ok = |l: &str| {
-        !l.is_empty() && l.chars().all(|c| c.is_ascii_alphanumeric() || c == '-') && !l.starts_with('-') && !l.ends_with('-')
+        !l.is_empty()
+            && l.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
+            && !l.starts_with('-')
+            && !l.ends_with('-')
     };
     if !h.split('.').all(label_ok) {
         return Err(format!("registry host {host:?} is not a valid host name"));
     }
     if let Some(p) = port {
         if p.is_empty() || !p.chars().all(|c| c.is_ascii_digit()) || p.parse::<u16>().is_err() {
-            return Err(format!("registry port in {host:?} is not a number between 0 and 65535"));
+            return Err(format!(
+                "registry port in {host:?} is not a number between 0 and 65535"
+            ));
         }
     }
     Ok(())
@@ -214,13 +241,17 @@ fn check_tag(tag: &str) -> Result<(), String> {
     let word = |c: char| c.is_ascii_alphanumeric() || c == '_';
     let mut chars = tag.chars();
     let ok = match chars.next() {
-        Some(c) => word(c) && chars.all(|c| word(c) || c == '.' || c == '-') && tag.len() <= TAG_MAX,
+        Some(c) => {
+            word(c) && chars.all(|c| word(c) || c == '.' || c == '-') && tag.len() <= TAG_MAX
+        }
         None => false,
     };
     if ok {
         Ok(())
     } else {
-        Err(format!("tag {tag:?} must be 1-{TAG_MAX} of [A-Za-z0-9_.-], not starting with '.' or '-'"))
+        Err(format!(
+            "tag {tag:?} must be 1-{TAG_MAX} of [A-Za-z0-9_.-], not starting with '.' or '-'"
+        ))
     }
 }
 
@@ -235,7 +266,10 @@ mod tests {
     #[test]
     fn bare_name_is_docker_hub_library_without_tag() {
         let r = parse("busybox");
-        assert_eq!((r.registry.as_str(), r.repository.as_str(), r.tag.as_deref()), ("docker.io", "library/busybox", None));
+        assert_eq!(
+            (r.registry.as_str(), r.repository.as_str(), r.tag.as_deref()),
+            ("docker.io", "library/busybox", None)
+        );
         assert_eq!(r.tag_or_latest(), "latest");
         assert_eq!(r.api_host(), "registry-1.docker.io");
         assert_eq!(r.repo_url_name(), "docker.io/library/busybox");
@@ -245,13 +279,19 @@ mod tests {
     fn user_repo_on_hub_and_index_alias() {
         assert_eq!(parse("user/app:1").repository, "user/app");
         let r = parse("index.docker.io/busybox:1.36");
-        assert_eq!((r.registry.as_str(), r.repository.as_str()), ("docker.io", "library/busybox"));
+        assert_eq!(
+            (r.registry.as_str(), r.repository.as_str()),
+            ("docker.io", "library/busybox")
+        );
     }
 
     #[test]
     fn registry_with_port_and_tag() {
         let r = parse("localhost:5000/a/b:t");
-        assert_eq!((r.registry.as_str(), r.repository.as_str(), r.tag.as_deref()), ("localhost:5000", "a/b", Some("t")));
+        assert_eq!(
+            (r.registry.as_str(), r.repository.as_str(), r.tag.as_deref()),
+            ("localhost:5000", "a/b", Some("t"))
+        );
         assert_eq!(r.api_host(), "localhost:5000");
         let r = parse("localhost/a");
         assert_eq!(r.registry, "localhost");
@@ -271,8 +311,14 @@ mod tests {
 
     #[test]
     fn errors_name_the_input_and_the_problem() {
-        let e = "localhost:5000/My/App".parse::<Reference>().unwrap_err().to_string();
-        assert!(e.contains("\"localhost:5000/My/App\"") && e.contains("lowercase"), "{e}");
+        let e = "localhost:5000/My/App"
+            .parse::<Reference>()
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("\"localhost:5000/My/App\"") && e.contains("lowercase"),
+            "{e}"
+        );
         let e = "a/b:-x".parse::<Reference>().unwrap_err().to_string();
         assert!(e.contains("tag"), "{e}");
         let e = "a@sha256:12".parse::<Reference>().unwrap_err().to_string();

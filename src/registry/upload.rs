@@ -14,7 +14,7 @@ use std::task::{Context, Poll};
 
 use bytes::Bytes;
 use futures_util::{Stream, StreamExt};
-use reqwest::header::{CONTENT_TYPE, RANGE};
+use reqwest::header::{CONTENT_LENGTH, CONTENT_TYPE, RANGE};
 use reqwest::{Method, Response, StatusCode};
 use sha2::{Digest as _, Sha256};
 use tokio::io::{AsyncReadExt, AsyncSeekExt};
@@ -50,14 +50,22 @@ struct Progress {
 }
 
 const READ_BUF: usize = 256 * 1024;
+/// Sessions a single upload may start over (from byte 0) before giving up.
+const MAX_RESTARTS: u32 = 3;
 const OCTET_STREAM: &str = "application/octet-stream";
 
 impl Client {
     /// Cross-repository mount: `POST /v2/<repo>/blobs/uploads/?mount=<digest>&from=<repo>`. The token
     /// must cover `pull` on the source repository as well.
-    pub async fn mount_blob(&self, digest: &Digest, from_repository: &str) -> Result<MountOutcome, RegistryError> {
+    pub async fn mount_blob(
+        &self,
+        digest: &Digest,
+        from_repository: &str,
+    ) -> Result<MountOutcome, RegistryError> {
         let mut url = self.repo_url("blobs/uploads/")?;
-        url.query_pairs_mut().append_pair("mount", digest.as_str()).append_pair("from", from_repository);
+        url.query_pairs_mut()
+            .append_pair("mount", digest.as_str())
+            .append_pair("from", from_repository);
         let mut req = self.req(Method::POST, url);
         req.scopes.push(repo_scope(from_repository, "pull"));
         let resp = self.execute(&req).await?;
@@ -65,7 +73,11 @@ impl Client {
             StatusCode::CREATED => Ok(MountOutcome::Mounted),
             StatusCode::ACCEPTED => {
                 let session = self.session_from(&req, &resp)?;
-                self.inner.pending.lock().expect("pending lock").insert(digest.clone(), session);
+                self.inner
+                    .pending
+                    .lock()
+                    .expect("pending lock")
+                    .insert(digest.clone(), session);
                 Ok(MountOutcome::NotMounted)
             }
             _ => Err(self.fail(&req, resp).await),
@@ -74,34 +86,51 @@ impl Client {
 
     /// Upload `size` bytes of `path` as blob `digest` in PATCH chunks streamed from the file, resuming
     /// after failures (see the module doc). Does not HEAD first: callers check `blob_exists`.
-    pub async fn upload_blob_file(&self, digest: &Digest, path: &Path, size: u64) -> Result<(), RegistryError> {
+    pub async fn upload_blob_file(
+        &self,
+        digest: &Digest,
+        path: &Path,
+        size: u64,
+    ) -> Result<(), RegistryError> {
         let mut session = self.open_session(digest).await?;
-        let mut offset = 0u64;
-        let mut failures = 0u32;
+        let (mut offset, mut failures, mut restarts) = (0u64, 0u32, 0u32);
         while offset < size {
             let chunk = self.chunk_size.max(session.min_chunk.unwrap_or(0));
             let len = chunk.min(size - offset);
-            let body = Body::File { path: path.to_path_buf(), offset, len };
+            let body = Body::File {
+                path: path.to_path_buf(),
+                offset,
+                len,
+            };
             match self.patch(&session, offset, Some(len), body).await {
-                Ok(p) => {
-                    (session, offset, failures) = (p.session, p.offset, 0);
-                }
-                Err(e) if e.is_transient() && failures + 1 < self.retry.attempts => {
+                Ok(p) => (session, offset, failures) = (p.session, p.offset, 0),
+                Err(e)
+                    if e.is_transient()
+                        && failures + 1 < self.retry.attempts
+                        && restarts < MAX_RESTARTS =>
+                {
                     tokio::time::sleep(self.retry.delay(failures)).await;
                     failures += 1;
-                    (session, offset) = self.resync(session).await?;
+                    let (s, o, restarted) = self.resync(session).await?;
+                    (session, offset) = (s, o);
+                    restarts += u32::from(restarted);
                 }
                 Err(e) => return Err(e),
             }
             if offset > size {
-                return Err(RegistryError::protocol("PATCH", &session.location, format!("the registry reports {offset} bytes of a {size}-byte blob")));
+                let msg = format!("the registry reports {offset} bytes of a {size}-byte blob");
+                return Err(RegistryError::protocol("PATCH", &session.location, msg));
             }
         }
         self.commit(session, digest, None).await
     }
 
     /// Upload a small blob (an image config) in one request: POST, then `PUT ?digest=` with the bytes.
-    pub async fn upload_blob_bytes(&self, digest: &Digest, bytes: Bytes) -> Result<(), RegistryError> {
+    pub async fn upload_blob_bytes(
+        &self,
+        digest: &Digest,
+        bytes: Bytes,
+    ) -> Result<(), RegistryError> {
         let session = self.open_session(digest).await?;
         self.commit(session, digest, Some(bytes)).await
     }
@@ -109,12 +138,19 @@ impl Client {
     /// Upload a blob from a stream (a content store, another registry). One PATCH carries the whole
     /// stream (sized when `size` is known, chunked encoding otherwise), then `PUT ?digest=`. A stream
     /// cannot be replayed, so a failure is returned to the caller, who can open a new stream.
-    pub async fn upload_blob_stream<S>(&self, digest: &Digest, size: Option<u64>, body: S) -> Result<(), RegistryError>
+    pub async fn upload_blob_stream<S>(
+        &self,
+        digest: &Digest,
+        size: Option<u64>,
+        body: S,
+    ) -> Result<(), RegistryError>
     where
         S: Stream<Item = io::Result<Bytes>> + Send + 'static,
     {
         let session = self.open_session(digest).await?;
-        let once = Body::Once(std::sync::Mutex::new(Some(reqwest::Body::wrap_stream(body))));
+        let once = Body::Once(std::sync::Mutex::new(Some(reqwest::Body::wrap_stream(
+            body,
+        ))));
         let session = match size {
             Some(0) => session,
             _ => self.patch(&session, 0, size, once).await?.session,
@@ -136,7 +172,12 @@ impl Client {
 
     /// A session a declined mount left for this digest, else a new one.
     async fn open_session(&self, digest: &Digest) -> Result<Session, RegistryError> {
-        let pending = self.inner.pending.lock().expect("pending lock").remove(digest);
+        let pending = self
+            .inner
+            .pending
+            .lock()
+            .expect("pending lock")
+            .remove(digest);
         match pending {
             Some(s) => Ok(s),
             None => self.start_session().await,
@@ -153,22 +194,42 @@ impl Client {
     }
 
     fn session_from(&self, req: &Req, resp: &Response) -> Result<Session, RegistryError> {
-        let location = location(resp, resp.url())
-            .ok_or_else(|| RegistryError::protocol(req.method.as_str(), &req.url, "the upload answer has no Location header"))?;
-        let min_chunk = header_str(resp, "oci-chunk-min-length").and_then(|s| s.trim().parse().ok());
-        Ok(Session { location, min_chunk })
+        let location = location(resp, resp.url()).ok_or_else(|| {
+            RegistryError::protocol(
+                req.method.as_str(),
+                &req.url,
+                "the upload answer has no Location header",
+            )
+        })?;
+        let min_chunk =
+            header_str(resp, "oci-chunk-min-length").and_then(|s| s.trim().parse().ok());
+        Ok(Session {
+            location,
+            min_chunk,
+        })
     }
 
     /// One PATCH of `len` bytes at `offset` (`len` None: unsized stream). Returns the next session URL
     /// (distribution's `_state` changes on every answer) and the registry's offset.
-    async fn patch(&self, session: &Session, offset: u64, len: Option<u64>, body: Body) -> Result<Progress, RegistryError> {
+    async fn patch(
+        &self,
+        session: &Session,
+        offset: u64,
+        len: Option<u64>,
+        body: Body,
+    ) -> Result<Progress, RegistryError> {
         let mut req = self.req(Method::PATCH, session.location.clone());
         req.retry = false;
-        req.headers.insert(CONTENT_TYPE, OCTET_STREAM.parse().expect("static header"));
-        if let Some(len) = len {
-            if len > 0 {
-                let range = format!("{offset}-{}", offset + len - 1);
-                req.headers.insert("content-range", range.parse().expect("digits and a dash"));
+        req.headers
+            .insert(CONTENT_TYPE, OCTET_STREAM.parse().expect("static header"));
+        if let Some(len) = len.filter(|l| *l > 0) {
+            let range = format!("{offset}-{}", offset + len - 1);
+            req.headers
+                .insert("content-range", range.parse().expect("digits and a dash"));
+            if matches!(body, Body::Once(_)) {
+                // Sized, not chunked: some registries refuse chunked PATCHes, and distribution only
+                // checks Content-Range against the body when Content-Length is present.
+                req.headers.insert(CONTENT_LENGTH, len.into());
             }
         }
         req.body = body;
@@ -177,33 +238,53 @@ impl Client {
             return Err(self.fail(&req, resp).await);
         }
         let next = location(&resp, resp.url()).unwrap_or_else(|| session.location.clone());
-        let reported = range_end(&resp);
+        // No Range header, or the ambiguous `0-0`: assume the registry took what was sent.
+        let reported = range_end(&resp).flatten();
         let offset = reported.or(len.map(|l| offset + l)).unwrap_or(offset);
-        Ok(Progress { session: Session { location: next, min_chunk: session.min_chunk }, offset })
+        Ok(Progress {
+            session: Session {
+                location: next,
+                min_chunk: session.min_chunk,
+            },
+            offset,
+        })
     }
 
     /// Ask the registry where the upload stands; start over when it no longer knows the session.
-    async fn resync(&self, session: Session) -> Result<(Session, u64), RegistryError> {
+    async fn resync(&self, session: Session) -> Result<(Session, u64, bool), RegistryError> {
         let req = self.req(Method::GET, session.location.clone());
         let resp = self.execute(&req).await?;
         match resp.status() {
             StatusCode::NO_CONTENT | StatusCode::OK => {
                 let next = location(&resp, resp.url()).unwrap_or_else(|| session.location.clone());
-                let offset = range_end(&resp).unwrap_or(0);
-                Ok((Session { location: next, min_chunk: session.min_chunk }, offset))
+                let offset = range_end(&resp).flatten().unwrap_or(0);
+                Ok((
+                    Session {
+                        location: next,
+                        min_chunk: session.min_chunk,
+                    },
+                    offset,
+                    false,
+                ))
             }
-            StatusCode::NOT_FOUND => Ok((self.start_session().await?, 0)),
+            StatusCode::NOT_FOUND => Ok((self.start_session().await?, 0, true)),
             _ => Err(self.fail(&req, resp).await),
         }
     }
 
     /// `PUT <location>&digest=<digest>`, with the final bytes if any. A PUT whose answer was lost may
     /// have landed: a 404 for the session is then checked with a HEAD.
-    async fn commit(&self, session: Session, digest: &Digest, last: Option<Bytes>) -> Result<(), RegistryError> {
+    async fn commit(
+        &self,
+        session: Session,
+        digest: &Digest,
+        last: Option<Bytes>,
+    ) -> Result<(), RegistryError> {
         let mut url = session.location;
         url.query_pairs_mut().append_pair("digest", digest.as_str());
         let mut req = self.req(Method::PUT, url);
-        req.headers.insert(CONTENT_TYPE, OCTET_STREAM.parse().expect("static header"));
+        req.headers
+            .insert(CONTENT_TYPE, OCTET_STREAM.parse().expect("static header"));
         req.body = last.map(Body::Bytes).unwrap_or(Body::Empty);
         let resp = self.execute(&req).await?;
         match resp.status() {
@@ -216,9 +297,9 @@ impl Client {
     }
 }
 
-/// `Range: 0-N` → `N + 1` bytes received. distribution sends `0-0` for an empty session, which is
-/// ambiguous with one byte; treating it as 0 only costs re-sending one byte.
-fn range_end(resp: &Response) -> Option<u64> {
+/// `Range: 0-N` → `Some(Some(N + 1))` bytes received. distribution answers `0-0` both for an empty
+/// session and for one byte, so that is `Some(None)`: known to be at most one byte.
+fn range_end(resp: &Response) -> Option<Option<u64>> {
     let r = resp.headers().get(RANGE)?.to_str().ok()?;
     let r = r.trim().trim_start_matches("bytes=");
     let (start, end) = r.split_once('-')?;
@@ -226,26 +307,36 @@ fn range_end(resp: &Response) -> Option<u64> {
     if start != 0 {
         return None;
     }
-    Some(if end == 0 { 0 } else { end + 1 })
+    Some(if end == 0 { None } else { Some(end + 1) })
 }
 
 /// `len` bytes of a file from `offset`, as a stream of 256 KiB pieces; never the whole file in memory.
-pub(crate) async fn file_range_stream(path: &Path, offset: u64, len: u64) -> io::Result<impl Stream<Item = io::Result<Bytes>> + Send + 'static> {
+pub(crate) async fn file_range_stream(
+    path: &Path,
+    offset: u64,
+    len: u64,
+) -> io::Result<impl Stream<Item = io::Result<Bytes>> + Send + 'static> {
     let mut file = tokio::fs::File::open(path).await?;
     file.seek(io::SeekFrom::Start(offset)).await?;
     let reader = file.take(len);
-    Ok(futures_util::stream::try_unfold((reader, len), |(mut reader, left)| async move {
-        if left == 0 {
-            return Ok(None);
-        }
-        let mut buf = vec![0u8; READ_BUF.min(left as usize)];
-        let n = reader.read(&mut buf).await?;
-        if n == 0 {
-            return Err(io::Error::new(io::ErrorKind::UnexpectedEof, format!("the file ended {left} bytes early")));
-        }
-        buf.truncate(n);
-        Ok(Some((Bytes::from(buf), (reader, left - n as u64))))
-    }))
+    Ok(futures_util::stream::try_unfold(
+        (reader, len),
+        |(mut reader, left)| async move {
+            if left == 0 {
+                return Ok(None);
+            }
+            let mut buf = vec![0u8; READ_BUF.min(left as usize)];
+            let n = reader.read(&mut buf).await?;
+            if n == 0 {
+                return Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    format!("the file ended {left} bytes early"),
+                ));
+            }
+            buf.truncate(n);
+            Ok(Some((Bytes::from(buf), (reader, left - n as u64))))
+        },
+    ))
 }
 
 /// A blob being read from a registry; yields `io::Error` (wrapping a `RegistryError`) on a transport
@@ -261,26 +352,38 @@ impl BlobStream {
         let url = resp.url().clone();
         let body = resp.bytes_stream();
         let state = (body, Sha256::new(), Some(digest), url);
-        let inner = futures_util::stream::try_unfold(state, |(mut body, mut hasher, digest, url)| async move {
-            let Some(expected) = digest else { return Ok(None) };
-            match body.next().await {
-                Some(Ok(chunk)) => {
-                    hasher.update(&chunk);
-                    Ok(Some((chunk, (body, hasher, Some(expected), url))))
-                }
-                Some(Err(e)) => Err(io::Error::other(RegistryError::transport("GET", &url, e))),
-                None => {
-                    let found = Digest::from_sha256(hasher.finalize().into());
-                    if found == expected {
-                        Ok(None)
-                    } else {
-                        let what = format!("blob read from {}", super::error::redact_url(&url));
-                        Err(io::Error::other(RegistryError::DigestMismatch { what, expected, found: found.to_string() }))
+        let inner = futures_util::stream::try_unfold(
+            state,
+            |(mut body, mut hasher, digest, url)| async move {
+                let Some(expected) = digest else {
+                    return Ok(None);
+                };
+                match body.next().await {
+                    Some(Ok(chunk)) => {
+                        hasher.update(&chunk);
+                        Ok(Some((chunk, (body, hasher, Some(expected), url))))
+                    }
+                    Some(Err(e)) => Err(io::Error::other(RegistryError::transport("GET", &url, e))),
+                    None => {
+                        let found = Digest::from_sha256(hasher.finalize().into());
+                        if found == expected {
+                            Ok(None)
+                        } else {
+                            let what = format!("blob read from {}", super::error::redact_url(&url));
+                            Err(io::Error::other(RegistryError::DigestMismatch {
+                                what,
+                                expected,
+                                found: found.to_string(),
+                            }))
+                        }
                     }
                 }
-            }
-        });
-        BlobStream { size, inner: Box::pin(inner) }
+            },
+        );
+        BlobStream {
+            size,
+            inner: Box::pin(inner),
+        }
     }
 
     /// The blob size from `Content-Length`, when sent.

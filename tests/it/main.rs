@@ -1,7 +1,9 @@
 //! The one integration-test binary: a lab (real containerd + registry) per test, and the tests that use it.
 //! Needs root, containerd, runc, docker-registry, skopeo, umoci and busybox-static (scripts/test.sh installs them).
 
+mod e2e;
 mod lab;
+mod safety;
 mod tree;
 
 use std::path::Path;

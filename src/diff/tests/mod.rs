@@ -1,1 +1,47 @@
-//! Tests of the diff stage against real overlay mounts.
+//! Tests of the diff stage against real overlay mounts (root required): layers are produced
+//! from the upperdir and from the double walk, unpacked onto a copy of the lower tree (by the
+//! small applier in `apply.rs`, and by umoci), and the result compared with the merged tree.
+
+mod apply;
+mod fidelity;
+mod fixture;
+mod guards;
+mod scenario;
+mod tree;
+mod umoci;
+
+use super::{write_layer, Options, Source, Stats};
+use std::fs::File;
+use std::io::{Seek, SeekFrom};
+use std::path::Path;
+
+/// Writes the layer into an unlinked temp file in `dir`, rewound for reading.
+pub(crate) fn layer_file(source: &Source, opts: &Options, dir: &Path) -> (File, Stats) {
+    let f = tempfile::tempfile_in(dir).unwrap();
+    let (mut f, stats) = write_layer(source, opts, f).unwrap();
+    f.seek(SeekFrom::Start(0)).unwrap();
+    (f, stats)
+}
+
+/// The entry names of a layer, in order (PAX `path` applied).
+pub(crate) fn entry_names(tar: impl std::io::Read) -> Vec<Vec<u8>> {
+    let mut a = tar::Archive::new(tar);
+    a.entries()
+        .unwrap()
+        .map(|e| e.unwrap().path_bytes().into_owned())
+        .collect()
+}
+
+/// Unpacks `tar` onto a copy of `lower` and asserts the result equals `merged`.
+pub(crate) fn assert_unpacks_to(
+    tar: File,
+    lower: &Path,
+    merged: &Path,
+    scratch: &Path,
+    what: &str,
+) {
+    let root = scratch.join(format!("applied-{}", what.replace(' ', "_")));
+    fixture::copy_tree(lower, &root);
+    apply::apply(std::io::BufReader::new(tar), &root);
+    tree::assert_same(&tree::snapshot(merged), &tree::snapshot(&root), what);
+}

@@ -1,0 +1,372 @@
+//! Fault behaviour against the in-process fake registry: retries, resumption after a reset and after a
+//! 416, a declined mount, the chunk minimum, redirects without credentials, and redaction.
+
+use bytes::Bytes;
+use futures_util::StreamExt;
+
+use super::fake::{Fake, Faults, Storage};
+use super::{config_with_auth, connect, everything, plain, pseudo_random, random_file};
+use crate::digest::Digest;
+use crate::registry::{ErrorKind, MountOutcome};
+
+const MIB: usize = 1024 * 1024;
+
+fn patches(fake: &Fake) -> Vec<super::fake::Logged> {
+    fake.log()
+        .into_iter()
+        .filter(|l| l.method == "PATCH")
+        .collect()
+}
+
+fn range_start(l: &super::fake::Logged) -> u64 {
+    l.content_range
+        .as_deref()
+        .and_then(|r| r.split('-').next())
+        .and_then(|s| s.parse().ok())
+        .unwrap()
+}
+
+#[tokio::test]
+async fn retries_503_with_backoff_then_succeeds() {
+    let fake = Fake::start(Faults::default()).await;
+    let client = connect(&fake.reference("a"), &plain(None), None)
+        .await
+        .unwrap();
+    fake.state.lock().unwrap().faults.status_503 = 2;
+    let data = Bytes::from_static(b"{\"config\":true}");
+    let digest = Digest::of(&data);
+    client.upload_blob_bytes(&digest, data).await.unwrap();
+    let posts: Vec<u16> = fake
+        .log()
+        .iter()
+        .filter(|l| l.method == "POST")
+        .map(|l| l.status)
+        .collect();
+    assert_eq!(posts, vec![503, 503, 202]);
+    assert_eq!(client.blob_exists(&digest).await.unwrap(), Some(15));
+}
+
+#[tokio::test]
+async fn gives_up_after_the_retry_budget_with_the_status_and_oci_code() {
+    let fake = Fake::start(Faults::default()).await;
+    let client = connect(&fake.reference("a"), &plain(None), None)
+        .await
+        .unwrap();
+    fake.state.lock().unwrap().faults.status_503 = 100;
+    let e = client.blob_exists(&Digest::of(b"x")).await.unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Unreachable);
+    assert_eq!(e.status(), Some(503));
+    assert!(e.to_string().starts_with("HEAD http://"), "{e}");
+}
+
+#[tokio::test]
+async fn resumes_after_a_reset_mid_patch_from_the_reported_offset() {
+    let dir = tempfile::tempdir().unwrap();
+    let (path, digest) = random_file(dir.path(), 3 * MIB + 123, 7);
+    let kept = 300 * 1024;
+    let fake = Fake::start(Faults {
+        reset_patch: Some((2, kept)),
+        ..Default::default()
+    })
+    .await;
+    let client = connect(&fake.reference("a/b"), &plain(None), None)
+        .await
+        .unwrap()
+        .with_chunk_size(MIB as u64);
+    client
+        .upload_blob_file(&digest, &path, (3 * MIB + 123) as u64)
+        .await
+        .unwrap();
+
+    let starts: Vec<u64> = patches(&fake).iter().map(range_start).collect();
+    let resumed = (MIB + kept) as u64;
+    // The broken PATCH started at 1 MiB; the next one starts where the registry said it stood, not at 0.
+    assert_eq!(starts[..3], [0, MIB as u64, resumed], "{starts:?}");
+    assert!(starts[2..].iter().all(|s| *s >= resumed), "{starts:?}");
+    assert!(fake
+        .log()
+        .iter()
+        .any(|l| l.method == "GET" && l.target.contains("/blobs/uploads/")));
+    assert_eq!(
+        fake.state.lock().unwrap().blobs[digest.as_str()].len(),
+        3 * MIB + 123
+    );
+}
+
+#[tokio::test]
+async fn resyncs_after_a_416_and_resends_the_lost_chunk() {
+    let dir = tempfile::tempdir().unwrap();
+    let (path, digest) = random_file(dir.path(), 3 * MIB, 8);
+    let fake = Fake::start(Faults {
+        lose_patch: Some(2),
+        ..Default::default()
+    })
+    .await;
+    let client = connect(&fake.reference("a"), &plain(None), None)
+        .await
+        .unwrap()
+        .with_chunk_size(MIB as u64);
+    client
+        .upload_blob_file(&digest, &path, (3 * MIB) as u64)
+        .await
+        .unwrap();
+
+    let p = patches(&fake);
+    let statuses: Vec<u16> = p.iter().map(|l| l.status).collect();
+    let starts: Vec<u64> = p.iter().map(range_start).collect();
+    assert_eq!(statuses, vec![202, 202, 416, 202, 202], "{starts:?}");
+    assert_eq!(
+        starts,
+        vec![0, MIB as u64, 2 * MIB as u64, MIB as u64, 2 * MIB as u64]
+    );
+    assert!(fake
+        .state
+        .lock()
+        .unwrap()
+        .blobs
+        .contains_key(digest.as_str()));
+}
+
+#[tokio::test]
+async fn honours_oci_chunk_min_length() {
+    let dir = tempfile::tempdir().unwrap();
+    let (path, digest) = random_file(dir.path(), 2 * MIB + 10, 9);
+    let fake = Fake::start(Faults {
+        chunk_min: Some(MIB as u64),
+        ..Default::default()
+    })
+    .await;
+    let client = connect(&fake.reference("a"), &plain(None), None)
+        .await
+        .unwrap()
+        .with_chunk_size(64 * 1024);
+    client
+        .upload_blob_file(&digest, &path, (2 * MIB + 10) as u64)
+        .await
+        .unwrap();
+    let sizes: Vec<usize> = patches(&fake).iter().map(|l| l.body_len).collect();
+    assert_eq!(sizes, vec![MIB, MIB, 10]);
+    assert!(
+        patches(&fake).iter().all(|l| !l.chunked),
+        "file chunks go with a Content-Length"
+    );
+}
+
+#[tokio::test]
+async fn a_declined_mount_leaves_a_session_the_next_upload_continues() {
+    let fake = Fake::start(Faults {
+        mount_declines: true,
+        ..Default::default()
+    })
+    .await;
+    let client = connect(&fake.reference("b"), &plain(None), None)
+        .await
+        .unwrap();
+    let data = Bytes::from(pseudo_random(1000, 3));
+    let digest = Digest::of(&data);
+    fake.state
+        .lock()
+        .unwrap()
+        .blobs
+        .insert(digest.to_string(), data.to_vec());
+    assert_eq!(
+        client.mount_blob(&digest, "a").await.unwrap(),
+        MountOutcome::NotMounted
+    );
+    client.upload_blob_bytes(&digest, data).await.unwrap();
+    let posts = fake.log().iter().filter(|l| l.method == "POST").count();
+    assert_eq!(
+        posts, 1,
+        "the upload reused the mount's session instead of POSTing again"
+    );
+}
+
+#[tokio::test]
+async fn a_granted_mount_uploads_nothing() {
+    let fake = Fake::start(Faults::default()).await;
+    let client = connect(&fake.reference("b"), &plain(None), None)
+        .await
+        .unwrap();
+    let digest = Digest::of(b"layer");
+    fake.state
+        .lock()
+        .unwrap()
+        .blobs
+        .insert(digest.to_string(), b"layer".to_vec());
+    assert_eq!(
+        client.mount_blob(&digest, "a").await.unwrap(),
+        MountOutcome::Mounted
+    );
+    let mount = fake.log().into_iter().find(|l| l.method == "POST").unwrap();
+    assert!(
+        mount.target.contains("mount=sha256%3A") && mount.target.contains("from=a"),
+        "{}",
+        mount.target
+    );
+    assert_eq!(patches(&fake).len(), 0);
+}
+
+#[tokio::test]
+async fn unsized_stream_upload_uses_one_chunked_patch() {
+    let fake = Fake::start(Faults::default()).await;
+    let client = connect(&fake.reference("a"), &plain(None), None)
+        .await
+        .unwrap();
+    let data = pseudo_random(200_000, 4);
+    let digest = Digest::of(&data);
+    let pieces: Vec<std::io::Result<Bytes>> = data
+        .chunks(7000)
+        .map(|c| Ok(Bytes::copy_from_slice(c)))
+        .collect();
+    client
+        .upload_blob_stream(&digest, None, futures_util::stream::iter(pieces))
+        .await
+        .unwrap();
+    assert_eq!(fake.state.lock().unwrap().blobs[digest.as_str()], data);
+    assert_eq!(patches(&fake).len(), 1);
+    assert!(patches(&fake)[0].chunked);
+}
+
+#[tokio::test]
+async fn sized_stream_upload_sends_content_length_and_range() {
+    let fake = Fake::start(Faults::default()).await;
+    let client = connect(&fake.reference("a"), &plain(None), None)
+        .await
+        .unwrap();
+    let data = pseudo_random(50_000, 6);
+    let digest = Digest::of(&data);
+    let pieces: Vec<std::io::Result<Bytes>> = data
+        .chunks(7000)
+        .map(|c| Ok(Bytes::copy_from_slice(c)))
+        .collect();
+    client
+        .upload_blob_stream(&digest, Some(50_000), futures_util::stream::iter(pieces))
+        .await
+        .unwrap();
+    let p = patches(&fake);
+    assert_eq!(
+        (p.len(), p[0].chunked, p[0].content_range.as_deref()),
+        (1, false, Some("0-49999"))
+    );
+}
+
+#[tokio::test]
+async fn redirect_to_another_host_carries_no_authorization() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = pseudo_random(100_000, 5);
+    let digest = Digest::of(&data);
+    let storage = Storage::start(data.clone()).await;
+    let auth = "Basic dTpwYXNzd29yZC0xMjM="; // u:password-123
+    let faults = Faults {
+        require_auth: Some(auth.into()),
+        blob_redirect: Some(format!("http://localhost:{}", storage.addr.port())),
+        ..Default::default()
+    };
+    let fake = Fake::start(faults).await;
+    fake.state
+        .lock()
+        .unwrap()
+        .blobs
+        .insert(digest.to_string(), data.clone());
+    let config = config_with_auth(dir.path(), &fake.addr.to_string(), "u", "password-123");
+    let client = connect(&fake.reference("a"), &plain(Some(config)), None)
+        .await
+        .unwrap();
+
+    let stream = client.fetch_blob(&digest).await.unwrap();
+    let got: Vec<Bytes> = stream.map(|r| r.unwrap()).collect().await;
+    assert_eq!(got.concat(), data);
+    assert_eq!(*storage.saw_authorization.lock().unwrap(), vec![false]);
+    assert!(fake
+        .log()
+        .iter()
+        .any(|l| l.target.contains("/blobs/sha256:") && l.authorization && l.status == 307));
+}
+
+#[tokio::test]
+async fn a_blob_that_does_not_match_its_digest_fails_the_stream() {
+    let storage = Storage::start(b"not what was asked for".to_vec()).await;
+    let fake = Fake::start(Faults {
+        blob_redirect: Some(format!("http://localhost:{}", storage.addr.port())),
+        ..Default::default()
+    })
+    .await;
+    let digest = Digest::of(b"the real bytes");
+    fake.state
+        .lock()
+        .unwrap()
+        .blobs
+        .insert(digest.to_string(), b"the real bytes".to_vec());
+    let client = connect(&fake.reference("a"), &plain(None), None)
+        .await
+        .unwrap();
+    let items: Vec<_> = client.fetch_blob(&digest).await.unwrap().collect().await;
+    let err = items.last().unwrap().as_ref().unwrap_err().to_string();
+    assert!(
+        err.contains("digest mismatch") && !err.contains("SIGNED"),
+        "{err}"
+    );
+}
+
+#[tokio::test]
+async fn rejected_credentials_never_show_the_password_or_upload_state() {
+    let dir = tempfile::tempdir().unwrap();
+    let fake = Fake::start(Faults {
+        require_auth: Some("Basic nope".into()),
+        ..Default::default()
+    })
+    .await;
+    let config = config_with_auth(
+        dir.path(),
+        &fake.addr.to_string(),
+        "u",
+        "hunter2-very-secret",
+    );
+    let e = connect(&fake.reference("a"), &plain(Some(config.clone())), None)
+        .await
+        .unwrap_err();
+    let text = everything(&e);
+    assert!(e.is_auth(), "{text}");
+    assert!(
+        !text.contains("hunter2") && !text.contains("aHVudGVy"),
+        "{text}"
+    );
+    assert!(
+        text.contains("check credentials in --registry-config"),
+        "{text}"
+    );
+
+    // An upload URL's `_state` is redacted from errors.
+    let fake = Fake::start(Faults::default()).await;
+    let client = connect(&fake.reference("a"), &plain(None), None)
+        .await
+        .unwrap();
+    let e = client
+        .upload_blob_bytes(&Digest::of(b"other"), Bytes::from_static(b"bytes"))
+        .await
+        .unwrap_err();
+    let text = everything(&e);
+    assert!(
+        text.contains("DIGEST_INVALID") && text.contains("_state=REDACTED"),
+        "{text}"
+    );
+}
+
+#[tokio::test]
+async fn manifests_round_trip_and_a_missing_one_is_none() {
+    let fake = Fake::start(Faults::default()).await;
+    let client = connect(&fake.reference("a"), &plain(None), None)
+        .await
+        .unwrap();
+    let body = Bytes::from_static(br#"{"schemaVersion":2}"#);
+    let d = client
+        .put_manifest("v1", super::OCI_MANIFEST, body.clone())
+        .await
+        .unwrap();
+    assert_eq!(d, Digest::of(&body));
+    assert_eq!(
+        client.get_manifest(d.as_str()).await.unwrap(),
+        Some((super::OCI_MANIFEST.to_string(), body))
+    );
+    assert_eq!(client.get_manifest("nope").await.unwrap(), None);
+}
