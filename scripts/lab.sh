@@ -164,8 +164,8 @@ TOML
   # env is written before waiting, so that `stop` after a failed start finds the pid.
   write_env "$dir" "$sock" "$pid" "$bindir" "" "" "$cgparent"
 
-  local i ok=0
-  for i in $(seq 1 200); do
+  local ok=0
+  for _ in $(seq 1 200); do
     if "$bindir/ctr" -a "$sock" version >/dev/null 2>&1; then ok=1; break; fi
     alive "$pid" || { tail -n 30 "$dir/containerd.log" >&2; die "containerd exited during start (log: $dir/containerd.log)"; }
     sleep 0.05
@@ -177,7 +177,7 @@ TOML
   # shellcheck disable=SC1091
   . "$dir/registry/env"
   write_env "$dir" "$sock" "$pid" "$bindir" "$REGISTRY_ADDR" "$REGISTRY_PID" "$cgparent"
-  log "containerd $("$bindir/ctr" -a "$sock" version 2>/dev/null | awk '/Server:/{s=1} s&&/Version:/{print $2; exit}') on $sock, registry on $REGISTRY_ADDR"
+  log "containerd $("$bindir/ctr" -a "$sock" version 2>/dev/null | awk '/Server:/ {s = 1} s && /Version:/ && v == "" {v = $2} END {print v}') on $sock, registry on $REGISTRY_ADDR"
 }
 
 write_env() {
@@ -232,12 +232,13 @@ build_layout() {
   chmod 0700 "$r/root"
   cp /bin/busybox "$r/bin/busybox"
   chmod 0755 "$r/bin/busybox"
-  local a
+  local a applets
+  applets=$(/bin/busybox --list)
   for a in sh ash ls cat echo mkdir rmdir rm mv ln chmod chown chgrp sleep touch cp find stat sync head tail wc \
     grep sed tr test true false id env printf readlink realpath dd du df mknod mkfifo truncate kill ps uname \
     whoami xargs sort uniq md5sum sha256sum tar gzip date basename dirname hostname diff cmp od hexdump yes \
     seq awk which setfattr getfattr; do
-    if /bin/busybox --list | grep -qx "$a"; then ln -s busybox "$r/bin/$a"; fi
+    if grep -qx -- "$a" <<<"$applets"; then ln -s busybox "$r/bin/$a"; fi
   done
   ln -s ../../bin/busybox "$r/usr/bin/env"
   echo "layer one" >"$r/etc/layer1-only"
@@ -303,7 +304,7 @@ cmd_base_image() {
     esac
     shift
   done
-  dir=$(cd "$dir" 2>/dev/null && pwd -P) || die "no lab in $1"
+  dir=$(cd "$dir" 2>/dev/null && pwd -P) || die "no lab in $dir"
   load_env "$dir"
   ns=${ns:-$CONTAINERD_NAMESPACE}
   need skopeo flock
@@ -391,7 +392,7 @@ cmd_stop() {
   # 6. cgroups and the short socket dir
   remove_cgroups "$cgparent"
   rm -f "$sock" "$sock.ttrpc"
-  case "$sockdir" in /run/committer-lab/*) rmdir "$sockdir" 2>/dev/null || true ;; esac
+  case "$sockdir" in /run/committer-lab/*) rmdir "$sockdir" /run/committer-lab 2>/dev/null || true ;; esac
   rm -f "$dir/env"
   return 0
 }
@@ -416,8 +417,8 @@ mounts_under() {
 }
 
 unmount_under() {
-  local dir=$1 m round
-  for round in 1 2 3 4 5; do
+  local dir=$1 m
+  for _ in 1 2 3 4 5; do
     local any=0
     while IFS= read -r m; do
       [ -n "$m" ] || continue
@@ -483,7 +484,8 @@ cmd_fetch_containerd_17() {
     -o "Dir::Cache=$apt/cache" -o "Dir::State::status=/dev/null" -o "APT::Sandbox::User=root" -o "Debug::NoLocking=1")
   apt-get "${o[@]}" -qq update >&2 || die "apt-get update of trixie's package list failed"
   local ver
-  ver=$(apt-cache "${o[@]}" show containerd 2>/dev/null | awk '/^Version:/{print $2; exit}')
+  # (awk reads to the end: an early exit would SIGPIPE apt-cache, and pipefail would end the script silently)
+  ver=$(apt-cache "${o[@]}" show containerd 2>/dev/null | awk '/^Version:/ && v == "" {v = $2} END {print v}')
   case "$ver" in 1.7.*) ;; *) die "trixie's containerd is '$ver', not 1.7.x" ;; esac
   (cd "$apt" && apt-get "${o[@]}" -qq download "containerd=$ver" >&2) || die "apt-get download containerd=$ver failed"
   rm -rf "$dir/root"
@@ -494,18 +496,20 @@ cmd_fetch_containerd_17() {
 }
 
 debian_mirror() {
-  # deb822 files first (URIs: line of a stanza whose Suites include bookworm), then one-line sources.
-  local f
-  for f in /etc/apt/sources.list.d/*.sources; do
-    [ -f "$f" ] || continue
-    awk '
-      /^[[:space:]]*$/ { if (u != "" && s ~ /(^| )bookworm( |$)/) { print u; exit } u = ""; s = "" }
-      /^URIs:/ { u = $2 } /^Suites:/ { $1 = ""; s = $0 " " }
-      END { if (u != "" && s ~ /(^| )bookworm( |$)/) print u }' "$f" | head -n1
-  done | grep -m1 . && return 0
-  cat /etc/apt/sources.list /etc/apt/sources.list.d/*.list 2>/dev/null |
-    awk '$1 == "deb" { for (i = 2; i <= NF; i++) if ($i !~ /^\[/ && $i !~ /\]$/) { if ($(i + 1) == "bookworm") { print $i; exit } break } }' |
-    grep -m1 .
+  # deb822 stanzas first (the URIs of one whose Suites include bookworm), then one-line sources. Everything is
+  # read to the end and the first line picked in bash: no early-exiting reader in a pipeline (pipefail).
+  local found
+  found=$(awk '
+      FNR == 1 || /^[[:space:]]*$/ { if (u != "" && s ~ / bookworm /) print u; u = ""; s = "" }
+      /^URIs:/ { u = $2 }
+      /^Suites:/ { $1 = ""; s = $0 " " }
+      END { if (u != "" && s ~ / bookworm /) print u }' /dev/null /etc/apt/sources.list.d/*.sources 2>/dev/null || true)
+  if [ -z "$found" ]; then
+    found=$(cat /etc/apt/sources.list /etc/apt/sources.list.d/*.list 2>/dev/null |
+      awk '$1 == "deb" { for (i = 2; i <= NF; i++) if ($i !~ /^\[/ && $i !~ /\]$/) { if ($(i + 1) == "bookworm") print $i; break } }' || true)
+  fi
+  [ -n "$found" ] || return 1
+  echo "${found%%$'\n'*}"
 }
 
 # ---------------------------------------------------------------------------------------------------------------
