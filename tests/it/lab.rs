@@ -49,7 +49,12 @@ pub struct RunOpts {
 
 impl Default for RunOpts {
     fn default() -> Self {
-        RunOpts { snapshotter: "overlayfs".into(), labels: Vec::new(), runtime: None, args: Vec::new() }
+        RunOpts {
+            snapshotter: "overlayfs".into(),
+            labels: Vec::new(),
+            runtime: None,
+            args: Vec::new(),
+        }
     }
 }
 
@@ -60,7 +65,10 @@ impl RunOpts {
             .label("io.kubernetes.pod.namespace", pod_namespace)
             .label("io.kubernetes.pod.name", pod)
             .label("io.kubernetes.container.name", container)
-            .label("io.kubernetes.pod.uid", &format!("uid-{pod_namespace}-{pod}"))
+            .label(
+                "io.kubernetes.pod.uid",
+                &format!("uid-{pod_namespace}-{pod}"),
+            )
     }
     pub fn label(mut self, k: &str, v: &str) -> RunOpts {
         self.labels.push((k.into(), v.into()));
@@ -83,7 +91,8 @@ fn lab_sh() -> PathBuf {
 /// Runs a command to completion with stdin closed; panics if it cannot be spawned.
 pub fn run(cmd: &mut Command) -> Output {
     cmd.stdin(Stdio::null());
-    cmd.output().unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"))
+    cmd.output()
+        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"))
 }
 
 /// Runs a command and panics with its output unless it succeeds; returns stdout.
@@ -114,16 +123,32 @@ fn parse_env(text: &str) -> HashMap<String, String> {
 impl Lab {
     /// Starts containerd and a registry in a new tempdir. Needs root.
     pub fn start() -> Lab {
-        assert!(rustix::process::geteuid().is_root(), "the lab needs root (containerd, runc, mounts)");
-        let tmp = tempfile::Builder::new().prefix("committer-lab-").tempdir().expect("creating the lab tempdir");
+        assert!(
+            rustix::process::geteuid().is_root(),
+            "the lab needs root (containerd, runc, mounts)"
+        );
+        let tmp = tempfile::Builder::new()
+            .prefix("committer-lab-")
+            .tempdir()
+            .expect("creating the lab tempdir");
         let dir = tmp.keep();
         let out = run(Command::new(lab_sh()).arg("start").arg(&dir));
         if !out.status.success() {
             let _ = run(Command::new(lab_sh()).arg("stop").arg(&dir));
-            panic!("scripts/lab.sh start {} failed ({}):\n{}", dir.display(), out.status, describe(&out));
+            panic!(
+                "scripts/lab.sh start {} failed ({}):\n{}",
+                dir.display(),
+                out.status,
+                describe(&out)
+            );
         }
-        let env = parse_env(&std::fs::read_to_string(dir.join("env")).expect("reading the lab's env"));
-        let get = |k: &str| env.get(k).cloned().unwrap_or_else(|| panic!("{k} missing in {}/env", dir.display()));
+        let env =
+            parse_env(&std::fs::read_to_string(dir.join("env")).expect("reading the lab's env"));
+        let get = |k: &str| {
+            env.get(k)
+                .cloned()
+                .unwrap_or_else(|| panic!("{k} missing in {}/env", dir.display()))
+        };
         Lab {
             address: get("CONTAINERD_ADDRESS").into(),
             registry: get("REGISTRY"),
@@ -145,7 +170,11 @@ impl Lab {
     /// `docker`) and pulls it into containerd; returns the reference.
     pub fn base_image(&self, name: &str, docker: bool) -> String {
         let mut cmd = Command::new(lab_sh());
-        cmd.args([OsStr::new("base-image"), self.dir.as_os_str(), OsStr::new(name)]);
+        cmd.args([
+            OsStr::new("base-image"),
+            self.dir.as_os_str(),
+            OsStr::new(name),
+        ]);
         cmd.args(["--namespace", &self.namespace]);
         if docker {
             cmd.arg("--docker");
@@ -156,7 +185,10 @@ impl Lab {
     /// A `ctr` command for this lab's socket and namespace.
     pub fn ctr_command(&self) -> Command {
         let mut cmd = Command::new(&self.ctr_bin);
-        cmd.arg("-a").arg(&self.address).arg("-n").arg(&self.namespace);
+        cmd.arg("-a")
+            .arg(&self.address)
+            .arg("-n")
+            .arg(&self.namespace);
         cmd
     }
 
@@ -173,9 +205,13 @@ impl Lab {
     pub fn run_container(&self, id: &str, image: &str, opts: &RunOpts) {
         let mut cmd = self.ctr_command();
         cmd.args(["run", "-d", "--snapshotter", &opts.snapshotter]);
-        cmd.arg("--log-uri").arg(format!("file://{}", self.dir.join("logs").join(format!("{id}.log")).display()));
+        cmd.arg("--log-uri").arg(format!(
+            "file://{}",
+            self.dir.join("logs").join(format!("{id}.log")).display()
+        ));
         cmd.arg("--runc-root").arg(&self.runc_root);
-        cmd.arg("--cgroup").arg(format!("{}/{id}", self.cgroup_parent));
+        cmd.arg("--cgroup")
+            .arg(format!("{}/{id}", self.cgroup_parent));
         if let Some(rt) = &opts.runtime {
             cmd.args(["--runtime", rt]);
         }
@@ -211,7 +247,11 @@ impl Lab {
     pub fn exec(&self, id: &str, script: &str) -> String {
         let out = self.try_exec(id, script);
         if !out.status.success() {
-            panic!("exec in {id} of {script:?} failed ({}):\n{}", out.status, describe(&out));
+            panic!(
+                "exec in {id} of {script:?} failed ({}):\n{}",
+                out.status,
+                describe(&out)
+            );
         }
         String::from_utf8_lossy(&out.stdout).into_owned()
     }
@@ -219,12 +259,25 @@ impl Lab {
     /// `sh -c script` in the container; its exit status is ctr's.
     pub fn try_exec(&self, id: &str, script: &str) -> Output {
         let exec_id = format!("exec-{}-{}", std::process::id(), self.next());
-        self.try_ctr(&["tasks", "exec", "--exec-id", &exec_id, id, "sh", "-c", script])
+        self.try_ctr(&[
+            "tasks",
+            "exec",
+            "--exec-id",
+            &exec_id,
+            id,
+            "sh",
+            "-c",
+            script,
+        ])
     }
 
     /// The task's merged rootfs as mounted on the host.
     pub fn rootfs(&self, id: &str) -> PathBuf {
-        self.dir.join("state/io.containerd.runtime.v2.task").join(&self.namespace).join(id).join("rootfs")
+        self.dir
+            .join("state/io.containerd.runtime.v2.task")
+            .join(&self.namespace)
+            .join(id)
+            .join("rootfs")
     }
 
     /// RUNNING, PAUSED, STOPPED…, or "" when the container has no task.
@@ -234,7 +287,9 @@ impl Lab {
 
     /// The host pid of the task's init process.
     pub fn task_pid(&self, id: &str) -> u32 {
-        self.task_row(id).unwrap_or_else(|| panic!("container {id} has no task")).0
+        self.task_row(id)
+            .unwrap_or_else(|| panic!("container {id} has no task"))
+            .0
     }
 
     fn task_row(&self, id: &str) -> Option<(u32, String)> {
@@ -253,7 +308,8 @@ impl Lab {
     /// The committer binary as a `Command` (environment set), for tests that need to add more.
     pub fn committer_command(&self) -> Command {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_committer"));
-        cmd.env("CONTAINERD_ADDRESS", &self.address).env("CONTAINERD_NAMESPACE", &self.namespace);
+        cmd.env("CONTAINERD_ADDRESS", &self.address)
+            .env("CONTAINERD_NAMESPACE", &self.namespace);
         cmd
     }
 
@@ -289,7 +345,12 @@ impl Lab {
     pub fn stop(&self) {
         let out = run(Command::new(lab_sh()).arg("stop").arg(&self.dir));
         if !out.status.success() {
-            eprintln!("scripts/lab.sh stop {} failed ({}):\n{}", self.dir.display(), out.status, describe(&out));
+            eprintln!(
+                "scripts/lab.sh stop {} failed ({}):\n{}",
+                self.dir.display(),
+                out.status,
+                describe(&out)
+            );
         }
     }
 }
@@ -298,13 +359,19 @@ impl Drop for Lab {
     fn drop(&mut self) {
         self.stop();
         if std::env::var_os("COMMITTER_LAB_KEEP").is_some() {
-            eprintln!("COMMITTER_LAB_KEEP: leaving the lab in {}", self.dir.display());
+            eprintln!(
+                "COMMITTER_LAB_KEEP: leaving the lab in {}",
+                self.dir.display()
+            );
             return;
         }
         // Removing a tree with a mount still in it would delete through the mount: leave it then.
         let left = mounts_under(&self.dir);
         if !left.is_empty() {
-            eprintln!("lab {}: still mounted, not removing: {left:?}", self.dir.display());
+            eprintln!(
+                "lab {}: still mounted, not removing: {left:?}",
+                self.dir.display()
+            );
             return;
         }
         if let Err(e) = std::fs::remove_dir_all(&self.dir) {
@@ -328,7 +395,10 @@ fn unescape_mountinfo(s: &str) -> String {
     let mut out = Vec::with_capacity(b.len());
     let mut i = 0;
     while i < b.len() {
-        if b[i] == b'\\' && i + 3 < b.len() && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c)) {
+        if b[i] == b'\\'
+            && i + 3 < b.len()
+            && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c))
+        {
             out.push((b[i + 1] - b'0') * 64 + (b[i + 2] - b'0') * 8 + (b[i + 3] - b'0'));
             i += 4;
         } else {
@@ -344,11 +414,19 @@ pub fn processes_mentioning(needle: &str) -> Vec<(u32, String)> {
     let me = std::process::id();
     let mut found = Vec::new();
     for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
-        let Some(pid) = entry.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else { continue };
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|s| s.parse::<u32>().ok())
+        else {
+            continue;
+        };
         if pid == me {
             continue;
         }
-        let Ok(raw) = std::fs::read(entry.path().join("cmdline")) else { continue };
+        let Ok(raw) = std::fs::read(entry.path().join("cmdline")) else {
+            continue;
+        };
         let cmdline = String::from_utf8_lossy(&raw).replace('\0', " ");
         if cmdline.contains(needle) {
             found.push((pid, cmdline));
@@ -360,7 +438,10 @@ pub fn processes_mentioning(needle: &str) -> Vec<(u32, String)> {
 /// Whether `pid` names a live (not zombie) process.
 pub fn process_alive(pid: u32) -> bool {
     match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Ok(stat) => stat.rsplit_once(") ").map(|(_, rest)| !rest.starts_with('Z')).unwrap_or(false),
+        Ok(stat) => stat
+            .rsplit_once(") ")
+            .map(|(_, rest)| !rest.starts_with('Z'))
+            .unwrap_or(false),
         Err(_) => false,
     }
 }

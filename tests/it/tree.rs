@@ -31,9 +31,17 @@ impl CompareOpts {
     /// What a container's rootfs has that no image holds: the kernel's filesystems and runc's bind mounts.
     pub fn container_rootfs() -> CompareOpts {
         CompareOpts {
-            ignore: ["/proc", "/sys", "/dev", "/etc/hosts", "/etc/resolv.conf", "/etc/hostname", "/run"]
-                .map(String::from)
-                .to_vec(),
+            ignore: [
+                "/proc",
+                "/sys",
+                "/dev",
+                "/etc/hosts",
+                "/etc/resolv.conf",
+                "/etc/hostname",
+                "/run",
+            ]
+            .map(String::from)
+            .to_vec(),
             ..CompareOpts::default()
         }
     }
@@ -92,7 +100,11 @@ type Tree = BTreeMap<PathBuf, Entry>;
 pub fn compare_trees(a: &Path, b: &Path, opts: &CompareOpts) -> Vec<String> {
     let ta = scan(a, opts);
     let tb = scan(b, opts);
-    let (la, lb) = if opts.hardlinks { (link_groups(&ta), link_groups(&tb)) } else { Default::default() };
+    let (la, lb) = if opts.hardlinks {
+        (link_groups(&ta), link_groups(&tb))
+    } else {
+        Default::default()
+    };
     let mut diffs = Vec::new();
     let paths: BTreeSet<&PathBuf> = ta.keys().chain(tb.keys()).collect();
     for p in paths {
@@ -105,7 +117,11 @@ pub fn compare_trees(a: &Path, b: &Path, opts: &CompareOpts) -> Vec<String> {
                 if opts.hardlinks {
                     let (ga, gb) = (la.get(p.as_path()), lb.get(p.as_path()));
                     if ga != gb {
-                        diffs.push(format!("{shown}: hardlinked with {} vs {}", show_group(ga), show_group(gb)));
+                        diffs.push(format!(
+                            "{shown}: hardlinked with {} vs {}",
+                            show_group(ga),
+                            show_group(gb)
+                        ));
                     }
                 }
             }
@@ -147,9 +163,10 @@ fn compare_entry(p: &str, a: &Entry, b: &Entry, opts: &CompareOpts, diffs: &mut 
             a.link_target.as_deref().unwrap_or(Path::new("")),
             b.link_target.as_deref().unwrap_or(Path::new(""))
         )),
-        Kind::CharDev | Kind::BlockDev if a.rdev != b.rdev => {
-            diffs.push(format!("{p}: device {}:{} vs {}:{}", a.rdev.0, a.rdev.1, b.rdev.0, b.rdev.1))
-        }
+        Kind::CharDev | Kind::BlockDev if a.rdev != b.rdev => diffs.push(format!(
+            "{p}: device {}:{} vs {}:{}",
+            a.rdev.0, a.rdev.1, b.rdev.0, b.rdev.1
+        )),
         _ => {}
     }
     if opts.mtime && a.mtime != b.mtime {
@@ -160,7 +177,11 @@ fn compare_entry(p: &str, a: &Entry, b: &Entry, opts: &CompareOpts, diffs: &mut 
         for n in names {
             let (va, vb) = (a.xattrs.get(n), b.xattrs.get(n));
             if va != vb {
-                diffs.push(format!("{p}: xattr {n} {} vs {}", show_xattr(va), show_xattr(vb)));
+                diffs.push(format!(
+                    "{p}: xattr {n} {} vs {}",
+                    show_xattr(va),
+                    show_xattr(vb)
+                ));
             }
         }
     }
@@ -176,7 +197,13 @@ fn show_xattr(v: Option<&Vec<u8>>) -> String {
 fn show_group(g: Option<&Vec<PathBuf>>) -> String {
     match g {
         None => "[]".into(),
-        Some(g) => format!("[{}]", g.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", ")),
+        Some(g) => format!(
+            "[{}]",
+            g.iter()
+                .map(|p| p.display().to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
     }
 }
 
@@ -191,7 +218,11 @@ fn link_groups(tree: &Tree) -> HashMap<PathBuf, Vec<PathBuf>> {
     let mut groups = HashMap::new();
     for members in by_inode.values().filter(|m| m.len() > 1) {
         for p in members {
-            let others: Vec<PathBuf> = members.iter().filter(|o| *o != p).map(|o| (*o).clone()).collect();
+            let others: Vec<PathBuf> = members
+                .iter()
+                .filter(|o| *o != p)
+                .map(|o| (*o).clone())
+                .collect();
             groups.insert((*p).clone(), others);
         }
     }
@@ -208,7 +239,8 @@ fn scan(root: &Path, opts: &CompareOpts) -> Tree {
     let mut stack = vec![PathBuf::from("/")];
     while let Some(rel) = stack.pop() {
         let dir = root.join(rel.strip_prefix("/").unwrap());
-        let rd = std::fs::read_dir(&dir).unwrap_or_else(|e| panic!("reading dir {}: {e}", dir.display()));
+        let rd = std::fs::read_dir(&dir)
+            .unwrap_or_else(|e| panic!("reading dir {}: {e}", dir.display()));
         for ent in rd {
             let ent = ent.unwrap_or_else(|e| panic!("reading dir {}: {e}", dir.display()));
             let child = rel.join(ent.file_name());
@@ -227,7 +259,8 @@ fn scan(root: &Path, opts: &CompareOpts) -> Tree {
 }
 
 fn stat(full: &Path, opts: &CompareOpts) -> Entry {
-    let md = std::fs::symlink_metadata(full).unwrap_or_else(|e| panic!("lstat {}: {e}", full.display()));
+    let md =
+        std::fs::symlink_metadata(full).unwrap_or_else(|e| panic!("lstat {}: {e}", full.display()));
     let ft = md.file_type();
     let kind = if ft.is_symlink() {
         Kind::Symlink
@@ -246,8 +279,9 @@ fn stat(full: &Path, opts: &CompareOpts) -> Entry {
     };
     let rdev = md.rdev();
     Entry {
-        link_target: (kind == Kind::Symlink)
-            .then(|| std::fs::read_link(full).unwrap_or_else(|e| panic!("readlink {}: {e}", full.display()))),
+        link_target: (kind == Kind::Symlink).then(|| {
+            std::fs::read_link(full).unwrap_or_else(|e| panic!("readlink {}: {e}", full.display()))
+        }),
         kind,
         mode: md.mode() & 0o7777,
         uid: md.uid(),
@@ -257,7 +291,11 @@ fn stat(full: &Path, opts: &CompareOpts) -> Entry {
         rdev: (libc::major(rdev), libc::minor(rdev)),
         ino: (md.dev(), md.ino()),
         nlink: md.nlink(),
-        xattrs: if opts.xattrs { xattrs(full) } else { BTreeMap::new() },
+        xattrs: if opts.xattrs {
+            xattrs(full)
+        } else {
+            BTreeMap::new()
+        },
         full_path: full.to_path_buf(),
     }
 }
@@ -291,7 +329,14 @@ pub fn xattrs(path: &Path) -> BTreeMap<String, Vec<u8>> {
         }
         let mut val = vec![0u8; vlen as usize];
         // SAFETY: val has vlen bytes.
-        let vlen = unsafe { libc::lgetxattr(c.as_ptr(), cname.as_ptr(), val.as_mut_ptr().cast(), val.len()) };
+        let vlen = unsafe {
+            libc::lgetxattr(
+                c.as_ptr(),
+                cname.as_ptr(),
+                val.as_mut_ptr().cast(),
+                val.len(),
+            )
+        };
         if vlen < 0 {
             continue;
         }
@@ -302,7 +347,9 @@ pub fn xattrs(path: &Path) -> BTreeMap<String, Vec<u8>> {
 }
 
 fn same_content(a: &Path, b: &Path) -> bool {
-    let open = |p: &Path| std::fs::File::open(p).unwrap_or_else(|e| panic!("opening {}: {e}", p.display()));
+    let open = |p: &Path| {
+        std::fs::File::open(p).unwrap_or_else(|e| panic!("opening {}: {e}", p.display()))
+    };
     let (mut fa, mut fb) = (open(a), open(b));
     let (mut ba, mut bb) = (vec![0u8; 1 << 16], vec![0u8; 1 << 16]);
     loop {
@@ -372,7 +419,11 @@ mod tests {
             std::fs::write(root.join("d/file"), b"hello").unwrap();
             std::fs::write(root.join("d/sub/other"), b"other").unwrap();
             symlink("file", root.join("d/link")).unwrap();
-            mknod(&root.join("d/null"), libc::S_IFCHR | 0o666, libc::makedev(1, 3));
+            mknod(
+                &root.join("d/null"),
+                libc::S_IFCHR | 0o666,
+                libc::makedev(1, 3),
+            );
             mknod(&root.join("d/fifo"), libc::S_IFIFO | 0o644, 0);
             std::fs::hard_link(root.join("d/file"), root.join("d/file-link")).unwrap();
             std::fs::write(root.join("d/lonely"), b"x").unwrap();
@@ -385,7 +436,13 @@ mod tests {
         let c = CString::new(p.as_os_str().as_bytes()).unwrap();
         // SAFETY: valid C string.
         let r = unsafe { libc::mknod(c.as_ptr(), mode, dev) };
-        assert_eq!(r, 0, "mknod {}: {} (tests run as root)", p.display(), std::io::Error::last_os_error());
+        assert_eq!(
+            r,
+            0,
+            "mknod {}: {} (tests run as root)",
+            p.display(),
+            std::io::Error::last_os_error()
+        );
     }
 
     fn set_mtime(root: &Path, secs: i64) {
@@ -400,14 +457,27 @@ mod tests {
     }
 
     fn all() -> CompareOpts {
-        CompareOpts { ignore: vec![], mtime: true, xattrs: true, hardlinks: true }
+        CompareOpts {
+            ignore: vec![],
+            mtime: true,
+            xattrs: true,
+            hardlinks: true,
+        }
     }
 
     /// Exactly one difference, mentioning `path` and `what`.
     fn expect_one(p: &Pair, opts: &CompareOpts, path: &str, what: &str) {
         let d = compare_trees(&p.a, &p.b, opts);
-        assert_eq!(d.len(), 1, "expected one difference about {path} {what}, got {d:#?}");
-        assert!(d[0].starts_with(&format!("{path}: ")) && d[0].contains(what), "got {:?}", d[0]);
+        assert_eq!(
+            d.len(),
+            1,
+            "expected one difference about {path} {what}, got {d:#?}"
+        );
+        assert!(
+            d[0].starts_with(&format!("{path}: ")) && d[0].contains(what),
+            "got {:?}",
+            d[0]
+        );
     }
 
     #[test]
@@ -425,7 +495,10 @@ mod tests {
         std::fs::remove_dir_all(p.a.join("d/sub")).unwrap();
         let d = compare_trees(&p.a, &p.b, &all());
         assert!(d.contains(&"/d/sub: only in b (dir)".to_string()), "{d:#?}");
-        assert!(d.contains(&"/d/sub/other: only in b (file)".to_string()), "{d:#?}");
+        assert!(
+            d.contains(&"/d/sub/other: only in b (file)".to_string()),
+            "{d:#?}"
+        );
     }
 
     #[test]
@@ -439,13 +512,20 @@ mod tests {
 
     #[test]
     fn compare_trees_reports_mode_including_setuid_setgid_and_sticky() {
-        for (mode, shown) in [(0o600, "0600"), (0o4644, "4644"), (0o2644, "2644"), (0o1644, "1644")] {
+        for (mode, shown) in [
+            (0o600, "0600"),
+            (0o4644, "4644"),
+            (0o2644, "2644"),
+            (0o1644, "1644"),
+        ] {
             let p = pair();
-            std::fs::set_permissions(p.b.join("d/lonely"), std::fs::Permissions::from_mode(mode)).unwrap();
+            std::fs::set_permissions(p.b.join("d/lonely"), std::fs::Permissions::from_mode(mode))
+                .unwrap();
             expect_one(&p, &all(), "/d/lonely", &format!("mode 0644 vs {shown}"));
         }
         let p = pair();
-        std::fs::set_permissions(p.b.join("d/sub"), std::fs::Permissions::from_mode(0o1777)).unwrap();
+        std::fs::set_permissions(p.b.join("d/sub"), std::fs::Permissions::from_mode(0o1777))
+            .unwrap();
         expect_one(&p, &all(), "/d/sub", "mode 0755 vs 1777");
     }
 
@@ -477,7 +557,12 @@ mod tests {
         std::fs::remove_file(p.b.join("d/link")).unwrap();
         symlink("sub/other", p.b.join("d/link")).unwrap();
         set_mtime(&p.b, 1_700_000_000);
-        expect_one(&p, &all(), "/d/link", r#"symlink target "file" vs "sub/other""#);
+        expect_one(
+            &p,
+            &all(),
+            "/d/link",
+            r#"symlink target "file" vs "sub/other""#,
+        );
         // a symlink to a directory is not walked into
         let p = pair();
         symlink("/", p.a.join("d/root-link")).unwrap();
@@ -491,7 +576,11 @@ mod tests {
     fn compare_trees_reports_device_numbers() {
         let p = pair();
         std::fs::remove_file(p.b.join("d/null")).unwrap();
-        mknod(&p.b.join("d/null"), libc::S_IFCHR | 0o666, libc::makedev(1, 5));
+        mknod(
+            &p.b.join("d/null"),
+            libc::S_IFCHR | 0o666,
+            libc::makedev(1, 5),
+        );
         set_mtime(&p.b, 1_700_000_000);
         expect_one(&p, &all(), "/d/null", "device 1:3 vs 1:5");
     }
@@ -501,7 +590,10 @@ mod tests {
         let p = pair();
         set_mtime(&p.b.join("d/lonely"), 1_700_000_001);
         expect_one(&p, &all(), "/d/lonely", "mtime 1700000000 vs 1700000001");
-        let opts = CompareOpts { mtime: false, ..all() };
+        let opts = CompareOpts {
+            mtime: false,
+            ..all()
+        };
         assert_eq!(compare_trees(&p.a, &p.b, &opts), Vec::<String>::new());
     }
 
@@ -509,8 +601,16 @@ mod tests {
     fn compare_trees_reports_xattrs_only_when_asked_and_never_trusted() {
         let p = pair();
         setxattr(&p.b.join("d/lonely"), "user.color", b"blue");
-        expect_one(&p, &all(), "/d/lonely", r#"xattr user.color absent vs "blue""#);
-        let opts = CompareOpts { xattrs: false, ..all() };
+        expect_one(
+            &p,
+            &all(),
+            "/d/lonely",
+            r#"xattr user.color absent vs "blue""#,
+        );
+        let opts = CompareOpts {
+            xattrs: false,
+            ..all()
+        };
         assert_eq!(compare_trees(&p.a, &p.b, &opts), Vec::<String>::new());
         let p = pair();
         setxattr(&p.b.join("d/lonely"), "trusted.overlay.opaque", b"y");
@@ -521,8 +621,22 @@ mod tests {
         let c = CString::new(p.as_os_str().as_bytes()).unwrap();
         let n = CString::new(name).unwrap();
         // SAFETY: valid C strings and buffer.
-        let r = unsafe { libc::lsetxattr(c.as_ptr(), n.as_ptr(), value.as_ptr().cast(), value.len(), 0) };
-        assert_eq!(r, 0, "setxattr {name} on {}: {}", p.display(), std::io::Error::last_os_error());
+        let r = unsafe {
+            libc::lsetxattr(
+                c.as_ptr(),
+                n.as_ptr(),
+                value.as_ptr().cast(),
+                value.len(),
+                0,
+            )
+        };
+        assert_eq!(
+            r,
+            0,
+            "setxattr {name} on {}: {}",
+            p.display(),
+            std::io::Error::last_os_error()
+        );
     }
 
     #[test]
@@ -540,7 +654,10 @@ mod tests {
                 "/d/file-link: hardlinked with [/d/file] vs []".to_string()
             ]
         );
-        let opts = CompareOpts { hardlinks: false, ..all() };
+        let opts = CompareOpts {
+            hardlinks: false,
+            ..all()
+        };
         assert_eq!(compare_trees(&p.a, &p.b, &opts), Vec::<String>::new());
     }
 
@@ -550,11 +667,18 @@ mod tests {
         std::fs::write(p.b.join("d/sub/other"), b"changed!").unwrap();
         std::fs::write(p.b.join("d/sub/new"), b"new").unwrap();
         std::fs::remove_file(p.b.join("d/lonely")).unwrap();
-        let opts = CompareOpts { ignore: vec!["/d/sub".into(), "/d/lonely".into()], mtime: false, ..all() };
+        let opts = CompareOpts {
+            ignore: vec!["/d/sub".into(), "/d/lonely".into()],
+            mtime: false,
+            ..all()
+        };
         assert_eq!(compare_trees(&p.a, &p.b, &opts), Vec::<String>::new());
         // "/d/sub" does not hide "/d/subway"
         std::fs::write(p.b.join("d/subway"), b"").unwrap();
-        assert_eq!(compare_trees(&p.a, &p.b, &opts), vec!["/d/subway: only in b (file)".to_string()]);
+        assert_eq!(
+            compare_trees(&p.a, &p.b, &opts),
+            vec!["/d/subway: only in b (file)".to_string()]
+        );
     }
 
     #[test]
@@ -562,7 +686,8 @@ mod tests {
         let p = pair();
         std::fs::remove_file(p.b.join("d/fifo")).unwrap();
         std::fs::write(p.b.join("d/fifo"), b"").unwrap();
-        std::fs::set_permissions(p.b.join("d/fifo"), std::fs::Permissions::from_mode(0o644)).unwrap();
+        std::fs::set_permissions(p.b.join("d/fifo"), std::fs::Permissions::from_mode(0o644))
+            .unwrap();
         set_mtime(&p.b, 1_700_000_000);
         expect_one(&p, &all(), "/d/fifo", "type fifo vs file");
     }
