@@ -168,10 +168,14 @@ impl<W: Write> Walk<'_, W> {
         lm: Option<&Meta>,
         sub: OwnedFd,
     ) -> Result<(), DiffError> {
+        // An unchanged directory is still written before anything beneath it, as containerd's
+        // differ does: unpackers replace a changed child by unlink + create, which touches the
+        // parent's mtime, and only a directory entry in the layer puts it back.
         let changed = lm.is_none_or(|l| !l.same_attrs(m));
-        if self.filter.is_stub(path) || (lm.is_none() && self.filter.holds_stub(path)) {
+        let stub = self.filter.is_stub(path) || (lm.is_none() && self.filter.holds_stub(path));
+        if stub || !changed {
             self.sink.defer_dir(path, m);
-        } else if changed {
+        } else {
             self.sink.dir(path, m)?;
         }
         let lsub = match low {

@@ -2,9 +2,9 @@
 //! `.wh..wh..opq` empties its directory (it follows the directory entry, before any child), an
 //! entry replaces whatever non-directory (or, for a non-directory entry, directory) is at its
 //! path, hardlink entries re-apply their metadata to the shared inode, directory metadata is
-//! applied last. Parsing is the `tar` crate's (it honours PAX `path`, `linkpath` and `size`);
-//! PAX `uid`, `gid`, `mtime` and `SCHILY.xattr.*` are read here. File content is written sparse.
+//! applied last. Parsing is `rawtar`'s. File content is written sparse.
 
+use super::rawtar::{self, Entry};
 use rustix::fs::{AtFlags, FileType, Mode, Timespec, Timestamps, CWD};
 use std::ffi::OsStr;
 use std::fs::File;
@@ -20,79 +20,74 @@ struct Attrs {
     xattrs: Vec<(Vec<u8>, Vec<u8>)>,
 }
 
+impl Attrs {
+    fn of(e: &Entry) -> Attrs {
+        Attrs {
+            mode: e.mode,
+            uid: e.uid as u32,
+            gid: e.gid as u32,
+            mtime: e.mtime,
+            xattrs: e.xattrs.clone(),
+        }
+    }
+}
+
 /// Applies the layer in `tar` onto `root`.
 pub(crate) fn apply(tar: impl Read, root: &Path) {
-    let mut archive = tar::Archive::new(tar);
     let mut dirs: Vec<(PathBuf, Attrs)> = Vec::new();
-    for entry in archive.entries().unwrap() {
-        let mut entry = entry.unwrap();
-        let raw = entry.path_bytes().into_owned();
-        let rel = raw.strip_suffix(b"/").unwrap_or(&raw).to_vec();
-        let path = root.join(OsStr::from_bytes(&rel));
+    rawtar::for_each(tar, |e, content| {
+        let rel = e.path.strip_suffix(b"/").unwrap_or(&e.path);
+        let path = root.join(OsStr::from_bytes(rel));
         let base = path.file_name().unwrap().as_bytes().to_vec();
-        let attrs = attrs(&mut entry);
         if base == b".wh..wh..opq" {
             for child in std::fs::read_dir(path.parent().unwrap()).unwrap() {
                 remove_all(&child.unwrap().path());
             }
-            continue;
+            return;
         }
         if let Some(name) = base.strip_prefix(b".wh.") {
             remove_all(&path.parent().unwrap().join(OsStr::from_bytes(name)));
-            continue;
+            return;
         }
-        let kind = entry.header().entry_type();
         if let Ok(md) = std::fs::symlink_metadata(&path) {
-            if !(md.is_dir() && kind.is_dir()) {
+            if !(md.is_dir() && e.kind == b'5') {
                 remove_all(&path);
             }
         }
-        if kind.is_dir() {
+        if e.kind == b'5' {
             if !path.exists() {
                 std::fs::create_dir(&path).unwrap();
             }
-            dirs.push((path, attrs));
-            continue;
+            dirs.push((path, Attrs::of(e)));
+            return;
         }
-        create(&mut entry, &path, root, attrs.mode);
-        set_attrs(&path, &attrs);
-    }
+        create(e, content, &path, root);
+        set_attrs(&path, &Attrs::of(e));
+    });
     for (path, attrs) in dirs.iter().rev() {
         set_attrs(path, attrs);
     }
 }
 
-fn create(entry: &mut tar::Entry<impl Read>, path: &Path, root: &Path, mode: u32) {
-    let h = entry.header();
-    let dev = || {
-        rustix::fs::makedev(
-            h.device_major().unwrap().unwrap(),
-            h.device_minor().unwrap().unwrap(),
-        )
-    };
-    let perm = Mode::from_raw_mode(mode & 0o777);
-    match h.entry_type() {
-        tar::EntryType::Regular => write_sparse(entry, path),
-        tar::EntryType::Symlink => {
-            let target = entry.link_name_bytes().unwrap().into_owned();
-            std::os::unix::fs::symlink(OsStr::from_bytes(&target), path).unwrap();
-        }
-        tar::EntryType::Link => {
-            let target = entry.link_name_bytes().unwrap().into_owned();
-            std::fs::hard_link(root.join(OsStr::from_bytes(&target)), path).unwrap();
-        }
-        tar::EntryType::Char => {
-            rustix::fs::mknodat(CWD, path, FileType::CharacterDevice, perm, dev()).unwrap()
-        }
-        tar::EntryType::Block => {
-            rustix::fs::mknodat(CWD, path, FileType::BlockDevice, perm, dev()).unwrap()
-        }
-        tar::EntryType::Fifo => rustix::fs::mknodat(CWD, path, FileType::Fifo, perm, 0).unwrap(),
-        other => panic!("unexpected entry type {other:?} at {}", path.display()),
+fn create(e: &Entry, content: &mut dyn Read, path: &Path, root: &Path) {
+    let dev = rustix::fs::makedev(e.dev.0, e.dev.1);
+    let perm = Mode::from_raw_mode(e.mode & 0o777);
+    match e.kind {
+        b'0' => write_sparse(content, path),
+        b'2' => std::os::unix::fs::symlink(OsStr::from_bytes(&e.link), path).unwrap(),
+        b'1' => std::fs::hard_link(root.join(OsStr::from_bytes(&e.link)), path).unwrap(),
+        b'3' => rustix::fs::mknodat(CWD, path, FileType::CharacterDevice, perm, dev).unwrap(),
+        b'4' => rustix::fs::mknodat(CWD, path, FileType::BlockDevice, perm, dev).unwrap(),
+        b'6' => rustix::fs::mknodat(CWD, path, FileType::Fifo, perm, 0).unwrap(),
+        other => panic!(
+            "unexpected entry type {:?} at {}",
+            other as char,
+            path.display()
+        ),
     }
 }
 
-fn write_sparse(entry: &mut impl Read, path: &Path) {
+fn write_sparse(entry: &mut dyn Read, path: &Path) {
     let mut f = File::create(path).unwrap();
     let mut buf = vec![0u8; 1 << 20];
     let zero = vec![0u8; 1 << 20];
@@ -112,7 +107,7 @@ fn write_sparse(entry: &mut impl Read, path: &Path) {
     f.set_len(len).unwrap();
 }
 
-fn read_full(r: &mut impl Read, buf: &mut [u8]) -> usize {
+fn read_full(r: &mut dyn Read, buf: &mut [u8]) -> usize {
     let mut n = 0;
     while n < buf.len() {
         match r.read(&mut buf[n..]).unwrap() {
@@ -121,40 +116,6 @@ fn read_full(r: &mut impl Read, buf: &mut [u8]) -> usize {
         }
     }
     n
-}
-
-/// Header values, overridden by PAX records where present.
-fn attrs(entry: &mut tar::Entry<impl Read>) -> Attrs {
-    let h = entry.header();
-    let mut a = Attrs {
-        mode: h.mode().unwrap(),
-        uid: h.uid().unwrap() as u32,
-        gid: h.gid().unwrap() as u32,
-        mtime: h.mtime().unwrap() as i64,
-        xattrs: Vec::new(),
-    };
-    if let Some(pax) = entry.pax_extensions().unwrap() {
-        for ext in pax {
-            let ext = ext.unwrap();
-            let num = || {
-                std::str::from_utf8(ext.value_bytes())
-                    .unwrap()
-                    .parse::<i64>()
-                    .unwrap()
-            };
-            match ext.key_bytes() {
-                b"uid" => a.uid = num() as u32,
-                b"gid" => a.gid = num() as u32,
-                b"mtime" => a.mtime = num(),
-                k if k.starts_with(b"SCHILY.xattr.") => a.xattrs.push((
-                    k[b"SCHILY.xattr.".len()..].to_vec(),
-                    ext.value_bytes().to_vec(),
-                )),
-                _ => {}
-            }
-        }
-    }
-    a
 }
 
 /// Owner, then mode (chown clears setuid), xattrs, and mtime last; never through a symlink.

@@ -172,6 +172,8 @@ fn whiteouts_and_opaque_dirs_in_lower_layers_are_honoured() {
     scenario::mknod(&l[1].join("f"), rustix::fs::FileType::CharacterDevice, 0, 0);
     write(&l[0], b"x", b"");
     scenario::setx(&l[0].join("x"), "trusted.overlay.whiteout", b"");
+    // Since Linux 6.8 overlay looks for xattr whiteouts only in directories marked opaque=x.
+    scenario::setx(&l[0], "trusted.overlay.opaque", b"x");
     ov.mount();
     let lower_view = ov.mount_lower_view();
     let m = ov.merged.clone();

@@ -6,6 +6,7 @@ mod apply;
 mod fidelity;
 mod fixture;
 mod guards;
+mod rawtar;
 mod scenario;
 mod tree;
 mod umoci;
@@ -25,21 +26,18 @@ pub(crate) fn layer_file(source: &Source, opts: &Options, dir: &Path) -> (File, 
 
 /// The entry names of a layer, in order (PAX `path` applied).
 pub(crate) fn entry_names(tar: impl std::io::Read) -> Vec<Vec<u8>> {
-    let mut a = tar::Archive::new(tar);
-    a.entries()
-        .unwrap()
-        .map(|e| e.unwrap().path_bytes().into_owned())
-        .collect()
+    rawtar::entries(tar).into_iter().map(|e| e.path).collect()
 }
 
 /// Unpacks `tar` onto a copy of `lower` and asserts the result equals `merged`.
 pub(crate) fn assert_unpacks_to(
-    tar: File,
+    mut tar: File,
     lower: &Path,
     merged: &Path,
     scratch: &Path,
     what: &str,
 ) {
+    tar.seek(SeekFrom::Start(0)).unwrap(); // clones share the offset
     let root = scratch.join(format!("applied-{}", what.replace(' ', "_")));
     fixture::copy_tree(lower, &root);
     apply::apply(std::io::BufReader::new(tar), &root);

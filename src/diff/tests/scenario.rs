@@ -92,6 +92,8 @@ pub(crate) fn make_lower(l: &Path) {
     std::os::unix::fs::symlink("mod.txt", p(l, b"sym_old")).unwrap();
     mkdir(l, b"keepdir");
     write(l, b"keepdir/untouched", b"u");
+    mkdir(l, b"samedir");
+    write(l, b"samedir/inplace", b"before");
     set_mtime(&p(l, b"sneaky.bin"), 1_600_000_000, 123_456_789);
 }
 
@@ -141,6 +143,13 @@ pub(crate) fn change(m: &Path, sparse: u64) {
     f.seek(SeekFrom::Start(sparse / 2)).unwrap();
     f.write_all(b"x").unwrap();
     drop(f);
+    // Rewritten in place: the directory's mtime does not change.
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(p(m, b"samedir/inplace"))
+        .unwrap()
+        .write_all(b"AFTER!")
+        .unwrap();
     sneaky_edit(m);
     std::fs::remove_dir_all(p(m, b"dir_to_file")).unwrap();
     write(m, b"dir_to_file", b"now a file");
