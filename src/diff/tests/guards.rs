@@ -336,8 +336,9 @@ fn merged_with_lower_at(merged: &Tree, lower: &Tree, excluded: &[&[u8]]) -> Tree
     t
 }
 
-#[test]
-fn exclusions_keep_lower_paths_as_they_were() {
+/// Lower paths that exclusions will protect, then a container that deletes or changes them
+/// (and recreates `opq`, which makes it opaque).
+fn exclusion_overlay() -> Overlay {
     let mut ov = Overlay::new(1);
     let l = ov.lowers[0].clone();
     for f in [
@@ -358,6 +359,13 @@ fn exclusions_keep_lower_paths_as_they_were() {
     std::fs::remove_dir_all(m.join("opq")).unwrap();
     scenario::mkdir(&m, b"opq");
     write(&m, b"opq/new", b"n");
+    ov
+}
+
+#[test]
+fn exclusions_keep_lower_paths_as_they_were() {
+    let ov = exclusion_overlay();
+    let (l, m) = (ov.lowers[0].clone(), ov.merged.clone());
     let opts = Options {
         exclude: vec![
             "/excl".into(),

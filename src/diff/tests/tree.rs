@@ -57,19 +57,7 @@ fn walk(dir: &Path, rel: &[u8], tree: &mut Tree, inodes: &mut HashMap<(u64, u64)
         if ft.is_socket() {
             continue;
         }
-        let kind = if ft.is_dir() {
-            'd'
-        } else if ft.is_symlink() {
-            'l'
-        } else if ft.is_file() {
-            'f'
-        } else if ft.is_char_device() {
-            'c'
-        } else if ft.is_block_device() {
-            'b'
-        } else {
-            'p'
-        };
+        let kind = kind_of(&ft);
         if !ft.is_dir() && md.nlink() > 1 {
             inodes
                 .entry((md.dev(), md.ino()))
@@ -105,6 +93,17 @@ fn walk(dir: &Path, rel: &[u8], tree: &mut Tree, inodes: &mut HashMap<(u64, u64)
         if ft.is_dir() {
             walk(&path, &r, tree, inodes);
         }
+    }
+}
+
+fn kind_of(ft: &std::fs::FileType) -> char {
+    match () {
+        _ if ft.is_dir() => 'd',
+        _ if ft.is_symlink() => 'l',
+        _ if ft.is_file() => 'f',
+        _ if ft.is_char_device() => 'c',
+        _ if ft.is_block_device() => 'b',
+        _ => 'p',
     }
 }
 
