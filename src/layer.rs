@@ -25,7 +25,7 @@ pub struct CompressOptions {
     pub compression: Compression,
     /// gzip 0-9 (default 6: what docker and containerd use), zstd 1-19 (default 3).
     pub level: Option<i32>,
-    /// zstd worker threads (0 = compress on the calling thread).
+    /// Compression worker threads (gzip: at least one; zstd: 0 = on the calling thread).
     pub threads: u32,
 }
 
@@ -49,7 +49,7 @@ impl<W: Write> Write for Counted<W> {
 }
 
 enum Encoder<W: Write> {
-    Gzip(flate2::write::GzEncoder<W>),
+    Gzip(crate::pgzip::ParGzEncoder<W>),
     Zstd(zstd::Encoder<'static, W>),
     Plain(W),
 }
@@ -72,9 +72,11 @@ impl<W: Write> LayerWriter<W> {
         let enc = match opts.compression {
             Compression::Gzip => {
                 let level = opts.level.unwrap_or(6).clamp(0, 9) as u32;
-                // No file name or mtime in the gzip header: the same tar must give the same digest.
-                let gz = flate2::GzBuilder::new().write(counted, flate2::Compression::new(level));
-                Encoder::Gzip(gz)
+                Encoder::Gzip(crate::pgzip::ParGzEncoder::new(
+                    counted,
+                    level,
+                    opts.threads,
+                )?)
             }
             Compression::Zstd => {
                 let mut z = zstd::Encoder::new(counted, opts.level.unwrap_or(3))?;

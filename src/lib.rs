@@ -15,6 +15,7 @@ pub mod guard;
 pub mod image;
 pub mod layer;
 pub mod log;
+pub mod pgzip;
 pub mod push;
 pub mod registry;
 pub mod report;
