@@ -7,10 +7,18 @@ use serde_json::Value;
 
 /// Paths that are the runtime's, not the image's: never compared.
 fn runtime_paths() -> Vec<String> {
-    ["/proc", "/sys", "/dev", "/etc/hosts", "/etc/resolv.conf", "/etc/hostname", "/run"]
-        .iter()
-        .map(|s| s.to_string())
-        .collect()
+    [
+        "/proc",
+        "/sys",
+        "/dev",
+        "/etc/hosts",
+        "/etc/resolv.conf",
+        "/etc/hostname",
+        "/run",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect()
 }
 
 /// Every change kind issue 2 names, made from inside the container.
@@ -44,17 +52,34 @@ fn run_json(out: &std::process::Output) -> Value {
     );
     let stdout = String::from_utf8_lossy(&out.stdout);
     let lines: Vec<&str> = stdout.lines().collect();
-    assert_eq!(lines.len(), 1, "stdout must hold exactly the result JSON line: {stdout}");
+    assert_eq!(
+        lines.len(),
+        1,
+        "stdout must hold exactly the result JSON line: {stdout}"
+    );
     serde_json::from_str(lines[0]).expect("result is JSON")
 }
 
 fn sandbox(lab: &Lab, id: &str, image: &str) {
     let labels = vec![
-        ("io.kubernetes.pod.namespace".to_string(), "team-a".to_string()),
+        (
+            "io.kubernetes.pod.namespace".to_string(),
+            "team-a".to_string(),
+        ),
         ("io.kubernetes.pod.name".to_string(), format!("pod-{id}")),
-        ("io.kubernetes.container.name".to_string(), "work".to_string()),
+        (
+            "io.kubernetes.container.name".to_string(),
+            "work".to_string(),
+        ),
     ];
-    lab.run_container(id, image, &RunOpts { labels, ..RunOpts::default() });
+    lab.run_container(
+        id,
+        image,
+        &RunOpts {
+            labels,
+            ..RunOpts::default()
+        },
+    );
 }
 
 #[test]
@@ -65,24 +90,53 @@ fn commit_pushes_an_image_equal_to_the_container_rootfs_and_it_runs() {
     lab.exec("c1", CHANGES);
 
     let target = format!("{}/snap/c1:v1", lab.registry);
-    let out = lab.committer(&["commit", "--container", "c1", "--image", &target, "--plain-http"]);
+    let out = lab.committer(&[
+        "commit",
+        "--container",
+        "c1",
+        "--image",
+        &target,
+        "--plain-http",
+    ]);
     let result = run_json(&out);
     let digest = result["manifestDigest"].as_str().unwrap();
-    assert_eq!(result["image"], format!("{}/snap/c1@{digest}", lab.registry));
+    assert_eq!(
+        result["image"],
+        format!("{}/snap/c1@{digest}", lab.registry)
+    );
     assert_eq!(result["tag"], target);
-    assert_eq!(result["mediaType"], "application/vnd.oci.image.manifest.v1+json");
+    assert_eq!(
+        result["mediaType"],
+        "application/vnd.oci.image.manifest.v1+json"
+    );
     assert_eq!(result["baseImage"], base);
-    assert_eq!(result["layer"]["mediaType"], "application/vnd.oci.image.layer.v1.tar+gzip");
-    assert_eq!(lab.task_status("c1"), "RUNNING", "the sandbox runs on after the commit");
+    assert_eq!(
+        result["layer"]["mediaType"],
+        "application/vnd.oci.image.layer.v1.tar+gzip"
+    );
+    assert_eq!(
+        lab.task_status("c1"),
+        "RUNNING",
+        "the sandbox runs on after the commit"
+    );
 
     // An independent reader: skopeo copies it to an OCI layout, umoci unpacks it.
     let unpacked = lab.pull_unpack(result["image"].as_str().unwrap());
     let diffs = compare_trees(
         &lab.rootfs("c1"),
         &unpacked,
-        &CompareOpts { ignore: runtime_paths(), mtime: false, xattrs: false, hardlinks: true },
+        &CompareOpts {
+            ignore: runtime_paths(),
+            mtime: false,
+            xattrs: false,
+            hardlinks: true,
+        },
     );
-    assert!(diffs.is_empty(), "pushed image differs from the container:\n{}", diffs.join("\n"));
+    assert!(
+        diffs.is_empty(),
+        "pushed image differs from the container:\n{}",
+        diffs.join("\n")
+    );
 
     // containerd pulls it by digest and runs it as a new sandbox that sees the changes.
     let by_digest = result["image"].as_str().unwrap();
@@ -100,13 +154,34 @@ fn pod_selector_finds_the_same_container_as_its_id() {
     let base = lab.base_image("base", false);
     sandbox(&lab, "c2", &base);
     lab.exec("c2", "echo x > /data/x");
-    let by_id = run_json(&lab.committer(&["diff", "--container", "c2", "--output", &out_path(&lab, "by-id.tgz")]));
-    let by_pod = run_json(&lab.committer(&[
-        "diff", "--pod", "team-a/pod-c2", "--container-name", "work", "--output", &out_path(&lab, "by-pod.tgz"),
+    let by_id = run_json(&lab.committer(&[
+        "diff",
+        "--container",
+        "c2",
+        "--output",
+        &out_path(&lab, "by-id.tgz"),
     ]));
-    let by_pod_alone = run_json(&lab.committer(&["diff", "--pod", "team-a/pod-c2", "--output", &out_path(&lab, "p.tgz")]));
+    let by_pod = run_json(&lab.committer(&[
+        "diff",
+        "--pod",
+        "team-a/pod-c2",
+        "--container-name",
+        "work",
+        "--output",
+        &out_path(&lab, "by-pod.tgz"),
+    ]));
+    let by_pod_alone = run_json(&lab.committer(&[
+        "diff",
+        "--pod",
+        "team-a/pod-c2",
+        "--output",
+        &out_path(&lab, "p.tgz"),
+    ]));
     assert_eq!(by_id["diffId"], by_pod["diffId"]);
-    assert_eq!(by_id["digest"], by_pod_alone["digest"], "an unchanged container gives the same layer digest");
+    assert_eq!(
+        by_id["digest"], by_pod_alone["digest"],
+        "an unchanged container gives the same layer digest"
+    );
 }
 
 #[test]
@@ -116,28 +191,58 @@ fn docker_schema2_base_gives_a_docker_manifest() {
     sandbox(&lab, "c3", &base);
     lab.exec("c3", "echo hi > /hi");
     let target = format!("{}/snap/c3:v1", lab.registry);
-    let result = run_json(&lab.committer(&["commit", "--container", "c3", "--image", &target, "--plain-http"]));
-    assert_eq!(result["mediaType"], "application/vnd.docker.distribution.manifest.v2+json");
-    assert_eq!(result["layer"]["mediaType"], "application/vnd.docker.image.rootfs.diff.tar.gzip");
+    let result = run_json(&lab.committer(&[
+        "commit",
+        "--container",
+        "c3",
+        "--image",
+        &target,
+        "--plain-http",
+    ]));
+    assert_eq!(
+        result["mediaType"],
+        "application/vnd.docker.distribution.manifest.v2+json"
+    );
+    assert_eq!(
+        result["layer"]["mediaType"],
+        "application/vnd.docker.image.rootfs.diff.tar.gzip"
+    );
     let unpacked = lab.pull_unpack(result["image"].as_str().unwrap());
-    assert_eq!(std::fs::read_to_string(unpacked.join("hi")).unwrap(), "hi\n");
+    assert_eq!(
+        std::fs::read_to_string(unpacked.join("hi")).unwrap(),
+        "hi\n"
+    );
 }
 
 /// Asserts one error line on stderr that mentions `needle`, the exit code, and nothing on stdout.
 fn assert_clear_failure(out: &std::process::Output, code: i32, needle: &str) {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(code), "exit code; stderr: {stderr}");
-    assert!(out.stdout.is_empty(), "nothing on stdout on failure: {}", String::from_utf8_lossy(&out.stdout));
+    assert!(
+        out.stdout.is_empty(),
+        "nothing on stdout on failure: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
     let lines: Vec<&str> = stderr.lines().filter(|l| !l.trim().is_empty()).collect();
     assert_eq!(lines.len(), 1, "one error line, got: {stderr}");
-    assert!(lines[0].contains(needle), "error should mention {needle:?}: {}", lines[0]);
+    assert!(
+        lines[0].contains(needle),
+        "error should mention {needle:?}: {}",
+        lines[0]
+    );
 }
 
 fn tags_of(lab: &Lab, repo: &str) -> Vec<String> {
     let url = format!("http://{}/v2/{repo}/tags/list", lab.registry);
-    let out = std::process::Command::new("curl").args(["-s", &url]).output().unwrap();
+    let out = std::process::Command::new("curl")
+        .args(["-s", &url])
+        .output()
+        .unwrap();
     let v: Value = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
-    v["tags"].as_array().map(|t| t.iter().map(|x| x.as_str().unwrap().to_string()).collect()).unwrap_or_default()
+    v["tags"]
+        .as_array()
+        .map(|t| t.iter().map(|x| x.as_str().unwrap().to_string()).collect())
+        .unwrap_or_default()
 }
 
 #[test]
@@ -169,30 +274,70 @@ fn bad_inputs_get_one_clear_line_and_push_nothing() {
     assert_clear_failure(&commit(&["--pod", "team-a/pod-c4"]), 3, "--container-name");
     assert_clear_failure(&commit(&["--pod", "team-a/pod-none"]), 3, "team-a/pod-none");
     assert_clear_failure(
-        &lab.committer(&["commit", "--container", "c4", "--image", &target, "--plain-http", "--address", "/nonexistent.sock"]),
+        &lab.committer(&[
+            "commit",
+            "--container",
+            "c4",
+            "--image",
+            &target,
+            "--plain-http",
+            "--address",
+            "/nonexistent.sock",
+        ]),
         3,
         "/nonexistent.sock",
     );
     assert_clear_failure(
-        &lab.committer(&["commit", "--container", "c4", "--image", "127.0.0.1:1/x/y:v1", "--plain-http"]),
+        &lab.committer(&[
+            "commit",
+            "--container",
+            "c4",
+            "--image",
+            "127.0.0.1:1/x/y:v1",
+            "--plain-http",
+        ]),
         5,
         "127.0.0.1:1",
     );
     assert_clear_failure(
-        &lab.committer(&["commit", "--container", "c4", "--image", "UPPER/Case::bad", "--plain-http"]),
+        &lab.committer(&[
+            "commit",
+            "--container",
+            "c4",
+            "--image",
+            "UPPER/Case::bad",
+            "--plain-http",
+        ]),
         2,
         "--image",
     );
     assert_eq!(lab.task_status("c4"), "RUNNING");
-    assert!(tags_of(&lab, "snap/bad").is_empty(), "no tag may be pushed by a failed commit");
+    assert!(
+        tags_of(&lab, "snap/bad").is_empty(),
+        "no tag may be pushed by a failed commit"
+    );
 }
 
 #[test]
 fn a_container_on_an_off_host_runtime_is_refused() {
     let lab = Lab::start();
     let base = lab.base_image("base", false);
-    lab.ctr(&["containers", "create", "--runtime", "io.containerd.runsc.v1", &base, "gvisor-sandbox"]);
+    lab.ctr(&[
+        "containers",
+        "create",
+        "--runtime",
+        "io.containerd.runsc.v1",
+        &base,
+        "gvisor-sandbox",
+    ]);
     let target = format!("{}/snap/gv:v1", lab.registry);
-    let out = lab.committer(&["commit", "--container", "gvisor-sandbox", "--image", &target, "--plain-http"]);
+    let out = lab.committer(&[
+        "commit",
+        "--container",
+        "gvisor-sandbox",
+        "--image",
+        &target,
+        "--plain-http",
+    ]);
     assert_clear_failure(&out, 4, "runsc");
 }
