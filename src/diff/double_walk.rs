@@ -1,7 +1,12 @@
 //! The double-walk source: compares the parent's tree (`lower`) with the container's current
 //! tree (`upper`) name by name, for snapshotters without an upperdir and for overlay mounts whose
-//! upperdir is not exact. Cost is the whole rootfs: every file whose size and mtime match but
-//! that is not provably the same inode (same dev, ino and ctime) has its bytes compared.
+//! upperdir is not exact. Cost is the whole rootfs' metadata, plus the bytes of every file whose
+//! size and mtime match but that is not provably the same inode. "Same inode" is the same inode
+//! number and ctime to the nanosecond: overlay shows a lower file that was never copied up with
+//! the lower inode's number and ctime (only st_dev differs), so a walk of a merged overlay view
+//! against its lowerdir compares bytes only for copied-up files. Distinct files do not share an
+//! inode number on one filesystem, and across two they would also need the same ctime (which no
+//! process can set) to the nanosecond.
 //!
 //! Deletions become whiteouts. A directory replaced by a non-directory (or the reverse) gets a
 //! whiteout before the new entry. A directory deleted and recreated is, as in containerd's own
@@ -86,8 +91,8 @@ impl<W: Write> Walk<'_, W> {
         self.sink.whiteout(rel, name)
     }
 
-    /// The lower side of `name`, if there is one. A char 0:0 is an overlay whiteout seen through
-    /// a raw lowerdir, i.e. nothing.
+    /// The lower side of `name`, if there is one. An overlay whiteout (char 0:0, or an xattr
+    /// whiteout) seen through a raw lowerdir is nothing.
     fn lower_meta(
         &mut self,
         low: Option<BorrowedFd>,
@@ -103,7 +108,8 @@ impl<W: Write> Walk<'_, W> {
         if is_whiteout_stat(&st) {
             return Ok(None);
         }
-        read_meta_at(low, name, st, &path).map(Some)
+        let meta = read_meta_at(low, name, st, &path)?;
+        Ok((!meta.is_whiteout()).then_some(meta))
     }
 
     fn entry(
@@ -206,7 +212,7 @@ impl<W: Write> Walk<'_, W> {
             return Ok(false);
         }
         let Some(file) = file else { return Ok(true) };
-        if (l.st.dev, l.st.ino, l.st.ctime) == (m.st.dev, m.st.ino, m.st.ctime) {
+        if (l.st.ino, l.st.ctime) == (m.st.ino, m.st.ctime) {
             return Ok(true);
         }
         same_file_content(low, name, &l.st, file, m.st.size, path, &mut self.buf)

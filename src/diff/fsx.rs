@@ -213,6 +213,8 @@ pub(crate) mod hook {
         AfterStat,
         /// After a regular file was opened and fstat'ed, before its content is read.
         BeforeRead,
+        /// Before two files' bytes are compared (a no-op copy-up check, or the walk).
+        Compare,
     }
 
     type Hook = Box<dyn FnMut(Stage, &[u8])>;
@@ -239,6 +241,8 @@ pub(crate) mod hook {
     pub(crate) enum Stage {
         AfterStat,
         BeforeRead,
+        /// Before two files' bytes are compared (a no-op copy-up check, or the walk).
+        Compare,
     }
     #[inline(always)]
     pub(crate) fn fire(_: Stage, _: &[u8]) {}

@@ -216,6 +216,7 @@ pub(crate) fn same_file_content(
     path: &[u8],
     buf: &mut Vec<u8>,
 ) -> Result<bool, DiffError> {
+    fsx::hook::fire(fsx::hook::Stage::Compare, name);
     let mut lf = fsx::open_file_at(dir, name).map_err(DiffError::io("opening lower file", path))?;
     let lst = fsx::fstat(lf.as_fd()).map_err(DiffError::io("fstat lower file", path))?;
     if !lst.same_object(st) {
