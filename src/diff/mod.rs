@@ -33,6 +33,22 @@
 //! - Exclusions leave a path exactly as the lower layers have it: no entry and no whiteout.
 //!   Below an opaque directory that an exclusion reaches into, explicit whiteouts replace the
 //!   opaque marker so the excluded lower paths survive.
+//! - Every directory of the upperdir is written (it is there because something in it changed);
+//!   the walk writes a directory whose metadata changed, and an unchanged one just before the
+//!   first entry beneath it (unpackers touch a parent's mtime when they replace a child).
+//! - A directory replaced by a non-directory (or the reverse) gets a whiteout first; a
+//!   directory deleted and recreated is, from the upperdir, the directory plus an opaque marker,
+//!   from the walk, the directory plus a whiteout per vanished child (containerd's form).
+//! - Sockets are not carried. Files that vanish between listing and reading are skipped; a file
+//!   swapped for another object, or shorter than its header at EOF, is [`DiffError::FileChanged`];
+//!   one that grew is cut at its header size.
+//!
+//! # Known limits
+//! - mtimes are whole seconds (as docker and containerd write them).
+//! - In the walk, a lower hardlink group whose link count stayed the same while its membership
+//!   changed (`rm b; ln a c`) gives `c` as a separate file (content and metadata still exact).
+//! - `index=on` is accepted as in the brief's whitelist; with it, a copied-up lower hardlink is
+//!   seen through its other lower names too, which the upperdir does not show.
 
 mod double_walk;
 mod emit;

@@ -110,8 +110,10 @@ impl<W: Write> UpperWalk<'_, W> {
             };
         }
         if let Below::Present { st, .. } = &below {
-            if (st.ftype == rustix::fs::FileType::Directory) != m.is_dir() {
-                // A directory replaced by a non-directory or the reverse: delete first.
+            let is_socket = m.st.ftype == rustix::fs::FileType::Socket;
+            if is_socket || (st.ftype == rustix::fs::FileType::Directory) != m.is_dir() {
+                // A directory replaced by a non-directory or the reverse: delete first. A
+                // socket cannot be carried, but what it replaced is gone all the same.
                 self.sink.whiteout(rel, name)?;
             }
         }
