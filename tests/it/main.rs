@@ -2,6 +2,8 @@
 //! Needs root, containerd, runc, docker-registry, skopeo, umoci and busybox-static (scripts/test.sh installs them).
 
 mod e2e;
+mod fidelity;
+mod image;
 mod lab;
 mod safety;
 mod tree;
