@@ -221,3 +221,177 @@ fn a_paused_sandbox_is_left_paused() {
     assert_eq!(lab.task_status("s5"), "PAUSED");
     lab.ctr(&["tasks", "resume", "s5"]);
 }
+
+/// A TCP proxy to `upstream` that lets at most `bytes_per_sec` through towards the registry.
+fn throttling_proxy(upstream: String, bytes_per_sec: u64) -> String {
+    use std::io::{Read, Write};
+    use std::net::{TcpListener, TcpStream};
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    std::thread::spawn(move || {
+        for client in listener.incoming() {
+            let Ok(client) = client else { return };
+            let Ok(server) = TcpStream::connect(&upstream) else {
+                continue;
+            };
+            let (mut c_read, mut s_write) =
+                (client.try_clone().unwrap(), server.try_clone().unwrap());
+            let (mut s_read, mut c_write) = (server, client);
+            std::thread::spawn(move || {
+                let mut buf = [0u8; 16 * 1024];
+                while let Ok(n) = c_read.read(&mut buf) {
+                    if n == 0 || s_write.write_all(&buf[..n]).is_err() {
+                        break;
+                    }
+                    std::thread::sleep(Duration::from_micros(n as u64 * 1_000_000 / bytes_per_sec));
+                }
+                let _ = s_write.shutdown(std::net::Shutdown::Write);
+            });
+            std::thread::spawn(move || {
+                let _ = std::io::copy(&mut s_read, &mut c_write);
+                let _ = c_write.shutdown(std::net::Shutdown::Write);
+            });
+        }
+    });
+    addr
+}
+
+#[test]
+fn with_a_slow_registry_the_sandbox_is_resumed_long_before_the_upload_ends() {
+    let lab = Lab::start();
+    let base = lab.base_image("base", false);
+    lab.run_container("s6", &base, &RunOpts::default());
+    lab.exec("s6", "head -c 8388608 /dev/urandom > /blob");
+    let proxy = throttling_proxy(lab.registry.clone(), 2 << 20);
+    let target = format!("{proxy}/snap/s6:v1");
+    let started = Instant::now();
+    let out = lab.committer(&[
+        "commit",
+        "--container",
+        "s6",
+        "--image",
+        &target,
+        "--plain-http",
+    ]);
+    let wall = started.elapsed();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let result: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let paused = result["pausedMs"].as_u64().unwrap();
+    eprintln!("paused {paused} ms of a {wall:?} commit through a 2 MiB/s link");
+    assert!(
+        wall >= Duration::from_secs(3),
+        "8 MiB through 2 MiB/s takes ≥ 3 s: {wall:?}"
+    );
+    assert!(
+        paused > 0 && (paused as u128) * 4 < wall.as_millis(),
+        "paused {paused} ms of {wall:?}"
+    );
+}
+
+#[test]
+fn base_image_removed_and_content_pruned_mid_commit_does_not_break_it() {
+    let lab = Lab::start();
+    big_sandbox(&lab, "s7");
+    let base = lab.base_image("base", false);
+    let child = spawn_commit(&lab, "s7", "snap/s7", &[]);
+    wait_until("the sandbox to be paused", Duration::from_secs(30), || {
+        lab.task_status("s7") == "PAUSED"
+    });
+    lab.ctr(&["images", "rm", "--sync", &base]);
+    lab.ctr(&["content", "prune", "references"]);
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let result: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let unpacked = lab.pull_unpack(result["image"].as_str().unwrap());
+    assert_eq!(
+        std::fs::metadata(unpacked.join("big/f3")).unwrap().len(),
+        33554432
+    );
+}
+
+#[test]
+fn symlink_swaps_racing_a_no_pause_commit_never_leak_host_files() {
+    let lab = Lab::start();
+    let base = lab.base_image("base", false);
+    // A host-only canary: if the committer ever followed a symlink out of the rootfs, this would
+    // end up in a layer.
+    let canary = lab.dir.join("canary");
+    std::fs::create_dir_all(canary.join("sub")).unwrap();
+    let secret = "HOST-CANARY-9f3b1c";
+    std::fs::write(canary.join("secret"), secret).unwrap();
+    std::fs::write(canary.join("sub/secret"), secret).unwrap();
+    let c = canary.to_string_lossy().into_owned();
+    lab.run_container("s8", &base, &RunOpts::default());
+    let racer = format!(
+        "mkdir -p /race; cd /race; i=0; while [ $i -lt 100000 ]; do \
+           mkdir -p d/sub; echo inside > d/secret; echo inside > d/sub/secret; rm -rf d; ln -s {c} d; \
+           rm d; ln -s {c}/secret f; rm f; echo inside > f; rm f; i=$((i+1)); done"
+    );
+    let mut race = lab.ctr_command();
+    race.args([
+        "tasks",
+        "exec",
+        "--exec-id",
+        "racer",
+        "s8",
+        "sh",
+        "-c",
+        &racer,
+    ]);
+    let mut race = race
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    let (mut ok, mut failed) = (0, 0);
+    for i in 0..25 {
+        let path = lab.dir.join(format!("race-{i}.tar"));
+        let out = lab.committer(&[
+            "diff",
+            "--container",
+            "s8",
+            "--no-pause",
+            "--compression",
+            "none",
+            "--output",
+            path.to_str().unwrap(),
+        ]);
+        if out.status.success() {
+            ok += 1;
+            let tar = std::fs::read(&path).unwrap();
+            assert!(
+                !tar.windows(secret.len()).any(|w| w == secret.as_bytes()),
+                "commit {i} leaked the canary"
+            );
+            // The layer is a valid tar that lists cleanly.
+            let list = std::process::Command::new("tar")
+                .arg("-tf")
+                .arg(&path)
+                .output()
+                .unwrap();
+            assert!(
+                list.status.success(),
+                "commit {i}: invalid tar: {}",
+                String::from_utf8_lossy(&list.stderr)
+            );
+        } else {
+            failed += 1;
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            assert_eq!(stderr.lines().count(), 1, "one clear error line: {stderr}");
+            assert!(!stderr.contains("panicked"), "{stderr}");
+        }
+    }
+    let _ = race.kill();
+    let _ = race.wait();
+    eprintln!("{ok} commits succeeded, {failed} failed cleanly while the racer ran");
+    assert!(ok > 0, "at least some commits must succeed under the race");
+}
