@@ -70,6 +70,9 @@ pub(crate) fn check_options(options: &[String]) -> Result<(), NotExact> {
 /// Without an explicit option the kernel takes `redirect_dir`/`metacopy` from the module
 /// parameters; if those say on, the mount may well be using them.
 pub(crate) fn check_module_defaults(options: &[String], params: &str) -> Result<(), NotExact> {
+    if options.iter().any(|o| o == "userxattr") {
+        return Ok(()); // the kernel turns both off for userxattr mounts
+    }
     for (param, key) in [("redirect_dir", "redirect_dir="), ("metacopy", "metacopy=")] {
         if options.iter().any(|o| o.starts_with(key)) {
             continue;

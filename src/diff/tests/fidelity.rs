@@ -200,3 +200,40 @@ fn whiteouts_and_opaque_dirs_in_lower_layers_are_honoured() {
     let (tar, _) = layer_file(&source, &Options::default(), ov.dir.path());
     assert_unpacks_to(tar, &lower_view, &ov.merged, ov.dir.path(), "three lowers");
 }
+
+#[test]
+fn userxattr_mounts_mark_opaque_dirs_with_user_overlay_xattrs() {
+    let mut ov = Overlay::new(1);
+    let l = ov.lowers[0].clone();
+    scenario::mkdir(&l, b"d");
+    write(&l, b"d/old", b"o");
+    write(&l, b"f", b"f");
+    // The kernel refuses redirect_dir=off/metacopy=off beside userxattr (it forces both off).
+    ov.extra = vec!["userxattr".into()];
+    ov.mount();
+    let m = ov.merged.clone();
+    std::fs::remove_dir_all(m.join("d")).unwrap();
+    scenario::mkdir(&m, b"d");
+    write(&m, b"d/new", b"n");
+    std::fs::remove_file(m.join("f")).unwrap();
+    let opaque = rustix::fs::getxattr(ov.upper.join("d"), "user.overlay.opaque", &mut [0u8; 8][..]);
+    assert_eq!(
+        opaque.ok(),
+        Some(1),
+        "the kernel should mark d opaque with user.overlay.opaque"
+    );
+    {
+        let _g = super::fixture::MOUNT_LOCK
+            .read()
+            .unwrap_or_else(|e| e.into_inner());
+        assert_eq!(upperdir_is_exact(&ov.upper, &ov.options()), Ok(()));
+    }
+    let source = Source::Upperdir {
+        upper: &ov.upper,
+        lowers: &ov.lowers,
+    };
+    let (tar, _) = layer_file(&source, &Options::default(), ov.dir.path());
+    let names = entry_names(tar.try_clone().unwrap());
+    assert_eq!(names, [&b"d/"[..], b"d/.wh..wh..opq", b"d/new", b".wh.f"]);
+    assert_unpacks_to(tar, &l, &m, ov.dir.path(), "userxattr");
+}

@@ -17,6 +17,8 @@ pub(crate) struct Overlay {
     pub upper: PathBuf,
     pub work: PathBuf,
     pub merged: PathBuf,
+    /// Options added to the containerd ones (e.g. `userxattr`).
+    pub extra: Vec<String>,
     mounted: Vec<PathBuf>,
 }
 
@@ -44,18 +46,23 @@ impl Overlay {
             upper,
             work,
             merged,
+            // Pinned, so that another process flipping the module defaults (the integration
+            // tests do) cannot change what our mounts do or what upperdir_is_exact reads.
+            extra: vec!["redirect_dir=off".into(), "metacopy=off".into()],
             mounted: Vec::new(),
         }
     }
 
-    /// The options containerd's overlay snapshotter passes.
+    /// The options containerd's overlay snapshotter passes, plus `extra`.
     pub fn options(&self) -> Vec<String> {
-        vec![
+        let mut o = vec![
             "index=off".into(),
             format!("workdir={}", self.work.display()),
             format!("upperdir={}", self.upper.display()),
             format!("lowerdir={}", join(&self.lowers)),
-        ]
+        ];
+        o.extend(self.extra.iter().cloned());
+        o
     }
 
     /// Mounts the read-write overlay on `merged`.
@@ -64,8 +71,11 @@ impl Overlay {
         self.mount_locked();
     }
 
-    /// Mounts with overlay module parameters set (e.g. `redirect_dir=Y`), restored afterwards.
+    /// Mounts with overlay module parameters set (e.g. `redirect_dir=Y`), restored afterwards,
+    /// and without pinned options, as containerd mounts: the module defaults decide.
     pub fn mount_with_params(&mut self, params: &[(&str, &str)]) {
+        self.extra
+            .retain(|o| !o.starts_with("redirect_dir=") && !o.starts_with("metacopy="));
         let _g = MOUNT_LOCK.write().unwrap_or_else(|e| e.into_inner());
         let _p = ParamGuard::set(params);
         self.mount_locked();
