@@ -86,8 +86,20 @@ async fn commit_leased(
             "creating the layer spool file (see --spool-dir)",
         ))?;
     let (spool_file, spool_path) = spool.into_parts();
-    let read = read_layer(ctr, info, &plan.source, layer_mt, spool_file).await?;
-    drop(read.sink);
+    let read = match read_layer_or_fallback(ctr, info, &plan.source, layer_mt, spool_file).await? {
+        Either::Local(read) => {
+            drop(read.sink);
+            LayerRead {
+                sink: push::LayerBlob::File(spool_path.as_ref()),
+                layer: read.layer,
+                stats: read.stats,
+                paused_ms: read.paused_ms,
+                source: read.source,
+                reason: read.reason,
+            }
+        }
+        Either::Stored(read) => read,
+    };
 
     let created = now_rfc3339();
     let note = HistoryNote {
@@ -104,7 +116,7 @@ async fn commit_leased(
         base: &base,
         base_ref: base_ref.as_ref(),
         base_opts: opts,
-        layer: read.layer.as_ref().map(|l| (l, spool_path.as_ref())),
+        layer: read.layer.as_ref().map(|l| (l, read.sink)),
         config: &config,
         manifest: &manifest,
         tags: std::iter::once(plan.image.tag_or_latest().to_string())
@@ -134,6 +146,121 @@ async fn commit_leased(
             .iter()
             .map(|t| format!("{repo}:{t}"))
             .collect(),
+    })
+}
+
+enum Either<'a> {
+    Local(LayerRead<std::fs::File>),
+    Stored(LayerRead<push::LayerBlob<'a>>),
+}
+
+/// The layer from the chosen source; with `auto`, containerd's differ when the snapshot cannot
+/// be read here (its directories are not mounted in this container, or we may not mount views).
+async fn read_layer_or_fallback<'a>(
+    ctr: &Containerd,
+    info: &ContainerInfo,
+    plan: &SourcePlan,
+    media_type: &str,
+    spool: std::fs::File,
+) -> Result<Either<'a>, CommitError> {
+    use diff_source::{DiffSourceChoice, SourceError};
+    if plan.diff_source == DiffSourceChoice::Containerd {
+        let read = containerd_layer(
+            ctr,
+            info,
+            plan,
+            media_type,
+            "--diff-source containerd".into(),
+        )
+        .await?;
+        return Ok(Either::Stored(read));
+    }
+    match read_layer(ctr, info, plan, media_type, spool).await {
+        Err(CommitError::Source(
+            e @ (SourceError::NotVisible { .. } | SourceError::Mount { .. }),
+        )) if plan.diff_source == DiffSourceChoice::Auto => {
+            log::info(&format!("{e}; asking containerd's diff service instead"));
+            let reason = format!("snapshot not readable here ({e})");
+            Ok(Either::Stored(
+                containerd_layer(ctr, info, plan, media_type, reason).await?,
+            ))
+        }
+        other => other.map(Either::Local),
+    }
+}
+
+/// sha256 of an empty tar (two zero blocks): what a differ writes for "no changes".
+const EMPTY_TAR_DIFF_ID: &str =
+    "sha256:5f70bf18a086007016e948b04aed3b82103a36bea41755b6cddfaf10ace3c6ef";
+
+/// The layer built by containerd's Diff service into its content store, under our lease.
+async fn containerd_layer<'a>(
+    ctr: &Containerd,
+    info: &ContainerInfo,
+    plan: &SourcePlan,
+    media_type: &str,
+    reason: String,
+) -> Result<LayerRead<push::LayerBlob<'a>>, CommitError> {
+    if !plan.exclude.is_empty() || plan.source_date_epoch.is_some() {
+        return Err(CommitError::Refused(
+            "--exclude and --source-date-epoch need a local diff source; containerd's diff service cannot apply them".into(),
+        ));
+    }
+    let upper = ctr.snapshot_mounts(info).await?;
+    let view_key = format!("committer-view-{}-{}", info.id, std::process::id());
+    let lower = match ctr
+        .snapshot_parent(&info.snapshotter, &info.snapshot_key)
+        .await?
+    {
+        Some(parent) => {
+            ctr.view_snapshot(&info.snapshotter, &view_key, &parent)
+                .await?
+        }
+        None => vec![],
+    };
+    // containerd names compressions by OCI media types; Docker's gzip type is the same bytes.
+    let oci_type = match media_type {
+        crate::image::media::DOCKER_LAYER_GZIP => crate::image::media::OCI_LAYER_GZIP,
+        crate::image::media::DOCKER_LAYER_TAR => crate::image::media::OCI_LAYER_TAR,
+        other => other,
+    };
+    let paused = if plan.pause {
+        freeze::pause(ctr, &info.id).await?
+    } else {
+        None
+    };
+    let stored = ctr
+        .diff_in_containerd(
+            &lower,
+            &upper,
+            oci_type,
+            &format!("committer-{}-{}", info.id, std::process::id()),
+        )
+        .await;
+    let paused_ms = match paused {
+        Some(p) => p.resume().await?,
+        None => 0,
+    };
+    if !lower.is_empty() {
+        let _ = ctr.remove_snapshot(&info.snapshotter, &view_key).await;
+    }
+    let stored = stored?;
+    let layer = (stored.diff_id.as_str() != EMPTY_TAR_DIFF_ID).then(|| LayerDescriptor {
+        digest: stored.digest,
+        diff_id: stored.diff_id,
+        size: stored.size,
+        media_type: media_type.to_string(),
+    });
+    Ok(LayerRead {
+        sink: push::LayerBlob::ContentStore,
+        layer,
+        stats: diff::Stats {
+            source: "containerd",
+            ..Default::default()
+        },
+        paused_ms,
+        source: "containerd".into(),
+        reason,
     })
 }
 

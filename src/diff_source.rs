@@ -16,6 +16,8 @@ pub enum DiffSourceChoice {
     Upperdir,
     /// Double walk of the parent and the container's tree.
     Walk,
+    /// containerd's Diff service builds the layer (no snapshotter mount or CAP_SYS_ADMIN needed).
+    Containerd,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -30,6 +32,8 @@ pub enum SourceError {
     },
     #[error("--diff-source upperdir: the upperdir of {id:?} is not exact ({why}); use --diff-source auto or walk")]
     UpperdirNotExact { id: String, why: String },
+    #[error("{path} (from the snapshot's mounts) is not visible here: mount the snapshotter root at the same path, or use --diff-source containerd")]
+    NotVisible { path: PathBuf },
     #[error("mounting a read-only view for the walk at {target}: {source}")]
     Mount {
         target: PathBuf,
@@ -132,6 +136,9 @@ fn overlay_source(
             detail: "an overlay mount without an upperdir (a read-only view)".into(),
         });
     };
+    if !upper.is_dir() {
+        return Err(SourceError::NotVisible { path: upper });
+    }
     let exact = crate::diff::upperdir_is_exact(&upper, &m.options);
     match (choice, exact) {
         (DiffSourceChoice::Upperdir | DiffSourceChoice::Auto, Ok(())) => Ok(PreparedSource {
@@ -216,6 +223,9 @@ async fn bind_source(
     m: &SnapshotMount,
 ) -> Result<PreparedSource, SourceError> {
     let upper = PathBuf::from(&m.source);
+    if !upper.is_dir() {
+        return Err(SourceError::NotVisible { path: upper });
+    }
     let parent = ctr
         .snapshot_parent(&info.snapshotter, &info.snapshot_key)
         .await?;

@@ -13,6 +13,15 @@ use crate::registry::{Client, ClientOptions, MountOutcome, Reference};
 use futures_util::future::try_join_all;
 use std::path::Path;
 
+/// Where the new layer's bytes are.
+#[derive(Clone, Copy)]
+pub enum LayerBlob<'a> {
+    /// The spool file the local diff wrote.
+    File(&'a Path),
+    /// containerd's content store (built by its Diff service).
+    ContentStore,
+}
+
 pub struct PushJob<'a> {
     pub client: &'a Client,
     pub ctr: &'a Containerd,
@@ -20,7 +29,7 @@ pub struct PushJob<'a> {
     /// The base image's name as a reference, when it parses as one (a cross-repo mount source).
     pub base_ref: Option<&'a Reference>,
     pub base_opts: &'a ClientOptions,
-    pub layer: Option<(&'a LayerDescriptor, &'a Path)>,
+    pub layer: Option<(&'a LayerDescriptor, LayerBlob<'a>)>,
     pub config: &'a Blob,
     pub manifest: &'a Blob,
     pub tags: Vec<String>,
@@ -40,15 +49,25 @@ pub async fn push(job: &PushJob<'_>) -> Result<(), CommitError> {
     }
     let bases = try_join_all(base_layers.iter().map(|d| push_base_layer(job, d)));
     let new_layer = async {
-        if let Some((desc, path)) = job.layer {
+        if let Some((desc, blob)) = job.layer {
             if job.client.blob_exists(&desc.digest).await?.is_none() {
                 log::info(&format!(
                     "uploading layer {} ({} bytes)",
                     desc.digest, desc.size
                 ));
-                job.client
-                    .upload_blob_file(&desc.digest, path, desc.size)
-                    .await?;
+                match blob {
+                    LayerBlob::File(path) => {
+                        job.client
+                            .upload_blob_file(&desc.digest, path, desc.size)
+                            .await?
+                    }
+                    LayerBlob::ContentStore => {
+                        let stream = job.ctr.blob_stream(&desc.digest).await?;
+                        job.client
+                            .upload_blob_stream(&desc.digest, Some(desc.size), stream)
+                            .await?
+                    }
+                }
             }
         }
         Ok::<_, CommitError>(())

@@ -5,6 +5,7 @@
 //! store, `task` pauses and resumes the sandbox, `lease` keeps what we read from the GC.
 
 pub mod content;
+pub mod differ;
 pub mod lease;
 pub mod lookup;
 pub mod task;

@@ -341,3 +341,40 @@ fn a_container_on_an_off_host_runtime_is_refused() {
     ]);
     assert_clear_failure(&out, 4, "runsc");
 }
+
+#[test]
+fn containerd_diff_source_pushes_the_same_tree_through_the_socket_only() {
+    let lab = Lab::start();
+    let base = lab.base_image("base", false);
+    sandbox(&lab, "c5", &base);
+    lab.exec("c5", CHANGES);
+    let target = format!("{}/snap/c5:v1", lab.registry);
+    let result = run_json(&lab.committer(&[
+        "commit",
+        "--container",
+        "c5",
+        "--image",
+        &target,
+        "--plain-http",
+        "--diff-source",
+        "containerd",
+    ]));
+    assert_eq!(result["diffSource"], "containerd");
+    assert_eq!(lab.task_status("c5"), "RUNNING");
+    let unpacked = lab.pull_unpack(result["image"].as_str().unwrap());
+    let diffs = compare_trees(
+        &lab.rootfs("c5"),
+        &unpacked,
+        &CompareOpts {
+            ignore: runtime_paths(),
+            mtime: false,
+            xattrs: false,
+            hardlinks: true,
+        },
+    );
+    assert!(
+        diffs.is_empty(),
+        "pushed image differs from the container:\n{}",
+        diffs.join("\n")
+    );
+}
