@@ -47,6 +47,8 @@
 //! - mtimes are whole seconds (as docker and containerd write them).
 //! - In the walk, a lower hardlink group whose link count stayed the same while its membership
 //!   changed (`rm b; ln a c`) gives `c` as a separate file (content and metadata still exact).
+//! - The upperdir source raises the soft RLIMIT_NOFILE to the hard limit (it holds a directory
+//!   fd per lower layer per level).
 //! - `index=on` is accepted as in the brief's whitelist; with it, a copied-up lower hardlink is
 //!   seen through its other lower names too, which the upperdir does not show.
 

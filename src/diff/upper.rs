@@ -26,6 +26,7 @@ pub(crate) fn write<W: Write>(
         "opening upperdir",
         upper.as_os_str().as_encoded_bytes(),
     ))?;
+    raise_fd_limit();
     let lower = LowerView::root(lowers)?;
     let mut walk = UpperWalk {
         sink: Sink::new(out, opts, "upperdir"),
@@ -34,6 +35,20 @@ pub(crate) fn write<W: Write>(
     };
     walk.dir(root.as_fd(), b"", &lower, false)?;
     walk.sink.finish()
+}
+
+/// The walk holds one directory fd per lower layer per level (an image with 120 layers and a
+/// path 20 deep holds 2400), past the usual soft limit of 1024; the hard limit is much higher.
+fn raise_fd_limit() {
+    use rustix::process::{getrlimit, setrlimit, Resource};
+    let mut lim = getrlimit(Resource::Nofile);
+    // None is unlimited.
+    if let Some(cur) = lim.current {
+        if lim.maximum.is_none_or(|max| max > cur) {
+            lim.current = lim.maximum;
+            let _ = setrlimit(Resource::Nofile, lim); // best effort: the walk may still fit
+        }
+    }
 }
 
 struct UpperWalk<'o, W: Write> {
