@@ -21,23 +21,7 @@ say() { echo "test.sh: $*" >&2; }
 export DEBIAN_FRONTEND=noninteractive
 
 # ---- packages -------------------------------------------------------------------------------------------------
-PACKAGES=(containerd runc docker-registry skopeo umoci busybox-static protobuf-compiler curl python3 openssl
-  apache2-utils ca-certificates)
-missing=()
-for p in "${PACKAGES[@]}"; do
-  [ "$(dpkg-query -W -f='${db:Status-Status}' "$p" 2>/dev/null || true)" = installed ] || missing+=("$p")
-done
-if [ ${#missing[@]} -gt 0 ]; then
-  say "installing ${missing[*]}"
-  apt-get update -qq </dev/null || die "apt-get update failed"
-  apt-get install -y -qq --no-install-recommends "${missing[@]}" </dev/null ||
-    die "apt-get install ${missing[*]} failed"
-fi
-for b in containerd ctr containerd-shim-runc-v2 runc docker-registry skopeo umoci protoc curl python3 flock; do
-  command -v "$b" >/dev/null 2>&1 || die "'$b' is not on PATH after installing packages"
-done
-[ -x /bin/busybox ] || die "/bin/busybox missing after installing busybox-static"
-command -v cargo >/dev/null 2>&1 || die "cargo not found: install a Rust toolchain (rust-version in Cargo.toml)"
+scripts/install-deps.sh
 
 # ---- kernel features ------------------------------------------------------------------------------------------
 # overlayfs must mount where the tests put their labs (tempfile uses TMPDIR): an overlay upperdir cannot live on
