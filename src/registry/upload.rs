@@ -92,6 +92,7 @@ impl Client {
         path: &Path,
         size: u64,
     ) -> Result<(), RegistryError> {
+        check_file_size(path, size).await?;
         let mut session = self.open_session(digest).await?;
         let (mut offset, mut failures, mut restarts) = (0u64, 0u32, 0u32);
         while offset < size {
@@ -308,6 +309,20 @@ fn range_end(resp: &Response) -> Option<Option<u64>> {
         return None;
     }
     Some(if end == 0 { None } else { Some(end + 1) })
+}
+
+/// A short file would otherwise surface as a broken request body, retried as if the network failed.
+async fn check_file_size(path: &Path, size: u64) -> Result<(), RegistryError> {
+    let io_err = |source| RegistryError::Io {
+        context: format!("reading {}", path.display()),
+        source,
+    };
+    let len = tokio::fs::metadata(path).await.map_err(io_err)?.len();
+    if len < size {
+        let msg = format!("the file has {len} bytes, fewer than the {size} to upload");
+        return Err(io_err(io::Error::new(io::ErrorKind::UnexpectedEof, msg)));
+    }
+    Ok(())
 }
 
 /// `len` bytes of a file from `offset`, as a stream of 256 KiB pieces; never the whole file in memory.

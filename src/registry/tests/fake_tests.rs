@@ -370,3 +370,20 @@ async fn manifests_round_trip_and_a_missing_one_is_none() {
     );
     assert_eq!(client.get_manifest("nope").await.unwrap(), None);
 }
+
+#[tokio::test]
+async fn a_file_shorter_than_its_size_is_an_io_error_not_a_network_retry() {
+    let dir = tempfile::tempdir().unwrap();
+    let (path, digest) = random_file(dir.path(), 1000, 12);
+    let fake = Fake::start(Faults::default()).await;
+    let client = connect(&fake.reference("a"), &plain(None), None)
+        .await
+        .unwrap();
+    let e = client
+        .upload_blob_file(&digest, &path, 2000)
+        .await
+        .unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Io, "{e}");
+    assert!(e.to_string().contains("fewer than the 2000"), "{e}");
+    assert_eq!(patches(&fake).len(), 0);
+}

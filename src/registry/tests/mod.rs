@@ -191,3 +191,25 @@ pub(super) fn everything(e: &RegistryError) -> String {
     }
     s
 }
+
+/// Every client future must be `Send`: the pipeline runs uploads on spawned tasks. (Compile-time check;
+/// the closures are never called.)
+#[test]
+fn client_futures_are_send() {
+    fn send<T: Send>(_: T) {}
+    let _ = |c: Client, d: Digest, p: PathBuf, r: Reference, o: ClientOptions| {
+        send(async move {
+            let _ = Client::new(&r, &o).await;
+            let _ = c.blob_exists(&d).await;
+            let _ = c.mount_blob(&d, "a").await;
+            let _ = c.upload_blob_file(&d, &p, 1).await;
+            let _ = c.upload_blob_bytes(&d, bytes::Bytes::new()).await;
+            let _ = c
+                .upload_blob_stream(&d, None, futures_util::stream::empty())
+                .await;
+            let _ = c.fetch_blob(&d).await;
+            let _ = c.put_manifest("t", "m", bytes::Bytes::new()).await;
+            let _ = c.get_manifest("t").await;
+        })
+    };
+}

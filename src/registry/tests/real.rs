@@ -134,6 +134,17 @@ async fn htpasswd_over_tls_with_a_test_ca_and_config_json() {
         client.blob_exists(&digest).await.unwrap(),
         Some(3 * MIB as u64)
     );
+    // Chunked file upload over TLS (HTTP/2 here: distribution offers h2 by ALPN).
+    let (path, file_digest) = random_file(dir.path(), 3 * MIB + 5, 11);
+    let chunked = client.clone().with_chunk_size(MIB as u64);
+    chunked
+        .upload_blob_file(&file_digest, &path, (3 * MIB + 5) as u64)
+        .await
+        .unwrap();
+    assert_eq!(
+        chunked.blob_exists(&file_digest).await.unwrap(),
+        Some((3 * MIB + 5) as u64)
+    );
 
     let bad_dir = tempfile::tempdir().unwrap();
     let bad = config_with_auth(bad_dir.path(), reg.addr(), "bob", "wrong-Pa55word");
