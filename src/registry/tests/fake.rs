@@ -41,6 +41,10 @@ pub struct Faults {
     pub require_auth: Option<String>,
     /// Answer blob GETs with a 307 to `<this>/<digest>`.
     pub blob_redirect: Option<String>,
+    /// Demand `Bearer tok-<generation>` and serve `/token` (bump it to revoke the current token).
+    pub bearer_generation: Option<u32>,
+    /// Answer manifest PUTs with a wrong `Docker-Content-Digest`.
+    pub lie_about_digest: bool,
 }
 
 #[derive(Default)]
@@ -52,6 +56,7 @@ pub struct State {
     uploads: HashMap<String, (Vec<u8>, u64)>,
     patches: usize,
     next_id: u64,
+    pub token_fetches: u32,
 }
 
 pub struct Fake {
@@ -149,6 +154,11 @@ fn respond(st: &Arc<Mutex<State>>, head: &Head, body: &[u8]) -> Resp {
         s.faults.status_503 -= 1;
         return Resp::oci_error(503, "UNAVAILABLE");
     }
+    if let Some(generation) = s.faults.bearer_generation {
+        if let Some(resp) = bearer(&mut s, head, generation) {
+            return resp;
+        }
+    }
     if let Some(want) = &s.faults.require_auth {
         if head.header("authorization") != Some(want.as_str()) {
             return Resp::oci_error(401, "UNAUTHORIZED")
@@ -172,6 +182,21 @@ fn respond(st: &Arc<Mutex<State>>, head: &Head, body: &[u8]) -> Resp {
         return manifest(&mut s, head, reference, body);
     }
     Resp::new(404)
+}
+
+/// A token endpoint at `/token` plus the registry-side check; `None` lets the request through.
+fn bearer(s: &mut State, head: &Head, generation: u32) -> Option<Resp> {
+    let token = format!("tok-{generation}");
+    if head.path() == "/token" {
+        s.token_fetches += 1;
+        return Some(Resp::new(200).json(&serde_json::json!({"token": token, "expires_in": 300})));
+    }
+    if head.header("authorization") == Some(format!("Bearer {token}").as_str()) {
+        return None;
+    }
+    let host = head.header("host").unwrap_or("").to_string();
+    let challenge = format!("Bearer realm=\"http://{host}/token\",service=\"fake\"");
+    Some(Resp::oci_error(401, "UNAUTHORIZED").header("WWW-Authenticate", challenge))
 }
 
 fn blob(s: &State, head: &Head, digest: &str) -> Resp {
@@ -290,7 +315,12 @@ fn manifest(s: &mut State, head: &Head, reference: &str, body: &[u8]) -> Resp {
             s.manifests
                 .insert(reference.to_string(), (ct.clone(), body.to_vec()));
             s.manifests.insert(digest.clone(), (ct, body.to_vec()));
-            Resp::new(201).header("Docker-Content-Digest", digest)
+            let reported = if s.faults.lie_about_digest {
+                Digest::of(b"lie").to_string()
+            } else {
+                digest
+            };
+            Resp::new(201).header("Docker-Content-Digest", reported)
         }
         "GET" | "HEAD" => match s.manifests.get(reference) {
             Some((ct, b)) => Resp::new(200)

@@ -387,3 +387,46 @@ async fn a_file_shorter_than_its_size_is_an_io_error_not_a_network_retry() {
     assert!(e.to_string().contains("fewer than the 2000"), "{e}");
     assert_eq!(patches(&fake).len(), 0);
 }
+
+#[tokio::test]
+async fn a_revoked_bearer_token_is_fetched_again_once_on_401() {
+    let fake = Fake::start(Faults {
+        bearer_generation: Some(1),
+        ..Default::default()
+    })
+    .await;
+    let client = connect(&fake.reference("a"), &plain(None), None)
+        .await
+        .unwrap();
+    let digest = Digest::of(b"x");
+    assert_eq!(client.blob_exists(&digest).await.unwrap(), None);
+    assert_eq!(
+        fake.state.lock().unwrap().token_fetches,
+        1,
+        "the token is cached"
+    );
+    fake.state.lock().unwrap().faults.bearer_generation = Some(2);
+    assert_eq!(client.blob_exists(&digest).await.unwrap(), None);
+    assert_eq!(fake.state.lock().unwrap().token_fetches, 2);
+}
+
+#[tokio::test]
+async fn a_manifest_digest_the_registry_disagrees_with_is_an_error() {
+    let fake = Fake::start(Faults {
+        lie_about_digest: true,
+        ..Default::default()
+    })
+    .await;
+    let client = connect(&fake.reference("a"), &plain(None), None)
+        .await
+        .unwrap();
+    let e = client
+        .put_manifest("v1", super::OCI_MANIFEST, Bytes::from_static(b"{}"))
+        .await
+        .unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Protocol);
+    assert!(
+        e.to_string().contains("digest mismatch for manifest a:v1"),
+        "{e}"
+    );
+}

@@ -5,6 +5,7 @@
 mod fake;
 mod fake_tests;
 mod http;
+mod proxy;
 mod real;
 mod token;
 
