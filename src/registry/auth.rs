@@ -13,8 +13,8 @@ use serde::Deserialize;
 use tokio::sync::Mutex;
 use url::Url;
 
-use super::client::error_from_response;
 use super::credentials::{Credential, Resolved};
+use super::error::error_from_response;
 use super::error::{RegistryError, Secret};
 
 /// A parsed `WWW-Authenticate` challenge.

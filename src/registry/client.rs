@@ -18,7 +18,7 @@ use url::Url;
 
 use super::auth::{repo_scope, Authenticator};
 use super::credentials::{self, Lookup};
-use super::error::{host_port, redact_url, OciError, RegistryError};
+use super::error::{error_from_response, host_port, redact_url, RegistryError};
 use super::reference::Reference;
 use super::upload::Session;
 use crate::digest::Digest;
@@ -53,8 +53,6 @@ application/vnd.oci.image.index.v1+json, application/vnd.docker.distribution.man
 application/vnd.docker.distribution.manifest.list.v2+json";
 
 const MAX_REDIRECTS: usize = 10;
-/// Error bodies are read up to this size; registries send small JSON, proxies sometimes whole pages.
-const MAX_ERROR_BODY: usize = 64 * 1024;
 /// PATCH size for file uploads unless the registry demands more (`OCI-Chunk-Min-Length`).
 pub(crate) const DEFAULT_CHUNK_SIZE: u64 = 64 * 1024 * 1024;
 
@@ -556,46 +554,5 @@ pub(crate) fn check_content_digest(
             found: found.trim().to_string(),
         }),
         _ => Ok(()),
-    }
-}
-
-/// Read an error response (bounded) into a `Status` error, keeping the OCI `errors[]` when present.
-pub(crate) async fn error_from_response(
-    method: &str,
-    url: &Url,
-    resp: Response,
-    hint: Option<String>,
-) -> RegistryError {
-    let status = resp.status().as_u16();
-    let mut raw = Vec::new();
-    let mut resp = resp;
-    while let Ok(Some(chunk)) = resp.chunk().await {
-        raw.extend_from_slice(&chunk);
-        if raw.len() >= MAX_ERROR_BODY {
-            break;
-        }
-    }
-    #[derive(serde::Deserialize)]
-    struct Doc {
-        errors: Vec<OciError>,
-    }
-    let (errors, body) = match serde_json::from_slice::<Doc>(&raw) {
-        Ok(d) => (d.errors, None),
-        Err(_) => {
-            let text: String = String::from_utf8_lossy(&raw)
-                .chars()
-                .filter(|c| !c.is_control() || *c == ' ')
-                .take(300)
-                .collect();
-            (Vec::new(), Some(text))
-        }
-    };
-    RegistryError::Status {
-        method: method.to_string(),
-        url: redact_url(url),
-        status,
-        errors,
-        body,
-        hint,
     }
 }

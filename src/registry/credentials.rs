@@ -80,23 +80,8 @@ fn default_config_path() -> Option<PathBuf> {
 
 /// Resolve credentials for `registry` (a reference's registry, e.g. `docker.io`, `localhost:5000`).
 pub(crate) async fn resolve(registry: &str, lookup: &Lookup) -> Result<Resolved, RegistryError> {
-    let (path, explicit) = match &lookup.config {
-        Some(p) => (Some(p.clone()), true),
-        None => (default_config_path(), false),
-    };
-    let Some(path) = path else {
+    let Some((path, config)) = load(lookup).await? else {
         return Ok(anonymous("no docker config found"));
-    };
-    let config = match read_config(&path).await {
-        Ok(c) => c,
-        Err(None) if !explicit => return Ok(anonymous("no docker config found")),
-        Err(None) => {
-            return Err(RegistryError::Credentials {
-                path: Some(path),
-                message: "the file does not exist".into(),
-            })
-        }
-        Err(Some(e)) => return Err(e),
     };
     let host = normalize_host(registry);
     let helper = config
@@ -113,11 +98,9 @@ pub(crate) async fn resolve(registry: &str, lookup: &Lookup) -> Result<Resolved,
             continue;
         };
         match run_helper(&name, &helper_server(&host), lookup).await {
-            Ok(Some(cred)) => {
-                return Ok(Resolved {
-                    credential: cred,
-                    source: format!("{which} helper docker-credential-{name}"),
-                })
+            Ok(Some(credential)) => {
+                let source = format!("{which} helper docker-credential-{name}");
+                return Ok(Resolved { credential, source });
             }
             Ok(None) => {}
             // A config copied from a desktop names a store that is not installed here; docker itself would
@@ -133,30 +116,53 @@ pub(crate) async fn resolve(registry: &str, lookup: &Lookup) -> Result<Resolved,
             }
         }
     }
-    let entry = config
-        .auths
-        .iter()
-        .find(|(k, _)| normalize_host(k) == host)
-        .map(|(_, v)| v.clone());
-    match entry {
-        Some(e) => match entry_credential(&e) {
-            Ok(Some(cred)) => Ok(Resolved {
-                credential: cred,
-                source: format!("auths[{host}] in {}", path.display()),
-            }),
-            Ok(None) => Ok(anonymous(&format!(
-                "auths[{host}] in {} has no credential{note}",
-                path.display()
-            ))),
-            Err(message) => Err(RegistryError::Credentials {
-                path: Some(path),
-                message: format!("auths[{host}]: {message}"),
-            }),
-        },
-        None => Ok(anonymous(&format!(
+    from_auths(&config, &host, &path, &note)
+}
+
+/// The config file named by `lookup`, or the default one; `None` when there is none by default.
+async fn load(lookup: &Lookup) -> Result<Option<(PathBuf, ConfigFile)>, RegistryError> {
+    let (path, explicit) = match &lookup.config {
+        Some(p) => (Some(p.clone()), true),
+        None => (default_config_path(), false),
+    };
+    let Some(path) = path else { return Ok(None) };
+    match read_config(&path).await {
+        Ok(c) => Ok(Some((path, c))),
+        Err(None) if !explicit => Ok(None),
+        Err(None) => Err(RegistryError::Credentials {
+            path: Some(path),
+            message: "the file does not exist".into(),
+        }),
+        Err(Some(e)) => Err(e),
+    }
+}
+
+fn from_auths(
+    config: &ConfigFile,
+    host: &str,
+    path: &Path,
+    note: &str,
+) -> Result<Resolved, RegistryError> {
+    let entry = config.auths.iter().find(|(k, _)| normalize_host(k) == host);
+    let Some((_, entry)) = entry else {
+        return Ok(anonymous(&format!(
             "no entry for {host} in {}{note}",
             path.display()
+        )));
+    };
+    match entry_credential(entry) {
+        Ok(Some(credential)) => {
+            let source = format!("auths[{host}] in {}", path.display());
+            Ok(Resolved { credential, source })
+        }
+        Ok(None) => Ok(anonymous(&format!(
+            "auths[{host}] in {} has no credential{note}",
+            path.display()
         ))),
+        Err(message) => Err(RegistryError::Credentials {
+            path: Some(path.to_path_buf()),
+            message: format!("auths[{host}]: {message}"),
+        }),
     }
 }
 

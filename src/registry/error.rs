@@ -235,6 +235,50 @@ impl RegistryError {
     }
 }
 
+/// Error bodies are read up to this size; registries send small JSON, proxies sometimes whole pages.
+const MAX_ERROR_BODY: usize = 64 * 1024;
+
+/// Read an error response (bounded) into a `Status` error, keeping the OCI `errors[]` when present.
+pub(crate) async fn error_from_response(
+    method: &str,
+    url: &Url,
+    resp: reqwest::Response,
+    hint: Option<String>,
+) -> RegistryError {
+    let status = resp.status().as_u16();
+    let mut raw = Vec::new();
+    let mut resp = resp;
+    while let Ok(Some(chunk)) = resp.chunk().await {
+        raw.extend_from_slice(&chunk);
+        if raw.len() >= MAX_ERROR_BODY {
+            break;
+        }
+    }
+    #[derive(serde::Deserialize)]
+    struct Doc {
+        errors: Vec<OciError>,
+    }
+    let (errors, body) = match serde_json::from_slice::<Doc>(&raw) {
+        Ok(d) => (d.errors, None),
+        Err(_) => {
+            let text: String = String::from_utf8_lossy(&raw)
+                .chars()
+                .filter(|c| !c.is_control() || *c == ' ')
+                .take(300)
+                .collect();
+            (Vec::new(), Some(text))
+        }
+    };
+    RegistryError::Status {
+        method: method.to_string(),
+        url: redact_url(url),
+        status,
+        errors,
+        body,
+        hint,
+    }
+}
+
 fn has_io_kind(err: &(dyn std::error::Error + 'static), kind: std::io::ErrorKind) -> bool {
     let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(err);
     while let Some(e) = cur {
