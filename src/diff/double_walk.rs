@@ -30,9 +30,7 @@ pub(crate) fn write<W: Write>(
     opts: &Options,
     out: W,
 ) -> Result<(W, Stats), DiffError> {
-    let open = |p: &Path| {
-        fsx::open_root(p).map_err(DiffError::io("opening", p.as_os_str().as_encoded_bytes()))
-    };
+    let open = |p: &Path| fsx::open_root(p).map_err(DiffError::io_host("opening", p));
     let up = open(upper)?;
     let low = lower.map(open).transpose()?;
     let mut walk = Walk {

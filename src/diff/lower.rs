@@ -40,10 +40,7 @@ impl LowerView {
     pub fn root(lowers: &[PathBuf]) -> Result<LowerView, DiffError> {
         let mut view = LowerView::empty();
         for dir in lowers {
-            let fd = fsx::open_root(dir).map_err(DiffError::io(
-                "opening lowerdir",
-                dir.as_os_str().as_encoded_bytes(),
-            ))?;
+            let fd = fsx::open_root(dir).map_err(DiffError::io_host("opening lowerdir", dir))?;
             let (opaque, redirect) = dir_marks(fd.as_fd(), b"")?;
             view.layers.push(fd);
             view.uncertain |= redirect;

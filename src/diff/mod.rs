@@ -152,6 +152,15 @@ impl DiffError {
         let path = display(path.as_ref());
         move |source| DiffError::Io { path, op, source }
     }
+
+    /// For the host paths the caller gave (roots), shown as they are.
+    pub(crate) fn io_host(
+        op: &'static str,
+        path: &Path,
+    ) -> impl FnOnce(std::io::Error) -> DiffError {
+        let path = path.display().to_string();
+        move |source| DiffError::Io { path, op, source }
+    }
 }
 
 /// A relative path (as bytes) for messages: absolute-looking and lossy.

@@ -22,10 +22,7 @@ pub(crate) fn write<W: Write>(
     opts: &Options,
     out: W,
 ) -> Result<(W, Stats), DiffError> {
-    let root = fsx::open_root(upper).map_err(DiffError::io(
-        "opening upperdir",
-        upper.as_os_str().as_encoded_bytes(),
-    ))?;
+    let root = fsx::open_root(upper).map_err(DiffError::io_host("opening upperdir", upper))?;
     raise_fd_limit();
     let lower = LowerView::root(lowers)?;
     let mut walk = UpperWalk {
