@@ -238,7 +238,13 @@ impl Authenticator {
         };
         let url = resp.url().clone();
         if !resp.status().is_success() {
-            let hint = self.rejected_hint(realm);
+            let hint = match resp.status().as_u16() {
+                401 | 403 => self.rejected_hint(realm),
+                n => format!(
+                    "the token service at {} answered HTTP {n}",
+                    super::error::host_port(realm)
+                ),
+            };
             return Err(error_from_response(method, &url, resp, Some(hint)).await);
         }
         let reply: TokenReply = resp.json().await.map_err(|_| {

@@ -256,7 +256,13 @@ impl Client {
             let result = self.send_following_redirects(req).await;
             let can_repeat = req.body.replayable();
             if let Ok(resp) = &result {
-                if resp.status() == StatusCode::UNAUTHORIZED && !reauthenticated && can_repeat {
+                // Only the registry's own challenges teach the scheme (not a storage host's 401).
+                let ours = resp.url().origin() == self.inner.base.origin();
+                if resp.status() == StatusCode::UNAUTHORIZED
+                    && ours
+                    && !reauthenticated
+                    && can_repeat
+                {
                     reauthenticated = true;
                     if self.inner.auth.learn(resp.headers(), &req.scopes).await {
                         continue;

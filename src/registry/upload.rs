@@ -37,9 +37,10 @@ pub(crate) struct Session {
 pub enum MountOutcome {
     /// 201: the blob now exists in this repository; nothing to upload.
     Mounted,
-    /// 202: the registry declined (source missing, no pull access, or mounting unsupported) and opened
-    /// an upload session instead. The client keeps that session and the next upload of the same digest
-    /// through this client (or a clone) continues it, saving a POST.
+    /// 202: the registry declined (source missing, or mounting unsupported) and opened an upload
+    /// session instead. The client keeps that session and the next upload of the same digest through
+    /// this client (or a clone) continues it, saving a POST. Also 401/403: the credentials do not
+    /// reach the source repository (no session then).
     NotMounted,
 }
 
@@ -68,7 +69,11 @@ impl Client {
             .append_pair("from", from_repository);
         let mut req = self.req(Method::POST, url);
         req.scopes.push(repo_scope(from_repository, "pull"));
-        let resp = self.execute(&req).await?;
+        let resp = match self.execute(&req).await {
+            // A token service may refuse the source scope outright instead of narrowing the grant.
+            Err(e) if e.is_auth() => return Ok(MountOutcome::NotMounted),
+            other => other?,
+        };
         match resp.status() {
             StatusCode::CREATED => Ok(MountOutcome::Mounted),
             StatusCode::ACCEPTED => {
@@ -80,6 +85,10 @@ impl Client {
                     .insert(digest.clone(), session);
                 Ok(MountOutcome::NotMounted)
             }
+            // distribution asks for `pull` on the source in the same token; when the credentials do not
+            // reach the source repository it answers 401/403 (insufficient_scope). The target's own
+            // access was proven by `Client::new`, so this only means "upload it instead".
+            StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN => Ok(MountOutcome::NotMounted),
             _ => Err(self.fail(&req, resp).await),
         }
     }

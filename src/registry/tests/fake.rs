@@ -43,6 +43,8 @@ pub struct Faults {
     pub blob_redirect: Option<String>,
     /// Demand `Bearer tok-<generation>` and serve `/token` (bump it to revoke the current token).
     pub bearer_generation: Option<u32>,
+    /// Answer mounts with 401 insufficient_scope, as distribution does without pull on the source.
+    pub mount_unauthorized: bool,
     /// Answer manifest PUTs with a wrong `Docker-Content-Digest`.
     pub lie_about_digest: bool,
 }
@@ -295,6 +297,12 @@ fn start_or_mount(s: &mut State, head: &Head, repo: &str) -> Resp {
         return Resp::new(405);
     }
     if let (Some(d), Some(_from)) = (head.query("mount"), head.query("from")) {
+        if s.faults.mount_unauthorized {
+            let host = head.header("host").unwrap_or("").to_string();
+            let challenge =
+                format!("Bearer realm=\"http://{host}/token\",error=\"insufficient_scope\"");
+            return Resp::oci_error(401, "UNAUTHORIZED").header("WWW-Authenticate", challenge);
+        }
         if s.blobs.contains_key(&d) && !s.faults.mount_declines {
             return Resp::new(201)
                 .header("Location", format!("/v2/{repo}/blobs/{d}"))

@@ -430,3 +430,21 @@ async fn a_manifest_digest_the_registry_disagrees_with_is_an_error() {
         "{e}"
     );
 }
+
+#[tokio::test]
+async fn a_mount_the_credentials_cannot_read_is_not_mounted_rather_than_an_error() {
+    let faults = Faults {
+        mount_unauthorized: true,
+        bearer_generation: Some(1),
+        ..Default::default()
+    };
+    let fake = Fake::start(faults).await;
+    let client = connect(&fake.reference("b"), &plain(None), None)
+        .await
+        .unwrap();
+    let outcome = client
+        .mount_blob(&Digest::of(b"x"), "private/base")
+        .await
+        .unwrap();
+    assert_eq!(outcome, MountOutcome::NotMounted);
+}
