@@ -281,6 +281,17 @@ impl Client {
                 .ok()
                 .and_then(retry_after)
                 .unwrap_or_else(|| self.retry.delay(attempt));
+            let why = match &result {
+                Ok(resp) => format!("HTTP {}", resp.status().as_u16()),
+                Err(e) => e.to_string(),
+            };
+            crate::log::warn(&format!(
+                "{} {}: {why}; retrying in {wait:?} (attempt {} of {})",
+                req.method,
+                redact_url(&req.url),
+                attempt + 2,
+                self.retry.attempts
+            ));
             tokio::time::sleep(wait).await;
             attempt += 1;
         }

@@ -119,9 +119,17 @@ impl Client {
                         && failures + 1 < self.retry.attempts
                         && restarts < MAX_RESTARTS =>
                 {
+                    crate::log::warn(&format!(
+                        "uploading {digest} at byte {offset}: {e}; asking the registry where it stands"
+                    ));
                     tokio::time::sleep(self.retry.delay(failures)).await;
                     failures += 1;
                     let (s, o, restarted) = self.resync(session).await?;
+                    if restarted {
+                        crate::log::warn(&format!(
+                            "the registry dropped the upload session of {digest}; starting again at byte 0"
+                        ));
+                    }
                     (session, offset) = (s, o);
                     restarts += u32::from(restarted);
                 }
