@@ -320,8 +320,8 @@ cmd_base_image() {
   [ $docker = 1 ] && fmt=(--format v2s2)
   skopeo copy --quiet --dest-tls-verify=false "${fmt[@]}" "oci:$layout:1" "docker://$ref" >&2 ||
     die "skopeo could not push $ref"
-  "$CTR" -a "$CONTAINERD_ADDRESS" -n "$ns" images pull --plain-http "$ref" >"$dir/logs/pull-$name.log" 2>&1 ||
-    { cat "$dir/logs/pull-$name.log" >&2; die "ctr could not pull $ref"; }
+  "$CTR" -a "$CONTAINERD_ADDRESS" -n "$ns" images pull --plain-http "$ref" >"$dir/logs/pull-${name//\//_}.log" 2>&1 ||
+    { cat "$dir/logs/pull-${name//\//_}.log" >&2; die "ctr could not pull $ref"; }
   echo "$ref"
 }
 

@@ -128,9 +128,22 @@ async fn push_base_layer(job: &PushJob<'_>, digest: &Digest) -> Result<(), Commi
         job.client.upload_blob_stream(digest, size, stream).await?;
         return Ok(());
     }
+    // Discarded from the node (containerd's discard_unpacked_layers): stream it from the
+    // registry the base came from, with that registry's credentials.
+    if let Some(base) = job.base_ref {
+        log::info(&format!(
+            "base layer {digest} is not on this node; copying it from {}",
+            base.repo_url_name()
+        ));
+        let source = Client::new(base, job.base_opts).await?;
+        let stream = source.fetch_blob(digest).await?;
+        let size = stream.size();
+        job.client.upload_blob_stream(digest, size, stream).await?;
+        return Ok(());
+    }
     Err(CommitError::Refused(format!(
-        "base layer {digest} of {} is neither in the target registry nor in the node's content store; \
-         push the base image to the target registry first",
+        "base layer {digest} of {} is neither in the target registry nor in the node's content store, \
+         and the base's name is not a registry reference to fetch it from",
         job.base.name
     )))
 }

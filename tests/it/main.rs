@@ -5,6 +5,7 @@ mod e2e;
 mod fidelity;
 mod image;
 mod lab;
+mod push;
 mod safety;
 mod tree;
 
