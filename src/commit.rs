@@ -51,7 +51,9 @@ pub async fn commit(plan: &CommitPlan) -> Result<CommitResult, CommitError> {
     let client = client?;
     let lease = ctr.take_lease(&info.id).await?;
     start_guardian(&ctr, &info, &lease);
+    let reporter = crate::progress::start_reporter(std::time::Duration::from_secs(5));
     let result = commit_leased(&ctr, &client, &info, &lease, plan, &opts).await;
+    reporter.abort();
     end_lease(&ctr, lease, &result).await;
     let mut result = result?;
     result.duration_ms = started.elapsed().as_millis() as u64;

@@ -41,6 +41,7 @@ impl<W: Write> Write for Counted<W> {
         let n = self.inner.write(buf)?;
         self.hasher.update(&buf[..n]);
         self.bytes += n as u64;
+        crate::progress::add_layer(n as u64);
         Ok(n)
     }
     fn flush(&mut self) -> io::Result<()> {
@@ -129,6 +130,7 @@ impl<W: Write> Write for LayerWriter<W> {
         };
         self.diff_id.update(&buf[..n]);
         self.tar_bytes += n as u64;
+        crate::progress::add_tar(n as u64);
         Ok(n)
     }
     fn flush(&mut self) -> io::Result<()> {

@@ -16,6 +16,7 @@ pub mod image;
 pub mod layer;
 pub mod log;
 pub mod pgzip;
+pub mod progress;
 pub mod push;
 pub mod registry;
 pub mod report;

@@ -18,15 +18,20 @@ pub fn enabled(level: u8) -> bool {
     level <= LEVEL.load(Ordering::Relaxed)
 }
 
-fn emit(level: u8, name: &str, msg: &str) {
+/// A log line with structured fields (merged into the JSON object; text shows only `msg`).
+pub fn event(level: u8, msg: &str, fields: serde_json::Value) {
     if !enabled(level) {
         return;
     }
+    let name = ["error", "warn", "info", "debug"][level.min(3) as usize];
     if JSON.load(Ordering::Relaxed) == 1 {
         let ts = time::OffsetDateTime::now_utc()
             .format(&time::format_description::well_known::Rfc3339)
             .unwrap_or_default();
-        let line = serde_json::json!({"time": ts, "level": name, "msg": msg});
+        let mut line = serde_json::json!({"time": ts, "level": name, "msg": msg});
+        if let (Some(obj), serde_json::Value::Object(extra)) = (line.as_object_mut(), fields) {
+            obj.extend(extra);
+        }
         eprintln!("{line}");
     } else {
         eprintln!("committer: {name}: {msg}");
@@ -34,14 +39,14 @@ fn emit(level: u8, name: &str, msg: &str) {
 }
 
 pub fn error(msg: &str) {
-    emit(0, "error", msg)
+    event(0, msg, serde_json::Value::Null)
 }
 pub fn warn(msg: &str) {
-    emit(1, "warn", msg)
+    event(1, msg, serde_json::Value::Null)
 }
 pub fn info(msg: &str) {
-    emit(2, "info", msg)
+    event(2, msg, serde_json::Value::Null)
 }
 pub fn debug(msg: &str) {
-    emit(3, "debug", msg)
+    event(3, msg, serde_json::Value::Null)
 }

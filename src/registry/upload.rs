@@ -366,6 +366,7 @@ pub(crate) async fn file_range_stream(
                 ));
             }
             buf.truncate(n);
+            crate::progress::add_sent(n as u64);
             Ok(Some((Bytes::from(buf), (reader, left - n as u64))))
         },
     ))
