@@ -12,10 +12,15 @@
 //! whiteout before the new entry. A directory deleted and recreated is, as in containerd's own
 //! differ, the directory entry plus a whiteout per lower child that is gone — never an opaque
 //! marker — which also keeps excluded lower paths intact.
+//!
+//! Hardlink groups are reproduced exactly: a metadata-only pass over both trees first finds the
+//! paths whose group membership changed (see `links`), and those are emitted whatever the
+//! comparison says, each upper group whole, so that unpacking gives the upper tree's groups.
 
 use super::emit::{join_path, Sink};
 use super::filter::Filter;
 use super::fsx;
+use super::links::Relinks;
 use super::meta::{is_whiteout_stat, read_meta_at, read_node, Handle, Meta};
 use super::upper::same_file_content;
 use super::{DiffError, Options, Stats};
@@ -33,9 +38,16 @@ pub(crate) fn write<W: Write>(
     let open = |p: &Path| fsx::open_root(p).map_err(DiffError::io_host("opening", p));
     let up = open(upper)?;
     let low = lower.map(open).transpose()?;
+    let filter = Filter::new(&opts.exclude, &opts.skip_mount_stubs);
+    // Without a parent everything is new: every group is emitted whole anyway.
+    let relinks = match &low {
+        Some(low) => Relinks::scan(low.as_fd(), up.as_fd(), &filter)?,
+        None => Relinks::default(),
+    };
     let mut walk = Walk {
         sink: Sink::new(out, opts, "walk"),
-        filter: Filter::new(&opts.exclude, &opts.skip_mount_stubs),
+        filter,
+        relinks,
         buf: Vec::new(),
     };
     walk.dir(low.as_ref().map(OwnedFd::as_fd), up.as_fd(), b"")?;
@@ -45,6 +57,8 @@ pub(crate) fn write<W: Write>(
 struct Walk<'o, W: Write> {
     sink: Sink<'o, W>,
     filter: Filter,
+    /// Paths whose hardlink group changed: emitted even when they look unchanged.
+    relinks: Relinks,
     buf: Vec<u8>,
 }
 
@@ -156,7 +170,9 @@ impl<W: Write> Walk<'_, W> {
             _ => None,
         };
         if let (Some(l), Some(low)) = (&lm, low) {
-            if self.unchanged(l, m, file.as_deref_mut(), low, name, &path)? {
+            if !self.relinks.must_emit(&path)
+                && self.unchanged(l, m, file.as_deref_mut(), low, name, &path)?
+            {
                 return Ok(());
             }
         }
@@ -195,8 +211,8 @@ impl<W: Write> Walk<'_, W> {
     }
 
     /// Same type, mode, owner, size, mtime (ns), xattrs, target and device — and for regular
-    /// files, the same inode (dev, ino, ctime) or the same bytes. A multi-link file whose link
-    /// count changed is emitted so that new links to it can point at it.
+    /// files, the same inode (ino, ctime) or the same bytes. (Hardlink groups are `relinks`'
+    /// business: an unchanged-looking path whose group changed never gets here.)
     fn unchanged(
         &mut self,
         l: &Meta,
@@ -206,7 +222,7 @@ impl<W: Write> Walk<'_, W> {
         name: &[u8],
         path: &[u8],
     ) -> Result<bool, DiffError> {
-        if !l.same_attrs(m) || (m.st.nlink > 1 && m.st.nlink != l.st.nlink) {
+        if !l.same_attrs(m) {
             return Ok(false);
         }
         let Some(file) = file else { return Ok(true) };

@@ -27,7 +27,10 @@
 //! - Whiteouts and opaque markers: empty regular files, mode 0, owner 0:0, mtime
 //!   `source_date_epoch` or 0, so that two runs over the same tree give the same bytes.
 //! - Hardlinks (nlink > 1): the first path in output order is a regular entry, later ones are
-//!   link entries repeating the first entry's metadata and xattrs.
+//!   link entries repeating the first entry's metadata and xattrs. The walk also emits paths
+//!   that look unchanged when their hardlink group changed (every member of the new group, and
+//!   lower members that must leave the old inode), so that base + layer has exactly the
+//!   container's groups.
 //! - Mount stubs (`skip_mount_stubs`): an empty regular file or a directory with nothing emitted
 //!   beneath it is left out; so is a new directory that only exists to hold such stubs.
 //! - Exclusions leave a path exactly as the lower layers have it: no entry and no whiteout.
@@ -45,8 +48,6 @@
 //!
 //! # Known limits
 //! - mtimes are whole seconds (as docker and containerd write them).
-//! - In the walk, a lower hardlink group whose link count stayed the same while its membership
-//!   changed (`rm b; ln a c`) gives `c` as a separate file (content and metadata still exact).
 //! - The upperdir source raises the soft RLIMIT_NOFILE to the hard limit (it holds a directory
 //!   fd per lower layer per level).
 //! - `index=on` is accepted as in the brief's whitelist; with it, a copied-up lower hardlink is
@@ -57,6 +58,7 @@ mod emit;
 mod exact;
 mod filter;
 mod fsx;
+mod links;
 mod lower;
 mod meta;
 mod tarw;

@@ -105,6 +105,24 @@ impl Overlay {
         self.mounted.push(target.clone());
         target
     }
+
+    /// The container's tree as committer's walk reads it: a read-only overlay of the upperdir
+    /// over the lowers (`lowerdir=UPPER:L…`, plus `extra` options), next to the live mount.
+    pub fn mount_container_view(&mut self, extra: &[&str]) -> PathBuf {
+        let target = self.dir.path().join("containerview");
+        std::fs::create_dir_all(&target).unwrap();
+        let _g = MOUNT_LOCK.read().unwrap_or_else(|e| e.into_inner());
+        let mut dirs = vec![self.upper.clone()];
+        dirs.extend(self.lowers.iter().cloned());
+        let mut opts = format!("ro,lowerdir={}", join(&dirs));
+        for e in extra {
+            opts.push(',');
+            opts.push_str(e);
+        }
+        mount_overlay(&opts, &target);
+        self.mounted.push(target.clone());
+        target
+    }
 }
 
 fn join(dirs: &[PathBuf]) -> String {

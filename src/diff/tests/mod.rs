@@ -6,6 +6,7 @@ mod apply;
 mod fidelity;
 mod fixture;
 mod guards;
+mod hardlinks;
 mod rawtar;
 mod scenario;
 mod tree;

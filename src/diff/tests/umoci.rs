@@ -48,14 +48,26 @@ fn oci_layout(layout: &Path, layers: &[Vec<u8>]) {
 }
 
 fn unpack_with_umoci(ov: &Overlay, top: Vec<u8>, what: &str) {
+    assert_umoci_unpacks_to(&ov.lowers[0], top, &ov.merged, ov.dir.path(), what);
+}
+
+/// umoci unpacks an image of two layers, the whole of `base` then `top`, in `scratch`; the
+/// rootfs must equal `expected`.
+pub(crate) fn assert_umoci_unpacks_to(
+    base: &Path,
+    top: Vec<u8>,
+    expected: &Path,
+    scratch: &Path,
+    what: &str,
+) {
     let base = Source::Walk {
         lower: None,
-        upper: &ov.lowers[0],
+        upper: base,
     };
     let (base, _) = write_layer(&base, &Options::default(), Vec::new()).unwrap();
-    let layout = ov.dir.path().join(format!("oci-{what}"));
+    let layout = scratch.join(format!("oci-{what}"));
     oci_layout(&layout, &[base, top]);
-    let rootfs = ov.dir.path().join(format!("rootfs-{what}"));
+    let rootfs = scratch.join(format!("rootfs-{what}"));
     let out = std::process::Command::new("umoci")
         .args(["raw", "unpack", "--image"])
         .arg(format!("{}:t", layout.display()))
@@ -67,7 +79,7 @@ fn unpack_with_umoci(ov: &Overlay, top: Vec<u8>, what: &str) {
         "umoci: {}",
         String::from_utf8_lossy(&out.stderr)
     );
-    tree::assert_same(&tree::snapshot(&ov.merged), &tree::snapshot(&rootfs), what);
+    tree::assert_same(&tree::snapshot(expected), &tree::snapshot(&rootfs), what);
 }
 
 #[test]

@@ -1,0 +1,248 @@
+//! Hardlink groups for the double walk. Unpacking a layer over the parent keeps every path the
+//! layer does not name on its parent inode, so a path's lower link group survives unless the
+//! layer replaces (or whiteouts) its members; and an emitted group is exactly the emitted paths
+//! sharing an upper inode. Comparing files one by one cannot see a group change whose members
+//! all look unchanged (`ln a c` over a lower pair {a, b} under overlay: `a` is copied up and
+//! joins `c`, `b` stays alone on the old inode, and neither `a` nor `b` changed in content or
+//! metadata). So before the walk, a metadata-only pass over both trees collects, for every
+//! non-directory with more than one link on either side, its upper inode and its lower inode,
+//! and decides which paths must be emitted whatever their content says.
+//!
+//! Groups are compared as sets of paths. `U(p)`: the upper paths sharing `p`'s upper inode.
+//! `H(p)`: the lower paths sharing `p`'s lower inode that still exist in the upper tree as a
+//! non-directory (the others get a whiteout or a directory, which takes them off the inode).
+//! When `H` is exactly one upper group, nothing needs doing: the members all share one upper
+//! inode and one lower inode, so the walk takes all or none of them. Otherwise at most one upper
+//! group `K ⊆ H` may stay on the lower inode — the one that is still the lower inode (same inode
+//! number and ctime: overlay shows a file never copied up that way), else the one holding the
+//! first path — and every other member of `H` is emitted. Every upper group is then emitted
+//! whole or not at all, so the sink's hardlink entries rebuild it exactly, and every lower inode
+//! keeps exactly the upper group that stayed on it.
+//!
+//! Memory is ∝ the multi-link files; the pass reads no content and no xattrs (except the
+//! `overlay.whiteout` probe on empty multi-link lower files). Like the walk it only opens
+//! directories, relative to their parent and without following symlinks.
+
+use super::emit::join_path;
+use super::filter::Filter;
+use super::fsx::{self, St};
+use super::meta::{is_whiteout_at, is_whiteout_stat};
+use super::DiffError;
+use rustix::fs::FileType;
+use std::collections::{HashMap, HashSet};
+use std::io;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+
+/// The paths the walk must emit because their hardlink group changed.
+#[derive(Debug, Default)]
+pub(crate) struct Relinks {
+    emit: HashSet<Vec<u8>>,
+}
+
+impl Relinks {
+    /// Scans `up` against `low` (metadata only) and settles which paths must be emitted.
+    pub fn scan(low: BorrowedFd, up: BorrowedFd, filter: &Filter) -> Result<Relinks, DiffError> {
+        let mut scan = Scan {
+            filter,
+            entries: Vec::new(),
+        };
+        scan.dir(Some(low), up, b"")?;
+        Ok(Relinks {
+            emit: settle(scan.entries),
+        })
+    }
+
+    /// `path` must be emitted even if it looks unchanged.
+    pub fn must_emit(&self, path: &[u8]) -> bool {
+        !self.emit.is_empty() && self.emit.contains(path)
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Inode {
+    dev: u64,
+    ino: u64,
+    ctime: (i64, u32),
+    nlink: u64,
+}
+
+impl Inode {
+    fn of(st: &St) -> Inode {
+        Inode {
+            dev: st.dev,
+            ino: st.ino,
+            ctime: st.ctime,
+            nlink: st.nlink,
+        }
+    }
+
+    /// The key of its group, when it has more than one link.
+    fn key(&self) -> Option<(u64, u64)> {
+        (self.nlink > 1).then_some((self.dev, self.ino))
+    }
+
+    /// The same inode seen through two mounts (overlay changes st_dev, not ino or ctime).
+    fn same(&self, o: &Inode) -> bool {
+        (self.ino, self.ctime) == (o.ino, o.ctime)
+    }
+}
+
+/// A path that exists in the upper tree as a non-directory and has more than one link on at
+/// least one side.
+struct Entry {
+    path: Vec<u8>,
+    up: Inode,
+    /// Its lower non-directory, when there is one with more than one link.
+    low: Option<Inode>,
+}
+
+struct Scan<'f> {
+    filter: &'f Filter,
+    /// In walk order.
+    entries: Vec<Entry>,
+}
+
+/// A non-directory the layer can carry (sockets are dropped, as the walk drops them).
+fn linkable(st: &St) -> bool {
+    !matches!(st.ftype, FileType::Directory | FileType::Socket)
+}
+
+impl Scan<'_> {
+    fn dir(
+        &mut self,
+        low: Option<BorrowedFd>,
+        up: BorrowedFd,
+        rel: &[u8],
+    ) -> Result<(), DiffError> {
+        let unames = fsx::list_names(up).map_err(DiffError::io("listing", rel))?;
+        let lnames = match low {
+            Some(fd) => fsx::list_names(fd).map_err(DiffError::io("listing lower", rel))?,
+            None => Vec::new(),
+        };
+        let mut lnames = lnames.into_iter().peekable();
+        for name in &unames {
+            while lnames.next_if(|l| l < name).is_some() {}
+            let low = low.filter(|_| lnames.next_if(|l| l == name).is_some());
+            let path = join_path(rel, name);
+            if self.filter.excluded(&path) {
+                continue;
+            }
+            let Some(st) = fsx::lstat_opt(up, name).map_err(DiffError::io("lstat", &path))? else {
+                continue; // gone since the listing: the walk sees what is there then
+            };
+            if st.ftype == FileType::Directory {
+                let Some(sub) = open_dir_opt(up, name).map_err(DiffError::io("opening", &path))?
+                else {
+                    continue;
+                };
+                let lsub = match low {
+                    Some(low) => open_dir_opt(low, name)
+                        .map_err(DiffError::io("opening lower directory", &path))?,
+                    None => None,
+                };
+                self.dir(lsub.as_ref().map(OwnedFd::as_fd), sub.as_fd(), &path)?;
+            } else if linkable(&st) {
+                let low = match low {
+                    Some(low) => self.lower(low, name, &path)?,
+                    None => None,
+                };
+                if st.nlink > 1 || low.is_some() {
+                    self.entries.push(Entry {
+                        path,
+                        up: Inode::of(&st),
+                        low,
+                    });
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The lower side of `name` when it is a multi-link non-directory (overlay whiteouts, which
+    /// overlay itself hardlinks to one another, are nothing).
+    fn lower(&self, low: BorrowedFd, name: &[u8], path: &[u8]) -> Result<Option<Inode>, DiffError> {
+        let Some(st) = fsx::lstat_opt(low, name).map_err(DiffError::io("lstat lower", path))?
+        else {
+            return Ok(None);
+        };
+        if st.nlink < 2 || !linkable(&st) || is_whiteout_stat(&st) {
+            return Ok(None);
+        }
+        if is_whiteout_at(low, name, &st, path)? {
+            return Ok(None);
+        }
+        Ok(Some(Inode::of(&st)))
+    }
+}
+
+/// Opens a subdirectory; None when it is gone or is not a directory (any more).
+fn open_dir_opt(dir: BorrowedFd, name: &[u8]) -> io::Result<Option<OwnedFd>> {
+    match fsx::open_dir_at(dir, name) {
+        Ok(fd) => Ok(Some(fd)),
+        Err(e)
+            if e.kind() == io::ErrorKind::NotFound
+                || matches!(e.raw_os_error(), Some(libc::ENOTDIR | libc::ELOOP)) =>
+        {
+            Ok(None)
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// The paths to emit (see the module comment). Linear in the number of entries.
+fn settle(entries: Vec<Entry>) -> HashSet<Vec<u8>> {
+    // Group numbers per side; a side with one link is a group of its own.
+    fn number(keys: impl Iterator<Item = Option<(u64, u64)>>) -> (Vec<usize>, Vec<Vec<usize>>) {
+        let mut of = Vec::new();
+        let mut groups: Vec<Vec<usize>> = Vec::new();
+        let mut by_key = HashMap::new();
+        for (i, key) in keys.enumerate() {
+            let g = match key {
+                Some(k) => *by_key.entry(k).or_insert_with(|| {
+                    groups.push(Vec::new());
+                    groups.len() - 1
+                }),
+                None => {
+                    groups.push(Vec::new());
+                    groups.len() - 1
+                }
+            };
+            groups[g].push(i); // in walk order
+            of.push(g);
+        }
+        (of, groups)
+    }
+    let (u_of, ugroups) = number(entries.iter().map(|e| e.up.key()));
+    let (l_of, lgroups) = number(entries.iter().map(|e| e.low.as_ref().and_then(Inode::key)));
+    let mut emit = Vec::new();
+    for (g, h) in lgroups.iter().enumerate() {
+        let inside = |u: usize| ugroups[u].iter().all(|&m| l_of[m] == g);
+        let first = u_of[h[0]];
+        if ugroups[first].len() == h.len() && inside(first) {
+            continue; // H is exactly one upper group
+        }
+        let lower_inode = entries[h[0]].low;
+        let still_lower =
+            |u: usize| lower_inode.is_some_and(|l| entries[ugroups[u][0]].up.same(&l));
+        // Each upper group once, at its first member; only those entirely inside H can stay.
+        let candidates = h
+            .iter()
+            .filter(|&&j| ugroups[u_of[j]][0] == j)
+            .map(|&j| u_of[j])
+            .filter(|&u| inside(u));
+        let mut keep = None;
+        for u in candidates {
+            if keep.is_none() || still_lower(u) {
+                keep = Some(u);
+                if still_lower(u) {
+                    break;
+                }
+            }
+        }
+        emit.extend(h.iter().copied().filter(|&j| Some(u_of[j]) != keep));
+    }
+    let mut entries = entries;
+    emit.into_iter()
+        .map(|i| std::mem::take(&mut entries[i].path))
+        .collect()
+}
