@@ -378,3 +378,89 @@ fn containerd_diff_source_pushes_the_same_tree_through_the_socket_only() {
         diffs.join("\n")
     );
 }
+
+#[test]
+fn mount_stubs_and_exclusions_stay_out_and_the_base_shows_through() {
+    let lab = Lab::start();
+    let base = lab.base_image("base", false);
+    let injected = lab.dir.join("injected.conf");
+    std::fs::write(&injected, "from the host\n").unwrap();
+    let opts = RunOpts {
+        mounts: vec![
+            format!(
+                "type=bind,src={},dst=/etc/injected.conf,options=rbind:ro",
+                injected.display()
+            ),
+            format!(
+                "type=bind,src={},dst=/var/run/secrets/sa,options=rbind:ro",
+                lab.dir.join("logs").display()
+            ),
+        ],
+        ..RunOpts::default()
+    };
+    lab.run_container("c6", &base, &opts);
+    lab.exec("c6", "echo changed > /data/keep.txt; mkdir -p /cache/big && echo junk > /cache/big/f; echo kept > /data/kept");
+    let target = format!("{}/snap/c6:v1", lab.registry);
+    let result = run_json(&lab.committer(&[
+        "commit",
+        "--container",
+        "c6",
+        "--image",
+        &target,
+        "--plain-http",
+        "--exclude",
+        "/data/keep.txt",
+        "--exclude",
+        "/cache",
+    ]));
+    let unpacked = lab.pull_unpack(result["image"].as_str().unwrap());
+    assert_eq!(
+        std::fs::read_to_string(unpacked.join("data/kept")).unwrap(),
+        "kept\n"
+    );
+    assert_eq!(
+        std::fs::read_to_string(unpacked.join("data/keep.txt")).unwrap(),
+        "keep me\n",
+        "excluded: base content"
+    );
+    assert!(
+        !unpacked.join("cache").exists(),
+        "an excluded new dir is absent"
+    );
+    assert!(
+        !unpacked.join("etc/injected.conf").exists(),
+        "a mount stub is left out"
+    );
+    assert!(
+        !unpacked.join("var/run/secrets").exists(),
+        "a mount-point dir stub is left out"
+    );
+}
+
+#[test]
+fn an_unchanged_container_gets_no_empty_layer_but_a_history_entry() {
+    let lab = Lab::start();
+    let base = lab.base_image("base", false);
+    lab.run_container("c7", &base, &RunOpts::default());
+    let target = format!("{}/snap/c7:v1", lab.registry);
+    let result = run_json(&lab.committer(&[
+        "commit",
+        "--container",
+        "c7",
+        "--image",
+        &target,
+        "--plain-http",
+    ]));
+    assert!(result["layer"].is_null(), "{result}");
+    let config = crate::lab::check(std::process::Command::new("skopeo").args([
+        "inspect",
+        "--config",
+        "--tls-verify=false",
+        &format!("docker://{}", result["image"].as_str().unwrap()),
+    ]));
+    let config: Value = serde_json::from_str(&config).unwrap();
+    assert_eq!(config["rootfs"]["diff_ids"].as_array().unwrap().len(), 2);
+    let history = config["history"].as_array().unwrap();
+    assert_eq!(history.last().unwrap()["empty_layer"], true);
+    assert_eq!(history.last().unwrap()["created_by"], "committer");
+}

@@ -45,6 +45,8 @@ pub struct RunOpts {
     pub runtime: Option<String>,
     /// The process to run; empty = `sleep 1000000`.
     pub args: Vec<String>,
+    /// `ctr run --mount` specs, e.g. `type=bind,src=/x,dst=/etc/x,options=rbind:ro`.
+    pub mounts: Vec<String>,
 }
 
 impl Default for RunOpts {
@@ -54,6 +56,7 @@ impl Default for RunOpts {
             labels: Vec::new(),
             runtime: None,
             args: Vec::new(),
+            mounts: Vec::new(),
         }
     }
 }
@@ -217,6 +220,9 @@ impl Lab {
         }
         for (k, v) in &opts.labels {
             cmd.arg("--label").arg(format!("{k}={v}"));
+        }
+        for m in &opts.mounts {
+            cmd.arg("--mount").arg(m);
         }
         cmd.args([image, id]);
         if opts.args.is_empty() {
