@@ -58,12 +58,22 @@ oci_arch() {
 
 target_installed() { [ -d "$(rustc --print sysroot)/lib/rustlib/$1/lib" ]; }
 
-# musl_cc TRIPLE: the C compiler cc-rs will use for a musl target (CC_<triple> wins), if it is on PATH.
-musl_cc() {
+# use_musl_cc TRIPLE: makes sure cc-rs finds a C compiler for a musl target; fails if there is none. CC_<triple>
+# wins; cc-rs looks for musl-gcc on x86_64 and ARCH-linux-musl-gcc elsewhere; Debian's musl-gcc (musl-tools) is
+# for the machine's own arch, so it is named explicitly when the prefixed one is missing.
+use_musl_cc() {
   local var="CC_${1//-/_}"
-  if [ -n "${!var:-}" ]; then command -v "${!var}" && return 0; return 1; fi
-  command -v musl-gcc 2>/dev/null && [ "$(rust_arch)" = x86_64 ] && return 0
-  command -v "$(rust_arch)-linux-musl-gcc"
+  if [ -n "${!var:-}" ]; then
+    command -v "${!var}" >/dev/null
+  elif [ "$(rust_arch)" = x86_64 ] && command -v musl-gcc >/dev/null; then
+    return 0
+  elif command -v "$(rust_arch)-linux-musl-gcc" >/dev/null; then
+    return 0
+  elif command -v musl-gcc >/dev/null; then
+    export "$var=musl-gcc"
+  else
+    return 1
+  fi
 }
 
 # is_static BIN: no program interpreter and no NEEDED libraries.
@@ -116,7 +126,7 @@ build_static_binary() {
     fi
     if ! target_installed "$musl"; then
       reason="the Rust target $musl is not installed (rustup target add $musl)"
-    elif ! musl_cc "$musl" >/dev/null; then
+    elif ! use_musl_cc "$musl"; then
       reason="no musl C compiler for $musl (apt-get install musl-tools, or set CC_${musl//-/_})"
     fi
     if [ -z "$reason" ]; then
