@@ -22,6 +22,13 @@ export DEBIAN_FRONTEND=noninteractive
 
 # ---- packages -------------------------------------------------------------------------------------------------
 scripts/install-deps.sh
+# A static musl build needs the musl target; a machine that cannot fetch it builds static glibc instead
+# (scripts/build-image.sh says which).
+rustup target list --installed 2>/dev/null | grep -qx x86_64-unknown-linux-musl ||
+  rustup target add x86_64-unknown-linux-musl </dev/null >/dev/null 2>&1 ||
+  say "the musl target could not be installed: the image test uses a static glibc build"
+# No OpenSSL or native-tls may enter the dependency tree (the binary ships FROM scratch with rustls).
+scripts/check-deps.sh
 
 # ---- kernel features ------------------------------------------------------------------------------------------
 # overlayfs must mount where the tests put their labs (tempfile uses TMPDIR): an overlay upperdir cannot live on
