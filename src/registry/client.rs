@@ -281,14 +281,18 @@ impl Client {
                 .ok()
                 .and_then(retry_after)
                 .unwrap_or_else(|| self.retry.delay(attempt));
+            // A transport error's text already names the method and URL.
             let why = match &result {
-                Ok(resp) => format!("HTTP {}", resp.status().as_u16()),
+                Ok(resp) => format!(
+                    "{} {}: HTTP {}",
+                    req.method,
+                    redact_url(&req.url),
+                    resp.status().as_u16()
+                ),
                 Err(e) => e.to_string(),
             };
             crate::log::warn(&format!(
-                "{} {}: {why}; retrying in {wait:?} (attempt {} of {})",
-                req.method,
-                redact_url(&req.url),
+                "{why}; retrying in {wait:?} (attempt {} of {})",
                 attempt + 2,
                 self.retry.attempts
             ));

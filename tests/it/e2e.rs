@@ -223,7 +223,9 @@ fn assert_clear_failure(out: &std::process::Output, code: i32, needle: &str) {
         "nothing on stdout on failure: {}",
         String::from_utf8_lossy(&out.stdout)
     );
-    let lines: Vec<&str> = stderr.lines().filter(|l| !l.trim().is_empty()).collect();
+    // Structured log events (JSON lines, e.g. a retry warning) may precede it; the error itself is
+    // one plain line.
+    let lines: Vec<&str> = stderr.lines().filter(|l| !l.trim().is_empty() && !l.starts_with('{')).collect();
     assert_eq!(lines.len(), 1, "one error line, got: {stderr}");
     assert!(
         lines[0].contains(needle),
