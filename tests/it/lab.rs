@@ -347,6 +347,17 @@ impl Lab {
         mounts_under(&self.dir)
     }
 
+    /// The tags the lab registry lists for `repo` (none when the repository does not exist).
+    pub fn tags(&self, repo: &str) -> Vec<String> {
+        let url = format!("http://{}/v2/{repo}/tags/list", self.registry);
+        let out = run(Command::new("curl").args(["-s", &url]));
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+        v["tags"]
+            .as_array()
+            .map(|t| t.iter().filter_map(|x| x.as_str().map(String::from)).collect())
+            .unwrap_or_default()
+    }
+
     /// Runs `scripts/lab.sh stop` now (Drop does it too; stopping twice is fine).
     pub fn stop(&self) {
         let out = run(Command::new(lab_sh()).arg("stop").arg(&self.dir));

@@ -46,18 +46,6 @@ fn wait_until(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
     }
 }
 
-fn tags(lab: &Lab, repo: &str) -> Vec<String> {
-    let url = format!("http://{}/v2/{repo}/tags/list", lab.registry);
-    let out = std::process::Command::new("curl")
-        .args(["-s", &url])
-        .output()
-        .unwrap();
-    let v: Value = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
-    v["tags"]
-        .as_array()
-        .map(|t| t.iter().map(|x| x.as_str().unwrap().to_string()).collect())
-        .unwrap_or_default()
-}
 
 fn leases(lab: &Lab) -> String {
     lab.ctr(&["leases", "ls"])
@@ -82,7 +70,7 @@ fn sigterm_while_reading_resumes_the_sandbox_and_pushes_no_tag() {
     assert!(stderr.contains("interrupted by SIGTERM"), "{stderr}");
     assert!(out.stdout.is_empty());
     assert_eq!(lab.task_status("s1"), "RUNNING");
-    assert!(tags(&lab, "snap/s1").is_empty());
+    assert!(lab.tags("snap/s1").is_empty());
     wait_until(
         "the guardian to delete the lease",
         Duration::from_secs(5),
@@ -110,7 +98,7 @@ fn sigkill_while_frozen_is_undone_by_the_guardian_within_two_seconds() {
         Duration::from_secs(5),
         || !leases(&lab).contains("committer/s2"),
     );
-    assert!(tags(&lab, "snap/s2").is_empty());
+    assert!(lab.tags("snap/s2").is_empty());
     // The lock is gone with the lease: the next commit of the same container goes through.
     let out = lab.committer(&[
         "commit",
@@ -160,7 +148,7 @@ fn a_second_commit_of_the_same_container_fails_clearly_while_the_first_runs() {
         String::from_utf8_lossy(&first.stderr)
     );
     assert_eq!(lab.task_status("s3"), "RUNNING");
-    assert!(tags(&lab, "snap/s3b").is_empty());
+    assert!(lab.tags("snap/s3b").is_empty());
 }
 
 #[test]
@@ -189,7 +177,7 @@ fn limits_fail_clearly_resume_and_push_nothing() {
         assert!(stderr.contains("limit"), "{flag}: {stderr}");
         assert_eq!(lab.task_status("s4"), "RUNNING");
     }
-    assert!(tags(&lab, "snap/s4").is_empty());
+    assert!(lab.tags("snap/s4").is_empty());
     assert!(
         !leases(&lab).contains("committer/s4"),
         "the lease is released after a failure"
