@@ -155,12 +155,14 @@ impl Containerd {
             .into_inner()
             .mounts
             .into_iter()
-            .map(|m| SnapshotMount {
-                kind: m.r#type,
-                source: m.source,
-                options: m.options,
-            })
+            .map(SnapshotMount::from)
             .collect())
+    }
+}
+
+impl From<containerd_client::types::Mount> for SnapshotMount {
+    fn from(m: containerd_client::types::Mount) -> Self {
+        SnapshotMount { kind: m.r#type, source: m.source, options: m.options }
     }
 }
 
@@ -238,11 +240,7 @@ impl Containerd {
             .into_inner()
             .mounts
             .into_iter()
-            .map(|m| SnapshotMount {
-                kind: m.r#type,
-                source: m.source,
-                options: m.options,
-            })
+            .map(SnapshotMount::from)
             .collect())
     }
 
