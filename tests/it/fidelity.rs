@@ -8,10 +8,7 @@ use crate::tree::{compare_trees, CompareOpts};
 use serde_json::Value;
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
-use std::sync::Mutex;
 
-/// Module parameters are global: tests that change them take turns.
-static OVERLAY_PARAMS: Mutex<()> = Mutex::new(());
 
 /// Sets an overlay module parameter and puts the old value back on drop (also on panic).
 struct ParamGuard {
@@ -184,20 +181,20 @@ fn torture(snapshotter: &str, expect_source: &str) {
 
 #[test]
 fn torture_overlay_default_reads_the_upperdir_exactly() {
-    let _turn = OVERLAY_PARAMS.lock().unwrap_or_else(|p| p.into_inner());
+    let _defaults = crate::lab::overlay_defaults();
     torture("overlayfs", "upperdir");
 }
 
 #[test]
 fn torture_overlay_redirect_dir_falls_back_to_an_exact_walk() {
-    let _turn = OVERLAY_PARAMS.lock().unwrap_or_else(|p| p.into_inner());
+    let _turn = crate::lab::overlay_params_changing();
     let _redirect = ParamGuard::set("redirect_dir", "Y");
     torture("overlayfs", "walk");
 }
 
 #[test]
 fn torture_overlay_metacopy_falls_back_to_an_exact_walk() {
-    let _turn = OVERLAY_PARAMS.lock().unwrap_or_else(|p| p.into_inner());
+    let _turn = crate::lab::overlay_params_changing();
     let _redirect = ParamGuard::set("redirect_dir", "Y");
     let _metacopy = ParamGuard::set("metacopy", "Y");
     torture("overlayfs", "walk");

@@ -297,6 +297,8 @@ fn assert_image_is_rootfs(lab: &Lab, image_ref: &str, container: &str) {
 
 #[test]
 fn image_built_without_an_engine_runs_under_containerd_as_the_job_and_commits_a_sibling() {
+    // It asserts the upperdir source: no test may flip overlay module defaults meanwhile.
+    let _defaults = crate::lab::overlay_defaults();
     let t = Instant::now();
     let lab = Lab::start();
     let base = lab.base_image("base", false);

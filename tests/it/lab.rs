@@ -34,6 +34,19 @@ pub struct Lab {
     counter: AtomicUsize,
 }
 
+/// Overlay module parameters (redirect_dir, metacopy) are global to the machine and apply to
+/// every overlay mounted while they are set: a test that changes them holds this for writing,
+/// and a test that needs the defaults (it asserts the upperdir source) holds it for reading.
+static OVERLAY_PARAMS: std::sync::RwLock<()> = std::sync::RwLock::new(());
+
+pub fn overlay_params_changing() -> std::sync::RwLockWriteGuard<'static, ()> {
+    OVERLAY_PARAMS.write().unwrap_or_else(|p| p.into_inner())
+}
+
+pub fn overlay_defaults() -> std::sync::RwLockReadGuard<'static, ()> {
+    OVERLAY_PARAMS.read().unwrap_or_else(|p| p.into_inner())
+}
+
 /// How `Lab::run_container` runs a container.
 #[derive(Clone, Debug)]
 pub struct RunOpts {
