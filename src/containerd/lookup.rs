@@ -162,7 +162,11 @@ impl Containerd {
 
 impl From<containerd_client::types::Mount> for SnapshotMount {
     fn from(m: containerd_client::types::Mount) -> Self {
-        SnapshotMount { kind: m.r#type, source: m.source, options: m.options }
+        SnapshotMount {
+            kind: m.r#type,
+            source: m.source,
+            options: m.options,
+        }
     }
 }
 

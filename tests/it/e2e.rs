@@ -8,9 +8,16 @@ use serde_json::Value;
 /// The unpacked image equals the container's merged rootfs (content, type, mode, owner, link
 /// target, hardlink groups), the runtime's own paths aside.
 fn assert_image_equals_container(lab: &Lab, id: &str, unpacked: &std::path::Path) {
-    let opts = CompareOpts { hardlinks: true, ..CompareOpts::container_rootfs() };
+    let opts = CompareOpts {
+        hardlinks: true,
+        ..CompareOpts::container_rootfs()
+    };
     let diffs = compare_trees(&lab.rootfs(id), unpacked, &opts);
-    assert!(diffs.is_empty(), "pushed image differs from container {id}:\n{}", diffs.join("\n"));
+    assert!(
+        diffs.is_empty(),
+        "pushed image differs from container {id}:\n{}",
+        diffs.join("\n")
+    );
 }
 
 /// Every change kind issue 2 names, made from inside the container.
@@ -203,7 +210,10 @@ fn assert_clear_failure(out: &std::process::Output, code: i32, needle: &str) {
     );
     // Structured log events (JSON lines, e.g. a retry warning) may precede it; the error itself is
     // one plain line.
-    let lines: Vec<&str> = stderr.lines().filter(|l| !l.trim().is_empty() && !l.starts_with('{')).collect();
+    let lines: Vec<&str> = stderr
+        .lines()
+        .filter(|l| !l.trim().is_empty() && !l.starts_with('{'))
+        .collect();
     assert_eq!(lines.len(), 1, "one error line, got: {stderr}");
     assert!(
         lines[0].contains(needle),
@@ -211,7 +221,6 @@ fn assert_clear_failure(out: &std::process::Output, code: i32, needle: &str) {
         lines[0]
     );
 }
-
 
 #[test]
 fn bad_inputs_get_one_clear_line_and_push_nothing() {

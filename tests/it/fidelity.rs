@@ -9,7 +9,6 @@ use serde_json::Value;
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 
-
 /// Sets an overlay module parameter and puts the old value back on drop (also on panic).
 struct ParamGuard {
     path: String,

@@ -294,7 +294,6 @@ fn assert_image_is_rootfs(lab: &Lab, image_ref: &str, container: &str) {
     );
 }
 
-
 #[test]
 fn image_built_without_an_engine_runs_under_containerd_as_the_job_and_commits_a_sibling() {
     // It asserts the upperdir source: no test may flip overlay module defaults meanwhile.

@@ -367,7 +367,11 @@ impl Lab {
         let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
         v["tags"]
             .as_array()
-            .map(|t| t.iter().filter_map(|x| x.as_str().map(String::from)).collect())
+            .map(|t| {
+                t.iter()
+                    .filter_map(|x| x.as_str().map(String::from))
+                    .collect()
+            })
             .unwrap_or_default()
     }
 

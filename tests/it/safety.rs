@@ -46,7 +46,6 @@ fn wait_until(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
     }
 }
 
-
 fn leases(lab: &Lab) -> String {
     lab.ctr(&["leases", "ls"])
 }
@@ -374,7 +373,11 @@ fn symlink_swaps_racing_a_no_pause_commit_never_leak_host_files() {
         } else {
             failed += 1;
             let stderr = String::from_utf8_lossy(&out.stderr);
-            assert_eq!(stderr.lines().filter(|l| !l.starts_with('{')).count(), 1, "one clear error line: {stderr}");
+            assert_eq!(
+                stderr.lines().filter(|l| !l.starts_with('{')).count(),
+                1,
+                "one clear error line: {stderr}"
+            );
             assert!(!stderr.contains("panicked"), "{stderr}");
         }
     }
