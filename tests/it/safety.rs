@@ -386,3 +386,52 @@ fn symlink_swaps_racing_a_no_pause_commit_never_leak_host_files() {
     eprintln!("{ok} commits succeeded, {failed} failed cleanly while the racer ran");
     assert!(ok > 0, "at least some commits must succeed under the race");
 }
+
+#[test]
+fn sigterm_while_uploading_stops_before_any_tag_and_leaves_the_sandbox_running() {
+    let lab = Lab::start();
+    let base = lab.base_image("base", false);
+    lab.run_container("s9", &base, &RunOpts::default());
+    lab.exec("s9", "head -c 16777216 /dev/urandom > /blob");
+    // 16 MiB through 1 MiB/s: the upload runs for many seconds after the sandbox is resumed.
+    let proxy = throttling_proxy(lab.registry.clone(), 1 << 20);
+    let mut cmd = lab.committer_command();
+    cmd.args([
+        "commit",
+        "--container",
+        "s9",
+        "--image",
+        &format!("{proxy}/snap/s9:v1"),
+        "--plain-http",
+    ]);
+    let child = cmd
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // The upload is under way once the blob's upload session exists in the registry's storage.
+    let uploads = lab
+        .dir
+        .join("registry/data/docker/registry/v2/repositories/snap/s9/_uploads");
+    wait_until("an upload session", Duration::from_secs(30), || {
+        std::fs::read_dir(&uploads)
+            .map(|d| d.count() > 0)
+            .unwrap_or(false)
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    rustix::process::kill_process(
+        rustix::process::Pid::from_child(&child),
+        rustix::process::Signal::TERM,
+    )
+    .unwrap();
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(130), "{stderr}");
+    assert!(out.stdout.is_empty());
+    assert_eq!(lab.task_status("s9"), "RUNNING");
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(
+        lab.tags("snap/s9").is_empty(),
+        "no tag after an interrupted upload"
+    );
+}
