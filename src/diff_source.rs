@@ -311,6 +311,7 @@ impl TempMount {
             target: dir.path().to_path_buf(),
             source: e.into(),
         })?;
+        crate::guard::tell_mounted(dir.path());
         Ok(TempMount { dir })
     }
 
@@ -322,5 +323,6 @@ impl TempMount {
 impl Drop for TempMount {
     fn drop(&mut self) {
         let _ = rustix::mount::unmount(self.dir.path(), rustix::mount::UnmountFlags::DETACH);
+        crate::guard::tell_unmounted(self.dir.path());
     }
 }

@@ -51,6 +51,15 @@ pub fn tell(state: &str) {
     }
 }
 
+/// A read-only view mounted for the walk: unmounted by the guardian if we die holding it.
+pub fn tell_mounted(path: &Path) {
+    tell(&format!("mount {}", path.display()));
+}
+
+pub fn tell_unmounted(path: &Path) {
+    tell(&format!("unmount {}", path.display()));
+}
+
 /// The commit is over and cleaned up: the guardian exits without doing anything.
 pub fn finish() {
     if let Some(mut g) = GUARDIAN.lock().expect("guardian lock").take() {
@@ -72,16 +81,23 @@ pub fn run(args: &[String]) -> i32 {
         libc::signal(libc::SIGTERM, libc::SIG_IGN);
     }
     let mut paused = false;
+    let mut mounts: Vec<String> = Vec::new();
     for line in std::io::stdin().lock().lines() {
         match line.as_deref() {
             Ok("paused") => paused = true,
             Ok("resumed") => paused = false,
             Ok("done") => return 0,
+            Ok(l) if l.starts_with("mount ") => mounts.push(l["mount ".len()..].to_string()),
+            Ok(l) if l.starts_with("unmount ") => mounts.retain(|m| m != &l["unmount ".len()..]),
             Ok(_) => {}
             Err(_) => break,
         }
     }
-    // The parent is gone without saying "done".
+    // The parent is gone without saying "done": first the walk's views it left mounted.
+    for m in &mounts {
+        let _ = rustix::mount::unmount(m.as_str(), rustix::mount::UnmountFlags::DETACH);
+        let _ = std::fs::remove_dir(m);
+    }
     let rt = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()

@@ -435,3 +435,38 @@ fn sigterm_while_uploading_stops_before_any_tag_and_leaves_the_sandbox_running()
         "no tag after an interrupted upload"
     );
 }
+
+/// Read-only walk views still mounted that reference this lab's snapshots.
+fn leftover_views(lab: &Lab) -> Vec<String> {
+    let lab_dir = lab.dir.to_string_lossy().into_owned();
+    std::fs::read_to_string("/proc/self/mountinfo")
+        .unwrap()
+        .lines()
+        .filter(|l| l.contains("committer-view-") && l.contains(&lab_dir))
+        .map(String::from)
+        .collect()
+}
+
+#[test]
+fn sigkill_during_a_walk_leaves_no_view_mounted() {
+    let lab = Lab::start();
+    big_sandbox(&lab, "s10");
+    let mut child = spawn_commit(&lab, "s10", "snap/s10", &["--diff-source", "walk"]);
+    wait_until("the sandbox to be paused", Duration::from_secs(30), || {
+        lab.task_status("s10") == "PAUSED"
+    });
+    assert!(
+        !leftover_views(&lab).is_empty(),
+        "the walk mounts its read-only views"
+    );
+    child.kill().unwrap();
+    child.wait().unwrap();
+    wait_until(
+        "the guardian to unmount the views",
+        Duration::from_secs(2),
+        || leftover_views(&lab).is_empty(),
+    );
+    wait_until("the sandbox to run again", Duration::from_secs(2), || {
+        lab.task_status("s10") == "RUNNING"
+    });
+}
