@@ -84,24 +84,16 @@ impl Containerd {
 
     /// Reads a whole (small) blob and checks it against its digest.
     pub async fn read_small_blob(&self, digest: &Digest) -> Result<Vec<u8>, ContainerdError> {
+        use futures_util::StreamExt;
         let what = format!("reading {digest} from the content store");
-        let mut stream = self
-            .content()
-            .read(ReadContentRequest {
-                digest: digest.to_string(),
-                offset: 0,
-                size: 0,
-            })
-            .await
-            .map_err(|s| ContainerdError::rpc(what.clone(), s))?
-            .into_inner();
+        let mut stream = std::pin::pin!(self.blob_stream(digest).await?);
         let mut out = Vec::new();
-        while let Some(msg) = stream
-            .message()
-            .await
-            .map_err(|s| ContainerdError::rpc(what.clone(), s))?
-        {
-            out.extend_from_slice(&msg.data);
+        while let Some(chunk) = stream.next().await {
+            let chunk = chunk.map_err(|e| ContainerdError::Invalid {
+                what: what.clone(),
+                detail: e.to_string(),
+            })?;
+            out.extend_from_slice(&chunk);
             if out.len() as i64 > MAX_METADATA_BLOB {
                 return Err(ContainerdError::Invalid {
                     what,
