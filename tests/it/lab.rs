@@ -35,16 +35,33 @@ pub struct Lab {
 }
 
 /// Overlay module parameters (redirect_dir, metacopy) are global to the machine and apply to
-/// every overlay mounted while they are set: a test that changes them holds this for writing,
-/// and a test that needs the defaults (it asserts the upperdir source) holds it for reading.
-static OVERLAY_PARAMS: std::sync::RwLock<()> = std::sync::RwLock::new(());
+/// every overlay mounted while they are set: a test that changes them holds this exclusively,
+/// and a test that needs the defaults (it asserts the upperdir source) holds it shared. It is an
+/// `flock` on a file under /run, so test processes running at once (two checkouts, two passes)
+/// exclude each other too, not only the threads of one test binary.
+pub struct OverlayParamsLock(std::fs::File);
 
-pub fn overlay_params_changing() -> std::sync::RwLockWriteGuard<'static, ()> {
-    OVERLAY_PARAMS.write().unwrap_or_else(|p| p.into_inner())
+fn overlay_params_lock(op: libc::c_int) -> OverlayParamsLock {
+    use std::os::fd::AsRawFd;
+    let path = "/run/committer-test-overlay-params.lock";
+    let f = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(path)
+        .unwrap_or_else(|e| panic!("opening {path}: {e}"));
+    // flock is per open file description, so two threads of one process exclude each other too.
+    let rc = unsafe { libc::flock(f.as_raw_fd(), op) };
+    assert_eq!(rc, 0, "flock {path}: {}", std::io::Error::last_os_error());
+    OverlayParamsLock(f)
 }
 
-pub fn overlay_defaults() -> std::sync::RwLockReadGuard<'static, ()> {
-    OVERLAY_PARAMS.read().unwrap_or_else(|p| p.into_inner())
+pub fn overlay_params_changing() -> OverlayParamsLock {
+    overlay_params_lock(libc::LOCK_EX)
+}
+
+pub fn overlay_defaults() -> OverlayParamsLock {
+    overlay_params_lock(libc::LOCK_SH)
 }
 
 /// How `Lab::run_container` runs a container.
