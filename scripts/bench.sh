@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Benchmark (issue 6): committer against containerd's walking differ and `buildah commit`, on the embedded lab.
+# Benchmark: committer against containerd's walking differ and `buildah commit`, on the embedded lab.
 #
 #   scripts/bench.sh                 the full run (tens of minutes on 2 cores)
 #   BENCH_QUICK=1 scripts/bench.sh   a smoke version with small workloads (a few minutes)
@@ -18,7 +18,7 @@
 #   mixed   copies of host /usr/share and /usr/bin (bind-mounted read-only at /host-usr) + 300 MiB of random data
 #   upload  2 GiB of random data, committer only (--compression none and zstd): its peak RSS while uploading
 # Wall time (ms), CPU (user+sys) and peak RSS from /usr/bin/time, pause from committer's result (pausedMs).
-# Prints markdown tables (medians, ratios, the targets of issue 6) on stdout and saves them with the raw TSV in
+# Prints markdown tables (medians, ratios, the performance targets) on stdout and saves them with the raw TSV in
 # BENCH_RESULTS_DIR. Progress goes to stderr. Needs root, the lab's packages (scripts/install-deps.sh), buildah,
 # /usr/bin/time, cargo. Everything it starts or mounts is removed on exit, failure or Ctrl-C; kernel parameters
 # and the page cache are left alone (runs are warm-cache).

@@ -1,11 +1,11 @@
 //! Command-line arguments, parsed once by clap into raw structs, then turned into a validated
-//! `CommitPlan` / `DiffPlan` that the library runs. Nothing here touches the network or disk.
+//! `CommitPlan` (commit) or `SourcePlan` (diff) that the library runs. Nothing here touches the network or disk.
 
 use crate::containerd::lookup::Selector;
-use crate::diff_source::DiffSourceChoice;
 use crate::image::Compression;
 use crate::layer::CompressOptions;
 use crate::registry::Reference;
+use crate::source::DiffSourceChoice;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use std::path::PathBuf;
 
@@ -56,6 +56,30 @@ pub enum CompressionArg {
     None,
 }
 
+/// `--diff-source`, as typed (the library's `DiffSourceChoice` knows nothing of clap).
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DiffSourceArg {
+    /// The fastest exact source available.
+    Auto,
+    /// The overlay upperdir only (fails when it is not exact).
+    Upperdir,
+    /// Double walk of the parent and the container's tree.
+    Walk,
+    /// containerd's Diff service builds the layer (no snapshotter mount or CAP_SYS_ADMIN needed).
+    Containerd,
+}
+
+impl From<DiffSourceArg> for DiffSourceChoice {
+    fn from(a: DiffSourceArg) -> Self {
+        match a {
+            DiffSourceArg::Auto => DiffSourceChoice::Auto,
+            DiffSourceArg::Upperdir => DiffSourceChoice::Upperdir,
+            DiffSourceArg::Walk => DiffSourceChoice::Walk,
+            DiffSourceArg::Containerd => DiffSourceChoice::Containerd,
+        }
+    }
+}
+
 #[derive(Args, Debug)]
 pub struct Target {
     /// The containerd container ID to commit.
@@ -92,7 +116,7 @@ pub struct LayerArgs {
     pub threads: Option<u32>,
     /// Where the diff is read from: auto picks the overlay upperdir when it is exact, else a walk.
     #[arg(long, value_enum, default_value = "auto")]
-    pub diff_source: DiffSourceChoice,
+    pub diff_source: DiffSourceArg,
     /// Leave this path out of the layer (repeatable); what the base has there stays as it was.
     #[arg(long = "exclude", value_name = "PATH")]
     pub exclude: Vec<String>,
@@ -253,7 +277,7 @@ impl LayerArgs {
                 level: self.compression_level,
                 threads,
             },
-            diff_source: self.diff_source,
+            diff_source: self.diff_source.into(),
             exclude: self.exclude.clone(),
             source_date_epoch: self.source_date_epoch,
             max_layer_bytes: self.max_layer_bytes,

@@ -1,8 +1,15 @@
 //! The library's error: which stage failed, the typed cause, and the exit code it maps to.
+//!
+//! One rule for messages: a variant's Display says what was being done; a cause marked
+//! `#[source]` is never repeated in it. `main` prints the chain joined with ": ". Every error type
+//! of a stage says its own exit class (`ExitClass`), so the mapping lives next to nothing else.
 
 use crate::containerd::ContainerdError;
-use crate::diff_source::SourceError;
-use crate::registry::RegistryError;
+use crate::diff::DiffError;
+use crate::digest::Digest;
+use crate::image::ImageError;
+use crate::registry::{ErrorKind, RegistryError};
+use crate::source::SourceError;
 
 /// Exit codes (documented in the README).
 pub mod exit {
@@ -16,31 +23,52 @@ pub mod exit {
     pub const INTERRUPTED: i32 = 130;
 }
 
+/// The exit code an error stands for.
+pub trait ExitClass {
+    fn exit_code(&self) -> i32;
+}
+
+/// Containers and states we will not commit, because the image would not be the truth.
+#[derive(Debug, thiserror::Error)]
+pub enum Refusal {
+    #[error("container {container:?} runs on runtime {runtime:?}, which keeps the container's writes off the host snapshot; committing it would silently miss them — commit it from inside the sandbox instead")]
+    OffHostRuntime { container: String, runtime: String },
+    #[error("container {container:?} was not created from an image; committer needs the base image to build on")]
+    NoImage { container: String },
+    #[error("container {container:?} has no changes: the layer would be empty")]
+    EmptyDiff { container: String },
+    #[error("base layer {digest} of {image} is neither in the target registry nor in the node's content store, and the base's name is not a registry reference to fetch it from")]
+    BaseLayerUnavailable { digest: Digest, image: String },
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum CommitError {
     #[error(transparent)]
     Containerd(#[from] ContainerdError),
     #[error(transparent)]
     Source(#[from] SourceError),
-    #[error("reading the container's filesystem: {0}")]
-    Diff(#[from] crate::diff::DiffError),
+    #[error("reading the container's filesystem")]
+    Diff(#[from] DiffError),
     #[error(transparent)]
-    Image(#[from] crate::image::ImageError),
+    Image(#[from] ImageError),
     #[error(transparent)]
     Registry(#[from] RegistryError),
-    /// We will not commit this container truthfully (runtime keeps the rootfs off the host, …).
-    #[error("{0}")]
-    Refused(String),
-    #[error("{what}: {source}")]
+    #[error(transparent)]
+    Refused(#[from] Refusal),
+    #[error("{what}")]
     Io {
         what: String,
         #[source]
         source: std::io::Error,
     },
+    #[error(
+        "the tar spool reads back as {read} but {written} was written: is the spool disk failing?"
+    )]
+    SpoolCorrupt { written: Digest, read: Digest },
     #[error("interrupted by {0}; the container was resumed and no tag was pushed")]
     Interrupted(&'static str),
-    #[error("internal error: {0}")]
-    Internal(String),
+    #[error("internal error: {what} stopped: {detail}")]
+    Task { what: &'static str, detail: String },
 }
 
 impl CommitError {
@@ -50,24 +78,120 @@ impl CommitError {
     }
 
     pub fn exit_code(&self) -> i32 {
+        ExitClass::exit_code(self)
+    }
+}
+
+impl ExitClass for CommitError {
+    fn exit_code(&self) -> i32 {
         match self {
-            CommitError::Containerd(ContainerdError::Busy { .. }) => exit::BUSY,
-            CommitError::Containerd(e) if e.is_not_found() => exit::NOT_FOUND,
-            CommitError::Containerd(_) => exit::CONTAINERD,
-            CommitError::Source(SourceError::Containerd(e)) if e.is_not_found() => exit::NOT_FOUND,
-            CommitError::Source(SourceError::Containerd(_)) => exit::CONTAINERD,
-            CommitError::Source(_) => exit::REFUSED,
-            CommitError::Diff(
-                crate::diff::DiffError::LimitExceeded { .. }
-                | crate::diff::DiffError::Unrepresentable { .. }
-                | crate::diff::DiffError::FileChanged { .. },
-            ) => exit::REFUSED,
-            CommitError::Diff(_) => exit::INTERNAL,
-            CommitError::Image(_) => exit::REFUSED,
-            CommitError::Registry(_) => exit::REGISTRY,
+            CommitError::Containerd(e) => e.exit_code(),
+            CommitError::Source(e) => e.exit_code(),
+            CommitError::Diff(e) => e.exit_code(),
+            CommitError::Image(e) => e.exit_code(),
+            CommitError::Registry(e) => e.exit_code(),
             CommitError::Refused(_) => exit::REFUSED,
-            CommitError::Io { .. } | CommitError::Internal(_) => exit::INTERNAL,
+            CommitError::Io { .. }
+            | CommitError::SpoolCorrupt { .. }
+            | CommitError::Task { .. } => exit::INTERNAL,
             CommitError::Interrupted(_) => exit::INTERRUPTED,
         }
+    }
+}
+
+impl ExitClass for ContainerdError {
+    fn exit_code(&self) -> i32 {
+        match self {
+            ContainerdError::Busy { .. } => exit::BUSY,
+            e if e.is_not_found() => exit::NOT_FOUND,
+            _ => exit::CONTAINERD,
+        }
+    }
+}
+
+impl ExitClass for SourceError {
+    fn exit_code(&self) -> i32 {
+        match self {
+            SourceError::Containerd(e) => e.exit_code(),
+            _ => exit::REFUSED,
+        }
+    }
+}
+
+impl ExitClass for DiffError {
+    fn exit_code(&self) -> i32 {
+        match self {
+            DiffError::LimitExceeded { .. }
+            | DiffError::Unrepresentable { .. }
+            | DiffError::FileChanged { .. } => exit::REFUSED,
+            _ => exit::INTERNAL,
+        }
+    }
+}
+
+impl ExitClass for ImageError {
+    /// A base whose manifest or config we cannot build on.
+    fn exit_code(&self) -> i32 {
+        exit::REFUSED
+    }
+}
+
+impl ExitClass for RegistryError {
+    fn exit_code(&self) -> i32 {
+        match self.kind() {
+            // A local file (the spool) could not be read: not the registry's doing.
+            ErrorKind::Io => exit::INTERNAL,
+            _ => exit::REGISTRY,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// What `main` prints: the chain joined with ": ".
+    fn line(e: &(dyn std::error::Error + 'static)) -> String {
+        let mut parts = vec![e.to_string()];
+        let mut next = e.source();
+        while let Some(s) = next {
+            parts.push(s.to_string());
+            next = s.source();
+        }
+        parts.join(": ")
+    }
+
+    #[test]
+    fn an_io_error_names_the_action_then_the_cause_once() {
+        let e = CommitError::io("creating /spool/x")(std::io::Error::from_raw_os_error(28));
+        let l = line(&e);
+        assert!(
+            l.starts_with("creating /spool/x: No space left on device"),
+            "{l}"
+        );
+        assert_eq!(l.matches("No space left").count(), 1, "{l}");
+        assert_eq!(e.exit_code(), exit::INTERNAL);
+    }
+
+    #[test]
+    fn refusals_exit_4_and_name_the_container() {
+        let e: CommitError = Refusal::OffHostRuntime {
+            container: "sb".into(),
+            runtime: "io.containerd.runsc.v1".into(),
+        }
+        .into();
+        assert_eq!(e.exit_code(), exit::REFUSED);
+        assert!(line(&e).contains("\"sb\""));
+    }
+
+    #[test]
+    fn a_busy_container_exits_7() {
+        let e: CommitError = ContainerdError::Busy {
+            container: "sb".into(),
+            lease: "committer/sb".into(),
+            until: "later".into(),
+        }
+        .into();
+        assert_eq!(e.exit_code(), exit::BUSY);
     }
 }

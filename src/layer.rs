@@ -58,6 +58,15 @@ enum Encoder<W: Write> {
     Plain(W),
 }
 
+/// What `LayerWriter::finish` hands back: the flushed sink and the layer it now holds.
+#[derive(Debug)]
+pub struct FinishedLayerWrite<W> {
+    pub sink: W,
+    pub descriptor: LayerDescriptor,
+    /// Uncompressed tar bytes written (the diff_id's input).
+    pub tar_bytes: u64,
+}
+
 /// Write tar bytes in; `finish` returns the sink and the descriptor.
 pub struct LayerWriter<W: Write> {
     diff_id: Sha256,
@@ -106,7 +115,7 @@ impl<W: Write> LayerWriter<W> {
     }
 
     /// Flushes the compressor and returns the sink with the layer's descriptor.
-    pub fn finish(self) -> io::Result<(W, LayerDescriptor, u64)> {
+    pub fn finish(self) -> io::Result<FinishedLayerWrite<W>> {
         let counted = match self.enc {
             Encoder::Gzip(g) => g.finish()?,
             Encoder::Zstd(z) => z.finish()?,
@@ -128,7 +137,11 @@ impl<W: Write> LayerWriter<W> {
             size: bytes,
             media_type: self.media_type,
         };
-        Ok((inner, desc, self.tar_bytes))
+        Ok(FinishedLayerWrite {
+            sink: inner,
+            descriptor: desc,
+            tar_bytes: self.tar_bytes,
+        })
     }
 }
 
@@ -169,7 +182,11 @@ mod tests {
         for chunk in data.chunks(70_000) {
             w.write_all(chunk).unwrap();
         }
-        let (blob, desc, tar_bytes) = w.finish().unwrap();
+        let FinishedLayerWrite {
+            sink: blob,
+            descriptor: desc,
+            tar_bytes,
+        } = w.finish().unwrap();
         assert_eq!(tar_bytes, data.len() as u64);
         assert_eq!(desc.diff_id, Digest::of(&data));
         assert_eq!(desc.digest, Digest::of(&blob));
@@ -211,7 +228,7 @@ mod tests {
         let one = |_| {
             let mut w = LayerWriter::new(Vec::new(), &opts, "mt").unwrap();
             w.write_all(b"hello world").unwrap();
-            w.finish().unwrap().1.digest
+            w.finish().unwrap().descriptor.digest
         };
         assert_eq!(one(1), one(2));
     }

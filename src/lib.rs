@@ -6,8 +6,8 @@
 pub mod cli;
 pub mod commit;
 pub mod containerd;
+pub mod descriptor;
 pub mod diff;
-pub mod diff_source;
 pub mod digest;
 pub mod error;
 pub mod freeze;
@@ -20,3 +20,4 @@ pub mod progress;
 pub mod push;
 pub mod registry;
 pub mod report;
+pub mod source;

@@ -42,8 +42,9 @@ pub async fn push(job: &PushJob<'_>) -> Result<(), CommitError> {
             .get("digest")
             .and_then(|d| d.as_str())
             .and_then(|d| d.parse().ok())
-            .ok_or_else(|| {
-                CommitError::Internal(format!("base layer without a valid digest: {l}"))
+            .ok_or_else(|| crate::image::ImageError {
+                image: job.base.name.clone(),
+                detail: format!("base layer without a valid digest: {l}"),
             })?;
         base_layers.push(digest);
     }
@@ -141,9 +142,9 @@ async fn push_base_layer(job: &PushJob<'_>, digest: &Digest) -> Result<(), Commi
         job.client.upload_blob_stream(digest, size, stream).await?;
         return Ok(());
     }
-    Err(CommitError::Refused(format!(
-        "base layer {digest} of {} is neither in the target registry nor in the node's content store, \
-         and the base's name is not a registry reference to fetch it from",
-        job.base.name
-    )))
+    Err(crate::error::Refusal::BaseLayerUnavailable {
+        digest: digest.clone(),
+        image: job.base.name.clone(),
+    }
+    .into())
 }

@@ -10,7 +10,7 @@ RESULTS.tsv columns (one row per measured run, header line first):
 step alone), ctr-diff+push (that diff plus uploading its output), buildah. Empty cells are "-".
 
 Every figure in a table is the median over the runs (with 2 runs: their mean); wall time also shows min-max.
-Then come the ratios of committer to each peer, and the targets of issue 6 with pass/fail.
+Then come the ratios of committer to each peer, and the performance targets with pass/fail.
 """
 import csv
 import statistics
@@ -143,7 +143,7 @@ def main():
                   f"{ratio(g, 'rss_mib')} |")
 
     print()
-    print("Targets (issue 6, 2 cores):")
+    print("Targets (2 cores):")
     print()
     print("| target | measured | met |")
     print("|---|---|---|")

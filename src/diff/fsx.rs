@@ -222,6 +222,7 @@ pub(crate) mod hook {
         static HOOK: RefCell<Option<Hook>> = const { RefCell::new(None) };
     }
 
+    #[cfg_attr(not(feature = "lab"), allow(dead_code))] // set by the overlay tests only
     pub(crate) fn set(f: Option<Hook>) {
         HOOK.with(|h| *h.borrow_mut() = f);
     }

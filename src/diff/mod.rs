@@ -50,7 +50,7 @@
 //! - mtimes are whole seconds (as docker and containerd write them).
 //! - The upperdir source raises the soft RLIMIT_NOFILE to the hard limit (it holds a directory
 //!   fd per lower layer per level).
-//! - `index=on` is accepted as in the brief's whitelist; with it, a copied-up lower hardlink is
+//! - `index=on` is accepted by the option whitelist; with it, a copied-up lower hardlink is
 //!   seen through its other lower names too, which the upperdir does not show.
 
 mod double_walk;
@@ -64,7 +64,8 @@ mod meta;
 mod tarw;
 mod upper;
 
-#[cfg(test)]
+/// Real overlay mounts: root only (`cargo test --features lab`).
+#[cfg(all(test, feature = "lab"))]
 mod tests;
 
 use std::io::Write;

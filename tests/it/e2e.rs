@@ -20,7 +20,7 @@ fn assert_image_equals_container(lab: &Lab, id: &str, unpacked: &std::path::Path
     );
 }
 
-/// Every change kind issue 2 names, made from inside the container.
+/// Every basic change kind (add, modify, delete, replace, link, chmod, chown), made from inside the container.
 const CHANGES: &str = r#"
 set -e
 echo added > /data/new.txt
@@ -426,4 +426,62 @@ fn an_unchanged_container_gets_no_empty_layer_but_a_history_entry() {
     let history = config["history"].as_array().unwrap();
     assert_eq!(history.last().unwrap()["empty_layer"], true);
     assert_eq!(history.last().unwrap()["created_by"], "committer");
+}
+
+/// `committer diff --diff-source containerd` once ignored the flag and walked the snapshot
+/// locally. Here the snapshotter's directories are hidden from committer (a tmpfs over them in
+/// its own mount namespace), as in a Job that mounts only the socket: only containerd's own
+/// differ can produce the layer, and the file must hold the container's change.
+#[test]
+fn diff_with_the_containerd_source_needs_only_the_socket() {
+    let lab = Lab::start();
+    let base = lab.base_image("base", false);
+    sandbox(&lab, "c9", &base);
+    lab.exec("c9", "echo through-the-socket > /data/socket-only");
+    let snapshots = lab.dir.join("root/io.containerd.snapshotter.v1.overlayfs");
+    let output = out_path(&lab, "socket-only.tgz");
+    let hidden = |source: &str| {
+        let script = format!(
+            "mount -t tmpfs hidden {} && exec \"$0\" diff --container c9 --diff-source {source} --output {output}",
+            snapshots.display()
+        );
+        let exe = env!("CARGO_BIN_EXE_committer");
+        let mut unshare = std::process::Command::new("unshare");
+        unshare
+            .args([
+                "--mount",
+                "--propagation",
+                "private",
+                "sh",
+                "-c",
+                &script,
+                exe,
+            ])
+            .env("CONTAINERD_ADDRESS", &lab.address)
+            .env("CONTAINERD_NAMESPACE", &lab.namespace);
+        crate::lab::run(&mut unshare)
+    };
+    let walked = hidden("walk");
+    assert!(
+        !walked.status.success(),
+        "a local walk cannot see the hidden snapshot; it must fail:\n{}",
+        crate::lab::describe(&walked)
+    );
+    let desc = run_json(&hidden("containerd"));
+    let bytes = std::fs::read(&output).unwrap();
+    assert_eq!(desc["size"].as_u64(), Some(bytes.len() as u64));
+    let digest = format!("sha256:{}", sha256_hex(&bytes));
+    assert_eq!(desc["digest"].as_str(), Some(digest.as_str()));
+    let listing = crate::lab::check(std::process::Command::new("tar").args([
+        "-xzOf",
+        &output,
+        "data/socket-only",
+    ]));
+    assert_eq!(listing, "through-the-socket\n");
+    assert_eq!(lab.task_status("c9"), "RUNNING");
+}
+
+fn sha256_hex(bytes: &[u8]) -> String {
+    use sha2::Digest as _;
+    hex::encode(sha2::Sha256::digest(bytes))
 }

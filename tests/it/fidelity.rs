@@ -1,4 +1,4 @@
-//! Issue 3: a torture of change kinds, committed from a real container in each setup (overlay
+//! Layer fidelity: a torture of change kinds, committed from a real container in each setup (overlay
 //! default, redirect_dir=on, metacopy=on, the native snapshotter), must read back — through
 //! skopeo + umoci and through containerd's own unpacker — equal to the container's merged rootfs:
 //! content, type, mode, owner, mtime, link target, xattrs, device numbers, hardlink groups.

@@ -1,4 +1,4 @@
-//! The used-by path (issue 7): the committer image, built without a container engine by scripts/build-image.sh,
+//! The used-by path: the committer image, built without a container engine by scripts/build-image.sh,
 //! pushed with skopeo, pulled into the lab's containerd and run there as a container the way the commit Job runs
 //! it — only the containerd socket and the snapshot root bind-mounted, the Job's capabilities and nothing more,
 //! seccomp on, read-only root with a writable /tmp — committing a sibling container to the lab's registry.

@@ -1,4 +1,4 @@
-//! Issue 4 end to end: pushing to an authenticated TLS registry with credentials from a file, and
+//! Pushing, end to end: to an authenticated TLS registry with credentials from a file, and
 //! base layers that the node no longer has.
 
 use crate::lab::{check, Lab, RunOpts};

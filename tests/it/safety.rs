@@ -1,4 +1,4 @@
-//! Issue 5: the sandbox is resumed on every way out, no tag is pushed for an interrupted or failed
+//! Safety: the sandbox is resumed on every way out, no tag is pushed for an interrupted or failed
 //! commit, two commits of one container do not run at once, limits are enforced.
 
 use crate::lab::{Lab, RunOpts};

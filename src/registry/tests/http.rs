@@ -32,6 +32,7 @@ impl Head {
             .map(|(_, v)| v.into_owned())
     }
 
+    #[cfg_attr(not(feature = "lab"), allow(dead_code))] // the token service's tests
     pub fn queries(&self, key: &str) -> Vec<String> {
         let q = self.target.split_once('?').map(|(_, q)| q).unwrap_or("");
         url::form_urlencoded::parse(q.as_bytes())

@@ -5,10 +5,15 @@
 mod fake;
 mod fake_tests;
 mod http;
+// Against the real distribution registry (scripts/registry.sh): `cargo test --features lab`.
+#[cfg(feature = "lab")]
 mod proxy;
+#[cfg(feature = "lab")]
 mod real;
+#[cfg(feature = "lab")]
 mod token;
 
+#[cfg(feature = "lab")]
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -18,12 +23,14 @@ use super::credentials::Lookup;
 use super::{Client, ClientOptions, Reference, RegistryError};
 use crate::digest::Digest;
 
+#[cfg(feature = "lab")]
 /// A registry started by `scripts/registry.sh start DIR ARGS…`, stopped on drop.
 pub(super) struct Registry {
     pub dir: tempfile::TempDir,
     pub env: HashMap<String, String>,
 }
 
+#[cfg(feature = "lab")]
 impl Registry {
     pub fn start(args: &[&str]) -> Registry {
         let dir = tempfile::tempdir().expect("tempdir");
@@ -60,6 +67,7 @@ impl Registry {
     }
 }
 
+#[cfg(feature = "lab")]
 impl Drop for Registry {
     fn drop(&mut self) {
         let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/registry.sh");
@@ -163,6 +171,7 @@ pub(super) fn random_file(dir: &Path, len: usize, seed: u64) -> (PathBuf, Digest
 pub(super) const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
 
 /// A minimal image config and an OCI manifest naming it and one layer.
+#[cfg(feature = "lab")]
 pub(super) fn image(layer: &Digest, layer_size: u64) -> (bytes::Bytes, Digest, bytes::Bytes) {
     let config = serde_json::json!({
         "architecture": "amd64", "os": "linux",

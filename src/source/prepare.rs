@@ -1,46 +1,12 @@
-//! Choosing where the diff is read from, from the snapshot's mounts: the overlay upperdir when
-//! it alone is exact; otherwise a double walk of a read-only view of the parent and a read-only
-//! view of the container's tree (native snapshotter, redirect_dir, metacopy, blind to trusted.*).
+//! Preparing a local diff source from the snapshot's mounts: the overlay upperdir when it alone
+//! is exact; otherwise a double walk of a read-only view of the parent and a read-only view of
+//! the container's tree (native snapshotter, redirect_dir, metacopy, blind to trusted.*).
 //! Owns the temporary read-only mounts and snapshot views that the walk needs, and removes them.
 
+use super::{DiffSourceChoice, DiffSourceKind, SourceError};
 use crate::containerd::lookup::{ContainerInfo, SnapshotMount};
-use crate::containerd::{Containerd, ContainerdError};
-use clap::ValueEnum;
+use crate::containerd::Containerd;
 use std::path::{Path, PathBuf};
-
-#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
-pub enum DiffSourceChoice {
-    /// The fastest exact source available.
-    Auto,
-    /// The overlay upperdir only (fails when it is not exact).
-    Upperdir,
-    /// Double walk of the parent and the container's tree.
-    Walk,
-    /// containerd's Diff service builds the layer (no snapshotter mount or CAP_SYS_ADMIN needed).
-    Containerd,
-}
-
-#[derive(Debug, thiserror::Error)]
-pub enum SourceError {
-    #[error(transparent)]
-    Containerd(#[from] ContainerdError),
-    #[error("container {id:?}: snapshotter {snapshotter:?} gives {detail}; this build reads overlay and bind (native) snapshots only")]
-    Unsupported {
-        id: String,
-        snapshotter: String,
-        detail: String,
-    },
-    #[error("--diff-source upperdir: the upperdir of {id:?} is not exact ({why}); use --diff-source auto or walk")]
-    UpperdirNotExact { id: String, why: String },
-    #[error("{path} (from the snapshot's mounts) is not visible here: mount the snapshotter root at the same path, or use --diff-source containerd")]
-    NotVisible { path: PathBuf },
-    #[error("mounting a read-only view for the walk at {target}: {source}")]
-    Mount {
-        target: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
-}
 
 /// The prepared source. Dropping it unmounts what it mounted.
 pub struct PreparedSource {
@@ -63,10 +29,10 @@ pub enum SourceKind {
 }
 
 impl SourceKind {
-    pub fn name(&self) -> &'static str {
+    pub fn kind(&self) -> DiffSourceKind {
         match self {
-            SourceKind::Upperdir { .. } => "upperdir",
-            SourceKind::Walk { .. } => "walk",
+            SourceKind::Upperdir { .. } => DiffSourceKind::Upperdir,
+            SourceKind::Walk { .. } => DiffSourceKind::Walk,
         }
     }
 

@@ -1,0 +1,176 @@
+//! Where the layer's bytes come from. Every source — the overlay upperdir, a double walk of two
+//! read-only trees, containerd's Diff service — yields the same typed [`FinishedLayer`]: the
+//! layer's descriptor, where its blob lives, what was read, how the sandbox was paused, which
+//! source ran and why. The pipeline never asks which one it was.
+//!
+//! - `prepare`: choosing and mounting a local source (upperdir, or the walk's read-only views).
+//! - `local`: a local source read while paused into the spool, compressed after the resume.
+//! - `differ`: containerd's Diff service builds the layer in its content store (socket-only mode).
+//!
+//! With `--diff-source auto`, a snapshot that cannot be read here (its directories are not
+//! mounted in this container, or views cannot be mounted) goes to containerd's differ instead.
+
+mod differ;
+mod local;
+mod prepare;
+
+pub use differ::copy_stored_blob;
+pub use prepare::{PreparedSource, SourceKind};
+
+use crate::cli::SourcePlan;
+use crate::containerd::lookup::ContainerInfo;
+use crate::containerd::{Containerd, ContainerdError};
+use crate::error::CommitError;
+use crate::freeze::PauseReport;
+use crate::layer::LayerDescriptor;
+use crate::{diff, log};
+use std::path::{Path, PathBuf};
+
+/// What the user asked for (`--diff-source`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DiffSourceChoice {
+    /// The fastest exact source available.
+    Auto,
+    /// The overlay upperdir only (fails when it is not exact).
+    Upperdir,
+    /// Double walk of the parent and the container's tree.
+    Walk,
+    /// containerd's Diff service builds the layer (no snapshotter mount or CAP_SYS_ADMIN needed).
+    Containerd,
+}
+
+/// The source that produced the layer (the result's `diffSource`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DiffSourceKind {
+    Upperdir,
+    Walk,
+    Containerd,
+}
+
+impl DiffSourceKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DiffSourceKind::Upperdir => "upperdir",
+            DiffSourceKind::Walk => "walk",
+            DiffSourceKind::Containerd => "containerd",
+        }
+    }
+}
+
+impl std::fmt::Display for DiffSourceKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SourceError {
+    #[error(transparent)]
+    Containerd(#[from] ContainerdError),
+    #[error("container {id:?}: snapshotter {snapshotter:?} gives {detail}; this build reads overlay and bind (native) snapshots only")]
+    Unsupported {
+        id: String,
+        snapshotter: String,
+        detail: String,
+    },
+    #[error("--diff-source upperdir: the upperdir of {id:?} is not exact ({why}); use --diff-source auto or walk")]
+    UpperdirNotExact { id: String, why: String },
+    #[error("{path} (from the snapshot's mounts) is not visible here: mount the snapshotter root at the same path, or use --diff-source containerd")]
+    NotVisible { path: PathBuf },
+    #[error("mounting a read-only view for the walk at {target}")]
+    Mount {
+        target: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{flags} need a local diff source; containerd's diff service cannot apply them (use --diff-source auto, upperdir or walk)")]
+    NeedsLocalSource { flags: &'static str },
+}
+
+/// A layer file on disk: a spool file removed when dropped, or a file the caller named.
+#[derive(Debug)]
+pub enum LayerFile {
+    Temp(tempfile::TempPath),
+    Kept(PathBuf),
+}
+
+impl LayerFile {
+    pub fn path(&self) -> &Path {
+        match self {
+            LayerFile::Temp(p) => p,
+            LayerFile::Kept(p) => p,
+        }
+    }
+}
+
+/// Where the finished layer blob lives.
+#[derive(Debug)]
+pub enum BlobLocation {
+    File(LayerFile),
+    /// containerd's content store (its Diff service wrote it there, under our lease).
+    ContentStore,
+}
+
+/// What every source produces.
+#[derive(Debug)]
+pub struct FinishedLayer {
+    /// None when the container changed nothing: no layer goes into the image.
+    pub layer: Option<LayerDescriptor>,
+    pub blob: BlobLocation,
+    pub stats: diff::Stats,
+    pub paused: PauseReport,
+    pub source: DiffSourceKind,
+    /// Why this source was used (the result's `diffSourceReason`).
+    pub reason: String,
+}
+
+/// Where a local source writes: temporary files (the uncompressed capture, and the compressed
+/// layer unless `output` names it) go to `spool_dir`.
+pub struct Destination {
+    pub spool_dir: PathBuf,
+    /// The layer file the caller wants kept (`committer diff --output`); None = a spool file.
+    pub output: Option<PathBuf>,
+}
+
+/// One read of a container's diff.
+pub struct LayerRequest<'a> {
+    pub ctr: &'a Containerd,
+    pub info: &'a ContainerInfo,
+    pub plan: &'a SourcePlan,
+    /// The layer's media type (its compression, in the image's family).
+    pub media_type: &'a str,
+    pub dest: &'a Destination,
+}
+
+/// Reads the container's diff as a layer, from the source the plan chose.
+pub async fn read_layer(req: &LayerRequest<'_>) -> Result<FinishedLayer, CommitError> {
+    if req.plan.diff_source == DiffSourceChoice::Containerd {
+        return differ::read(req, "--diff-source containerd".into()).await;
+    }
+    match local::read(req).await {
+        Err(CommitError::Source(
+            e @ (SourceError::NotVisible { .. } | SourceError::Mount { .. }),
+        )) if req.plan.diff_source == DiffSourceChoice::Auto => {
+            log::info(&format!(
+                "{}; asking containerd's diff service instead",
+                chain(&e)
+            ));
+            let reason = format!("snapshot not readable here ({})", chain(&e));
+            differ::read(req, reason).await
+        }
+        other => other,
+    }
+}
+
+/// An error and its causes on one line.
+fn chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut line = e.to_string();
+    let mut next = e.source();
+    while let Some(s) = next {
+        line.push_str(": ");
+        line.push_str(&s.to_string());
+        next = s.source();
+    }
+    line
+}
