@@ -12,7 +12,7 @@ use crate::image::Compression;
 use crate::layer::{CompressOptions, LayerDescriptor, LayerWriter};
 use crate::{diff, freeze, log};
 use std::fs::File;
-use std::io::{BufReader, BufWriter, Seek, SeekFrom};
+use std::io::{BufWriter, Read, Seek, SeekFrom, Write};
 use std::path::Path;
 
 const BUF: usize = 1 << 20;
@@ -33,6 +33,7 @@ pub(super) async fn read(req: &LayerRequest<'_>) -> Result<FinishedLayer, Commit
         _ => spool_file(&req.dest.spool_dir, ".committer-tar-")?,
     };
     let mounts = req.ctr.snapshot_mounts(req.info).await?;
+    super::spool::check_room(req.ctr, req.info, &mounts, &req.dest.spool_dir).await?;
     let source = prepare(req.ctr, req.info, &mounts, req.plan.diff_source).await?;
     let work = capture(req, &mounts, source, file);
     let ((captured, source), paused) =
@@ -180,8 +181,7 @@ async fn compress(
             .map_err(CommitError::io(what))?;
         let sink = BufWriter::with_capacity(BUF, out);
         let mut w = LayerWriter::new(sink, &opts, &media_type).map_err(CommitError::io(what))?;
-        std::io::copy(&mut BufReader::with_capacity(BUF, raw), &mut w)
-            .map_err(CommitError::io(what))?;
+        consume(&raw, &mut w).map_err(CommitError::io(what))?;
         let finished = w.finish().map_err(CommitError::io(what))?;
         let file = finished
             .sink
@@ -202,6 +202,29 @@ async fn compress(
         detail: e.to_string(),
     })??;
     Ok((desc, path))
+}
+
+/// Copies the capture into the compressor, giving each consumed 8 MiB back to the filesystem so
+/// that the spool holds one copy of the diff (see `spool`).
+fn consume(raw: &File, w: &mut impl Write) -> std::io::Result<()> {
+    let mut buf = vec![0u8; BUF];
+    let (mut read, mut released) = (0u64, 0u64);
+    loop {
+        let n = match (&*raw).read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        };
+        // The compressor copies what it is handed: those bytes are no longer needed on disk.
+        w.write_all(&buf[..n])?;
+        read += n as u64;
+        if read - released >= super::spool::PUNCH_STEP {
+            super::spool::release(raw, released, read);
+            released = read;
+        }
+    }
+    Ok(())
 }
 
 fn create(path: &Path) -> Result<File, CommitError> {

@@ -13,6 +13,7 @@
 mod differ;
 mod local;
 mod prepare;
+mod spool;
 
 pub use differ::copy_stored_blob;
 pub use prepare::{PreparedSource, SourceKind};
@@ -81,6 +82,14 @@ pub enum SourceError {
     #[error("mounting a read-only view for the walk at {target}")]
     Mount {
         target: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("the spool at {dir} has {free} bytes free but this diff needs about {need} (the container snapshot's size as containerd reports it): point --spool-dir at a filesystem with more room")]
+    SpoolTooSmall { dir: PathBuf, free: u64, need: u64 },
+    #[error("the spool directory {dir} cannot be used (see --spool-dir)")]
+    SpoolUnusable {
+        dir: PathBuf,
         #[source]
         source: std::io::Error,
     },
