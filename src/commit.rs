@@ -35,7 +35,11 @@ pub async fn commit(plan: &CommitPlan) -> Result<CommitResult, CommitError> {
         plain_http: plan.plain_http,
         ca_file: plan.registry_ca.clone(),
         registry_config: plan.registry_config.clone(),
-        user_agent: concat!("committer/", env!("CARGO_PKG_VERSION")).to_string(),
+        certs_dir: plan.certs_dir.clone(),
+        max_transfers: plan.max_transfers,
+        chunk_size: plan.chunk_size,
+        request_timeout: plan.request_timeout,
+        ..ClientOptions::default()
     };
     // Connecting to the registry early turns a wrong host, TLS or credential into an error before
     // the sandbox is paused; containerd lookups run meanwhile.
@@ -45,7 +49,11 @@ pub async fn commit(plan: &CommitPlan) -> Result<CommitResult, CommitError> {
             let info = locate(&ctr, &plan.source).await?;
             Ok::<_, CommitError>((ctr, info))
         },
-        Client::new(&plan.image, &opts)
+        async {
+            let client = Client::new(&plan.image, &opts).await?;
+            client.check_push().await?;
+            Ok::<_, registry::RegistryError>(client)
+        }
     );
     let (ctr, info) = ctr?;
     let client = client?;
