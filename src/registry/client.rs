@@ -192,6 +192,7 @@ pub(crate) struct Inner {
     pub spare: std::sync::Mutex<Vec<Session>>,
     /// Source repositories whose mount was refused once: not asked again.
     pub refused_mounts: std::sync::Mutex<HashSet<String>>,
+    pub mount_turn: tokio::sync::Mutex<()>,
 }
 
 /// A registry repository to push to or pull from. Cheap to clone; clones share connections, tokens
@@ -335,6 +336,7 @@ impl Client {
             pending: Default::default(),
             spare: Default::default(),
             refused_mounts: Default::default(),
+            mount_turn: Default::default(),
         };
         // The first contact retries less: a registry that is down should be reported in about a second.
         let ping_retry = Retry {

@@ -54,16 +54,20 @@ impl Client {
         if self.blob_exists(digest).await?.is_some() {
             return Ok(BlobPushed::Existed);
         }
-        if let Some(from) = mount_from.filter(|f| !self.mount_refused(f)) {
-            if self.mount_blob(digest, from).await? == MountOutcome::Mounted {
-                return Ok(BlobPushed::Mounted);
+        if let Some(from) = mount_from {
+            // Mounts take turns, so that a refusal is known before the next blob asks.
+            let _turn = self.inner.mount_turn.lock().await;
+            if !self.mount_refused(from) {
+                if self.mount_blob(digest, from).await? == MountOutcome::Mounted {
+                    return Ok(BlobPushed::Mounted);
+                }
+                // A 202 keeps a session for this digest; the source is not asked again this commit.
+                self.inner
+                    .refused_mounts
+                    .lock()
+                    .expect("mounts lock")
+                    .insert(from.to_string());
             }
-            // A 202 keeps a session for this digest; the source is not asked again this commit.
-            self.inner
-                .refused_mounts
-                .lock()
-                .expect("mounts lock")
-                .insert(from.to_string());
         }
         self.upload_blob(digest, size, source).await?;
         Ok(BlobPushed::Uploaded)
