@@ -155,6 +155,19 @@ pub struct CommitArgs {
     /// Extra CA certificate (PEM) to trust for the registry.
     #[arg(long)]
     pub registry_ca: Option<PathBuf>,
+    /// containerd's registry host directory (hosts.toml mirrors, CAs, client certificates), used for
+    /// the base image's registry and the target's CAs (default: /etc/containerd/certs.d when present).
+    #[arg(long)]
+    pub certs_dir: Option<PathBuf>,
+    /// Blob uploads in flight at once.
+    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u64).range(1..=64))]
+    pub max_transfers: u64,
+    /// Upload in ranged chunks of this many bytes instead of one streamed PATCH per blob.
+    #[arg(long, value_parser = clap::value_parser!(u64).range(65536..))]
+    pub chunk_size: Option<u64>,
+    /// Seconds a registry request may take, and a transfer may go without progress.
+    #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..=3600))]
+    pub request_timeout: u64,
     /// Directory for the compressed layer while it uploads (default: the system temp dir).
     #[arg(long)]
     pub spool_dir: Option<PathBuf>,
@@ -206,6 +219,10 @@ pub struct CommitPlan {
     pub plain_http: bool,
     pub registry_config: Option<PathBuf>,
     pub registry_ca: Option<PathBuf>,
+    pub certs_dir: Option<PathBuf>,
+    pub max_transfers: usize,
+    pub chunk_size: Option<u64>,
+    pub request_timeout: std::time::Duration,
     pub spool_dir: Option<PathBuf>,
     pub message: String,
     pub result_file: Option<PathBuf>,
@@ -324,6 +341,13 @@ impl CommitArgs {
             plain_http: self.plain_http,
             registry_config: self.registry_config.clone(),
             registry_ca: self.registry_ca.clone(),
+            certs_dir: self.certs_dir.clone().or_else(|| {
+                let p = PathBuf::from("/etc/containerd/certs.d");
+                p.is_dir().then_some(p)
+            }),
+            max_transfers: self.max_transfers as usize,
+            chunk_size: self.chunk_size,
+            request_timeout: std::time::Duration::from_secs(self.request_timeout),
             spool_dir: self.spool_dir.clone(),
             message: self.message.clone(),
             result_file,

@@ -26,7 +26,7 @@ pub async fn commit(plan: &CommitPlan) -> Result<CommitResult, CommitError> {
     let opts = client_options(plan);
     // Connecting to the registry early turns a wrong host, TLS or credential into an error before
     // the sandbox is paused; the containerd lookups run meanwhile.
-    let (found, client) = tokio::join!(connect(&plan.source), Client::new(&plan.image, &opts));
+    let (found, client) = tokio::join!(connect(&plan.source), push_target(plan, &opts));
     let (ctr, info) = found?;
     let client = client?;
     let mut result = with_lease(&ctr, &info, async |lease| {
@@ -210,8 +210,20 @@ fn client_options(plan: &CommitPlan) -> ClientOptions {
         plain_http: plan.plain_http,
         ca_file: plan.registry_ca.clone(),
         registry_config: plan.registry_config.clone(),
-        user_agent: concat!("committer/", env!("CARGO_PKG_VERSION")).to_string(),
+        certs_dir: plan.certs_dir.clone(),
+        max_transfers: plan.max_transfers,
+        chunk_size: plan.chunk_size,
+        request_timeout: plan.request_timeout,
+        ..ClientOptions::default()
     }
+}
+
+/// The target repository, with the right to push proven (an upload session is opened and kept
+/// for the first blob): wrong credentials fail here, before the sandbox is paused.
+async fn push_target(plan: &CommitPlan, opts: &ClientOptions) -> Result<Client, CommitError> {
+    let client = Client::new(&plan.image, opts).await?;
+    client.check_push().await?;
+    Ok(client)
 }
 
 fn result(

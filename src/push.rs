@@ -1,6 +1,20 @@
-//! Pushing the image: every blob first (base layers by HEAD, cross-repo mount, or a stream from
-//! the node's content store; the new layer from the spool; the config), concurrently; the
-//! manifest last; then each tag. A tag can only ever name a manifest whose blobs are all there.
+//! Pushing the image: every blob first, concurrently (the client bounds uploads in flight), each
+//! through the registry client's one path — exists → mount from the base's repository → upload with
+//! retries that re-read the blob's source; the manifest last; then each tag. A tag can only ever name a
+//! manifest whose blobs are all there.
+//!
+//! Sources: the new layer from the spool file or containerd's content store; the config from memory;
+//! a base layer from the node's content store, or — when the node discarded it (containerd's
+//! `discard_unpacked_layers`, the default on kind and EKS nodes) — from the base image's registry,
+//! through one pull-only client per commit (its own scheme, credentials and `certs.d` mirrors).
+
+use std::io;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use futures_util::future::{try_join_all, BoxFuture};
+use futures_util::StreamExt;
+use tokio::sync::OnceCell;
 
 use crate::containerd::content::BaseImage;
 use crate::containerd::Containerd;
@@ -9,9 +23,10 @@ use crate::error::CommitError;
 use crate::image::Blob;
 use crate::layer::LayerDescriptor;
 use crate::log;
-use crate::registry::{Client, ClientOptions, MountOutcome, Reference};
-use futures_util::future::try_join_all;
-use std::path::Path;
+use crate::registry::{
+    BlobPushed, BlobSource, ByteStream, BytesSource, Client, ClientOptions, FileSource, Reference,
+    RegistryBlob,
+};
 
 /// Where the new layer's bytes are.
 #[derive(Clone, Copy)]
@@ -23,11 +38,15 @@ pub enum LayerBlob<'a> {
 }
 
 pub struct PushJob<'a> {
+    /// The target repository (push scope).
     pub client: &'a Client,
     pub ctr: &'a Containerd,
     pub base: &'a BaseImage,
-    /// The base image's name as a reference, when it parses as one (a cross-repo mount source).
+    /// The base image's name as a reference, when it parses as one (mount source, and where to copy
+    /// discarded base layers from).
     pub base_ref: Option<&'a Reference>,
+    /// The target's options; the base's registry gets its own derived from them
+    /// ([`ClientOptions::for_base`]).
     pub base_opts: &'a ClientOptions,
     pub layer: Option<(&'a LayerDescriptor, LayerBlob<'a>)>,
     pub config: &'a Blob,
@@ -36,49 +55,46 @@ pub struct PushJob<'a> {
 }
 
 pub async fn push(job: &PushJob<'_>) -> Result<(), CommitError> {
-    let mut base_layers = Vec::new();
-    for l in job.base.layers() {
-        let digest: Digest = l
-            .get("digest")
-            .and_then(|d| d.as_str())
-            .and_then(|d| d.parse().ok())
-            .ok_or_else(|| crate::image::ImageError {
-                image: job.base.name.clone(),
-                detail: format!("base layer without a valid digest: {l}"),
-            })?;
-        base_layers.push(digest);
-    }
-    let bases = try_join_all(base_layers.iter().map(|d| push_base_layer(job, d)));
+    let base_registry = BaseRegistry::default();
+    let base_layers: Vec<(Digest, u64)> = crate::descriptor::base_blobs(job.base)?
+        .layers
+        .into_iter()
+        .map(|l| (l.digest, l.size))
+        .collect();
+    let bases = try_join_all(
+        base_layers
+            .iter()
+            .map(|(d, s)| push_base_layer(job, &base_registry, d, *s)),
+    );
     let new_layer = async {
-        if let Some((desc, blob)) = job.layer {
-            if job.client.blob_exists(&desc.digest).await?.is_none() {
-                log::info(&format!(
-                    "uploading layer {} ({} bytes)",
-                    desc.digest, desc.size
-                ));
-                match blob {
-                    LayerBlob::File(path) => {
-                        job.client
-                            .upload_blob_file(&desc.digest, path, desc.size)
-                            .await?
-                    }
-                    LayerBlob::ContentStore => {
-                        let stream = job.ctr.blob_stream(&desc.digest).await?;
-                        job.client
-                            .upload_blob_stream(&desc.digest, Some(desc.size), stream)
-                            .await?
-                    }
-                }
-            }
+        let Some((desc, blob)) = job.layer else {
+            return Ok(());
+        };
+        let source: Box<dyn BlobSource> = match blob {
+            LayerBlob::File(path) => Box::new(FileSource::new(path)),
+            LayerBlob::ContentStore => Box::new(ContentStore {
+                ctr: job.ctr,
+                digest: desc.digest.clone(),
+            }),
+        };
+        let pushed = job
+            .client
+            .push_blob(&desc.digest, desc.size, source.as_ref(), None)
+            .await?;
+        if pushed == BlobPushed::Uploaded {
+            log::info(&format!(
+                "uploaded layer {} ({} bytes)",
+                desc.digest, desc.size
+            ));
         }
         Ok::<_, CommitError>(())
     };
     let config = async {
-        if job.client.blob_exists(&job.config.digest).await?.is_none() {
-            job.client
-                .upload_blob_bytes(&job.config.digest, job.config.bytes.clone().into())
-                .await?;
-        }
+        let source = BytesSource(job.config.bytes.clone().into());
+        let size = job.config.bytes.len() as u64;
+        job.client
+            .push_blob(&job.config.digest, size, &source, None)
+            .await?;
         Ok::<_, CommitError>(())
     };
     tokio::try_join!(bases, new_layer, config)?;
@@ -103,48 +119,148 @@ pub async fn push(job: &PushJob<'_>) -> Result<(), CommitError> {
     Ok(())
 }
 
-/// A base layer: already there, mountable from the base's repository, or streamed from the
-/// node's content store.
-async fn push_base_layer(job: &PushJob<'_>, digest: &Digest) -> Result<(), CommitError> {
-    if job.client.blob_exists(digest).await?.is_some() {
-        return Ok(());
+/// A base layer: already there, mountable from the base's repository (same registry), or uploaded
+/// from the node's content store or the base's registry.
+async fn push_base_layer(
+    job: &PushJob<'_>,
+    registry: &BaseRegistry,
+    digest: &Digest,
+    size: u64,
+) -> Result<(), CommitError> {
+    let mount_from = job
+        .base_ref
+        .filter(|b| b.registry == job.client.registry())
+        .map(|b| b.repository.as_str());
+    let source = BaseLayer {
+        job,
+        registry,
+        digest: digest.clone(),
+        size,
+        announced: AtomicBool::new(false),
+    };
+    match job
+        .client
+        .push_blob(digest, size, &source, mount_from)
+        .await?
+    {
+        BlobPushed::Mounted => log::debug(&format!(
+            "mounted {digest} from {}",
+            mount_from.unwrap_or("?")
+        )),
+        BlobPushed::Existed => log::debug(&format!("{digest} is already in the repository")),
+        BlobPushed::Uploaded => {}
     }
-    if let Some(base) = job.base_ref.filter(|b| b.registry == job.client.registry()) {
-        if let MountOutcome::Mounted = job.client.mount_blob(digest, &base.repository).await? {
-            log::debug(&format!("mounted {digest} from {}", base.repository));
-            return Ok(());
+    Ok(())
+}
+
+/// A blob in containerd's content store, re-readable from any offset.
+struct ContentStore<'a> {
+    ctr: &'a Containerd,
+    digest: Digest,
+}
+
+impl BlobSource for ContentStore<'_> {
+    fn open_at(&self, offset: u64) -> BoxFuture<'_, io::Result<ByteStream>> {
+        Box::pin(async move {
+            let stream = self
+                .ctr
+                .blob_stream_at(&self.digest, offset)
+                .await
+                .map_err(io::Error::other)?;
+            Ok(stream.boxed())
+        })
+    }
+}
+
+/// The pull-only clients of the base image's registry (mirrors first), connected on first need and
+/// shared by every base layer of the commit.
+#[derive(Default)]
+struct BaseRegistry {
+    clients: OnceCell<Vec<Client>>,
+}
+
+/// A base layer, read from the node's content store when it is there, else from the base's registry.
+struct BaseLayer<'a> {
+    job: &'a PushJob<'a>,
+    registry: &'a BaseRegistry,
+    digest: Digest,
+    size: u64,
+    announced: AtomicBool,
+}
+
+impl BaseLayer<'_> {
+    fn announce(&self, msg: impl FnOnce() -> String) {
+        if !self.announced.swap(true, Ordering::Relaxed) {
+            log::info(&msg());
         }
     }
-    if job.ctr.has_blob(digest).await? {
-        log::info(&format!(
-            "uploading base layer {digest} from the node's content store"
-        ));
-        let size = job
-            .base
-            .layers()
-            .iter()
-            .find(|l| l.get("digest").and_then(|d| d.as_str()) == Some(digest.as_str()))
-            .and_then(|l| l.get("size").and_then(|s| s.as_u64()));
-        let stream = job.ctr.blob_stream(digest).await?;
-        job.client.upload_blob_stream(digest, size, stream).await?;
-        return Ok(());
+
+    async fn from_registry(&self, offset: u64) -> io::Result<ByteStream> {
+        let job = self.job;
+        let Some(base) = job.base_ref else {
+            return Err(io::Error::other(format!(
+                "base layer {} of {} is neither in the target registry nor in the node's content \
+                 store, and the base's name is not a registry reference to fetch it from",
+                self.digest, job.base.name
+            )));
+        };
+        self.announce(|| {
+            format!(
+                "base layer {} is not on this node; copying it from {}",
+                self.digest,
+                base.repo_url_name()
+            )
+        });
+        let opts = job
+            .base_opts
+            .for_base(job.client.registry(), &base.registry);
+        let clients = self
+            .registry
+            .clients
+            .get_or_try_init(|| Client::pull_hosts(base, &opts))
+            .await
+            .map_err(io::Error::other)?;
+        let mut last = None;
+        for client in clients {
+            let blob = RegistryBlob {
+                client: client.clone(),
+                digest: self.digest.clone(),
+                size: self.size,
+            };
+            match blob.open_at(offset).await {
+                Ok(s) => return Ok(s),
+                Err(e) => last = Some(e),
+            }
+        }
+        Err(last.unwrap_or_else(|| io::Error::other("no host to read the base layer from")))
     }
-    // Discarded from the node (containerd's discard_unpacked_layers): stream it from the
-    // registry the base came from, with that registry's credentials.
-    if let Some(base) = job.base_ref {
-        log::info(&format!(
-            "base layer {digest} is not on this node; copying it from {}",
-            base.repo_url_name()
-        ));
-        let source = Client::new(base, job.base_opts).await?;
-        let stream = source.fetch_blob(digest).await?;
-        let size = stream.size();
-        job.client.upload_blob_stream(digest, size, stream).await?;
-        return Ok(());
+}
+
+impl BlobSource for BaseLayer<'_> {
+    fn open_at(&self, offset: u64) -> BoxFuture<'_, io::Result<ByteStream>> {
+        Box::pin(async move {
+            let on_node = self
+                .job
+                .ctr
+                .has_blob(&self.digest)
+                .await
+                .map_err(io::Error::other)?;
+            if !on_node {
+                return self.from_registry(offset).await;
+            }
+            self.announce(|| {
+                format!(
+                    "uploading base layer {} from the node's content store",
+                    self.digest
+                )
+            });
+            let stream = self
+                .job
+                .ctr
+                .blob_stream_at(&self.digest, offset)
+                .await
+                .map_err(io::Error::other)?;
+            Ok(stream.boxed())
+        })
     }
-    Err(crate::error::Refusal::BaseLayerUnavailable {
-        digest: digest.clone(),
-        image: job.base.name.clone(),
-    }
-    .into())
 }

@@ -216,4 +216,32 @@ impl Containerd {
             )),
         }
     }
+
+    /// Streams a blob from `offset` to its end (containerd's Read takes an offset), so an upload that
+    /// broke part way can re-read from where the registry stands.
+    pub async fn blob_stream_at(
+        &self,
+        digest: &Digest,
+        offset: u64,
+    ) -> Result<
+        impl futures_util::Stream<Item = std::io::Result<bytes::Bytes>> + Send + 'static,
+        ContainerdError,
+    > {
+        use futures_util::StreamExt;
+        let what = format!("reading {digest} at byte {offset} from the content store");
+        let stream = self
+            .content()
+            .read(ReadContentRequest {
+                digest: digest.to_string(),
+                offset: offset as i64,
+                size: 0,
+            })
+            .await
+            .map_err(|s| ContainerdError::rpc(what.clone(), s))?
+            .into_inner();
+        Ok(stream.map(move |msg| {
+            msg.map(|m| bytes::Bytes::from(m.data))
+                .map_err(|s| std::io::Error::other(format!("{what}: {}", s.message())))
+        }))
+    }
 }

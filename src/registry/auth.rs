@@ -113,6 +113,10 @@ pub(crate) struct Authenticator {
     http: reqwest::Client,
     resolved: Resolved,
     state: Mutex<State>,
+    /// Deadline of a token request.
+    timeout: Duration,
+    /// The registry's API root: an HTTPS registry's realm must be HTTPS too.
+    registry: Url,
 }
 
 /// distribution's default when a token response has no `expires_in`.
@@ -128,7 +132,12 @@ struct TokenReply {
 }
 
 impl Authenticator {
-    pub(crate) fn new(http: reqwest::Client, resolved: Resolved) -> Authenticator {
+    pub(crate) fn new(
+        http: reqwest::Client,
+        resolved: Resolved,
+        timeout: Duration,
+        registry: Url,
+    ) -> Authenticator {
         Authenticator {
             http,
             resolved,
@@ -136,6 +145,8 @@ impl Authenticator {
                 scheme: Scheme::None,
                 tokens: HashMap::new(),
             }),
+            timeout,
+            registry,
         }
     }
 
@@ -148,25 +159,48 @@ impl Authenticator {
         self.resolved.credential == Credential::Anonymous
     }
 
-    /// Learn the scheme from a 401's challenge. Returns false when there is no usable challenge.
-    pub(crate) async fn learn(&self, headers: &HeaderMap, scopes: &[String]) -> bool {
+    /// Learn the scheme from a 401's challenge. Returns false when there is no usable challenge; an
+    /// error for a plain-HTTP realm named by an HTTPS registry (credentials would travel unencrypted).
+    pub(crate) async fn learn(
+        &self,
+        headers: &HeaderMap,
+        scopes: &[String],
+    ) -> Result<bool, RegistryError> {
         let challenge = headers
             .get_all(WWW_AUTHENTICATE)
             .iter()
             .filter_map(|v| v.to_str().ok())
             .find_map(parse_challenge);
-        let mut st = self.state.lock().await;
-        match challenge {
-            Some(Challenge::Basic) => st.scheme = Scheme::Basic,
+        let scheme = match challenge {
+            Some(Challenge::Basic) => Scheme::Basic,
             Some(Challenge::Bearer { realm, service, .. }) => match Url::parse(&realm) {
-                Ok(realm) => st.scheme = Scheme::Bearer { realm, service },
-                Err(_) => return false,
+                Ok(realm) => {
+                    self.refuse_plain_realm(&realm)?;
+                    Scheme::Bearer { realm, service }
+                }
+                Err(_) => return Ok(false),
             },
-            None => return false,
-        }
+            None => return Ok(false),
+        };
+        let mut st = self.state.lock().await;
+        st.scheme = scheme;
         // The token for these scopes was refused (expired, revoked, or too narrow): fetch a new one.
         st.tokens.remove(&scopes.join(" "));
-        true
+        Ok(true)
+    }
+
+    fn refuse_plain_realm(&self, realm: &Url) -> Result<(), RegistryError> {
+        if self.registry.scheme() == "https" && realm.scheme() != "https" {
+            return Err(RegistryError::protocol(
+                "GET",
+                realm,
+                format!(
+                    "{} names a plain-HTTP token service; refusing to send credentials unencrypted",
+                    super::error::host_port(&self.registry)
+                ),
+            ));
+        }
+        Ok(())
     }
 
     /// The `Authorization` value for a request needing `scopes`, fetching a token when needed.
@@ -174,40 +208,40 @@ impl Authenticator {
         &self,
         scopes: &[String],
     ) -> Result<Option<HeaderValue>, RegistryError> {
-        let mut st = self.state.lock().await;
-        let value = match (&st.scheme, &self.resolved.credential) {
-            (_, Credential::RegistryToken(t)) => format!("Bearer {}", t.expose()),
-            (Scheme::None, _) => return Ok(None),
-            (Scheme::Basic, Credential::Basic { username, password }) => basic(username, password),
-            (Scheme::Basic, _) => return Ok(None),
-            (Scheme::Bearer { realm, service }, _) => {
-                let key = scopes.join(" ");
-                let fresh = st
-                    .tokens
-                    .get(&key)
-                    .filter(|t| t.refresh_at > Instant::now());
-                let token = match fresh {
-                    Some(t) => t.value.clone(),
-                    None => {
-                        let (realm, service) = (realm.clone(), service.clone());
-                        let t = self.fetch_token(&realm, service.as_deref(), scopes).await?;
-                        let value = t.value.clone();
-                        st.tokens.insert(key, t);
-                        value
+        let key = scopes.join(" ");
+        // The lock is held only to read and write the cache: a slow token service must not stall
+        // every other transfer (two tasks may then fetch the same token once; harmless).
+        let (realm, service) = {
+            let st = self.state.lock().await;
+            match (&st.scheme, &self.resolved.credential) {
+                (_, Credential::RegistryToken(t)) => {
+                    return header(format!("Bearer {}", t.expose()))
+                }
+                (Scheme::None, _) => return Ok(None),
+                (Scheme::Basic, Credential::Basic { username, password }) => {
+                    return header(basic(username, password))
+                }
+                (Scheme::Basic, _) => return Ok(None),
+                (Scheme::Bearer { realm, service }, _) => {
+                    let fresh = st
+                        .tokens
+                        .get(&key)
+                        .filter(|t| t.refresh_at > Instant::now());
+                    if let Some(t) = fresh {
+                        return header(format!("Bearer {}", t.value.expose()));
                     }
-                };
-                format!("Bearer {}", token.expose())
+                    (realm.clone(), service.clone())
+                }
             }
         };
-        let mut hv = HeaderValue::from_str(&value).map_err(|_| {
-            RegistryError::Config(
-                "the credential contains characters not allowed in an HTTP header".into(),
-            )
-        })?;
-        hv.set_sensitive(true);
-        Ok(Some(hv))
+        let t = self.fetch_token(&realm, service.as_deref(), scopes).await?;
+        let value = format!("Bearer {}", t.value.expose());
+        self.state.lock().await.tokens.insert(key, t);
+        header(value)
     }
+}
 
+impl Authenticator {
     async fn fetch_token(
         &self,
         realm: &Url,
@@ -217,9 +251,10 @@ impl Authenticator {
         let (method, resp) = match &self.resolved.credential {
             Credential::IdentityToken { username, token } => {
                 let resp = self.oauth_refresh(realm, service, scopes, token).await?;
-                // Registries without the OAuth2 POST endpoint (404/405) take the identity token as a
-                // password on the classic GET (containerd falls back the same way).
-                if matches!(resp.status().as_u16(), 404 | 405) {
+                // Registries without the OAuth2 POST endpoint take the identity token as a password
+                // on the classic GET (containerd falls back the same way): 404/405, and Artifactory
+                // and ACR answer 400/401.
+                if matches!(resp.status().as_u16(), 400 | 401 | 404 | 405) {
                     (
                         "GET",
                         self.token_get(realm, service, scopes, Some((username, token)))
@@ -311,7 +346,8 @@ impl Authenticator {
             hv.set_sensitive(true);
             req = req.header(reqwest::header::AUTHORIZATION, hv);
         }
-        req.send()
+        req.timeout(self.timeout)
+            .send()
             .await
             .map_err(|e| RegistryError::transport("GET", &url, e))
     }
@@ -343,10 +379,22 @@ impl Authenticator {
                 "application/x-www-form-urlencoded",
             )
             .body(body)
+            .timeout(self.timeout)
             .send()
             .await
             .map_err(|e| RegistryError::transport("POST", realm, e))
     }
+}
+
+/// A sensitive `Authorization` value (never printed by reqwest's Debug).
+fn header(value: String) -> Result<Option<HeaderValue>, RegistryError> {
+    let mut hv = HeaderValue::from_str(&value).map_err(|_| {
+        RegistryError::Config(
+            "the credential contains characters not allowed in an HTTP header".into(),
+        )
+    })?;
+    hv.set_sensitive(true);
+    Ok(Some(hv))
 }
 
 fn basic(user: &str, pass: &Secret) -> String {

@@ -4,36 +4,47 @@
 //! `Authorization` never leaves the registry's own origin (blob GETs redirect to S3/GCS/CDN hosts).
 //! Manifests and blob reads live here; blob uploads are in `upload.rs`.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use reqwest::header::{
-    HeaderMap, HeaderValue, ACCEPT, AUTHORIZATION, CONTENT_LENGTH, CONTENT_TYPE, LOCATION,
-};
+use reqwest::header::{HeaderMap, HeaderValue, AUTHORIZATION, CONTENT_LENGTH, LOCATION};
 use reqwest::{Method, Response, StatusCode};
+use tokio::sync::Semaphore;
 use url::Url;
 
 use super::auth::{repo_scope, Authenticator};
 use super::credentials::{self, Lookup};
 use super::error::{error_from_response, host_port, redact_url, RegistryError};
+use super::hosts::{hosts_for, HostConfig};
 use super::reference::Reference;
+use super::source::ByteStream;
+use super::tls::{build_http, HttpSettings};
 use super::upload::Session;
 use crate::digest::Digest;
 
 /// How to reach and authenticate to a registry.
 #[derive(Clone, Debug)]
 pub struct ClientOptions {
-    /// Speak `http://` instead of `https://` (test registries only).
+    /// Speak `http://` instead of `https://` to the target (test registries only).
     pub plain_http: bool,
-    /// PEM bundle of extra CAs, trusted in addition to the bundled webpki roots.
+    /// PEM bundle of extra CAs for the target, trusted in addition to the bundled and system roots.
     pub ca_file: Option<PathBuf>,
     /// A docker `config.json` or a `kubernetes.io/dockerconfigjson` file; default `$DOCKER_CONFIG/config.json`,
     /// then `~/.docker/config.json`.
     pub registry_config: Option<PathBuf>,
+    /// containerd's registry host directory (`certs.d`): mirrors, CAs, client certificates per host.
+    pub certs_dir: Option<PathBuf>,
     pub user_agent: String,
+    /// Deadline of a small request (ping, HEAD, POST, token), and the longest a blob transfer may go
+    /// without moving a byte.
+    pub request_timeout: Duration,
+    /// Blob uploads in flight at once through one client (and its clones).
+    pub max_transfers: usize,
+    /// Send uploads as ranged chunks of this size instead of one streamed PATCH.
+    pub chunk_size: Option<u64>,
 }
 
 impl Default for ClientOptions {
@@ -42,7 +53,25 @@ impl Default for ClientOptions {
             plain_http: false,
             ca_file: None,
             registry_config: None,
+            certs_dir: None,
             user_agent: concat!("committer/", env!("CARGO_PKG_VERSION")).to_string(),
+            request_timeout: Duration::from_secs(30),
+            max_transfers: 4,
+            chunk_size: None,
+        }
+    }
+}
+
+impl ClientOptions {
+    /// The options for pulling from a base image's registry: the target's `--plain-http` and
+    /// `--registry-ca` only when it is the same registry (they name the target); the rest (credentials,
+    /// `certs.d`, deadlines) is shared.
+    pub fn for_base(&self, target_registry: &str, base_registry: &str) -> ClientOptions {
+        let same = target_registry == base_registry;
+        ClientOptions {
+            plain_http: self.plain_http && same,
+            ca_file: self.ca_file.clone().filter(|_| same),
+            ..self.clone()
         }
     }
 }
@@ -53,8 +82,6 @@ application/vnd.oci.image.index.v1+json, application/vnd.docker.distribution.man
 application/vnd.docker.distribution.manifest.list.v2+json";
 
 const MAX_REDIRECTS: usize = 10;
-/// PATCH size for file uploads unless the registry demands more (`OCI-Chunk-Min-Length`).
-pub(crate) const DEFAULT_CHUNK_SIZE: u64 = 64 * 1024 * 1024;
 
 /// Backoff for transient failures: `base * 2^n`, capped, times a random factor in [0.5, 1).
 #[derive(Clone, Copy, Debug)]
@@ -92,18 +119,47 @@ fn jitter() -> f64 {
 pub(crate) enum Body {
     Empty,
     Bytes(Bytes),
-    /// `len` bytes of `path` from `offset`, streamed.
-    File {
-        path: PathBuf,
-        offset: u64,
-        len: u64,
-    },
     Once(std::sync::Mutex<Option<reqwest::Body>>),
 }
 
 impl Body {
     fn replayable(&self) -> bool {
         !matches!(self, Body::Once(_))
+    }
+
+    pub(crate) fn once(stream: ByteStream) -> Body {
+        Body::Once(std::sync::Mutex::new(Some(reqwest::Body::wrap_stream(
+            stream,
+        ))))
+    }
+}
+
+/// When a streamed body last moved, for [`Client::execute_watched`].
+#[derive(Clone)]
+pub(crate) struct Progress {
+    started: std::time::Instant,
+    last_ms: Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl Progress {
+    pub(crate) fn new() -> Progress {
+        Progress {
+            started: std::time::Instant::now(),
+            last_ms: Default::default(),
+        }
+    }
+
+    pub(crate) fn touch(&self) {
+        let now = self.started.elapsed().as_millis() as u64;
+        self.last_ms
+            .store(now, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    fn idle(&self) -> Duration {
+        let last = self.last_ms.load(std::sync::atomic::Ordering::Relaxed);
+        self.started
+            .elapsed()
+            .saturating_sub(Duration::from_millis(last))
     }
 }
 
@@ -116,25 +172,37 @@ pub(crate) struct Req {
     pub scopes: Vec<String>,
     /// Retry 408/429/5xx and connection failures here (off for PATCH: the upload loop resyncs instead).
     pub retry: bool,
+    /// The whole request's deadline; `None` for blob bodies, watched for progress instead.
+    pub timeout: Option<Duration>,
 }
 
 pub(crate) struct Inner {
     pub http: reqwest::Client,
-    /// `https://host[:port]/` of the registry API.
+    /// The registry API root, `https://host[:port]/v2/` (a mirror may have a longer path).
     pub base: Url,
     pub registry: String,
     pub repository: String,
+    /// `pull,push` for a target, `pull` for a base registry.
+    pub actions: &'static str,
     pub auth: Authenticator,
+    pub timeout: Duration,
     /// Upload sessions a declined mount (202) opened, reused by the next upload of that digest.
     pub pending: std::sync::Mutex<HashMap<Digest, Session>>,
+    /// Sessions `check_push` opened, used by the next uploads.
+    pub spare: std::sync::Mutex<Vec<Session>>,
+    /// Source repositories whose mount was refused once: not asked again.
+    pub refused_mounts: std::sync::Mutex<HashSet<String>>,
+    pub mount_turn: tokio::sync::Mutex<()>,
 }
 
-/// A registry repository to push to or pull from. Cheap to clone; clones share connections and tokens.
+/// A registry repository to push to or pull from. Cheap to clone; clones share connections, tokens
+/// and the transfer limit.
 #[derive(Clone)]
 pub struct Client {
     pub(crate) inner: Arc<Inner>,
-    pub(crate) chunk_size: u64,
+    pub(crate) chunk_size: Option<u64>,
     pub(crate) retry: Retry,
+    pub(crate) transfers: Arc<Semaphore>,
 }
 
 impl std::fmt::Debug for Client {
@@ -143,9 +211,23 @@ impl std::fmt::Debug for Client {
     }
 }
 
+/// Hosts that are plain HTTP unless configured otherwise, as containerd and docker treat them.
+pub(crate) fn is_loopback(registry: &str) -> bool {
+    let host = match registry.rsplit_once(':') {
+        Some((h, p)) if p.chars().all(|c| c.is_ascii_digit()) => h,
+        _ => registry,
+    };
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    host == "localhost"
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
+}
+
 impl Client {
-    /// Resolve credentials, then ping `/v2/` and authenticate once, so that an unreachable registry, an
-    /// untrusted certificate or rejected credentials fail here with a clear message.
+    /// A push target. Resolve credentials, then ping `/v2/` and authenticate once, so that an
+    /// unreachable registry, an untrusted certificate or rejected credentials fail here with a clear
+    /// message.
     pub async fn new(reference: &Reference, opts: &ClientOptions) -> Result<Client, RegistryError> {
         let lookup = Lookup {
             config: opts.registry_config.clone(),
@@ -160,19 +242,101 @@ impl Client {
         lookup: Lookup,
         retry: Retry,
     ) -> Result<Client, RegistryError> {
-        let http = build_http(opts)?;
-        let scheme = if opts.plain_http { "http" } else { "https" };
-        let base = Url::parse(&format!("{scheme}://{}/", reference.api_host())).map_err(|e| {
+        let hosts = hosts_for(
+            &reference.registry,
+            reference.api_host(),
+            opts.certs_dir.as_deref(),
+            !opts.plain_http,
+        )?;
+        let mut host = hosts
+            .last()
+            .cloned()
+            .expect("the upstream is always listed");
+        if opts.plain_http {
+            host.origin = format!("http://{}", reference.api_host());
+        }
+        let ca = opts.ca_file.as_deref();
+        Client::connect(reference, opts, &host, ca, "pull,push", lookup, retry).await
+    }
+
+    /// Pull-only clients for a base image's registry, one per host to try (containerd `certs.d`
+    /// mirrors first, the registry itself last). Plain HTTP only for loopback hosts, as containerd
+    /// does, and where `hosts.toml` says `http://`; `--plain-http`/`--registry-ca` are the target's.
+    /// Hosts that cannot be reached are skipped with a warning; the upstream's failure is the error.
+    pub async fn pull_hosts(
+        reference: &Reference,
+        opts: &ClientOptions,
+    ) -> Result<Vec<Client>, RegistryError> {
+        let default_https = !(opts.plain_http || is_loopback(&reference.registry));
+        let hosts = hosts_for(
+            &reference.registry,
+            reference.api_host(),
+            opts.certs_dir.as_deref(),
+            default_https,
+        )?;
+        let lookup = Lookup {
+            config: opts.registry_config.clone(),
+            helper_path: None,
+        };
+        let mut out = Vec::new();
+        let last = hosts.len() - 1;
+        for (i, host) in hosts.iter().enumerate() {
+            let ca = opts.ca_file.as_deref();
+            let connected = Client::connect(
+                reference,
+                opts,
+                host,
+                ca,
+                "pull",
+                lookup.clone(),
+                Retry::DEFAULT,
+            )
+            .await;
+            match connected {
+                Ok(c) => out.push(c),
+                Err(e) if i == last && out.is_empty() => return Err(e),
+                Err(e) => crate::log::warn(&format!("skipping {}: {e}", host.origin)),
+            }
+        }
+        Ok(out)
+    }
+
+    async fn connect(
+        reference: &Reference,
+        opts: &ClientOptions,
+        host: &HostConfig,
+        ca_file: Option<&std::path::Path>,
+        actions: &'static str,
+        lookup: Lookup,
+        retry: Retry,
+    ) -> Result<Client, RegistryError> {
+        let http = build_http(&HttpSettings {
+            user_agent: &opts.user_agent,
+            ca_file,
+            host,
+        })?;
+        let base = Url::parse(&host.api_root()).map_err(|e| {
             RegistryError::Config(format!("registry {:?}: {e}", reference.registry))
         })?;
-        let resolved = credentials::resolve(&reference.registry, &lookup).await?;
+        // Credentials are looked up by the host contacted: a mirror has its own.
+        let cred_host = if host.origin.ends_with(reference.api_host()) {
+            reference.registry.clone()
+        } else {
+            host_port(&base)
+        };
+        let resolved = credentials::resolve(&cred_host, &lookup).await?;
         let inner = Inner {
-            auth: Authenticator::new(http.clone(), resolved),
+            auth: Authenticator::new(http.clone(), resolved, opts.request_timeout, base.clone()),
             http,
             base,
             registry: reference.registry.clone(),
             repository: reference.repository.clone(),
+            actions,
+            timeout: opts.request_timeout,
             pending: Default::default(),
+            spare: Default::default(),
+            refused_mounts: Default::default(),
+            mount_turn: Default::default(),
         };
         // The first contact retries less: a registry that is down should be reported in about a second.
         let ping_retry = Retry {
@@ -181,16 +345,18 @@ impl Client {
         };
         let client = Client {
             inner: Arc::new(inner),
-            chunk_size: DEFAULT_CHUNK_SIZE,
+            chunk_size: opts.chunk_size,
             retry: ping_retry,
+            transfers: Arc::new(Semaphore::new(opts.max_transfers.max(1))),
         };
         client.ping().await?;
         Ok(Client { retry, ..client })
     }
 
-    /// PATCH size for `upload_blob_file` (the registry's `OCI-Chunk-Min-Length` still wins when larger).
+    /// Send uploads in ranged chunks of `bytes` (the registry's `OCI-Chunk-Min-Length` still wins when
+    /// larger) instead of one streamed PATCH.
     pub fn with_chunk_size(mut self, bytes: u64) -> Client {
-        self.chunk_size = bytes.max(1);
+        self.chunk_size = Some(bytes.max(1));
         self
     }
 
@@ -203,7 +369,7 @@ impl Client {
     }
 
     async fn ping(&self) -> Result<(), RegistryError> {
-        let req = self.req(Method::GET, self.url("v2/")?);
+        let req = self.req(Method::GET, self.inner.base.clone());
         let resp = self.execute(&req).await?;
         match resp.status() {
             StatusCode::OK => Ok(()),
@@ -211,29 +377,27 @@ impl Client {
                 "GET",
                 &req.url,
                 format!(
-                    "{} does not serve the registry API at /v2/ (is this a registry?)",
-                    host_port(&req.url)
+                    "{} does not serve the registry API at {} (is this a registry?)",
+                    host_port(&req.url),
+                    req.url.path()
                 ),
             )),
             _ => Err(self.fail(&req, resp).await),
         }
     }
 
-    /// The scopes a push to this repository needs.
-    pub(crate) fn push_scopes(&self) -> Vec<String> {
-        vec![repo_scope(&self.inner.repository, "pull,push")]
+    /// The scopes this client's requests need: push and pull on a target, pull on a base.
+    pub(crate) fn scopes(&self) -> Vec<String> {
+        vec![repo_scope(&self.inner.repository, self.inner.actions)]
     }
 
-    /// `base` + path (relative to the registry root).
-    pub(crate) fn url(&self, path: &str) -> Result<Url, RegistryError> {
+    /// The API root + `<repository>/` + `rest`.
+    pub(crate) fn repo_url(&self, rest: &str) -> Result<Url, RegistryError> {
+        let path = format!("{}/{rest}", self.inner.repository);
         self.inner
             .base
-            .join(path)
+            .join(&path)
             .map_err(|e| RegistryError::Config(format!("bad registry path {path:?}: {e}")))
-    }
-
-    pub(crate) fn repo_url(&self, rest: &str) -> Result<Url, RegistryError> {
-        self.url(&format!("v2/{}/{rest}", self.inner.repository))
     }
 
     pub(crate) fn req(&self, method: Method, url: Url) -> Req {
@@ -242,8 +406,52 @@ impl Client {
             url,
             headers: HeaderMap::new(),
             body: Body::Empty,
-            scopes: self.push_scopes(),
+            scopes: self.scopes(),
             retry: true,
+            timeout: Some(self.inner.timeout),
+        }
+    }
+
+    /// Refuse a plain-HTTP URL handed out by an HTTPS registry (an upload Location, a redirect, a token
+    /// realm): only `--plain-http`, for the target, allows plain HTTP.
+    pub(crate) fn refuse_downgrade(
+        &self,
+        method: &str,
+        next: &Url,
+        what: &str,
+    ) -> Result<(), RegistryError> {
+        if self.inner.base.scheme() == "https" && next.scheme() != "https" {
+            return Err(RegistryError::protocol(
+                method,
+                next,
+                format!(
+                    "{} sent a plain-HTTP {what} from HTTPS; refusing to send data or credentials unencrypted",
+                    host_port(&self.inner.base)
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// [`Client::execute`] for a request with a streamed body and no overall deadline: it fails when
+    /// neither a body byte went out nor an answer came for the client's timeout (a stalled registry).
+    pub(crate) async fn execute_watched(
+        &self,
+        req: &Req,
+        progress: &Progress,
+    ) -> Result<Response, RegistryError> {
+        let limit = self.inner.timeout;
+        let send = self.execute(req);
+        tokio::pin!(send);
+        loop {
+            tokio::select! {
+                r = &mut send => return r,
+                _ = tokio::time::sleep(limit / 4) => {
+                    if progress.idle() > limit {
+                        return Err(RegistryError::stalled(req.method.as_str(), &req.url, limit));
+                    }
+                }
+            }
         }
     }
 
@@ -258,13 +466,11 @@ impl Client {
             if let Ok(resp) = &result {
                 // Only the registry's own challenges teach the scheme (not a storage host's 401).
                 let ours = resp.url().origin() == self.inner.base.origin();
-                if resp.status() == StatusCode::UNAUTHORIZED
-                    && ours
-                    && !reauthenticated
-                    && can_repeat
-                {
+                if resp.status() == StatusCode::UNAUTHORIZED && ours && !reauthenticated {
                     reauthenticated = true;
-                    if self.inner.auth.learn(resp.headers(), &req.scopes).await {
+                    // A one-shot body cannot be sent again here; learning still drops the refused
+                    // token, so the upload loop's next attempt gets a fresh one.
+                    if self.inner.auth.learn(resp.headers(), &req.scopes).await? && can_repeat {
                         continue;
                     }
                 }
@@ -309,6 +515,9 @@ impl Client {
                 .http
                 .request(req.method.clone(), url.clone())
                 .headers(req.headers.clone());
+            if let Some(t) = req.timeout {
+                rb = rb.timeout(t);
+            }
             // Credentials go only to the registry's own origin; a redirect to a storage host gets none.
             if url.origin() == self.inner.base.origin() {
                 if let Some(auth) = self.inner.auth.authorization(&req.scopes).await? {
@@ -323,7 +532,10 @@ impl Client {
             let follow = resp.status().is_redirection()
                 && (req.method == Method::GET || req.method == Method::HEAD);
             match location(&resp, &url) {
-                Some(next) if follow => url = next,
+                Some(next) if follow => {
+                    self.refuse_downgrade(req.method.as_str(), &next, "redirect")?;
+                    url = next
+                }
                 _ => return Ok(resp),
             }
         }
@@ -338,7 +550,22 @@ impl Client {
     pub(crate) async fn fail(&self, req: &Req, resp: Response) -> RegistryError {
         let url = resp.url().clone();
         let host = host_port(&url);
+        let insufficient_scope = resp
+            .headers()
+            .get_all(reqwest::header::WWW_AUTHENTICATE)
+            .iter()
+            .any(|v| v.to_str().is_ok_and(|v| v.contains("insufficient_scope")));
         let hint = match resp.status().as_u16() {
+            // Docker Hub: valid credentials, but no push right on this namespace (ggcr
+            // CheckPushPermission tells the two apart the same way).
+            401 | 403 if insufficient_scope && self.inner.actions.contains("push") => {
+                Some(format!(
+                    "these credentials ({}) cannot push to {}/{}",
+                    self.inner.auth.source(),
+                    self.inner.registry,
+                    self.inner.repository
+                ))
+            }
             401 => Some(self.inner.auth.rejected_hint(&url)),
             403 => Some(format!(
                 "{host} denied {} on {} to {}: the credentials lack permission",
@@ -373,127 +600,21 @@ impl Client {
         err
     }
 
-    /// HEAD the blob: `Some(size)` when the repository has it.
+    /// HEAD the blob: `Some(size)` when the repository has it. A 200 without `Content-Length` (HTTP/2
+    /// front ends of GCP, Cloud Run, Cloudflare tunnels: distribution#4895) still means it exists; the
+    /// digest names the content, so the size is then reported as 0.
     pub async fn blob_exists(&self, digest: &Digest) -> Result<Option<u64>, RegistryError> {
         let req = self.req(Method::HEAD, self.repo_url(&format!("blobs/{digest}"))?);
         let resp = self.execute(&req).await?;
         match resp.status() {
             StatusCode::OK => {
                 let size = header_str(&resp, CONTENT_LENGTH.as_str()).and_then(|s| s.parse().ok());
-                size.map(Some).ok_or_else(|| {
-                    RegistryError::protocol("HEAD", &req.url, "the answer has no Content-Length")
-                })
+                Ok(Some(size.unwrap_or(0)))
             }
             StatusCode::NOT_FOUND => Ok(None),
             _ => Err(self.fail(&req, resp).await),
         }
     }
-
-    /// PUT a manifest under a tag or digest. Returns the sha256 of `body`, after checking it against the
-    /// registry's `Docker-Content-Digest` when the registry sends one.
-    pub async fn put_manifest(
-        &self,
-        reference: &str,
-        media_type: &str,
-        body: Bytes,
-    ) -> Result<Digest, RegistryError> {
-        let digest = Digest::of(&body);
-        let mut req = self.req(
-            Method::PUT,
-            self.repo_url(&format!("manifests/{reference}"))?,
-        );
-        req.headers.insert(CONTENT_TYPE, header_value(media_type)?);
-        req.body = Body::Bytes(body);
-        let resp = self.execute(&req).await?;
-        if resp.status() != StatusCode::CREATED && resp.status() != StatusCode::OK {
-            return Err(self.fail(&req, resp).await);
-        }
-        check_content_digest(
-            &resp,
-            &digest,
-            &format!("manifest {}:{reference}", self.inner.repository),
-        )?;
-        Ok(digest)
-    }
-
-    /// GET a manifest (tag or digest): `(media type, exact bytes)`, or `None` on 404. When `reference` is a
-    /// digest the bytes are checked against it.
-    pub async fn get_manifest(
-        &self,
-        reference: &str,
-    ) -> Result<Option<(String, Bytes)>, RegistryError> {
-        let mut req = self.req(
-            Method::GET,
-            self.repo_url(&format!("manifests/{reference}"))?,
-        );
-        req.scopes = vec![repo_scope(&self.inner.repository, "pull")];
-        req.headers
-            .insert(ACCEPT, HeaderValue::from_static(MANIFEST_ACCEPT));
-        let resp = self.execute(&req).await?;
-        match resp.status() {
-            StatusCode::OK => {}
-            StatusCode::NOT_FOUND => return Ok(None),
-            _ => return Err(self.fail(&req, resp).await),
-        }
-        let content_type = header_str(&resp, CONTENT_TYPE.as_str())
-            .map(|s| s.split(';').next().unwrap_or("").trim().to_string());
-        let body = resp
-            .bytes()
-            .await
-            .map_err(|e| RegistryError::transport("GET", &req.url, e))?;
-        if let Ok(expected) = reference.parse::<Digest>() {
-            let found = Digest::of(&body);
-            if found != expected {
-                return Err(RegistryError::DigestMismatch {
-                    what: format!("manifest {reference}"),
-                    expected,
-                    found: found.to_string(),
-                });
-            }
-        }
-        // Some registries answer `application/json` or nothing; the manifest's own mediaType is then the truth.
-        let media_type = match content_type {
-            Some(ct) if ct.starts_with("application/vnd.") => ct,
-            other => media_type_field(&body).or(other).unwrap_or_default(),
-        };
-        Ok(Some((media_type, body)))
-    }
-}
-
-fn media_type_field(body: &[u8]) -> Option<String> {
-    let v: serde_json::Value = serde_json::from_slice(body).ok()?;
-    v.get("mediaType")?.as_str().map(str::to_string)
-}
-
-/// The reqwest client: no automatic redirects (see module doc), bundled roots plus `ca_file`.
-fn build_http(opts: &ClientOptions) -> Result<reqwest::Client, RegistryError> {
-    let mut b = reqwest::Client::builder()
-        .user_agent(opts.user_agent.clone())
-        .redirect(reqwest::redirect::Policy::none())
-        .connect_timeout(Duration::from_secs(30))
-        .tcp_keepalive(Duration::from_secs(30));
-    if let Some(path) = &opts.ca_file {
-        let pem = std::fs::read(path).map_err(|e| {
-            RegistryError::Config(format!("cannot read --registry-ca {}: {e}", path.display()))
-        })?;
-        let certs = reqwest::Certificate::from_pem_bundle(&pem).map_err(|e| {
-            RegistryError::Config(format!(
-                "--registry-ca {}: not a PEM certificate bundle: {e}",
-                path.display()
-            ))
-        })?;
-        if certs.is_empty() {
-            return Err(RegistryError::Config(format!(
-                "--registry-ca {}: no certificate in the file",
-                path.display()
-            )));
-        }
-        for c in certs {
-            b = b.add_root_certificate(c);
-        }
-    }
-    b.build()
-        .map_err(|e| RegistryError::Config(format!("cannot build the HTTP client: {e}")))
 }
 
 async fn attach_body(
@@ -512,22 +633,6 @@ async fn attach_body(
         Body::Bytes(b) => rb
             .header(CONTENT_LENGTH, b.len().to_string())
             .body(b.clone()),
-        Body::File { path, offset, len } => {
-            let stream = super::upload::file_range_stream(path, *offset, *len)
-                .await
-                .map_err(|e| RegistryError::Io {
-                    context: format!(
-                        "reading {} for {method} {}",
-                        path.display(),
-                        redact_url(url)
-                    ),
-                    source: e,
-                })?;
-            // An explicit Content-Length makes hyper send a sized body instead of chunked encoding;
-            // distribution only checks Content-Range against the body when Content-Length is present.
-            rb.header(CONTENT_LENGTH, len.to_string())
-                .body(reqwest::Body::wrap_stream(stream))
-        }
         Body::Once(cell) => match cell.lock().ok().and_then(|mut c| c.take()) {
             Some(b) => rb.body(b),
             None => {
@@ -548,9 +653,25 @@ pub(crate) fn location(resp: &Response, base: &Url) -> Option<Url> {
     base.join(loc).ok()
 }
 
+/// `Retry-After` in seconds or as an HTTP date (RFC 9110 allows both), capped at a minute.
 fn retry_after(resp: &Response) -> Option<Duration> {
-    let secs: u64 = header_str(resp, "retry-after")?.trim().parse().ok()?;
-    Some(Duration::from_secs(secs.min(60)))
+    retry_after_value(
+        header_str(resp, "retry-after")?,
+        time::OffsetDateTime::now_utc(),
+    )
+}
+
+pub(crate) fn retry_after_value(v: &str, now: time::OffsetDateTime) -> Option<Duration> {
+    let v = v.trim();
+    let wait = match v.parse::<u64>() {
+        Ok(secs) => Duration::from_secs(secs),
+        Err(_) => {
+            let at = time::OffsetDateTime::parse(v, &time::format_description::well_known::Rfc2822)
+                .ok()?;
+            Duration::try_from(at - now).unwrap_or(Duration::ZERO)
+        }
+    };
+    Some(wait.min(Duration::from_secs(60)))
 }
 
 pub(crate) fn header_str<'a>(resp: &'a Response, name: &str) -> Option<&'a str> {

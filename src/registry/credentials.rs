@@ -370,10 +370,30 @@ fn helper_output(
     if let Some(mut stdin) = child.stdin.take() {
         let _ = stdin.write_all(server.as_bytes());
     }
-    child
-        .wait_with_output()
-        .map_err(|e| HelperError::Failed(format!("{program}: {e}")))
+    // A helper that hangs (a login prompt, a dead metadata endpoint) must not hang the commit.
+    let pid = child.id();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(child.wait_with_output());
+    });
+    match rx.recv_timeout(HELPER_DEADLINE) {
+        Ok(out) => out.map_err(|e| HelperError::Failed(format!("{program}: {e}"))),
+        Err(_) => {
+            // Our own child, not yet reaped (the waiting thread holds it): the pid is still its.
+            let _ = rustix::process::kill_process(
+                rustix::process::Pid::from_raw(pid as i32).expect("a child's pid is positive"),
+                rustix::process::Signal::KILL,
+            );
+            Err(HelperError::Failed(format!(
+                "{program} get did not finish within {}s",
+                HELPER_DEADLINE.as_secs()
+            )))
+        }
+    }
 }
+
+/// How long a credential helper may take.
+const HELPER_DEADLINE: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// The program path: searched in `path` when given (Command's own search uses the parent's PATH).
 fn find_program(program: &str, path: Option<&OsString>) -> PathBuf {

@@ -189,6 +189,20 @@ impl RegistryError {
         }
     }
 
+    /// A request whose body stopped moving, or whose answer did not come, for `limit`.
+    pub(crate) fn stalled(method: &str, url: &Url, limit: std::time::Duration) -> RegistryError {
+        let host = host_port(url);
+        RegistryError::Transport {
+            method: method.to_string(),
+            url: redact_url(url),
+            kind: ErrorKind::Unreachable,
+            detail: format!("no progress for {}s", limit.as_secs()),
+            hint: Some(format!(
+                "{host} stopped answering (raise --request-timeout for a slow link)"
+            )),
+        }
+    }
+
     /// Classify a reqwest failure (no HTTP answer) and attach a hint naming the host.
     pub(crate) fn transport(method: &str, url: &Url, err: reqwest::Error) -> RegistryError {
         let err = err.without_url();
@@ -217,7 +231,7 @@ impl RegistryError {
         } else if err.is_timeout() {
             (
                 ErrorKind::Unreachable,
-                format!("timed out talking to {host}"),
+                format!("{host} did not answer in time (--request-timeout)"),
             )
         } else {
             (

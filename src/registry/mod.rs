@@ -3,15 +3,24 @@
 //! - `reference`: docker-style image references.
 //! - `credentials`: docker `config.json` / Kubernetes dockerconfigjson files and credential helpers.
 //! - `auth`: `WWW-Authenticate` challenges, basic auth, bearer tokens.
-//! - `client`: the `Client`, its request loop (auth, retries, redirects), manifests.
-//! - `upload`: blob upload steps (mount, POST, PATCH…, PUT) with resumption; blob reads.
+//! - `client`: the `Client`, its request loop (auth, retries, redirects, deadlines).
+//! - `hosts`, `tls`: which hosts to contact (containerd `certs.d` mirrors), what TLS trusts there.
+//! - `manifest`: manifest PUT and GET.
+//! - `source`: where a blob's bytes come from (`BlobSource`: file, bytes, another registry).
+//! - `transfer`: `push_blob` (HEAD → mount → upload) and the upload loop with its retries and shape.
+//! - `upload`: the single requests of an upload (mount, POST, PATCH, status GET, PUT).
 //! - `error`: `RegistryError` with method, redacted URL, status, OCI error body and a hint.
 
 mod auth;
 mod client;
 mod credentials;
 mod error;
+mod hosts;
+mod manifest;
 mod reference;
+mod source;
+mod tls;
+mod transfer;
 mod upload;
 
 #[cfg(test)]
@@ -20,4 +29,6 @@ mod tests;
 pub use client::{Client, ClientOptions};
 pub use error::{redact_url, ErrorKind, OciError, RegistryError, Secret};
 pub use reference::{ParseReferenceError, Reference, DOCKER_HUB, DOCKER_HUB_API};
-pub use upload::{BlobStream, MountOutcome};
+pub use source::{BlobSource, BlobStream, ByteStream, BytesSource, FileSource, RegistryBlob};
+pub use transfer::BlobPushed;
+pub use upload::MountOutcome;

@@ -1,35 +1,36 @@
-//! Blob transfer steps: open an upload session (or mount from another repository), stream chunks with
-//! `PATCH`, resynchronise after a failure from the offset the registry reports, commit with
-//! `PUT ?digest=`; and read a blob back as a digest-checked stream.
+//! Blob upload steps, each one request: cross-repository mount, open a session (`POST`), send bytes
+//! (`PATCH`), ask where a session stands (`GET`), commit (`PUT ?digest=`). The loop that strings them
+//! together, with retries and the upload shape, is in `transfer.rs`.
 //!
-//! Resumption: after a dropped connection, a 5xx or a 416 the session is asked where it stands
-//! (`GET <location>` → `204`, `Range: 0-<last byte>`) and the upload goes on from there. distribution 2.x
-//! cannot resume after a PATCH that broke half way (its `_state` offset no longer matches the data it
-//! kept, so it cancels the session and answers 404 `BLOB_UPLOAD_INVALID`); then a new session starts at 0.
+//! Registries differ here, and each difference is handled where it shows:
+//! - ECR answers a PATCH with 201, not 202 (rust-oci-client#33, regclient `blob.go`): any 2xx is taken.
+//! - ECR echoes a stale `Range` on later chunks (aws/containers-roadmap#2831): after a 2xx PATCH the
+//!   registry holds what was sent, as docker and go-containerregistry assume; `Range` is only believed
+//!   when asking where a failed upload stands.
+//! - Quay's `Range` is one past the last byte (`bytes=0-<count>`, quay `endpoints/v2/blob.py`): seen on
+//!   the first PATCH answer, and remembered for the session.
+//! - A mount answered with anything but 201 (404, 400, 405, 5xx: containerd#14086) only means "upload".
 
-use std::io;
-use std::path::Path;
-use std::pin::Pin;
-use std::task::{Context, Poll};
-
-use bytes::Bytes;
-use futures_util::{Stream, StreamExt};
 use reqwest::header::{CONTENT_LENGTH, CONTENT_TYPE, RANGE};
 use reqwest::{Method, Response, StatusCode};
-use sha2::{Digest as _, Sha256};
-use tokio::io::{AsyncReadExt, AsyncSeekExt};
 use url::Url;
 
 use super::auth::repo_scope;
-use super::client::{check_content_digest, header_str, location, Body, Client, Req};
+use futures_util::StreamExt;
+
+use super::client::{check_content_digest, header_str, location, Body, Client, Progress, Req};
 use super::error::RegistryError;
+use super::source::ByteStream;
 use crate::digest::Digest;
 
-/// An open upload: where to send the next request, and the registry's minimum chunk size.
+/// An open upload: where to send the next request, and what the registry told about itself.
 #[derive(Clone, Debug)]
 pub(crate) struct Session {
     pub location: Url,
+    /// `OCI-Chunk-Min-Length`: the smallest non-final chunk the registry takes.
     pub min_chunk: Option<u64>,
+    /// The registry's `Range` end is a byte count, not the last byte's index (Quay).
+    pub range_is_count: bool,
 }
 
 /// The answer to a cross-repository mount.
@@ -37,22 +38,11 @@ pub(crate) struct Session {
 pub enum MountOutcome {
     /// 201: the blob now exists in this repository; nothing to upload.
     Mounted,
-    /// 202: the registry declined (source missing, or mounting unsupported) and opened an upload
-    /// session instead. The client keeps that session and the next upload of the same digest through
-    /// this client (or a clone) continues it, saving a POST. Also 401/403: the credentials do not
-    /// reach the source repository (no session then).
+    /// Anything else. A 202 opened an upload session, kept for the next upload of the same digest
+    /// through this client (or a clone).
     NotMounted,
 }
 
-/// Outcome of one PATCH: the session to use next and the registry's offset.
-struct Progress {
-    session: Session,
-    offset: u64,
-}
-
-const READ_BUF: usize = 256 * 1024;
-/// Sessions a single upload may start over (from byte 0) before giving up.
-const MAX_RESTARTS: u32 = 3;
 const OCTET_STREAM: &str = "application/octet-stream";
 
 impl Client {
@@ -70,139 +60,62 @@ impl Client {
         let mut req = self.req(Method::POST, url);
         req.scopes.push(repo_scope(from_repository, "pull"));
         let resp = match self.execute(&req).await {
-            // A token service may refuse the source scope outright instead of narrowing the grant.
-            Err(e) if e.is_auth() => return Ok(MountOutcome::NotMounted),
-            other => other?,
+            Ok(resp) => resp,
+            // A token service may refuse the source scope outright; a registry may reset a mount it
+            // does not implement. Neither says anything about uploading.
+            Err(e) if !matches!(e, RegistryError::Config(_)) => {
+                crate::log::debug(&format!("mount of {digest} from {from_repository}: {e}"));
+                return Ok(MountOutcome::NotMounted);
+            }
+            Err(e) => return Err(e),
         };
         match resp.status() {
             StatusCode::CREATED => Ok(MountOutcome::Mounted),
             StatusCode::ACCEPTED => {
-                let session = self.session_from(&req, &resp)?;
-                self.inner
-                    .pending
-                    .lock()
-                    .expect("pending lock")
-                    .insert(digest.clone(), session);
+                if let Ok(session) = self.session_from(&req, &resp) {
+                    self.inner
+                        .pending
+                        .lock()
+                        .expect("pending lock")
+                        .insert(digest.clone(), session);
+                }
                 Ok(MountOutcome::NotMounted)
             }
-            // distribution asks for `pull` on the source in the same token; when the credentials do not
-            // reach the source repository it answers 401/403 (insufficient_scope). The target's own
-            // access was proven by `Client::new`, so this only means "upload it instead".
-            StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN => Ok(MountOutcome::NotMounted),
-            _ => Err(self.fail(&req, resp).await),
-        }
-    }
-
-    /// Upload `size` bytes of `path` as blob `digest` in PATCH chunks streamed from the file, resuming
-    /// after failures (see the module doc). Does not HEAD first: callers check `blob_exists`.
-    pub async fn upload_blob_file(
-        &self,
-        digest: &Digest,
-        path: &Path,
-        size: u64,
-    ) -> Result<(), RegistryError> {
-        check_file_size(path, size).await?;
-        let mut session = self.open_session(digest).await?;
-        let (mut offset, mut failures, mut restarts) = (0u64, 0u32, 0u32);
-        while offset < size {
-            let chunk = self.chunk_size.max(session.min_chunk.unwrap_or(0));
-            let len = chunk.min(size - offset);
-            let body = Body::File {
-                path: path.to_path_buf(),
-                offset,
-                len,
-            };
-            match self.patch(&session, offset, Some(len), body).await {
-                Ok(p) => (session, offset, failures) = (p.session, p.offset, 0),
-                Err(e)
-                    if e.is_transient()
-                        && failures + 1 < self.retry.attempts
-                        && restarts < MAX_RESTARTS =>
-                {
-                    crate::log::warn(&format!(
-                        "uploading {digest} at byte {offset}: {e}; asking the registry where it stands"
-                    ));
-                    tokio::time::sleep(self.retry.delay(failures)).await;
-                    failures += 1;
-                    let (s, o, restarted) = self.resync(session).await?;
-                    if restarted {
-                        crate::log::warn(&format!(
-                            "the registry dropped the upload session of {digest}; starting again at byte 0"
-                        ));
-                    }
-                    (session, offset) = (s, o);
-                    restarts += u32::from(restarted);
-                }
-                Err(e) => return Err(e),
-            }
-            if offset > size {
-                let msg = format!("the registry reports {offset} bytes of a {size}-byte blob");
-                return Err(RegistryError::protocol("PATCH", &session.location, msg));
+            other => {
+                crate::log::debug(&format!(
+                    "mount of {digest} from {from_repository}: HTTP {}; uploading instead",
+                    other.as_u16()
+                ));
+                Ok(MountOutcome::NotMounted)
             }
         }
-        self.commit(session, digest, None).await
     }
 
-    /// Upload a small blob (an image config) in one request: POST, then `PUT ?digest=` with the bytes.
-    pub async fn upload_blob_bytes(
-        &self,
-        digest: &Digest,
-        bytes: Bytes,
-    ) -> Result<(), RegistryError> {
-        let session = self.open_session(digest).await?;
-        self.commit(session, digest, Some(bytes)).await
+    /// Prove that these credentials may push here, before anything irreversible: open an upload
+    /// session (the POST a push starts with) and keep it for the first upload. GHCR answers the
+    /// DELETE of an unused session with 405, so it is used rather than cancelled.
+    pub async fn check_push(&self) -> Result<(), RegistryError> {
+        let session = self.start_session().await?;
+        self.inner.spare.lock().expect("spare lock").push(session);
+        Ok(())
     }
 
-    /// Upload a blob from a stream (a content store, another registry). One PATCH carries the whole
-    /// stream (sized when `size` is known, chunked encoding otherwise), then `PUT ?digest=`. A stream
-    /// cannot be replayed, so a failure is returned to the caller, who can open a new stream.
-    pub async fn upload_blob_stream<S>(
-        &self,
-        digest: &Digest,
-        size: Option<u64>,
-        body: S,
-    ) -> Result<(), RegistryError>
-    where
-        S: Stream<Item = io::Result<Bytes>> + Send + 'static,
-    {
-        let session = self.open_session(digest).await?;
-        let once = Body::Once(std::sync::Mutex::new(Some(reqwest::Body::wrap_stream(
-            body,
-        ))));
-        let session = match size {
-            Some(0) => session,
-            _ => self.patch(&session, 0, size, once).await?.session,
-        };
-        self.commit(session, digest, None).await
-    }
-
-    /// GET a blob as a stream whose last item is an error if the bytes do not hash to `digest`. Redirects
-    /// to other hosts are followed without credentials.
-    pub async fn fetch_blob(&self, digest: &Digest) -> Result<BlobStream, RegistryError> {
-        let mut req = self.req(Method::GET, self.repo_url(&format!("blobs/{digest}"))?);
-        req.scopes = vec![repo_scope(&self.inner.repository, "pull")];
-        let resp = self.execute(&req).await?;
-        if resp.status() != StatusCode::OK {
-            return Err(self.fail(&req, resp).await);
-        }
-        Ok(BlobStream::new(resp, digest.clone()))
-    }
-
-    /// A session a declined mount left for this digest, else a new one.
-    async fn open_session(&self, digest: &Digest) -> Result<Session, RegistryError> {
+    /// A session a declined mount left for this digest, a spare one from `check_push`, else a new one.
+    pub(crate) async fn open_session(&self, digest: &Digest) -> Result<Session, RegistryError> {
         let pending = self
             .inner
             .pending
             .lock()
             .expect("pending lock")
             .remove(digest);
-        match pending {
+        let spare = || self.inner.spare.lock().expect("spare lock").pop();
+        match pending.or_else(spare) {
             Some(s) => Ok(s),
             None => self.start_session().await,
         }
     }
 
-    async fn start_session(&self) -> Result<Session, RegistryError> {
+    pub(crate) async fn start_session(&self) -> Result<Session, RegistryError> {
         let req = self.req(Method::POST, self.repo_url("blobs/uploads/")?);
         let resp = self.execute(&req).await?;
         if resp.status() != StatusCode::ACCEPTED {
@@ -212,7 +125,7 @@ impl Client {
     }
 
     fn session_from(&self, req: &Req, resp: &Response) -> Result<Session, RegistryError> {
-        let location = location(resp, resp.url()).ok_or_else(|| {
+        let location = self.next_location(req, resp)?.ok_or_else(|| {
             RegistryError::protocol(
                 req.method.as_str(),
                 &req.url,
@@ -224,79 +137,99 @@ impl Client {
         Ok(Session {
             location,
             min_chunk,
+            range_is_count: false,
         })
     }
 
-    /// One PATCH of `len` bytes at `offset` (`len` None: unsized stream). Returns the next session URL
-    /// (distribution's `_state` changes on every answer) and the registry's offset.
-    async fn patch(
+    /// The answer's `Location`, refused when it would move an HTTPS upload to plain HTTP.
+    fn next_location(&self, req: &Req, resp: &Response) -> Result<Option<Url>, RegistryError> {
+        let Some(next) = location(resp, resp.url()) else {
+            return Ok(None);
+        };
+        self.refuse_downgrade(req.method.as_str(), &next, "upload Location")?;
+        Ok(Some(next))
+    }
+
+    /// One PATCH of `len` bytes at `offset`, streamed from `body`. `ranged` sends `Content-Range`
+    /// (chunked uploads, resumes); without it this is the one streamed PATCH docker and
+    /// go-containerregistry send. Returns the session to use next.
+    pub(crate) async fn patch(
         &self,
         session: &Session,
         offset: u64,
-        len: Option<u64>,
-        body: Body,
-    ) -> Result<Progress, RegistryError> {
+        len: u64,
+        ranged: bool,
+        body: ByteStream,
+    ) -> Result<Session, RegistryError> {
         let mut req = self.req(Method::PATCH, session.location.clone());
         req.retry = false;
         req.headers
             .insert(CONTENT_TYPE, OCTET_STREAM.parse().expect("static header"));
-        if let Some(len) = len.filter(|l| *l > 0) {
+        // Sized, not chunked encoding: some registries refuse chunked PATCHes, and distribution only
+        // checks Content-Range against the body when Content-Length is present.
+        req.headers.insert(CONTENT_LENGTH, len.into());
+        if ranged && len > 0 {
             let range = format!("{offset}-{}", offset + len - 1);
             req.headers
                 .insert("content-range", range.parse().expect("digits and a dash"));
-            if matches!(body, Body::Once(_)) {
-                // Sized, not chunked: some registries refuse chunked PATCHes, and distribution only
-                // checks Content-Range against the body when Content-Length is present.
-                req.headers.insert(CONTENT_LENGTH, len.into());
-            }
         }
-        req.body = body;
-        let resp = self.execute(&req).await?;
-        if resp.status() != StatusCode::ACCEPTED && resp.status() != StatusCode::NO_CONTENT {
+        let progress = Progress::new();
+        let watch = progress.clone();
+        req.body = Body::once(body.inspect(move |_| watch.touch()).boxed());
+        req.timeout = None;
+        let resp = self.execute_watched(&req, &progress).await?;
+        if !resp.status().is_success() {
             return Err(self.fail(&req, resp).await);
         }
-        let next = location(&resp, resp.url()).unwrap_or_else(|| session.location.clone());
-        // No Range header, or the ambiguous `0-0`: assume the registry took what was sent.
-        let reported = range_end(&resp).flatten();
-        let offset = reported.or(len.map(|l| offset + l)).unwrap_or(offset);
-        Ok(Progress {
-            session: Session {
-                location: next,
-                min_chunk: session.min_chunk,
-            },
-            offset,
+        let next = self
+            .next_location(&req, &resp)?
+            .unwrap_or_else(|| session.location.clone());
+        // Quay: `0-<count>` where the spec says `0-<count - 1>`.
+        let quay = len > 0 && range_end(&resp) == Some(offset + len);
+        Ok(Session {
+            location: next,
+            min_chunk: session.min_chunk,
+            range_is_count: session.range_is_count || quay,
         })
     }
 
-    /// Ask the registry where the upload stands; start over when it no longer knows the session.
-    async fn resync(&self, session: Session) -> Result<(Session, u64, bool), RegistryError> {
+    /// Ask the registry how many bytes a session holds: `None` when it no longer knows the session (404;
+    /// ECR answers every such GET with 404) or does not say.
+    pub(crate) async fn upload_status(
+        &self,
+        session: &Session,
+    ) -> Result<Option<(Session, u64)>, RegistryError> {
         let req = self.req(Method::GET, session.location.clone());
         let resp = self.execute(&req).await?;
-        match resp.status() {
-            StatusCode::NO_CONTENT | StatusCode::OK => {
-                let next = location(&resp, resp.url()).unwrap_or_else(|| session.location.clone());
-                let offset = range_end(&resp).flatten().unwrap_or(0);
-                Ok((
-                    Session {
-                        location: next,
-                        min_chunk: session.min_chunk,
-                    },
-                    offset,
-                    false,
-                ))
-            }
-            StatusCode::NOT_FOUND => Ok((self.start_session().await?, 0, true)),
-            _ => Err(self.fail(&req, resp).await),
+        if !matches!(resp.status(), StatusCode::NO_CONTENT | StatusCode::OK) {
+            return Ok(None);
         }
+        let next = self
+            .next_location(&req, &resp)?
+            .unwrap_or_else(|| session.location.clone());
+        let Some(end) = range_end(&resp) else {
+            return Ok(None);
+        };
+        // distribution answers `0-0` both for nothing and for one byte: take it as nothing.
+        let held = match (session.range_is_count, end) {
+            (true, n) => n,
+            (false, 0) => 0,
+            (false, n) => n + 1,
+        };
+        let session = Session {
+            location: next,
+            ..session.clone()
+        };
+        Ok(Some((session, held)))
     }
 
     /// `PUT <location>&digest=<digest>`, with the final bytes if any. A PUT whose answer was lost may
     /// have landed: a 404 for the session is then checked with a HEAD.
-    async fn commit(
+    pub(crate) async fn commit(
         &self,
         session: Session,
         digest: &Digest,
-        last: Option<Bytes>,
+        last: Option<bytes::Bytes>,
     ) -> Result<(), RegistryError> {
         let mut url = session.location;
         url.query_pairs_mut().append_pair("digest", digest.as_str());
@@ -306,128 +239,18 @@ impl Client {
         req.body = last.map(Body::Bytes).unwrap_or(Body::Empty);
         let resp = self.execute(&req).await?;
         match resp.status() {
-            StatusCode::CREATED | StatusCode::NO_CONTENT | StatusCode::OK => {
-                check_content_digest(&resp, digest, &format!("blob {digest}"))
-            }
+            s if s.is_success() => check_content_digest(&resp, digest, &format!("blob {digest}")),
             StatusCode::NOT_FOUND if self.blob_exists(digest).await?.is_some() => Ok(()),
             _ => Err(self.fail(&req, resp).await),
         }
     }
 }
 
-/// `Range: 0-N` → `Some(Some(N + 1))` bytes received. distribution answers `0-0` both for an empty
-/// session and for one byte, so that is `Some(None)`: known to be at most one byte.
-fn range_end(resp: &Response) -> Option<Option<u64>> {
+/// The last number of `Range: [bytes=]0-N`; `None` without one or when it does not start at 0.
+fn range_end(resp: &Response) -> Option<u64> {
     let r = resp.headers().get(RANGE)?.to_str().ok()?;
     let r = r.trim().trim_start_matches("bytes=");
     let (start, end) = r.split_once('-')?;
     let (start, end): (u64, u64) = (start.trim().parse().ok()?, end.trim().parse().ok()?);
-    if start != 0 {
-        return None;
-    }
-    Some(if end == 0 { None } else { Some(end + 1) })
-}
-
-/// A short file would otherwise surface as a broken request body, retried as if the network failed.
-async fn check_file_size(path: &Path, size: u64) -> Result<(), RegistryError> {
-    let io_err = |source| RegistryError::Io {
-        context: format!("reading {}", path.display()),
-        source,
-    };
-    let len = tokio::fs::metadata(path).await.map_err(io_err)?.len();
-    if len < size {
-        let msg = format!("the file has {len} bytes, fewer than the {size} to upload");
-        return Err(io_err(io::Error::new(io::ErrorKind::UnexpectedEof, msg)));
-    }
-    Ok(())
-}
-
-/// `len` bytes of a file from `offset`, as a stream of 256 KiB pieces; never the whole file in memory.
-pub(crate) async fn file_range_stream(
-    path: &Path,
-    offset: u64,
-    len: u64,
-) -> io::Result<impl Stream<Item = io::Result<Bytes>> + Send + 'static> {
-    let mut file = tokio::fs::File::open(path).await?;
-    file.seek(io::SeekFrom::Start(offset)).await?;
-    let reader = file.take(len);
-    Ok(futures_util::stream::try_unfold(
-        (reader, len),
-        |(mut reader, left)| async move {
-            if left == 0 {
-                return Ok(None);
-            }
-            let mut buf = vec![0u8; READ_BUF.min(left as usize)];
-            let n = reader.read(&mut buf).await?;
-            if n == 0 {
-                return Err(io::Error::new(
-                    io::ErrorKind::UnexpectedEof,
-                    format!("the file ended {left} bytes early"),
-                ));
-            }
-            buf.truncate(n);
-            crate::progress::add_sent(n as u64);
-            Ok(Some((Bytes::from(buf), (reader, left - n as u64))))
-        },
-    ))
-}
-
-/// A blob being read from a registry; yields `io::Error` (wrapping a `RegistryError`) on a transport
-/// failure or when the bytes do not match the digest, so it can feed `upload_blob_stream` directly.
-pub struct BlobStream {
-    size: Option<u64>,
-    inner: Pin<Box<dyn Stream<Item = io::Result<Bytes>> + Send>>,
-}
-
-impl BlobStream {
-    fn new(resp: Response, digest: Digest) -> BlobStream {
-        let size = resp.content_length();
-        let url = resp.url().clone();
-        let body = resp.bytes_stream();
-        let state = (body, Sha256::new(), Some(digest), url);
-        let inner = futures_util::stream::try_unfold(
-            state,
-            |(mut body, mut hasher, digest, url)| async move {
-                let Some(expected) = digest else {
-                    return Ok(None);
-                };
-                match body.next().await {
-                    Some(Ok(chunk)) => {
-                        hasher.update(&chunk);
-                        Ok(Some((chunk, (body, hasher, Some(expected), url))))
-                    }
-                    Some(Err(e)) => Err(io::Error::other(RegistryError::transport("GET", &url, e))),
-                    None => {
-                        let found = Digest::from_sha256(hasher.finalize().into());
-                        if found == expected {
-                            Ok(None)
-                        } else {
-                            let what = format!("blob read from {}", super::error::redact_url(&url));
-                            Err(io::Error::other(RegistryError::DigestMismatch {
-                                what,
-                                expected,
-                                found: found.to_string(),
-                            }))
-                        }
-                    }
-                }
-            },
-        );
-        BlobStream {
-            size,
-            inner: Box::pin(inner),
-        }
-    }
-
-    /// The blob size from `Content-Length`, when sent.
-    pub fn size(&self) -> Option<u64> {
-        self.size
-    }
-}
-
-impl Stream for BlobStream {
-    type Item = io::Result<Bytes>;
-    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
-        self.inner.as_mut().poll_next(cx)
-    }
+    (start == 0).then_some(end)
 }

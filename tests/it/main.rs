@@ -6,6 +6,7 @@ mod fidelity;
 mod image;
 mod lab;
 mod push;
+mod quirks;
 mod safety;
 mod spool;
 mod tree;

@@ -7,14 +7,14 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 /// A second registry, stopped on drop.
-struct Registry {
-    dir: PathBuf,
-    addr: String,
-    ca: Option<PathBuf>,
+pub(crate) struct Registry {
+    pub dir: PathBuf,
+    pub addr: String,
+    pub ca: Option<PathBuf>,
 }
 
 impl Registry {
-    fn start(dir: &Path, args: &[&str]) -> Registry {
+    pub fn start(dir: &Path, args: &[&str]) -> Registry {
         let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/registry.sh");
         check(Command::new(&script).arg("start").arg(dir).args(args));
         let env = std::fs::read_to_string(dir.join("env")).unwrap();

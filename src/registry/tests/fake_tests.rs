@@ -207,47 +207,44 @@ async fn a_granted_mount_uploads_nothing() {
 }
 
 #[tokio::test]
-async fn unsized_stream_upload_uses_one_chunked_patch() {
+async fn the_default_upload_is_one_sized_patch_without_content_range() {
+    let dir = tempfile::tempdir().unwrap();
+    let size = 3 * MIB + 17;
+    let (path, digest) = random_file(dir.path(), size, 4);
     let fake = Fake::start(Faults::default()).await;
     let client = connect(&fake.reference("a"), &plain(None), None)
         .await
         .unwrap();
-    let data = pseudo_random(200_000, 4);
-    let digest = Digest::of(&data);
-    let pieces: Vec<std::io::Result<Bytes>> = data
-        .chunks(7000)
-        .map(|c| Ok(Bytes::copy_from_slice(c)))
-        .collect();
     client
-        .upload_blob_stream(&digest, None, futures_util::stream::iter(pieces))
+        .upload_blob_file(&digest, &path, size as u64)
         .await
         .unwrap();
-    assert_eq!(fake.state.lock().unwrap().blobs[digest.as_str()], data);
-    assert_eq!(patches(&fake).len(), 1);
-    assert!(patches(&fake)[0].chunked);
+    let p = patches(&fake);
+    assert_eq!(
+        (
+            p.len(),
+            p[0].chunked,
+            p[0].content_range.as_deref(),
+            p[0].body_len
+        ),
+        (1, false, None, size)
+    );
 }
 
 #[tokio::test]
-async fn sized_stream_upload_sends_content_length_and_range() {
+async fn a_small_blob_goes_in_the_put() {
     let fake = Fake::start(Faults::default()).await;
     let client = connect(&fake.reference("a"), &plain(None), None)
         .await
         .unwrap();
     let data = pseudo_random(50_000, 6);
     let digest = Digest::of(&data);
-    let pieces: Vec<std::io::Result<Bytes>> = data
-        .chunks(7000)
-        .map(|c| Ok(Bytes::copy_from_slice(c)))
-        .collect();
     client
-        .upload_blob_stream(&digest, Some(50_000), futures_util::stream::iter(pieces))
+        .upload_blob_bytes(&digest, Bytes::from(data.clone()))
         .await
         .unwrap();
-    let p = patches(&fake);
-    assert_eq!(
-        (p.len(), p[0].chunked, p[0].content_range.as_deref()),
-        (1, false, Some("0-49999"))
-    );
+    assert_eq!(patches(&fake).len(), 0);
+    assert_eq!(fake.state.lock().unwrap().blobs[digest.as_str()], data);
 }
 
 #[tokio::test]

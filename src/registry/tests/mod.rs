@@ -214,9 +214,9 @@ fn client_futures_are_send() {
             let _ = c.mount_blob(&d, "a").await;
             let _ = c.upload_blob_file(&d, &p, 1).await;
             let _ = c.upload_blob_bytes(&d, bytes::Bytes::new()).await;
-            let _ = c
-                .upload_blob_stream(&d, None, futures_util::stream::empty())
-                .await;
+            let src = super::BytesSource(bytes::Bytes::new());
+            let _ = c.push_blob(&d, 0, &src, Some("a")).await;
+            let _ = c.check_push().await;
             let _ = c.fetch_blob(&d).await;
             let _ = c.put_manifest("t", "m", bytes::Bytes::new()).await;
             let _ = c.get_manifest("t").await;

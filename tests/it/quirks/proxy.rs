@@ -1,0 +1,426 @@
+//! A registry-quirk proxy: in front of a real distribution registry, it answers as a named registry is
+//! documented to answer, so the bytes are still stored and checked by the real registry. Each quirk
+//! cites its evidence. What it cannot reproduce: the real services' auth flows beyond scopes, their
+//! latencies and limits at full size (limits here are small so layers can be several times them).
+
+use std::collections::{HashMap, HashSet};
+use std::convert::Infallible;
+use std::io;
+use std::sync::{Arc, Mutex};
+
+use bytes::Bytes;
+use futures_util::StreamExt;
+use http_body_util::{combinators::BoxBody, BodyExt, Full, StreamBody};
+use hyper::body::{Frame, Incoming};
+use hyper::{Request, Response};
+use tokio::net::TcpListener;
+
+/// A body cap / chunk limit small enough that a 3 MiB layer is several times it.
+pub const LIMIT: usize = 1 << 20;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Profile {
+    /// PATCH → 201; a stale `Range` on later PATCHes; GET of an upload → 404
+    /// (rust-oci-client#33, regclient `blob.go` "AWS ECR returns a 201", aws/containers-roadmap#2831).
+    Ecr,
+    /// A ranged PATCH over the limit → 416 "exceeds the maximum permissible limit of …MiB"
+    /// (rust-oci-client#35/#37, at 4 MiB there); the first manifest PUT → 400 MANIFEST_BLOB_UNKNOWN
+    /// (rust-oci-client#37); DELETE of an upload → 405.
+    Ghcr,
+    /// No chunked uploads: a second PATCH in a session fails (GAR docs quoted in
+    /// dotnet/sdk-container-builds#287).
+    Gar,
+    /// Upload status `Range: bytes=0-<count>`, one past the last byte (quay `endpoints/v2/blob.py`).
+    /// One later chunk is reset, so that the status is asked for and must be read right.
+    Quay,
+    /// A request body over the cap → 413 with an HTML page (Cloudflare's 100 MB plan limit, nginx's
+    /// `client_max_body_size`: distribution#2042).
+    Cloudflare,
+    /// HEAD 200 without `Content-Length` (GCP front ends over HTTP/2, Cloud Run, tunnels:
+    /// distribution#4895).
+    H2NoLength,
+    /// A mount answered 405 (registries without cross-repo mount; containerd#14086).
+    NoMount,
+    /// Docker Hub's token service: scopes granted per account; a push with a token lacking `push`
+    /// gets 401 `insufficient_scope` (ggcr `CheckPushPermission`). Accounts: `writer` may push,
+    /// `reader` may only pull (both with password `pw`).
+    DockerHub,
+    /// A connection reset in the middle of the first upload of every blob (keyed by body size) and
+    /// of the first GET of every blob.
+    Reset,
+}
+
+pub struct Proxy {
+    pub addr: String,
+    state: Arc<State>,
+}
+
+struct State {
+    profile: Profile,
+    upstream: String,
+    addr: String,
+    http: reqwest::Client,
+    log: Mutex<Vec<String>>,
+    /// PATCHes per upload session, and the first PATCH's Range (ECR's stale echo).
+    sessions: Mutex<HashMap<String, (u32, Option<String>)>>,
+    manifest_refused: Mutex<bool>,
+    /// Reset already injected for these keys.
+    reset: Mutex<HashSet<String>>,
+}
+
+type Body = BoxBody<Bytes, io::Error>;
+
+impl Proxy {
+    pub async fn start(profile: Profile, upstream: &str) -> Proxy {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let state = Arc::new(State {
+            profile,
+            upstream: upstream.to_string(),
+            addr: addr.clone(),
+            http: reqwest::Client::builder()
+                .redirect(reqwest::redirect::Policy::none())
+                .build()
+                .unwrap(),
+            log: Default::default(),
+            sessions: Default::default(),
+            manifest_refused: Default::default(),
+            reset: Default::default(),
+        });
+        let st = state.clone();
+        tokio::spawn(async move {
+            while let Ok((tcp, _)) = listener.accept().await {
+                let st = st.clone();
+                tokio::spawn(async move {
+                    let svc = hyper::service::service_fn(move |req| handle(st.clone(), req));
+                    let io = hyper_util::rt::TokioIo::new(tcp);
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(io, svc)
+                        .await;
+                });
+            }
+        });
+        Proxy { addr, state }
+    }
+
+    /// "METHOD path?query -> status" for every request.
+    pub fn log(&self) -> Vec<String> {
+        self.state.log.lock().unwrap().clone()
+    }
+}
+
+/// A listener that accepts connections and never answers.
+pub async fn stalled() -> (String, tokio::task::JoinHandle<()>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    let task = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((tcp, _)) = listener.accept().await {
+            held.push(tcp);
+        }
+    });
+    (addr, task)
+}
+
+fn full(status: u16, headers: &[(&str, String)], body: impl Into<Bytes>) -> Response<Body> {
+    let mut r = Response::builder().status(status);
+    for (k, v) in headers {
+        r = r.header(*k, v);
+    }
+    let body = Full::new(body.into()).map_err(|e: Infallible| match e {});
+    r.body(BodyExt::boxed(body)).unwrap()
+}
+
+fn oci_error(status: u16, code: &str, message: &str) -> Response<Body> {
+    let body = format!(r#"{{"errors":[{{"code":"{code}","message":"{message}"}}]}}"#);
+    full(status, &[("content-type", "application/json".into())], body)
+}
+
+async fn handle(st: Arc<State>, req: Request<Incoming>) -> Result<Response<Body>, io::Error> {
+    let (parts, body) = req.into_parts();
+    let method = parts.method.as_str().to_string();
+    let target = parts
+        .uri
+        .path_and_query()
+        .map(|p| p.to_string())
+        .unwrap_or_default();
+    let path = parts.uri.path().to_string();
+    let len: Option<usize> = parts
+        .headers
+        .get("content-length")
+        .and_then(|v| v.to_str().ok()?.parse().ok());
+    let upload = path.contains("/blobs/uploads/");
+    let body_upload = upload && len.unwrap_or(0) > 0 && (method == "PATCH" || method == "PUT");
+    if st.profile == Profile::Reset && body_upload && st.first(&format!("up-{len:?}")) {
+        // Read part of the body, then drop the connection.
+        let mut body = body;
+        let _ = body.frame().await;
+        st.record(&method, &target, 0);
+        return Err(io::Error::other("injected reset"));
+    }
+    let resumed = parts
+        .headers
+        .get("content-range")
+        .and_then(|v| v.to_str().ok()?.split('-').next()?.parse::<u64>().ok())
+        .is_some_and(|start| start > 0);
+    if st.profile == Profile::Quay && method == "PATCH" && resumed && st.first("quay") {
+        // A later chunk breaks once, so the client must ask the upload's status and read Quay's Range.
+        st.record(&method, &target, 0);
+        return Err(io::Error::other("injected reset"));
+    }
+    let bytes = body.collect().await.map_err(io::Error::other)?.to_bytes();
+    let resp = match before(&st, &method, &path, &target, &parts.headers, bytes.len()) {
+        Some(r) => r,
+        None => forward(&st, &parts, &target, bytes).await?,
+    };
+    st.record(&method, &target, resp.status().as_u16());
+    Ok(resp)
+}
+
+impl State {
+    fn first(&self, key: &str) -> bool {
+        self.reset.lock().unwrap().insert(key.to_string())
+    }
+
+    fn record(&self, method: &str, target: &str, status: u16) {
+        self.log
+            .lock()
+            .unwrap()
+            .push(format!("{method} {target} -> {status}"));
+    }
+}
+
+/// Answers the profile gives without asking the registry.
+fn before(
+    st: &State,
+    method: &str,
+    path: &str,
+    target: &str,
+    headers: &hyper::HeaderMap,
+    body_len: usize,
+) -> Option<Response<Body>> {
+    let upload = path.contains("/blobs/uploads/");
+    let session = || path.rsplit('/').next().unwrap_or("").to_string();
+    match st.profile {
+        Profile::DockerHub => return docker_hub(st, method, path, target, headers),
+        Profile::Ecr if upload && method == "GET" => {
+            return Some(oci_error(404, "BLOB_UPLOAD_UNKNOWN", "upload unknown"))
+        }
+        Profile::Ghcr if upload && method == "DELETE" => return Some(full(405, &[], "")),
+        Profile::Ghcr
+            if method == "PATCH" && headers.contains_key("content-range") && body_len > LIMIT =>
+        {
+            let msg = format!(
+                "the chunk size {body_len} exceeds the maximum permissible limit of {:.2}MiB",
+                LIMIT as f64 / (1 << 20) as f64
+            );
+            return Some(oci_error(416, "SIZE_INVALID", &msg));
+        }
+        Profile::Ghcr if method == "PUT" && path.contains("/manifests/") => {
+            let mut refused = st.manifest_refused.lock().unwrap();
+            if !*refused {
+                *refused = true;
+                return Some(oci_error(
+                    400,
+                    "MANIFEST_BLOB_UNKNOWN",
+                    "blob unknown to registry",
+                ));
+            }
+        }
+        Profile::Gar if method == "PATCH" => {
+            let mut s = st.sessions.lock().unwrap();
+            let e = s.entry(session()).or_default();
+            e.0 += 1;
+            if e.0 > 1 {
+                return Some(oci_error(
+                    400,
+                    "UNSUPPORTED",
+                    "chunked uploads are not supported",
+                ));
+            }
+        }
+        Profile::Cloudflare if body_len > LIMIT => {
+            let html = "<html><head><title>413 Request Entity Too Large</title></head><body>cloudflare</body></html>";
+            return Some(full(413, &[("content-type", "text/html".into())], html));
+        }
+        Profile::NoMount if method == "POST" && target.contains("mount=") => {
+            return Some(oci_error(405, "UNSUPPORTED", "mount not supported"))
+        }
+        _ => {}
+    }
+    None
+}
+
+/// Docker Hub-like token auth in front of an anonymous registry: tokens are `tok-<account>`.
+fn docker_hub(
+    st: &State,
+    method: &str,
+    path: &str,
+    target: &str,
+    headers: &hyper::HeaderMap,
+) -> Option<Response<Body>> {
+    use base64::Engine;
+    if path == "/token" {
+        let basic = headers
+            .get("authorization")?
+            .to_str()
+            .ok()?
+            .strip_prefix("Basic ")?;
+        let raw = base64::engine::general_purpose::STANDARD
+            .decode(basic)
+            .ok()?;
+        let account = match raw.as_slice() {
+            b"writer:pw" => "writer",
+            b"reader:pw" => "reader",
+            _ => {
+                return Some(full(
+                    401,
+                    &[],
+                    r#"{"details":"incorrect username or password"}"#,
+                ))
+            }
+        };
+        // Hub grants what the account may have of the scopes asked for, silently narrowing.
+        let body = format!(r#"{{"token":"tok-{account}","expires_in":300}}"#);
+        return Some(full(
+            200,
+            &[("content-type", "application/json".into())],
+            body,
+        ));
+    }
+    let _ = target;
+    let token = headers
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "));
+    let push = matches!(method, "POST" | "PATCH" | "PUT" | "DELETE");
+    let challenge = |err: &str| {
+        let repo = path
+            .trim_start_matches("/v2/")
+            .split("/blobs/")
+            .next()
+            .unwrap_or("");
+        let repo = repo.split("/manifests/").next().unwrap_or("");
+        let scope = if push { "pull,push" } else { "pull" };
+        format!(
+            r#"Bearer realm="http://{}/token",service="registry.docker.io",scope="repository:{repo}:{scope}"{err}"#,
+            st.addr
+        )
+    };
+    match token {
+        Some("tok-writer") => None,
+        Some("tok-reader") if !push => None,
+        Some("tok-reader") => {
+            let h = challenge(r#",error="insufficient_scope""#);
+            Some(full(
+                401,
+                &[("www-authenticate", h)],
+                r#"{"errors":[{"code":"DENIED","message":"requested access to the resource is denied"}]}"#,
+            ))
+        }
+        _ => Some(full(
+            401,
+            &[("www-authenticate", challenge(""))],
+            r#"{"errors":[{"code":"UNAUTHORIZED"}]}"#,
+        )),
+    }
+}
+
+async fn forward(
+    st: &State,
+    parts: &hyper::http::request::Parts,
+    target: &str,
+    body: Bytes,
+) -> Result<Response<Body>, io::Error> {
+    let url = format!("http://{}{target}", st.upstream);
+    let mut rb = st.http.request(parts.method.clone(), &url);
+    for (k, v) in &parts.headers {
+        if k != "host" && k != "authorization" {
+            rb = rb.header(k, v);
+        }
+    }
+    let up = rb.body(body).send().await.map_err(io::Error::other)?;
+    let status = up.status().as_u16();
+    let mut headers: Vec<(String, String)> = Vec::new();
+    for (k, v) in up.headers() {
+        let v = v.to_str().unwrap_or("").replace(&st.upstream, &st.addr);
+        headers.push((k.as_str().to_string(), v));
+    }
+    after(st, parts, &mut headers, status);
+    let status = rewrite_status(st, parts, status);
+    let head = parts.method == "HEAD";
+    let blob_get = parts.method == "GET" && parts.uri.path().contains("/blobs/sha256:");
+    let mut r = Response::builder().status(status);
+    for (k, v) in &headers {
+        if head && st.profile == Profile::H2NoLength && k == "content-length" {
+            continue;
+        }
+        r = r.header(k.as_str(), v.as_str());
+    }
+    let reset_get = st.profile == Profile::Reset && blob_get && st.first(parts.uri.path());
+    let stream = up.bytes_stream().map(|c| c.map_err(io::Error::other));
+    let body: Body = if head && st.profile == Profile::H2NoLength {
+        // No length known to hyper: it sends none (no Content-Length on a HEAD).
+        BodyExt::boxed(StreamBody::new(futures_util::stream::empty::<
+            Result<Frame<Bytes>, io::Error>,
+        >()))
+    } else if reset_get {
+        // Half of the body, then the connection drops.
+        let half = stream
+            .take(2)
+            .map(|c| c.map(Frame::data))
+            .chain(futures_util::stream::once(async {
+                Err(io::Error::other("injected reset"))
+            }));
+        BodyExt::boxed(StreamBody::new(half))
+    } else {
+        BodyExt::boxed(StreamBody::new(stream.map(|c| c.map(Frame::data))))
+    };
+    Ok(r.body(body).unwrap())
+}
+
+/// Header changes on the registry's answer.
+fn after(
+    st: &State,
+    parts: &hyper::http::request::Parts,
+    headers: &mut [(String, String)],
+    status: u16,
+) {
+    let patch = parts.method == "PATCH" && (200..300).contains(&status);
+    let session = parts
+        .uri
+        .path()
+        .rsplit('/')
+        .next()
+        .unwrap_or("")
+        .to_string();
+    for (k, v) in headers.iter_mut() {
+        if k != "range" {
+            continue;
+        }
+        match st.profile {
+            Profile::Ecr if patch => {
+                let mut s = st.sessions.lock().unwrap();
+                let e = s.entry(session.clone()).or_default();
+                e.0 += 1;
+                match &e.1 {
+                    Some(first) => *v = first.clone(),
+                    None => e.1 = Some(v.clone()),
+                }
+            }
+            Profile::Quay => {
+                if let Some(end) = v.rsplit('-').next().and_then(|e| e.parse::<u64>().ok()) {
+                    *v = format!("bytes=0-{}", end + 1);
+                }
+            }
+            _ => {}
+        }
+    }
+}
+
+fn rewrite_status(st: &State, parts: &hyper::http::request::Parts, status: u16) -> u16 {
+    match st.profile {
+        Profile::Ecr if parts.method == "PATCH" && status == 202 => 201,
+        _ => status,
+    }
+}
