@@ -60,7 +60,12 @@ impl CommitError {
             CommitError::Diff(
                 crate::diff::DiffError::LimitExceeded { .. }
                 | crate::diff::DiffError::Unrepresentable { .. }
-                | crate::diff::DiffError::FileChanged { .. },
+                | crate::diff::DiffError::FileChanged { .. }
+                | crate::diff::DiffError::ReservedName { .. }
+                | crate::diff::DiffError::Sparse { .. }
+                | crate::diff::DiffError::HeaderTooLarge { .. }
+                | crate::diff::DiffError::XattrName { .. }
+                | crate::diff::DiffError::PathTooLong { .. },
             ) => exit::REFUSED,
             CommitError::Diff(_) => exit::INTERNAL,
             CommitError::Image(_) => exit::REFUSED,
