@@ -309,7 +309,9 @@ pub async fn read_layer(
         source_date_epoch: plan.source_date_epoch,
         max_files: plan.max_files,
         max_bytes: plan.max_layer_bytes,
-        userxattr: mounts.iter().any(|m| m.options.iter().any(|o| o == "userxattr")),
+        userxattr: mounts
+            .iter()
+            .any(|m| m.options.iter().any(|o| o == "userxattr")),
         ..diff::Options::default()
     };
     let paused = if plan.pause {

@@ -151,7 +151,9 @@ fn set_and_read_back(fd: BorrowedFd) -> std::io::Result<()> {
     rustix::fs::fsetxattr(fd, name, value, rustix::fs::XattrFlags::empty())?;
     match fsx::xattr_get(XattrAt::Fd(fd), name.as_bytes())? {
         Some(v) if v == value => Ok(()),
-        _ => Err(std::io::Error::other(format!("{name} reads back as absent"))),
+        _ => Err(std::io::Error::other(format!(
+            "{name} reads back as absent"
+        ))),
     }
 }
 

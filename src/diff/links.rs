@@ -188,8 +188,7 @@ impl Scan<'_> {
             return Ok(None); // gone since the listing: the walk sees what is there then
         };
         if st.ftype == FileType::Directory {
-            let Some(sub) = open_dir_opt(up, name).map_err(DiffError::io("opening", &path))?
-            else {
+            let Some(sub) = open_dir_opt(up, name).map_err(DiffError::io("opening", &path))? else {
                 return Ok(None);
             };
             let lsub = match low {

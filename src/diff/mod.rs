@@ -182,7 +182,11 @@ pub enum DiffError {
     #[error("{path}: the extended attribute name {name:?} contains '=', which a PAX record cannot carry")]
     XattrName { path: String, name: String },
     #[error("{path}: the path is {len} bytes long, over the {limit} an unpacker can create")]
-    PathTooLong { path: String, len: usize, limit: usize },
+    PathTooLong {
+        path: String,
+        len: usize,
+        limit: usize,
+    },
 }
 
 impl DiffError {

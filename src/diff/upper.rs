@@ -174,7 +174,9 @@ impl<W: Write> UpperWalk<'_, W> {
             }
         }
         if m.is_dir() {
-            return self.subdir(name, path, node, &below, lower, at.explicit).map(Some);
+            return self
+                .subdir(name, path, node, &below, lower, at.explicit)
+                .map(Some);
         }
         if self.filter.is_stub(&path) && m.is_reg() && m.st.size == 0 {
             return Ok(None);
