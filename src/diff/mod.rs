@@ -104,9 +104,11 @@ pub struct Options {
 /// carries it as zeros too, so it is refused rather than spooled, pushed and restored densely.
 pub const DEFAULT_MAX_HOLE_BYTES: u64 = 1 << 30;
 
-/// The longest path a layer entry may have. Unpackers create entries by path (containerd and
-/// Docker join the name to the snapshot root), and Linux refuses a path of 4096 bytes or more.
-pub const MAX_PATH_BYTES: usize = 4095;
+/// The longest path a layer entry may have. Unpackers create entries by path: containerd and
+/// Docker join the name to their snapshot directory (`/var/lib/containerd/io.containerd.
+/// snapshotter.v1.overlayfs/snapshots/N/fs/…`, ~75 bytes) and Linux refuses a path of 4096 bytes
+/// or more, so 256 bytes are left for that root.
+pub const MAX_PATH_BYTES: usize = 4095 - 256;
 
 /// Where the changes are read from.
 #[derive(Debug, Clone, Copy)]
@@ -181,7 +183,7 @@ pub enum DiffError {
     },
     #[error("{path}: the extended attribute name {name:?} contains '=', which a PAX record cannot carry")]
     XattrName { path: String, name: String },
-    #[error("{path}: the path is {len} bytes long, over the {limit} an unpacker can create")]
+    #[error("{path}: the path is {len} bytes long, over the {limit} a layer may hold (an unpacker adds its root directory and Linux stops at 4095)")]
     PathTooLong {
         path: String,
         len: usize,

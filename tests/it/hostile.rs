@@ -92,7 +92,11 @@ fn node_labels_are_dropped_and_an_xattr_name_with_equals_is_refused() {
     let lab = Lab::start();
     sandbox(&lab, "xa");
     let root = lab.rootfs("xa");
-    set_xattr(&root.join("data/keep.txt"), "security.selinux", b"system_u:object_r:node_t:s0");
+    set_xattr(
+        &root.join("data/keep.txt"),
+        "security.selinux",
+        b"system_u:object_r:node_t:s0",
+    );
     set_xattr(&root.join("data/keep.txt"), "user.note", b"kept");
     let out = commit(&lab, "xa", "hostile/xa");
     assert!(out.status.success(), "{}", describe(&out));
@@ -135,7 +139,10 @@ fn a_50g_sparse_file_is_refused_within_seconds_and_nothing_is_spooled() {
         spool.to_str().unwrap(),
     ]);
     let took = start.elapsed();
-    eprintln!("50 GiB sparse file: exit {:?} after {took:?}", out.status.code());
+    eprintln!(
+        "50 GiB sparse file: exit {:?} after {took:?}",
+        out.status.code()
+    );
     assert_refused(
         &lab,
         "sparse",
