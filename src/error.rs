@@ -121,7 +121,12 @@ impl ExitClass for DiffError {
         match self {
             DiffError::LimitExceeded { .. }
             | DiffError::Unrepresentable { .. }
-            | DiffError::FileChanged { .. } => exit::REFUSED,
+            | DiffError::FileChanged { .. }
+            | DiffError::ReservedName { .. }
+            | DiffError::Sparse { .. }
+            | DiffError::HeaderTooLarge { .. }
+            | DiffError::XattrName { .. }
+            | DiffError::PathTooLong { .. } => exit::REFUSED,
             _ => exit::INTERNAL,
         }
     }

@@ -21,11 +21,12 @@ use super::emit::{join_path, Sink};
 use super::filter::Filter;
 use super::fsx;
 use super::links::Relinks;
-use super::meta::{is_whiteout_stat, read_meta_at, read_node, Handle, Meta};
-use super::upper::same_file_content;
+use super::meta::{is_whiteout_stat, read_meta_at, read_node, Handle, Meta, XattrPolicy};
+use super::upper::{check_depth, same_file_content};
 use super::{DiffError, Options, Stats};
 use std::fs::File;
 use std::io::Write;
+use std::iter::Peekable;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::path::Path;
 
@@ -39,18 +40,20 @@ pub(crate) fn write<W: Write>(
     let up = open(upper)?;
     let low = lower.map(open).transpose()?;
     let filter = Filter::new(&opts.exclude, &opts.skip_mount_stubs);
+    let policy = XattrPolicy::new(opts.userxattr, &opts.keep_xattrs);
     // Without a parent everything is new: every group is emitted whole anyway.
     let relinks = match &low {
-        Some(low) => Relinks::scan(low.as_fd(), up.as_fd(), &filter)?,
+        Some(low) => Relinks::scan(low, &up, &filter, policy.private())?,
         None => Relinks::default(),
     };
     let mut walk = Walk {
         sink: Sink::new(out, opts, "walk"),
         filter,
         relinks,
+        policy,
         buf: Vec::new(),
     };
-    walk.dir(low.as_ref().map(OwnedFd::as_fd), up.as_fd(), b"")?;
+    walk.run(Frame::open(low, up, Vec::new())?)?;
     walk.sink.finish()
 }
 
@@ -59,32 +62,62 @@ struct Walk<'o, W: Write> {
     filter: Filter,
     /// Paths whose hardlink group changed: emitted even when they look unchanged.
     relinks: Relinks,
+    policy: XattrPolicy,
     buf: Vec<u8>,
 }
 
-impl<W: Write> Walk<'_, W> {
-    /// Merges the sorted listings of one directory on both sides.
-    fn dir(
-        &mut self,
-        low: Option<BorrowedFd>,
-        up: BorrowedFd,
-        rel: &[u8],
-    ) -> Result<(), DiffError> {
-        let unames = fsx::list_names(up).map_err(DiffError::io("listing", rel))?;
-        let lnames = match low {
-            Some(fd) => fsx::list_names(fd).map_err(DiffError::io("listing lower", rel))?,
+/// One directory on both sides, its sorted listings being merged. The walk keeps these on an
+/// explicit stack: a deep tree costs heap (one frame per level), never the thread's stack.
+struct Frame {
+    low: Option<OwnedFd>,
+    up: OwnedFd,
+    rel: Vec<u8>,
+    unames: std::vec::IntoIter<Vec<u8>>,
+    lnames: Peekable<std::vec::IntoIter<Vec<u8>>>,
+}
+
+impl Frame {
+    fn open(low: Option<OwnedFd>, up: OwnedFd, rel: Vec<u8>) -> Result<Frame, DiffError> {
+        check_depth(&rel)?;
+        let unames = fsx::list_names(up.as_fd()).map_err(DiffError::io("listing", &rel))?;
+        let lnames = match &low {
+            Some(fd) => {
+                fsx::list_names(fd.as_fd()).map_err(DiffError::io("listing lower", &rel))?
+            }
             None => Vec::new(),
         };
-        let mut lnames = lnames.into_iter().peekable();
-        for name in &unames {
-            while let Some(gone) = lnames.next_if(|l| l < name) {
-                self.deleted(low, rel, &gone)?;
+        Ok(Frame {
+            low,
+            up,
+            rel,
+            unames: unames.into_iter(),
+            lnames: lnames.into_iter().peekable(),
+        })
+    }
+}
+
+impl<W: Write> Walk<'_, W> {
+    /// Depth first, siblings in name order; lower names the upper side lacks are deletions.
+    fn run(&mut self, root: Frame) -> Result<(), DiffError> {
+        let mut stack = vec![root];
+        while let Some(top) = stack.last_mut() {
+            let low = top.low.as_ref().map(OwnedFd::as_fd);
+            let Some(name) = top.unames.next() else {
+                for gone in top.lnames.by_ref() {
+                    self.deleted(low, &top.rel, &gone)?;
+                }
+                let done = stack.pop().expect("the stack is not empty");
+                self.sink.end_dir(&done.rel);
+                continue;
+            };
+            while let Some(gone) = top.lnames.next_if(|l| l < &name) {
+                self.deleted(low, &top.rel, &gone)?;
             }
-            let in_lower = lnames.next_if(|l| l == name).is_some();
-            self.entry(if in_lower { low } else { None }, up, rel, name)?;
-        }
-        for gone in lnames {
-            self.deleted(low, rel, &gone)?;
+            let in_lower = top.lnames.next_if(|l| l == &name).is_some();
+            let low = if in_lower { low } else { None };
+            if let Some(child) = self.entry(low, top.up.as_fd(), &top.rel, &name)? {
+                stack.push(child);
+            }
         }
         Ok(())
     }
@@ -120,23 +153,24 @@ impl<W: Write> Walk<'_, W> {
         if is_whiteout_stat(&st) {
             return Ok(None);
         }
-        let meta = read_meta_at(low, name, st, &path)?;
+        let meta = read_meta_at(low, name, st, &path, &self.policy)?;
         Ok((!meta.is_whiteout()).then_some(meta))
     }
 
+    /// Emits `name` if it changed; a subdirectory comes back as the frame to walk next.
     fn entry(
         &mut self,
         low: Option<BorrowedFd>,
         up: BorrowedFd,
         rel: &[u8],
         name: &[u8],
-    ) -> Result<(), DiffError> {
+    ) -> Result<Option<Frame>, DiffError> {
         let path = join_path(rel, name);
         if self.filter.excluded(&path) {
-            return Ok(());
+            return Ok(None);
         }
         let mut lm = self.lower_meta(low, rel, name)?;
-        let node = read_node(up, name, &path)?;
+        let node = read_node(up, name, &path, &self.policy)?;
         let skip = node
             .as_ref()
             .is_none_or(|n| n.meta.st.ftype == rustix::fs::FileType::Socket);
@@ -149,21 +183,17 @@ impl<W: Write> Walk<'_, W> {
             lm = None;
         }
         let Some(mut node) = node.filter(|_| !skip) else {
-            return Ok(());
+            return Ok(None);
         };
         if let Handle::Dir(sub) = node.handle {
-            return self.subdir(
-                low.filter(|_| lm.is_some()),
-                name,
-                &path,
-                &node.meta,
-                lm.as_ref(),
-                sub,
-            );
+            let low = low.filter(|_| lm.is_some());
+            return self
+                .subdir(low, name, path, &node.meta, lm.as_ref(), sub)
+                .map(Some);
         }
         let m = &node.meta;
         if self.filter.is_stub(&path) && m.is_reg() && m.st.size == 0 {
-            return Ok(());
+            return Ok(None);
         }
         let mut file = match &mut node.handle {
             Handle::File(f) => Some(f),
@@ -173,41 +203,39 @@ impl<W: Write> Walk<'_, W> {
             if !self.relinks.must_emit(&path)
                 && self.unchanged(l, m, file.as_deref_mut(), low, name, &path)?
             {
-                return Ok(());
+                return Ok(None);
             }
         }
-        self.sink.node(&path, &node.meta, file)
+        self.sink.node(&path, &node.meta, file).map(|()| None)
     }
 
     fn subdir(
         &mut self,
         low: Option<BorrowedFd>,
         name: &[u8],
-        path: &[u8],
+        path: Vec<u8>,
         m: &Meta,
         lm: Option<&Meta>,
         sub: OwnedFd,
-    ) -> Result<(), DiffError> {
+    ) -> Result<Frame, DiffError> {
         // An unchanged directory is still written before anything beneath it, as containerd's
         // differ does: unpackers replace a changed child by unlink + create, which touches the
         // parent's mtime, and only a directory entry in the layer puts it back.
         let changed = lm.is_none_or(|l| !l.same_attrs(m));
-        let stub = self.filter.is_stub(path) || (lm.is_none() && self.filter.holds_stub(path));
+        let stub = self.filter.is_stub(&path) || (lm.is_none() && self.filter.holds_stub(&path));
         if stub || !changed {
-            self.sink.defer_dir(path, m);
+            self.sink.defer_dir(&path, m);
         } else {
-            self.sink.dir(path, m)?;
+            self.sink.dir(&path, m)?;
         }
         let lsub = match low {
             Some(low) => Some(
                 fsx::open_dir_at(low, name)
-                    .map_err(DiffError::io("opening lower directory", path))?,
+                    .map_err(DiffError::io("opening lower directory", &path))?,
             ),
             None => None,
         };
-        self.dir(lsub.as_ref().map(OwnedFd::as_fd), sub.as_fd(), path)?;
-        self.sink.end_dir(path);
-        Ok(())
+        Frame::open(lsub, sub, path)
     }
 
     /// Same type, mode, owner, size, mtime (ns), xattrs, target and device — and for regular

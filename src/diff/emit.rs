@@ -1,11 +1,15 @@
 //! The sink both sources write to: turns nodes into tar entries, applying what does not depend
 //! on where a change was found — hardlink groups, mtime clamping, limits, stats, and the
-//! deferral that lets a directory holding only mount stubs disappear.
+//! deferral that lets a directory holding only mount stubs disappear. Everything the sandbox
+//! chooses and a reader could misread is refused here, naming the path: names that are
+//! whiteouts in the layer format (`.wh.*`), paths no unpacker can create, xattr names a PAX
+//! record cannot carry, headers Go's tar reader rejects, and sparse files whose holes would be
+//! written out as zeros past a budget.
 
 use super::fsx::hook;
 use super::meta::Meta;
-use super::tarw::{ContentError, EntryKind, Header, TarWriter};
-use super::{display, DiffError, Options, Stats};
+use super::tarw::{ContentError, EntryKind, Header, HeaderError, TarWriter};
+use super::{display, DiffError, Options, Stats, DEFAULT_MAX_HOLE_BYTES, MAX_PATH_BYTES};
 use rustix::fs::FileType;
 use std::collections::HashMap;
 use std::fs::File;
@@ -18,8 +22,13 @@ pub(crate) struct Sink<'o, W: Write> {
     tar: TarWriter<BufWriter<W>>,
     opts: &'o Options,
     stats: Stats,
-    /// (dev, ino) of every emitted multi-link inode → its first path and metadata.
-    links: HashMap<(u64, u64), (Vec<u8>, Meta)>,
+    /// (dev, ino) of every emitted multi-link inode → its first path. Later names repeat the
+    /// metadata they read themselves (the same inode), so memory is one path per group.
+    links: HashMap<(u64, u64), Vec<u8>>,
+    /// Bytes of paths held in `links`, bounded by `MAX_LINK_PATH_BYTES`.
+    link_bytes: usize,
+    /// Bytes of holes written out as zeros so far.
+    holes: u64,
     /// Directories whose entry waits for the first entry beneath them.
     pending: Vec<(Vec<u8>, Meta)>,
     buf: Vec<u8>,
@@ -46,6 +55,8 @@ impl<'o, W: Write> Sink<'o, W> {
                 ..Stats::default()
             },
             links: HashMap::new(),
+            link_bytes: 0,
+            holes: 0,
             pending: Vec::new(),
             buf: vec![0; CONTENT_BUF],
         }
@@ -80,6 +91,7 @@ impl<'o, W: Write> Sink<'o, W> {
 
     /// `parent/.wh.name`: deletes `name` from the layers below.
     pub fn whiteout(&mut self, parent: &[u8], name: &[u8]) -> Result<(), DiffError> {
+        check_name(&join_path(parent, name))?;
         let mut wh = b".wh.".to_vec();
         wh.extend_from_slice(name);
         self.marker(&join_path(parent, &wh))
@@ -103,16 +115,17 @@ impl<'o, W: Write> Sink<'o, W> {
         self.flush_pending()?;
         if meta.st.nlink > 1 {
             let key = (meta.st.dev, meta.st.ino);
-            if let Some((first, first_meta)) = self.links.get(&key) {
-                let (first, first_meta) = (first.clone(), first_meta.clone());
-                return self.write(rel, EntryKind::Link, &first_meta, &first, 0);
+            if let Some(first) = self.links.get(&key) {
+                let first = first.clone();
+                return self.write(rel, EntryKind::Link, meta, &first, 0);
             }
-            self.links.insert(key, (rel.to_vec(), meta.clone()));
+            self.track_link(key, rel)?;
         }
         if kind != EntryKind::Regular {
             return self.write(rel, kind, meta, &meta.target, 0);
         }
         let size = meta.st.size;
+        self.check_holes(rel, meta)?;
         if let Some(limit) = self
             .opts
             .max_bytes
@@ -137,6 +150,34 @@ impl<'o, W: Write> Sink<'o, W> {
         Ok(())
     }
 
+    fn track_link(&mut self, key: (u64, u64), rel: &[u8]) -> Result<(), DiffError> {
+        self.link_bytes += rel.len() + LINK_OVERHEAD;
+        if self.link_bytes > MAX_LINK_PATH_BYTES {
+            return Err(DiffError::LimitExceeded {
+                what: "bytes of hardlinked paths held in memory",
+                limit: MAX_LINK_PATH_BYTES as u64,
+            });
+        }
+        self.links.insert(key, rel.to_vec());
+        Ok(())
+    }
+
+    /// A file whose apparent size exceeds what it has on disk carries its holes as zeros.
+    fn check_holes(&mut self, rel: &[u8], meta: &Meta) -> Result<(), DiffError> {
+        let st = &meta.st;
+        self.holes += st.size.saturating_sub(st.allocated);
+        let limit = self.opts.max_hole_bytes.unwrap_or(DEFAULT_MAX_HOLE_BYTES);
+        if self.holes > limit {
+            return Err(DiffError::Sparse {
+                path: display(rel),
+                size: st.size,
+                allocated: st.allocated,
+                limit,
+            });
+        }
+        Ok(())
+    }
+
     fn flush_pending(&mut self) -> Result<(), DiffError> {
         for (rel, meta) in std::mem::take(&mut self.pending) {
             self.write_dir(&rel, &meta)?;
@@ -152,6 +193,7 @@ impl<'o, W: Write> Sink<'o, W> {
 
     fn marker(&mut self, path: &[u8]) -> Result<(), DiffError> {
         self.flush_pending()?;
+        check_path(path)?;
         self.count()?;
         self.stats.whiteouts += 1;
         let h = Header {
@@ -166,7 +208,7 @@ impl<'o, W: Write> Sink<'o, W> {
             dev: (0, 0),
             xattrs: &[],
         };
-        self.tar.header(&h).map_err(DiffError::Write)
+        self.tar.header(&h).map_err(|e| header_error(path, e))
     }
 
     fn count(&mut self) -> Result<(), DiffError> {
@@ -188,6 +230,8 @@ impl<'o, W: Write> Sink<'o, W> {
         link: &[u8],
         size: u64,
     ) -> Result<(), DiffError> {
+        check_name(path.strip_suffix(b"/").unwrap_or(path))?;
+        check_xattr_names(path, meta)?;
         self.count()?;
         let st = &meta.st;
         let mtime = match self.opts.source_date_epoch {
@@ -219,7 +263,58 @@ impl<'o, W: Write> Sink<'o, W> {
             dev,
             xattrs: &meta.xattrs,
         };
-        self.tar.header(&h).map_err(DiffError::Write)
+        self.tar.header(&h).map_err(|e| header_error(path, e))
+    }
+}
+
+/// Hardlink tracking may hold this many bytes of first paths (a million groups of ordinary
+/// paths fit many times over).
+const MAX_LINK_PATH_BYTES: usize = 256 << 20;
+/// What one tracked group costs besides its path (map slot, key, Vec header), roughly.
+const LINK_OVERHEAD: usize = 64;
+
+/// `rel` (no trailing `/`) must not be named like a whiteout and must be creatable.
+fn check_name(rel: &[u8]) -> Result<(), DiffError> {
+    check_path(rel)?;
+    let base = rel.rsplit(|&c| c == b'/').next().unwrap_or(rel);
+    if base.starts_with(b".wh.") {
+        return Err(DiffError::ReservedName { path: display(rel) });
+    }
+    Ok(())
+}
+
+fn check_path(path: &[u8]) -> Result<(), DiffError> {
+    let len = path.strip_suffix(b"/").unwrap_or(path).len();
+    if len > MAX_PATH_BYTES {
+        return Err(DiffError::PathTooLong {
+            path: display(path),
+            len,
+            limit: MAX_PATH_BYTES,
+        });
+    }
+    Ok(())
+}
+
+/// A PAX record is `key=value` split at the first `=`: a name holding one would be misread.
+fn check_xattr_names(path: &[u8], meta: &Meta) -> Result<(), DiffError> {
+    match meta.xattrs.iter().find(|(n, _)| n.contains(&b'=')) {
+        Some((name, _)) => Err(DiffError::XattrName {
+            path: display(path.strip_suffix(b"/").unwrap_or(path)),
+            name: String::from_utf8_lossy(name).into_owned(),
+        }),
+        None => Ok(()),
+    }
+}
+
+fn header_error(path: &[u8], e: HeaderError) -> DiffError {
+    match e {
+        HeaderError::PaxTooLarge { bytes, limit } => DiffError::HeaderTooLarge {
+            path: display(path.strip_suffix(b"/").unwrap_or(path)),
+            what: "PAX header (path, link target and extended attributes)",
+            bytes: bytes as u64,
+            limit: limit as u64,
+        },
+        HeaderError::Write(e) => DiffError::Write(e),
     }
 }
 

@@ -5,13 +5,14 @@
 //! as absent, so opaque directories and redirects would go unseen).
 //!
 //! Checks, in order: the mount options against a whitelist (plus the module defaults for
-//! `redirect_dir`/`metacopy` when no option sets them), a set-and-read-back probe of a
-//! `trusted.*` xattr beside the upperdir, and a metadata-only scan of the upperdir for redirect
-//! and metacopy xattrs. `write_layer` checks those xattrs again while it walks (the container
+//! `redirect_dir`/`metacopy` when no option sets them), that this process can read `trusted.*`
+//! xattrs at all (CAP_SYS_ADMIN in the initial user namespace, then a set-and-read-back probe),
+//! and a metadata-only scan of the upperdir for redirect and metacopy xattrs. `write_layer` checks those xattrs again while it walks (the container
 //! may rename a directory after this scan and before it is paused).
 
 use super::fsx::{self, XattrAt};
-use std::os::fd::{AsFd, BorrowedFd};
+use super::meta::private_prefix;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::path::Path;
 
 /// Why the upperdir alone is not exact.
@@ -40,12 +41,13 @@ pub enum NotExact {
 pub fn upperdir_is_exact(upper: &Path, mount_options: &[String]) -> Result<(), NotExact> {
     check_options(mount_options)?;
     check_module_defaults(mount_options, "/sys/module/overlay/parameters")?;
-    if !mount_options.iter().any(|o| o == "userxattr") {
+    let userxattr = mount_options.iter().any(|o| o == "userxattr");
+    if !userxattr {
         probe_trusted(upper)?;
     }
     let root =
         fsx::open_root(upper).map_err(|e| NotExact::Scan(format!("{}: {e}", upper.display())))?;
-    scan(root.as_fd(), &mut Vec::new())
+    scan(root, private_prefix(userxattr))
 }
 
 /// The options containerd and friends pass that keep the upperdir complete.
@@ -85,9 +87,12 @@ pub(crate) fn check_module_defaults(options: &[String], params: &str) -> Result<
     Ok(())
 }
 
-/// CAP_SYS_ADMIN in the thread's effective set, then a `trusted.*` xattr set and read back on a
-/// temporary file beside the upperdir (same filesystem). Capabilities in a user namespace other
-/// than the filesystem's do not count, which only the probe catches.
+/// `trusted.*` xattrs read as absent, without an error, to a process lacking CAP_SYS_ADMIN in
+/// the *initial* user namespace: a namespaced CAP_SYS_ADMIN (a user-namespaced Job, rootless
+/// containerd) shows in CapEff but reads nothing. So: the capability in this thread's effective
+/// set, then this process in the initial user namespace, then a `trusted.*` xattr set and read
+/// back on a temporary file — beside the upperdir, or in the temp dir when the snapshot root is
+/// read-only (the check is the caller's capability, whatever the filesystem).
 pub(crate) fn probe_trusted(upper: &Path) -> Result<(), NotExact> {
     const CAP_SYS_ADMIN: u32 = 21;
     let status = std::fs::read_to_string("/proc/thread-self/status").unwrap_or_default();
@@ -98,81 +103,107 @@ pub(crate) fn probe_trusted(upper: &Path) -> Result<(), NotExact> {
     if cap_eff.is_some_and(|c| c & (1 << CAP_SYS_ADMIN) == 0) {
         return Err(NotExact::TrustedXattrsUnreadable("no CAP_SYS_ADMIN".into()));
     }
-    let Some(dir) = upper.parent() else {
-        return Ok(());
-    };
-    // A directory we cannot write to leaves the capability check as the answer.
-    let Ok(tmp) = tempfile::Builder::new()
-        .prefix(".committer-probe-")
-        .tempfile_in(dir)
-    else {
-        return Ok(());
-    };
-    let (name, value) = ("trusted.committer.probe", b"1");
-    let fd = tmp.as_file().as_fd();
-    rustix::fs::fsetxattr(fd, name, value, rustix::fs::XattrFlags::empty()).map_err(|e| {
-        NotExact::TrustedXattrsUnreadable(format!(
-            "setting {name} on {}: {e}",
-            tmp.path().display()
-        ))
-    })?;
-    match fsx::xattr_get(XattrAt::Fd(fd), name.as_bytes()) {
-        Ok(Some(v)) if v == value => Ok(()),
-        Ok(_) => Err(NotExact::TrustedXattrsUnreadable(format!(
-            "{name} reads back as absent"
+    check_initial_user_ns("/proc/self/ns/user")?;
+    let tmp_dir = std::env::temp_dir();
+    let dirs = [upper.parent(), Some(tmp_dir.as_path())];
+    for dir in dirs.into_iter().flatten() {
+        let Ok(tmp) = tempfile::Builder::new()
+            .prefix(".committer-probe-")
+            .tempfile_in(dir)
+        else {
+            continue; // read-only: try the next place
+        };
+        match set_and_read_back(tmp.as_file().as_fd()) {
+            Err(e) if e.raw_os_error() == Some(libc::EOPNOTSUPP) => continue,
+            Err(e) => {
+                return Err(NotExact::TrustedXattrsUnreadable(format!(
+                    "a trusted.* xattr on {}: {e}",
+                    tmp.path().display()
+                )))
+            }
+            Ok(()) => return Ok(()),
+        }
+    }
+    // Nowhere to write a probe: the capability and namespace checks are the answer.
+    Ok(())
+}
+
+/// The inode number the kernel gives the initial user namespace (`PROC_USER_INIT_INO`).
+const INITIAL_USER_NS_INO: u64 = 0xEFFF_FFFD;
+
+/// Fails when `ns` (normally `/proc/self/ns/user`) is not the initial user namespace.
+pub(crate) fn check_initial_user_ns(ns: &str) -> Result<(), NotExact> {
+    match rustix::fs::stat(ns) {
+        Ok(st) if st.st_ino == INITIAL_USER_NS_INO => Ok(()),
+        Ok(st) => Err(NotExact::TrustedXattrsUnreadable(format!(
+            "running in a user namespace (user:[{}]), whose CAP_SYS_ADMIN does not reach trusted.* xattrs",
+            st.st_ino
         ))),
         Err(e) => Err(NotExact::TrustedXattrsUnreadable(format!(
-            "reading {name}: {e}"
+            "cannot tell the user namespace ({ns}: {e})"
         ))),
     }
 }
 
-/// Depth-first scan for redirect (directories) and metacopy (regular files) xattrs. Reads
-/// metadata only, so it costs about a tenth of the diff itself.
-fn scan(dir: BorrowedFd, rel: &mut Vec<u8>) -> Result<(), NotExact> {
+/// Sets `trusted.committer.probe` on `fd` and reads it back.
+fn set_and_read_back(fd: BorrowedFd) -> std::io::Result<()> {
+    let (name, value) = ("trusted.committer.probe", b"1");
+    rustix::fs::fsetxattr(fd, name, value, rustix::fs::XattrFlags::empty())?;
+    match fsx::xattr_get(XattrAt::Fd(fd), name.as_bytes())? {
+        Some(v) if v == value => Ok(()),
+        _ => Err(std::io::Error::other(format!(
+            "{name} reads back as absent"
+        ))),
+    }
+}
+
+/// Depth-first scan for redirect (directories) and metacopy (regular files) xattrs under
+/// `private` (the mount's overlay prefix: a sandbox's own `user.overlay.*` on a mount without
+/// `userxattr` is data). Reads metadata only, so it costs about a tenth of the diff itself.
+/// An explicit stack of open directories, so depth costs heap, not the thread's stack.
+fn scan(root: OwnedFd, private: &[u8]) -> Result<(), NotExact> {
     let err =
         |rel: &[u8], e: std::io::Error| NotExact::Scan(format!("{}: {e}", super::display(rel)));
-    for name in fsx::list_names(dir).map_err(|e| err(rel, e))? {
-        let len = rel.len();
-        if !rel.is_empty() {
-            rel.push(b'/');
-        }
-        rel.extend_from_slice(&name);
-        let Some(st) = fsx::lstat_opt(dir, &name).map_err(|e| err(rel, e))? else {
-            rel.truncate(len);
+    let names = fsx::list_names(root.as_fd()).map_err(|e| err(b"", e))?;
+    let mut stack = vec![(root, Vec::new(), names.into_iter())];
+    while let Some((dir, rel, names)) = stack.last_mut() {
+        let Some(name) = names.next() else {
+            stack.pop();
+            continue;
+        };
+        let path = super::emit::join_path(rel, &name);
+        let Some(st) = fsx::lstat_opt(dir.as_fd(), &name).map_err(|e| err(&path, e))? else {
             continue;
         };
         match st.ftype {
             rustix::fs::FileType::Directory => {
-                let sub = fsx::open_dir_at(dir, &name).map_err(|e| err(rel, e))?;
-                if has_overlay_xattr(XattrAt::Fd(sub.as_fd()), b"redirect")
-                    .map_err(|e| err(rel, e))?
+                let sub = fsx::open_dir_at(dir.as_fd(), &name).map_err(|e| err(&path, e))?;
+                if has_overlay_xattr(XattrAt::Fd(sub.as_fd()), private, b"redirect")
+                    .map_err(|e| err(&path, e))?
                 {
-                    return Err(NotExact::Redirect(super::display(rel)));
+                    return Err(NotExact::Redirect(super::display(&path)));
                 }
-                scan(sub.as_fd(), rel)?;
+                if path.len() > super::MAX_PATH_BYTES {
+                    continue; // the diff itself refuses it, naming it
+                }
+                let names = fsx::list_names(sub.as_fd()).map_err(|e| err(&path, e))?;
+                stack.push((sub, path, names.into_iter()));
             }
             rustix::fs::FileType::RegularFile
-                if has_overlay_xattr(XattrAt::Name(dir, &name), b"metacopy")
-                    .map_err(|e| err(rel, e))? =>
+                if has_overlay_xattr(XattrAt::Name(dir.as_fd(), &name), private, b"metacopy")
+                    .map_err(|e| err(&path, e))? =>
             {
-                return Err(NotExact::Metacopy(super::display(rel)));
+                return Err(NotExact::Metacopy(super::display(&path)));
             }
             _ => {}
         }
-        rel.truncate(len);
     }
     Ok(())
 }
 
-fn has_overlay_xattr(at: XattrAt, key: &[u8]) -> std::io::Result<bool> {
+fn has_overlay_xattr(at: XattrAt, private: &[u8], key: &[u8]) -> std::io::Result<bool> {
     let names = fsx::xattr_names(at)?;
-    Ok(names.iter().any(|n| {
-        let private = n
-            .strip_prefix(b"trusted.overlay.")
-            .or_else(|| n.strip_prefix(b"user.overlay."));
-        private == Some(key)
-    }))
+    Ok(names.iter().any(|n| n.strip_prefix(private) == Some(key)))
 }
 
 #[cfg(test)]

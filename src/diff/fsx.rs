@@ -7,7 +7,7 @@ use rustix::fs::{self as rfs, AtFlags, FileType, Mode, OFlags};
 use std::ffi::OsStr;
 use std::fs::File;
 use std::io;
-use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 
@@ -25,6 +25,8 @@ pub(crate) struct St {
     pub ino: u64,
     pub nlink: u64,
     pub rdev: u64,
+    /// Bytes allocated on disk (`st_blocks` × 512): far below `size` for a sparse file.
+    pub allocated: u64,
 }
 
 impl St {
@@ -43,6 +45,7 @@ impl St {
             ino: s.st_ino,
             nlink: s.st_nlink as u64,
             rdev: s.st_rdev,
+            allocated: u64::try_from(s.st_blocks).unwrap_or(0).saturating_mul(512),
         }
     }
 
@@ -84,17 +87,20 @@ pub(crate) fn open_dir_at(dir: BorrowedFd, name: &[u8]) -> io::Result<OwnedFd> {
     Ok(rfs::openat(dir, name_arg(name), flags, Mode::empty())?)
 }
 
-/// Opens a regular file for reading without following a symlink, blocking on a fifo, or
-/// acquiring a controlling terminal.
+/// Opens a regular file for reading without following a symlink and without ever opening
+/// anything else: the name is first opened with `O_PATH` (which opens nothing: a fifo does not
+/// block, a device driver is not called), its type checked with fstat, and only a regular file
+/// is reopened for reading through `/proc/self/fd`, which reaches that very inode whatever the
+/// name points to by then. Anything else is `ENXIO` ("not a regular file any more").
 pub(crate) fn open_file_at(dir: BorrowedFd, name: &[u8]) -> io::Result<File> {
-    let flags =
-        OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::NONBLOCK | OFlags::NOCTTY | OFlags::CLOEXEC;
-    Ok(File::from(rfs::openat(
-        dir,
-        name_arg(name),
-        flags,
-        Mode::empty(),
-    )?))
+    let flags = OFlags::PATH | OFlags::NOFOLLOW | OFlags::CLOEXEC;
+    let path = rfs::openat(dir, name_arg(name), flags, Mode::empty())?;
+    if fstat(path.as_fd())?.ftype != FileType::RegularFile {
+        return Err(io::Error::from_raw_os_error(libc::ENXIO));
+    }
+    let proc = format!("/proc/self/fd/{}", path.as_raw_fd());
+    let flags = OFlags::RDONLY | OFlags::NONBLOCK | OFlags::NOCTTY | OFlags::CLOEXEC;
+    Ok(File::from(rfs::open(proc.as_str(), flags, Mode::empty())?))
 }
 
 /// The names in a directory, without `.` and `..`, sorted by bytes.

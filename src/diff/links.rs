@@ -27,10 +27,12 @@ use super::emit::join_path;
 use super::filter::Filter;
 use super::fsx::{self, St};
 use super::meta::{is_whiteout_at, is_whiteout_stat};
+use super::upper::check_depth;
 use super::DiffError;
 use rustix::fs::FileType;
 use std::collections::{HashMap, HashSet};
 use std::io;
+use std::iter::Peekable;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 
 /// The paths the walk must emit because their hardlink group changed.
@@ -41,12 +43,20 @@ pub(crate) struct Relinks {
 
 impl Relinks {
     /// Scans `up` against `low` (metadata only) and settles which paths must be emitted.
-    pub fn scan(low: BorrowedFd, up: BorrowedFd, filter: &Filter) -> Result<Relinks, DiffError> {
+    pub fn scan(
+        low: &OwnedFd,
+        up: &OwnedFd,
+        filter: &Filter,
+        private: &'static [u8],
+    ) -> Result<Relinks, DiffError> {
         let mut scan = Scan {
             filter,
+            private,
             entries: Vec::new(),
+            bytes: 0,
         };
-        scan.dir(Some(low), up, b"")?;
+        let dup = |fd: &OwnedFd| fd.try_clone().map_err(DiffError::io("duplicating", b""));
+        scan.run(Frame::open(Some(dup(low)?), dup(up)?, Vec::new())?)?;
         Ok(Relinks {
             emit: settle(scan.entries),
         })
@@ -98,63 +108,122 @@ struct Entry {
 
 struct Scan<'f> {
     filter: &'f Filter,
+    /// Overlay's private xattr prefix on this mount.
+    private: &'static [u8],
     /// In walk order.
     entries: Vec<Entry>,
+    /// What `entries` holds, roughly.
+    bytes: usize,
 }
+
+/// The scan keeps every multi-link path of the upper tree (about 100 bytes each plus the path:
+/// a million links to one file cost ~130 MB); past this it gives up rather than grow further.
+const MAX_SCAN_BYTES: usize = 512 << 20;
 
 /// A non-directory the layer can carry (sockets are dropped, as the walk drops them).
 fn linkable(st: &St) -> bool {
     !matches!(st.ftype, FileType::Directory | FileType::Socket)
 }
 
+/// One directory on both sides; kept on an explicit stack (a deep tree costs heap, not stack).
+struct Frame {
+    low: Option<OwnedFd>,
+    up: OwnedFd,
+    rel: Vec<u8>,
+    unames: std::vec::IntoIter<Vec<u8>>,
+    lnames: Peekable<std::vec::IntoIter<Vec<u8>>>,
+}
+
+impl Frame {
+    fn open(low: Option<OwnedFd>, up: OwnedFd, rel: Vec<u8>) -> Result<Frame, DiffError> {
+        check_depth(&rel)?;
+        let unames = fsx::list_names(up.as_fd()).map_err(DiffError::io("listing", &rel))?;
+        let lnames = match &low {
+            Some(fd) => {
+                fsx::list_names(fd.as_fd()).map_err(DiffError::io("listing lower", &rel))?
+            }
+            None => Vec::new(),
+        };
+        Ok(Frame {
+            low,
+            up,
+            rel,
+            unames: unames.into_iter(),
+            lnames: lnames.into_iter().peekable(),
+        })
+    }
+}
+
 impl Scan<'_> {
-    fn dir(
+    /// Depth first in the walk's order, so "first path" means the same to both.
+    fn run(&mut self, root: Frame) -> Result<(), DiffError> {
+        let mut stack = vec![root];
+        while let Some(top) = stack.last_mut() {
+            let Some(name) = top.unames.next() else {
+                stack.pop();
+                continue;
+            };
+            while top.lnames.next_if(|l| l < &name).is_some() {}
+            let in_lower = top.lnames.next_if(|l| l == &name).is_some();
+            let low = top.low.as_ref().map(OwnedFd::as_fd).filter(|_| in_lower);
+            if let Some(child) = self.entry(low, top.up.as_fd(), &top.rel, &name)? {
+                stack.push(child);
+            }
+        }
+        Ok(())
+    }
+
+    fn entry(
         &mut self,
         low: Option<BorrowedFd>,
         up: BorrowedFd,
         rel: &[u8],
-    ) -> Result<(), DiffError> {
-        let unames = fsx::list_names(up).map_err(DiffError::io("listing", rel))?;
-        let lnames = match low {
-            Some(fd) => fsx::list_names(fd).map_err(DiffError::io("listing lower", rel))?,
-            None => Vec::new(),
+        name: &[u8],
+    ) -> Result<Option<Frame>, DiffError> {
+        let path = join_path(rel, name);
+        if self.filter.excluded(&path) {
+            return Ok(None);
+        }
+        let Some(st) = fsx::lstat_opt(up, name).map_err(DiffError::io("lstat", &path))? else {
+            return Ok(None); // gone since the listing: the walk sees what is there then
         };
-        let mut lnames = lnames.into_iter().peekable();
-        for name in &unames {
-            while lnames.next_if(|l| l < name).is_some() {}
-            let low = low.filter(|_| lnames.next_if(|l| l == name).is_some());
-            let path = join_path(rel, name);
-            if self.filter.excluded(&path) {
-                continue;
-            }
-            let Some(st) = fsx::lstat_opt(up, name).map_err(DiffError::io("lstat", &path))? else {
-                continue; // gone since the listing: the walk sees what is there then
+        if st.ftype == FileType::Directory {
+            let Some(sub) = open_dir_opt(up, name).map_err(DiffError::io("opening", &path))? else {
+                return Ok(None);
             };
-            if st.ftype == FileType::Directory {
-                let Some(sub) = open_dir_opt(up, name).map_err(DiffError::io("opening", &path))?
-                else {
-                    continue;
-                };
-                let lsub = match low {
-                    Some(low) => open_dir_opt(low, name)
-                        .map_err(DiffError::io("opening lower directory", &path))?,
-                    None => None,
-                };
-                self.dir(lsub.as_ref().map(OwnedFd::as_fd), sub.as_fd(), &path)?;
-            } else if linkable(&st) {
-                let low = match low {
-                    Some(low) => self.lower(low, name, &path)?,
-                    None => None,
-                };
-                if st.nlink > 1 || low.is_some() {
-                    self.entries.push(Entry {
-                        path,
-                        up: Inode::of(&st),
-                        low,
-                    });
-                }
+            let lsub = match low {
+                Some(low) => open_dir_opt(low, name)
+                    .map_err(DiffError::io("opening lower directory", &path))?,
+                None => None,
+            };
+            return Frame::open(lsub, sub, path).map(Some);
+        }
+        if linkable(&st) {
+            let low = match low {
+                Some(low) => self.lower(low, name, &path)?,
+                None => None,
+            };
+            if st.nlink > 1 || low.is_some() {
+                self.track(Entry {
+                    path,
+                    up: Inode::of(&st),
+                    low,
+                })?;
             }
         }
+        Ok(None)
+    }
+
+    /// Keeps one more multi-link path, within `MAX_SCAN_BYTES`.
+    fn track(&mut self, e: Entry) -> Result<(), DiffError> {
+        self.bytes += e.path.len() + std::mem::size_of::<Entry>();
+        if self.bytes > MAX_SCAN_BYTES {
+            return Err(DiffError::LimitExceeded {
+                what: "bytes of hardlinked paths held in memory",
+                limit: MAX_SCAN_BYTES as u64,
+            });
+        }
+        self.entries.push(e);
         Ok(())
     }
 
@@ -168,7 +237,7 @@ impl Scan<'_> {
         if st.nlink < 2 || !linkable(&st) || is_whiteout_stat(&st) {
             return Ok(None);
         }
-        if is_whiteout_at(low, name, &st, path)? {
+        if is_whiteout_at(low, name, &st, path, self.private)? {
             return Ok(None);
         }
         Ok(Some(Inode::of(&st)))

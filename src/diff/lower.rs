@@ -8,7 +8,7 @@
 
 use super::fsx;
 use super::fsx::St;
-use super::meta::{is_whiteout_at, read_meta_fd};
+use super::meta::{is_whiteout_at, read_meta_fd, XattrPolicy};
 use super::DiffError;
 use rustix::fs::FileType;
 use std::collections::HashSet;
@@ -21,6 +21,8 @@ pub(crate) struct LowerView {
     layers: Vec<OwnedFd>,
     /// A redirect was seen on the way here: what is below cannot be known from names alone.
     uncertain: bool,
+    /// Overlay's private xattr prefix on this mount (markers are read, nothing is kept).
+    policy: XattrPolicy,
 }
 
 /// What the merged lower tree has at a name.
@@ -37,11 +39,11 @@ pub(crate) enum Below {
 
 impl LowerView {
     /// The root of the lowerdirs (immediate parent first).
-    pub fn root(lowers: &[PathBuf]) -> Result<LowerView, DiffError> {
-        let mut view = LowerView::empty();
+    pub fn root(lowers: &[PathBuf], policy: &XattrPolicy) -> Result<LowerView, DiffError> {
+        let mut view = LowerView::empty(policy);
         for dir in lowers {
             let fd = fsx::open_root(dir).map_err(DiffError::io_host("opening lowerdir", dir))?;
-            let (opaque, redirect) = dir_marks(fd.as_fd(), b"")?;
+            let (opaque, redirect) = dir_marks(fd.as_fd(), b"", &view.policy)?;
             view.layers.push(fd);
             view.uncertain |= redirect;
             if opaque {
@@ -52,10 +54,11 @@ impl LowerView {
     }
 
     /// Nothing below (a new or opaque directory).
-    pub fn empty() -> LowerView {
+    pub fn empty(policy: &XattrPolicy) -> LowerView {
         LowerView {
             layers: Vec::new(),
             uncertain: false,
+            policy: policy.markers(),
         }
     }
 
@@ -71,7 +74,7 @@ impl LowerView {
             else {
                 continue;
             };
-            if is_whiteout_at(fd.as_fd(), name, &st, rel)? {
+            if is_whiteout_at(fd.as_fd(), name, &st, rel, self.policy.private())? {
                 break;
             }
             return Ok(Below::Present { layer: i, st });
@@ -88,6 +91,7 @@ impl LowerView {
         let mut view = LowerView {
             layers: Vec::new(),
             uncertain: self.uncertain,
+            policy: self.policy.markers(),
         };
         for fd in &self.layers {
             let Some(st) = fsx::lstat_opt(fd.as_fd(), name)
@@ -100,7 +104,7 @@ impl LowerView {
             }
             let sub = fsx::open_dir_at(fd.as_fd(), name)
                 .map_err(DiffError::io("opening lower directory", rel))?;
-            let (opaque, redirect) = dir_marks(sub.as_fd(), rel)?;
+            let (opaque, redirect) = dir_marks(sub.as_fd(), rel, &self.policy)?;
             view.layers.push(sub);
             view.uncertain |= redirect;
             if opaque {
@@ -130,7 +134,7 @@ impl LowerView {
                 else {
                     continue;
                 };
-                if is_whiteout_at(fd.as_fd(), &name, &st, rel)? {
+                if is_whiteout_at(fd.as_fd(), &name, &st, rel, self.policy.private())? {
                     continue;
                 }
                 out.push(name);
@@ -142,8 +146,8 @@ impl LowerView {
 }
 
 /// (opaque, redirect) of an open lower directory.
-fn dir_marks(fd: BorrowedFd, rel: &[u8]) -> Result<(bool, bool), DiffError> {
+fn dir_marks(fd: BorrowedFd, rel: &[u8], policy: &XattrPolicy) -> Result<(bool, bool), DiffError> {
     let st = fsx::fstat(fd).map_err(DiffError::io("fstat lower directory", rel))?;
-    let meta = read_meta_fd(fd, st, rel)?;
+    let meta = read_meta_fd(fd, st, rel, policy)?;
     Ok((meta.marks.opaque, meta.marks.redirect))
 }

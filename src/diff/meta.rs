@@ -10,7 +10,9 @@ use std::fs::File;
 use std::io;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 
-/// Overlay's private xattrs (`trusted.overlay.*`, or `user.overlay.*` on userxattr mounts).
+/// Overlay's private xattrs: `trusted.overlay.*`, or `user.overlay.*` on a `userxattr` mount
+/// (and only there: on any other mount the sandbox can set `user.overlay.*` itself, so they are
+/// its data, never markers).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub(crate) struct Marks {
     /// `opaque=y` (not `x`, which only says the directory holds xattr whiteouts).
@@ -24,10 +26,74 @@ pub(crate) struct Marks {
 /// xattr (name, value) pairs, sorted by name.
 pub(crate) type Xattrs = Vec<(Vec<u8>, Vec<u8>)>;
 
+/// What is kept of the xattrs a file has and what is read as overlay's own markers.
+#[derive(Debug, Clone)]
+pub(crate) struct XattrPolicy {
+    /// Overlay's private prefix on this mount: `trusted.overlay.`, or `user.overlay.` with
+    /// `userxattr`. Names under it are markers, never data.
+    private: &'static [u8],
+    /// Names kept: exact, or a prefix when the pattern ends in `*`.
+    keep: Vec<Vec<u8>>,
+}
+
+/// Kept by default, as Docker and containerd keep `security.capability`; `user.*` is the
+/// sandbox's own data. Node-local labels (`security.selinux`, `ima`, `evm`, `SMACK64*`) are
+/// dropped unless asked for: restored elsewhere they can deny access or fail appraisal.
+const DEFAULT_KEEP: [&str; 2] = ["security.capability", "user.*"];
+
+/// The most xattr bytes (names + values) one file may bring: Go's tar reader (containerd,
+/// Docker, umoci) rejects a PAX header over 1 MiB, and this also bounds what one file costs in
+/// memory.
+pub(crate) const MAX_XATTR_BYTES: usize = 1 << 20;
+
+impl XattrPolicy {
+    /// `userxattr`: the mount's option of that name. `extra`: patterns kept on top of the
+    /// defaults (`security.selinux`, `security.*`).
+    pub fn new(userxattr: bool, extra: &[String]) -> XattrPolicy {
+        let keep = DEFAULT_KEEP
+            .iter()
+            .copied()
+            .chain(extra.iter().map(String::as_str))
+            .map(|p| p.as_bytes().to_vec())
+            .collect();
+        XattrPolicy {
+            private: private_prefix(userxattr),
+            keep,
+        }
+    }
+
+    /// Reads markers only (lower layers, which are only looked up).
+    pub fn markers(&self) -> XattrPolicy {
+        XattrPolicy {
+            private: self.private,
+            keep: Vec::new(),
+        }
+    }
+
+    pub fn private(&self) -> &'static [u8] {
+        self.private
+    }
+
+    fn keeps(&self, name: &[u8]) -> bool {
+        self.keep.iter().any(|p| match p.strip_suffix(b"*") {
+            Some(prefix) => name.starts_with(prefix),
+            None => name == &p[..],
+        })
+    }
+}
+
+pub(crate) fn private_prefix(userxattr: bool) -> &'static [u8] {
+    if userxattr {
+        b"user.overlay."
+    } else {
+        b"trusted.overlay."
+    }
+}
+
 #[derive(Debug, Clone)]
 pub(crate) struct Meta {
     pub st: St,
-    /// xattrs that go into the layer (`user.*` without `user.overlay.*`, `security.*`), sorted.
+    /// xattrs that go into the layer (see [`XattrPolicy`]), sorted.
     pub xattrs: Xattrs,
     pub marks: Marks,
     /// Symlink target, byte for byte (empty for other types).
@@ -88,6 +154,7 @@ pub(crate) fn read_node(
     dir: BorrowedFd,
     name: &[u8],
     rel: &[u8],
+    policy: &XattrPolicy,
 ) -> Result<Option<Node>, DiffError> {
     let Some(st) = fsx::lstat_opt(dir, name).map_err(DiffError::io("lstat", rel))? else {
         return Ok(None);
@@ -120,7 +187,7 @@ pub(crate) fn read_node(
         Handle::Dir(d) => (checked_fstat(d.as_fd(), &st, rel)?, XattrAt::Fd(d.as_fd())),
         Handle::None => (st, XattrAt::Name(dir, name)),
     };
-    let meta = finish_meta(st, at, dir, name, rel)?;
+    let meta = finish_meta(st, at, dir, name, rel, policy)?;
     Ok(Some(Node { meta, handle }))
 }
 
@@ -130,13 +197,19 @@ pub(crate) fn read_meta_at(
     name: &[u8],
     st: St,
     rel: &[u8],
+    policy: &XattrPolicy,
 ) -> Result<Meta, DiffError> {
-    finish_meta(st, XattrAt::Name(dir, name), dir, name, rel)
+    finish_meta(st, XattrAt::Name(dir, name), dir, name, rel, policy)
 }
 
 /// Metadata of an open directory.
-pub(crate) fn read_meta_fd(fd: BorrowedFd, st: St, rel: &[u8]) -> Result<Meta, DiffError> {
-    let (xattrs, marks) = read_xattrs(XattrAt::Fd(fd), rel)?;
+pub(crate) fn read_meta_fd(
+    fd: BorrowedFd,
+    st: St,
+    rel: &[u8],
+    policy: &XattrPolicy,
+) -> Result<Meta, DiffError> {
+    let (xattrs, marks) = read_xattrs(XattrAt::Fd(fd), rel, policy)?;
     Ok(Meta {
         st,
         xattrs,
@@ -146,12 +219,13 @@ pub(crate) fn read_meta_fd(fd: BorrowedFd, st: St, rel: &[u8]) -> Result<Meta, D
 }
 
 /// Whether `name` (already lstat'ed as `st`) is an overlay whiteout, reading xattrs only for
-/// the zero-size regular files that could be xattr whiteouts.
+/// the zero-size regular files that could be xattr whiteouts (`private` is the mount's prefix).
 pub(crate) fn is_whiteout_at(
     dir: BorrowedFd,
     name: &[u8],
     st: &St,
     rel: &[u8],
+    private: &[u8],
 ) -> Result<bool, DiffError> {
     if is_whiteout_stat(st) {
         return Ok(true);
@@ -163,7 +237,7 @@ pub(crate) fn is_whiteout_at(
         fsx::xattr_names(XattrAt::Name(dir, name)).map_err(DiffError::io("listxattr", rel))?;
     Ok(names
         .iter()
-        .any(|n| n == b"trusted.overlay.whiteout" || n == b"user.overlay.whiteout"))
+        .any(|n| n.strip_prefix(private) == Some(&b"whiteout"[..])))
 }
 
 fn finish_meta(
@@ -172,6 +246,7 @@ fn finish_meta(
     dir: BorrowedFd,
     name: &[u8],
     rel: &[u8],
+    policy: &XattrPolicy,
 ) -> Result<Meta, DiffError> {
     let target = if st.ftype == FileType::Symlink {
         fsx::read_link_at(dir, name).map_err(DiffError::io("readlink", rel))?
@@ -181,7 +256,7 @@ fn finish_meta(
     let (xattrs, marks) = if st.ftype == FileType::Socket {
         Default::default()
     } else {
-        read_xattrs(at, rel)?
+        read_xattrs(at, rel, policy)?
     };
     Ok(Meta {
         st,
@@ -212,15 +287,18 @@ fn changed(rel: &[u8], expected: &St, found: &str) -> DiffError {
     }
 }
 
-/// Splits an object's xattrs into what the layer keeps and overlay's markers.
-fn read_xattrs(at: XattrAt, rel: &[u8]) -> Result<(Xattrs, Marks), DiffError> {
+/// Splits an object's xattrs into what the layer keeps and overlay's markers. Values are read
+/// only for kept names, and no more than [`MAX_XATTR_BYTES`] of them.
+fn read_xattrs(
+    at: XattrAt,
+    rel: &[u8],
+    policy: &XattrPolicy,
+) -> Result<(Xattrs, Marks), DiffError> {
     let mut keep = Vec::new();
     let mut marks = Marks::default();
+    let mut bytes = 0usize;
     for name in fsx::xattr_names(at).map_err(DiffError::io("listxattr", rel))? {
-        let private = name
-            .strip_prefix(b"trusted.overlay.")
-            .or_else(|| name.strip_prefix(b"user.overlay."));
-        if let Some(key) = private {
+        if let Some(key) = name.strip_prefix(policy.private) {
             match key {
                 b"opaque" => marks.opaque = get(at, &name, rel)?.is_some_and(|v| v == b"y"),
                 b"whiteout" => marks.whiteout = true,
@@ -228,8 +306,17 @@ fn read_xattrs(at: XattrAt, rel: &[u8]) -> Result<(Xattrs, Marks), DiffError> {
                 b"metacopy" => marks.metacopy = true,
                 _ => {}
             }
-        } else if name.starts_with(b"user.") || name.starts_with(b"security.") {
+        } else if policy.keeps(&name) {
             if let Some(v) = get(at, &name, rel)? {
+                bytes += name.len() + v.len();
+                if bytes > MAX_XATTR_BYTES {
+                    return Err(DiffError::HeaderTooLarge {
+                        path: display(rel),
+                        what: "extended attributes",
+                        bytes: bytes as u64,
+                        limit: MAX_XATTR_BYTES as u64,
+                    });
+                }
                 keep.push((name, v));
             }
         }

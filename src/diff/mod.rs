@@ -88,7 +88,28 @@ pub struct Options {
     pub max_files: Option<u64>,
     /// Give up with [`DiffError::LimitExceeded`] past this many bytes of file content.
     pub max_bytes: Option<u64>,
+    /// The overlay mount has the `userxattr` option: `user.overlay.*` are overlay's markers.
+    /// Without it they are the sandbox's own xattrs (it can set them), kept like any `user.*`.
+    pub userxattr: bool,
+    /// xattr names kept on top of `security.capability` and `user.*` (exact, or a prefix
+    /// ending in `*`: `security.selinux`, `security.*`).
+    pub keep_xattrs: Vec<String>,
+    /// How many bytes of holes (apparent size minus allocated bytes, summed over the layer) may
+    /// be written out as zeros before a sparse file is refused with [`DiffError::Sparse`].
+    /// `None` is [`DEFAULT_MAX_HOLE_BYTES`].
+    pub max_hole_bytes: Option<u64>,
 }
+
+/// 1 GiB: a 50 GB `truncate -s` file costs the sandbox nothing, but containerd's and Docker's
+/// unpackers (Go's archive/tar, then a plain copy) write every hole back as zeros, and a layer
+/// carries it as zeros too, so it is refused rather than spooled, pushed and restored densely.
+pub const DEFAULT_MAX_HOLE_BYTES: u64 = 1 << 30;
+
+/// The longest path a layer entry may have. Unpackers create entries by path: containerd and
+/// Docker join the name to their snapshot directory (`/var/lib/containerd/io.containerd.
+/// snapshotter.v1.overlayfs/snapshots/N/fs/…`, ~75 bytes) and Linux refuses a path of 4096 bytes
+/// or more, so 256 bytes are left for that root.
+pub const MAX_PATH_BYTES: usize = 4095 - 256;
 
 /// Where the changes are read from.
 #[derive(Debug, Clone, Copy)]
@@ -145,6 +166,30 @@ pub enum DiffError {
     Write(#[source] std::io::Error),
     #[error("the upperdir is not exact: {0}")]
     NotExact(#[from] NotExact),
+    #[error("{path}: a name starting with .wh. is a whiteout in an image layer (it would delete a file on restore); rename it or --exclude it")]
+    ReservedName { path: String },
+    #[error("{path} is sparse ({size} bytes long, {allocated} allocated): a layer would carry its holes as zeros, past the limit of {limit} bytes of holes; --exclude it or raise --max-hole-bytes")]
+    Sparse {
+        path: String,
+        size: u64,
+        allocated: u64,
+        limit: u64,
+    },
+    #[error("{path}: {bytes} bytes of {what}, over the {limit} a layer entry may carry (Go's tar reader rejects larger PAX headers)")]
+    HeaderTooLarge {
+        path: String,
+        what: &'static str,
+        bytes: u64,
+        limit: u64,
+    },
+    #[error("{path}: the extended attribute name {name:?} contains '=', which a PAX record cannot carry")]
+    XattrName { path: String, name: String },
+    #[error("{path}: the path is {len} bytes long, over the {limit} a layer may hold (an unpacker adds its root directory and Linux stops at 4095)")]
+    PathTooLong {
+        path: String,
+        len: usize,
+        limit: usize,
+    },
 }
 
 impl DiffError {
@@ -166,8 +211,18 @@ impl DiffError {
     }
 }
 
-/// A relative path (as bytes) for messages: absolute-looking and lossy.
+/// A relative path (as bytes) for messages: absolute-looking and lossy; a path longer than
+/// 512 bytes keeps its first and last 200 (a sandbox's path must not flood a one-line error).
 pub(crate) fn display(path: &[u8]) -> String {
+    if path.len() > 512 {
+        let (head, tail) = (&path[..200], &path[path.len() - 200..]);
+        return format!(
+            "/{}…({} bytes)…{}",
+            String::from_utf8_lossy(head),
+            path.len() - 400,
+            String::from_utf8_lossy(tail)
+        );
+    }
     format!("/{}", String::from_utf8_lossy(path))
 }
 

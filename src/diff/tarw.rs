@@ -56,6 +56,16 @@ pub(crate) enum ContentError {
     Write(io::Error),
 }
 
+/// Go's archive/tar (containerd, Docker, umoci) refuses a PAX header larger than this.
+pub(crate) const MAX_PAX_BYTES: usize = 1 << 20;
+
+/// A header that cannot be written.
+#[derive(Debug)]
+pub(crate) enum HeaderError {
+    PaxTooLarge { bytes: usize, limit: usize },
+    Write(io::Error),
+}
+
 pub(crate) struct TarWriter<W: Write> {
     out: W,
 }
@@ -65,15 +75,26 @@ impl<W: Write> TarWriter<W> {
         TarWriter { out }
     }
 
-    /// Writes the PAX extended header (if anything needs one) and the ustar header.
-    pub fn header(&mut self, h: &Header) -> io::Result<()> {
+    /// Writes the PAX extended header (if anything needs one) and the ustar header; nothing is
+    /// written when the PAX header would be too large for readers.
+    pub fn header(&mut self, h: &Header) -> Result<(), HeaderError> {
         let pax = pax_records(h);
+        if pax.len() > MAX_PAX_BYTES {
+            return Err(HeaderError::PaxTooLarge {
+                bytes: pax.len(),
+                limit: MAX_PAX_BYTES,
+            });
+        }
+        self.write_header(h, &pax).map_err(HeaderError::Write)
+    }
+
+    fn write_header(&mut self, h: &Header, pax: &[u8]) -> io::Result<()> {
         if !pax.is_empty() {
             let name = pax_entry_name(h.path);
             let mut x = ustar_block(&name, b'x', 0o644, 0, 0, pax.len() as u64, 0, b"", (0, 0));
             set_checksum(&mut x);
             self.out.write_all(&x)?;
-            self.out.write_all(&pax)?;
+            self.out.write_all(pax)?;
             self.pad(pax.len() as u64)?;
         }
         let mut b = ustar_block(

@@ -9,11 +9,12 @@ use super::emit::{join_path, Sink};
 use super::filter::Filter;
 use super::fsx::{self, St};
 use super::lower::{Below, LowerView};
-use super::meta::{read_meta_at, read_node, Handle, Meta, Node};
+use super::meta::{read_meta_at, read_node, Handle, Meta, Node, XattrPolicy};
 use super::{display, DiffError, NotExact, Options, Stats};
 use std::fs::File;
 use std::io::{Seek, SeekFrom, Write};
-use std::os::fd::{AsFd, BorrowedFd};
+use std::iter::Peekable;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::path::{Path, PathBuf};
 
 pub(crate) fn write<W: Write>(
@@ -24,13 +25,15 @@ pub(crate) fn write<W: Write>(
 ) -> Result<(W, Stats), DiffError> {
     let root = fsx::open_root(upper).map_err(DiffError::io_host("opening upperdir", upper))?;
     raise_fd_limit();
-    let lower = LowerView::root(lowers)?;
+    let policy = XattrPolicy::new(opts.userxattr, &opts.keep_xattrs);
+    let lower = LowerView::root(lowers, &policy)?;
     let mut walk = UpperWalk {
         sink: Sink::new(out, opts, "upperdir"),
         filter: Filter::new(&opts.exclude, &opts.skip_mount_stubs),
+        policy,
         buf: Vec::new(),
     };
-    walk.dir(root.as_fd(), b"", &lower, false)?;
+    walk.run(Frame::open(root, Vec::new(), lower, false)?)?;
     walk.sink.finish()
 }
 
@@ -51,36 +54,82 @@ fn raise_fd_limit() {
 struct UpperWalk<'o, W: Write> {
     sink: Sink<'o, W>,
     filter: Filter,
+    policy: XattrPolicy,
     buf: Vec<u8>,
 }
 
-impl<W: Write> UpperWalk<'_, W> {
-    /// Walks upper directory `fd` (path `rel`) over its lower view. `explicit` holds below an
-    /// opaque directory that an exclusion reaches into: instead of an opaque marker, every lower
-    /// name missing from the upperdir gets its own whiteout, so excluded lower paths survive.
-    fn dir(
-        &mut self,
-        fd: BorrowedFd,
-        rel: &[u8],
-        lower: &LowerView,
+/// One upper directory being walked, over its lower view. The walk keeps these on an explicit
+/// stack, so a tree as deep as the path limit allows costs heap, never the thread's stack.
+/// `explicit` holds below an opaque directory that an exclusion reaches into: instead of an
+/// opaque marker, every lower name missing from the upperdir gets its own whiteout (`hidden`),
+/// so excluded lower paths survive.
+struct Frame {
+    fd: OwnedFd,
+    rel: Vec<u8>,
+    names: std::vec::IntoIter<Vec<u8>>,
+    hidden: Peekable<std::vec::IntoIter<Vec<u8>>>,
+    lower: LowerView,
+    explicit: bool,
+}
+
+impl Frame {
+    fn open(
+        fd: OwnedFd,
+        rel: Vec<u8>,
+        lower: LowerView,
         explicit: bool,
-    ) -> Result<(), DiffError> {
-        let names = fsx::list_names(fd).map_err(DiffError::io("listing", rel))?;
+    ) -> Result<Frame, DiffError> {
+        check_depth(&rel)?;
+        let names = fsx::list_names(fd.as_fd()).map_err(DiffError::io("listing", &rel))?;
         let hidden = if explicit {
-            lower.names(rel)?
+            lower.names(&rel)?
         } else {
             Vec::new()
         };
-        let mut hidden = hidden.into_iter().peekable();
-        for name in &names {
-            while let Some(h) = hidden.next_if(|h| h < name) {
-                self.explicit_whiteout(rel, &h)?;
+        Ok(Frame {
+            fd,
+            rel,
+            names: names.into_iter(),
+            hidden: hidden.into_iter().peekable(),
+            lower,
+            explicit,
+        })
+    }
+}
+
+/// No directory below the path limit can hold an entry a layer may carry: stop there, before
+/// the walk holds a frame per level of an arbitrarily deep tree.
+pub(crate) fn check_depth(rel: &[u8]) -> Result<(), DiffError> {
+    if rel.len() > super::MAX_PATH_BYTES {
+        return Err(DiffError::PathTooLong {
+            path: display(rel),
+            len: rel.len(),
+            limit: super::MAX_PATH_BYTES,
+        });
+    }
+    Ok(())
+}
+
+impl<W: Write> UpperWalk<'_, W> {
+    /// Depth first, siblings in name order, directories left after their last entry.
+    fn run(&mut self, root: Frame) -> Result<(), DiffError> {
+        let mut stack = vec![root];
+        while let Some(top) = stack.last_mut() {
+            let Some(name) = top.names.next() else {
+                let done = stack.pop().expect("the stack is not empty");
+                for h in done.hidden {
+                    self.explicit_whiteout(&done.rel, &h)?;
+                }
+                self.sink.end_dir(&done.rel);
+                continue;
+            };
+            while let Some(h) = top.hidden.next_if(|h| h < &name) {
+                self.explicit_whiteout(&top.rel, &h)?;
             }
-            hidden.next_if(|h| h == name);
-            self.entry(fd, rel, name, lower, explicit)?;
-        }
-        for h in hidden {
-            self.explicit_whiteout(rel, &h)?;
+            top.hidden.next_if(|h| h == &name);
+            if let Some(child) = self.entry(top, &name)? {
+                stack.push(child);
+            }
         }
         Ok(())
     }
@@ -92,20 +141,15 @@ impl<W: Write> UpperWalk<'_, W> {
         self.sink.whiteout(rel, name)
     }
 
-    fn entry(
-        &mut self,
-        fd: BorrowedFd,
-        rel: &[u8],
-        name: &[u8],
-        lower: &LowerView,
-        explicit: bool,
-    ) -> Result<(), DiffError> {
+    /// Emits `name` of directory `at`; a subdirectory comes back as the frame to walk next.
+    fn entry(&mut self, at: &Frame, name: &[u8]) -> Result<Option<Frame>, DiffError> {
+        let (rel, lower) = (&at.rel[..], &at.lower);
         let path = join_path(rel, name);
         if self.filter.excluded(&path) {
-            return Ok(());
+            return Ok(None);
         }
-        let Some(mut node) = read_node(fd, name, &path)? else {
-            return Ok(());
+        let Some(mut node) = read_node(at.fd.as_fd(), name, &path, &self.policy)? else {
+            return Ok(None);
         };
         let m = &node.meta;
         if m.marks.redirect {
@@ -117,8 +161,8 @@ impl<W: Write> UpperWalk<'_, W> {
         let below = lower.lookup(name, &path)?;
         if m.is_whiteout() {
             return match below {
-                Below::Absent => Ok(()), // nothing to delete
-                _ => self.sink.whiteout(rel, name),
+                Below::Absent => Ok(None), // nothing to delete
+                _ => self.sink.whiteout(rel, name).map(|()| None),
             };
         }
         if let Below::Present { st, .. } = &below {
@@ -130,30 +174,32 @@ impl<W: Write> UpperWalk<'_, W> {
             }
         }
         if m.is_dir() {
-            return self.subdir(name, &path, node, &below, lower, explicit);
+            return self
+                .subdir(name, path, node, &below, lower, at.explicit)
+                .map(Some);
         }
         if self.filter.is_stub(&path) && m.is_reg() && m.st.size == 0 {
-            return Ok(());
+            return Ok(None);
         }
         let mut file = match &mut node.handle {
             Handle::File(f) => Some(f),
             _ => None,
         };
         if self.is_noop_copy_up(&node.meta, file.as_deref_mut(), &below, lower, &path)? {
-            return Ok(());
+            return Ok(None);
         }
-        self.sink.node(&path, &node.meta, file)
+        self.sink.node(&path, &node.meta, file).map(|()| None)
     }
 
     fn subdir(
         &mut self,
         name: &[u8],
-        path: &[u8],
+        path: Vec<u8>,
         node: Node,
         below: &Below,
         lower: &LowerView,
         explicit: bool,
-    ) -> Result<(), DiffError> {
+    ) -> Result<Frame, DiffError> {
         let Handle::Dir(sub) = node.handle else {
             unreachable!("read_node opens directories")
         };
@@ -163,29 +209,27 @@ impl<W: Write> UpperWalk<'_, W> {
         let new = !lower_is_dir;
         let child_view;
         let mut child_explicit = explicit;
-        if m.marks.opaque && !self.filter.excludes_below(path) {
-            self.sink.dir(path, &m)?;
-            self.sink.opaque(path)?;
-            child_view = LowerView::empty();
+        if m.marks.opaque && !self.filter.excludes_below(&path) {
+            self.sink.dir(&path, &m)?;
+            self.sink.opaque(&path)?;
+            child_view = LowerView::empty(&self.policy);
             child_explicit = false;
         } else {
             if m.marks.opaque {
                 child_explicit = true; // an exclusion reaches in: spell out the deletions
             }
-            if self.filter.is_stub(path) || (new && self.filter.holds_stub(path)) {
-                self.sink.defer_dir(path, &m);
+            if self.filter.is_stub(&path) || (new && self.filter.holds_stub(&path)) {
+                self.sink.defer_dir(&path, &m);
             } else {
-                self.sink.dir(path, &m)?;
+                self.sink.dir(&path, &m)?;
             }
             child_view = if lower_is_dir {
-                lower.child(name, path)?
+                lower.child(name, &path)?
             } else {
-                LowerView::empty()
+                LowerView::empty(&self.policy)
             };
         }
-        self.dir(sub.as_fd(), path, &child_view, child_explicit)?;
-        self.sink.end_dir(path);
-        Ok(())
+        Frame::open(sub, path, child_view, child_explicit)
     }
 
     /// An upper non-directory identical to what it shadows: same type, mode, owner, size, mtime,
@@ -211,7 +255,7 @@ impl<W: Write> UpperWalk<'_, W> {
         }
         let name = path.rsplit(|&c| c == b'/').next().unwrap_or(path);
         let dir = lower.layer(*layer);
-        let lm = read_meta_at(dir, name, *st, path)?;
+        let lm = read_meta_at(dir, name, *st, path, &self.policy)?;
         if lm.marks.metacopy || !m.same_attrs(&lm) {
             return Ok(false);
         }

@@ -86,6 +86,12 @@ async fn capture(
         source_date_epoch: req.plan.source_date_epoch,
         max_files: req.plan.max_files,
         max_bytes: req.plan.max_layer_bytes,
+        // On a `userxattr` mount, user.overlay.* are overlay's markers; elsewhere they are the
+        // sandbox's own data.
+        userxattr: mounts
+            .iter()
+            .any(|m| m.options.iter().any(|o| o == "userxattr")),
+        ..diff::Options::default()
     };
     let mut file = file;
     loop {

@@ -3,6 +3,7 @@
 
 mod e2e;
 mod fidelity;
+mod hostile;
 mod image;
 mod lab;
 mod push;

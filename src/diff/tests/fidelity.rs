@@ -232,7 +232,11 @@ fn userxattr_mounts_mark_opaque_dirs_with_user_overlay_xattrs() {
         upper: &ov.upper,
         lowers: &ov.lowers,
     };
-    let (tar, _) = layer_file(&source, &Options::default(), ov.dir.path());
+    let opts = Options {
+        userxattr: true,
+        ..Options::default()
+    };
+    let (tar, _) = layer_file(&source, &opts, ov.dir.path());
     let names = entry_names(tar.try_clone().unwrap());
     assert_eq!(names, [&b"d/"[..], b"d/.wh..wh..opq", b"d/new", b".wh.f"]);
     assert_unpacks_to(tar, &l, &m, ov.dir.path(), "userxattr");

@@ -7,6 +7,7 @@ mod fidelity;
 mod fixture;
 mod guards;
 mod hardlinks;
+mod hostile;
 mod rawtar;
 mod scenario;
 mod tree;

@@ -142,7 +142,9 @@ pub(crate) fn content_digest(path: &Path, size: u64) -> Vec<u8> {
     h.finalize().to_vec()
 }
 
-/// `user.*` (not `user.overlay.*`) and `security.*`: what a layer keeps.
+/// `user.*` and `security.capability`: what a layer keeps by default. (A merged overlay view
+/// hides overlay's own markers; a sandbox's `user.overlay.*` on a mount without `userxattr` is
+/// its data, shown and kept.)
 pub(crate) fn kept_xattrs(path: &Path) -> BTreeMap<Vec<u8>, Vec<u8>> {
     let mut out = BTreeMap::new();
     let mut buf = vec![0u8; 65536];
@@ -153,8 +155,7 @@ pub(crate) fn kept_xattrs(path: &Path) -> BTreeMap<Vec<u8>, Vec<u8>> {
         .map(<[u8]>::to_vec)
         .collect();
     for name in names {
-        let keep = (name.starts_with(b"user.") && !name.starts_with(b"user.overlay."))
-            || name.starts_with(b"security.");
+        let keep = name.starts_with(b"user.") || name == b"security.capability";
         if keep {
             let mut v = vec![0u8; 65536];
             let n = rustix::fs::lgetxattr(path, std::ffi::OsStr::from_bytes(&name), &mut v[..])

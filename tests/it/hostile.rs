@@ -1,0 +1,169 @@
+//! A hostile sandbox against a real commit (containerd, runc, the registry): names that are
+//! whiteouts in the layer format, forged overlay xattrs, node-local security labels and xattr
+//! names a PAX record cannot carry, a 50 GiB sparse file. Each refusal is exit 4 naming the
+//! path, with the sandbox running again and no tag pushed.
+
+use crate::lab::{describe, Lab, RunOpts};
+use crate::tree::{compare_trees, xattrs, CompareOpts};
+use serde_json::Value;
+use std::path::Path;
+use std::process::Output;
+use std::time::{Duration, Instant};
+
+fn commit(lab: &Lab, id: &str, repo: &str) -> Output {
+    lab.committer(&[
+        "commit",
+        "--container",
+        id,
+        "--image",
+        &format!("{}/{repo}:v1", lab.registry),
+        "--plain-http",
+    ])
+}
+
+/// Exit 4, one stderr line naming `path` and saying `what`, sandbox RUNNING, no tag.
+fn assert_refused(lab: &Lab, id: &str, repo: &str, out: &Output, path: &str, what: &str) {
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(4), "{}", describe(out));
+    let last = stderr.lines().last().unwrap_or_default();
+    assert!(last.contains(path) && last.contains(what), "{stderr}");
+    assert_eq!(lab.task_status(id), "RUNNING");
+    assert!(lab.tags(repo).is_empty());
+}
+
+fn sandbox(lab: &Lab, id: &str) {
+    let base = lab.base_image("base", false);
+    lab.run_container(id, &base, &RunOpts::default());
+}
+
+#[test]
+fn a_file_named_like_a_whiteout_is_refused_with_exit_4() {
+    let lab = Lab::start();
+    sandbox(&lab, "wh");
+    lab.exec("wh", "echo mine > /data/.wh.keep.txt");
+    let out = commit(&lab, "wh", "hostile/wh");
+    assert_refused(
+        &lab,
+        "wh",
+        "hostile/wh",
+        &out,
+        "/data/.wh.keep.txt",
+        "a name starting with .wh. is a whiteout",
+    );
+}
+
+#[test]
+fn a_forged_user_overlay_opaque_dir_is_restored_as_the_sandbox_has_it() {
+    let lab = Lab::start();
+    sandbox(&lab, "forge");
+    // What the sandbox does with setfattr: user.* xattrs pass through the overlay mount.
+    let keep = lab.rootfs("forge").join("data/sub");
+    set_xattr(&keep, "user.overlay.opaque", b"y");
+    set_xattr(&keep.join("deep/file"), "user.overlay.whiteout", b"");
+    let out = commit(&lab, "forge", "hostile/forge");
+    assert!(out.status.success(), "{}", describe(&out));
+    let result: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(result["diffSource"], "upperdir", "{result}");
+    let image = result["image"].as_str().unwrap();
+
+    lab.ctr(&["images", "pull", "--plain-http", image]);
+    lab.run_container("restored", image, &RunOpts::default());
+    let restored = lab.rootfs("restored");
+    let opts = CompareOpts {
+        mtime: true,
+        xattrs: true,
+        hardlinks: true,
+        ..CompareOpts::container_rootfs()
+    };
+    let diffs = compare_trees(&lab.rootfs("forge"), &restored, &opts);
+    assert!(diffs.is_empty(), "{}", diffs.join("\n"));
+    assert_eq!(
+        std::fs::read_to_string(restored.join("data/sub/deep/file")).unwrap(),
+        "deep\n"
+    );
+    assert_eq!(
+        xattrs(&restored.join("data/sub")).get("user.overlay.opaque"),
+        Some(&b"y".to_vec())
+    );
+}
+
+#[test]
+fn node_labels_are_dropped_and_an_xattr_name_with_equals_is_refused() {
+    let lab = Lab::start();
+    sandbox(&lab, "xa");
+    let root = lab.rootfs("xa");
+    set_xattr(
+        &root.join("data/keep.txt"),
+        "security.selinux",
+        b"system_u:object_r:node_t:s0",
+    );
+    set_xattr(&root.join("data/keep.txt"), "user.note", b"kept");
+    let out = commit(&lab, "xa", "hostile/xa");
+    assert!(out.status.success(), "{}", describe(&out));
+    let image = serde_json::from_slice::<Value>(&out.stdout).unwrap()["image"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let unpacked = lab.pull_unpack(&image);
+    let kept = xattrs(&unpacked.join("data/keep.txt"));
+    assert_eq!(kept.keys().collect::<Vec<_>>(), ["user.note"], "{kept:?}");
+
+    set_xattr(&root.join("data/keep.txt"), "user.a=b", b"c");
+    let out = commit(&lab, "xa", "hostile/xa2");
+    assert_refused(
+        &lab,
+        "xa",
+        "hostile/xa2",
+        &out,
+        "/data/keep.txt",
+        "\"user.a=b\" contains '='",
+    );
+}
+
+#[test]
+fn a_50g_sparse_file_is_refused_within_seconds_and_nothing_is_spooled() {
+    let lab = Lab::start();
+    sandbox(&lab, "sparse");
+    lab.exec("sparse", "truncate -s 50G /big");
+    let spool = lab.dir.join("spool");
+    std::fs::create_dir_all(&spool).unwrap();
+    let start = Instant::now();
+    let out = lab.committer(&[
+        "commit",
+        "--container",
+        "sparse",
+        "--image",
+        &format!("{}/hostile/sparse:v1", lab.registry),
+        "--plain-http",
+        "--spool-dir",
+        spool.to_str().unwrap(),
+    ]);
+    let took = start.elapsed();
+    eprintln!(
+        "50 GiB sparse file: exit {:?} after {took:?}",
+        out.status.code()
+    );
+    assert_refused(
+        &lab,
+        "sparse",
+        "hostile/sparse",
+        &out,
+        "/big",
+        "is sparse (53687091200 bytes long",
+    );
+    assert!(took < Duration::from_secs(20), "{took:?}");
+    assert_eq!(du(&spool), 0, "the spool must hold nothing after a refusal");
+}
+
+fn du(dir: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().metadata().unwrap().blocks() * 512)
+        .sum()
+}
+
+fn set_xattr(path: &Path, name: &str, value: &[u8]) {
+    rustix::fs::lsetxattr(path, name, value, rustix::fs::XattrFlags::empty())
+        .unwrap_or_else(|e| panic!("setxattr {name} on {}: {e}", path.display()));
+}
