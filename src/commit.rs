@@ -459,6 +459,7 @@ fn spool_file(
             "creating a spool file in {} (see --spool-dir)",
             dir.display()
         )))?;
+    crate::guard::tell_owned_path(f.path());
     Ok(f.into_parts())
 }
 

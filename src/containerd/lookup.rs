@@ -57,10 +57,11 @@ impl Containerd {
     }
 
     async fn get_container(&self, id: &str) -> Result<Container, ContainerdError> {
-        let resp = self
-            .containers()
-            .get(GetContainerRequest { id: id.to_string() })
-            .await;
+        let resp = super::timed(
+            self.containers()
+                .get(GetContainerRequest { id: id.to_string() }),
+        )
+        .await;
         match resp {
             Ok(r) => r
                 .into_inner()
@@ -93,15 +94,13 @@ impl Containerd {
             filter.push_str(&format!(",labels.\"{LABEL_CONTAINER_NAME}\"=={c}"));
         }
         let pod = format!("{pod_ns}/{pod_name}");
-        let list = self
-            .containers()
-            .list(ListContainersRequest {
-                filters: vec![filter],
-            })
-            .await
-            .map_err(|s| ContainerdError::rpc(format!("listing containers of pod {pod}"), s))?
-            .into_inner()
-            .containers;
+        let list = super::timed(self.containers().list(ListContainersRequest {
+            filters: vec![filter],
+        }))
+        .await
+        .map_err(|s| ContainerdError::rpc(format!("listing containers of pod {pod}"), s))?
+        .into_inner()
+        .containers;
         // The CRI also creates a sandbox ("pause") container per pod; it carries the pod labels
         // but no container name, and is never what a user wants to commit.
         let mut candidates: Vec<Container> = list
@@ -138,19 +137,17 @@ impl Containerd {
         &self,
         info: &ContainerInfo,
     ) -> Result<Vec<SnapshotMount>, ContainerdError> {
-        let resp = self
-            .snapshots()
-            .mounts(MountsRequest {
-                snapshotter: info.snapshotter.clone(),
-                key: info.snapshot_key.clone(),
-            })
-            .await
-            .map_err(|s| {
-                ContainerdError::rpc(
-                    format!("reading mounts of snapshot {:?}", info.snapshot_key),
-                    s,
-                )
-            })?;
+        let resp = super::timed(self.snapshots().mounts(MountsRequest {
+            snapshotter: info.snapshotter.clone(),
+            key: info.snapshot_key.clone(),
+        }))
+        .await
+        .map_err(|s| {
+            ContainerdError::rpc(
+                format!("reading mounts of snapshot {:?}", info.snapshot_key),
+                s,
+            )
+        })?;
         Ok(resp
             .into_inner()
             .mounts
@@ -207,16 +204,14 @@ impl Containerd {
         key: &str,
     ) -> Result<Option<String>, ContainerdError> {
         use containerd_client::services::v1::snapshots::StatSnapshotRequest;
-        let info = self
-            .snapshots()
-            .stat(StatSnapshotRequest {
-                snapshotter: snapshotter.to_string(),
-                key: key.to_string(),
-            })
-            .await
-            .map_err(|s| ContainerdError::rpc(format!("reading snapshot {key:?}"), s))?
-            .into_inner()
-            .info;
+        let info = super::timed(self.snapshots().stat(StatSnapshotRequest {
+            snapshotter: snapshotter.to_string(),
+            key: key.to_string(),
+        }))
+        .await
+        .map_err(|s| ContainerdError::rpc(format!("reading snapshot {key:?}"), s))?
+        .into_inner()
+        .info;
         Ok(info.map(|i| i.parent).filter(|p| !p.is_empty()))
     }
 
@@ -228,18 +223,14 @@ impl Containerd {
         parent: &str,
     ) -> Result<Vec<SnapshotMount>, ContainerdError> {
         use containerd_client::services::v1::snapshots::ViewSnapshotRequest;
-        let resp = self
-            .snapshots()
-            .view(ViewSnapshotRequest {
-                snapshotter: snapshotter.to_string(),
-                key: key.to_string(),
-                parent: parent.to_string(),
-                labels: Default::default(),
-            })
-            .await
-            .map_err(|s| {
-                ContainerdError::rpc(format!("creating a view of snapshot {parent:?}"), s)
-            })?;
+        let resp = super::timed(self.snapshots().view(ViewSnapshotRequest {
+            snapshotter: snapshotter.to_string(),
+            key: key.to_string(),
+            parent: parent.to_string(),
+            labels: Default::default(),
+        }))
+        .await
+        .map_err(|s| ContainerdError::rpc(format!("creating a view of snapshot {parent:?}"), s))?;
         Ok(resp
             .into_inner()
             .mounts
@@ -254,13 +245,12 @@ impl Containerd {
         key: &str,
     ) -> Result<(), ContainerdError> {
         use containerd_client::services::v1::snapshots::RemoveSnapshotRequest;
-        self.snapshots()
-            .remove(RemoveSnapshotRequest {
-                snapshotter: snapshotter.to_string(),
-                key: key.to_string(),
-            })
-            .await
-            .map(|_| ())
-            .map_err(|s| ContainerdError::rpc(format!("removing snapshot view {key:?}"), s))
+        super::timed(self.snapshots().remove(RemoveSnapshotRequest {
+            snapshotter: snapshotter.to_string(),
+            key: key.to_string(),
+        }))
+        .await
+        .map(|_| ())
+        .map_err(|s| ContainerdError::rpc(format!("removing snapshot view {key:?}"), s))
     }
 }
