@@ -14,9 +14,6 @@ use crate::report::CommitResult;
 use crate::{diff, diff_source, freeze, log, push};
 use std::time::Instant;
 
-/// Runtimes that keep the container's writes somewhere the snapshot does not see.
-const OFF_HOST_RUNTIMES: &[&str] = &["runsc", "gvisor", "kata", "firecracker", "krun"];
-
 /// What reading the diff produced.
 pub struct LayerRead<W> {
     pub sink: W,
@@ -271,14 +268,8 @@ async fn containerd_layer<'a>(
 /// Finds the container and refuses what we cannot commit truthfully.
 pub async fn locate(ctr: &Containerd, plan: &SourcePlan) -> Result<ContainerInfo, CommitError> {
     let info = ctr.find_container(&plan.selector).await?;
-    let runtime = info.runtime.to_ascii_lowercase();
-    if let Some(r) = OFF_HOST_RUNTIMES.iter().find(|r| runtime.contains(*r)) {
-        return Err(CommitError::Refused(format!(
-            "container {:?} runs on runtime {:?} ({r}), which keeps the container's writes off the host snapshot; \
-             committing it would silently miss them — commit it from inside the sandbox instead",
-            info.id, info.runtime
-        )));
-    }
+    crate::containerd::lookup::check_runtime(&info)
+        .map_err(|e| CommitError::Refused(e.to_string()))?;
     if info.image.is_empty() {
         return Err(CommitError::Refused(format!(
             "container {:?} was not created from an image; committer needs the base image to build on",

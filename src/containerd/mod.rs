@@ -61,6 +61,8 @@ pub enum ContainerdError {
         detail: String,
         namespace: String,
     },
+    #[error("no container of pod {pod} is running (instances: {instances}); start the pod again, or commit an instance by --container ID")]
+    PodNotRunning { pod: String, instances: String },
     #[error("pod {pod} has {count} containers ({candidates}): pass --container-name to pick one")]
     AmbiguousPod {
         pod: String,
@@ -93,6 +95,7 @@ impl ContainerdError {
             ContainerdError::ContainerNotFound { .. }
                 | ContainerdError::PodNotFound { .. }
                 | ContainerdError::AmbiguousPod { .. }
+                | ContainerdError::PodNotRunning { .. }
                 | ContainerdError::SocketMissing { .. }
         ) || matches!(
             self,

@@ -683,3 +683,189 @@ fn as_pid1_an_oom_kill_of_the_worker_is_undone_and_its_spool_removed() {
     let left: Vec<_> = std::fs::read_dir(spool.path()).unwrap().collect();
     assert!(left.is_empty(), "spool files left: {left:?}");
 }
+
+/// Kills the lab's containerd with SIGKILL (shims and tasks live on), as a node restart of
+/// containerd does.
+fn kill_containerd(lab: &Lab) {
+    signal(lab.containerd_pid, rustix::process::Signal::KILL);
+    wait_until("containerd to die", Duration::from_secs(5), || {
+        !crate::lab::process_alive(lab.containerd_pid)
+    });
+}
+
+/// Starts the lab's containerd again on the same config and records its pid for `lab.sh stop`.
+fn restart_containerd(lab: &Lab) {
+    use std::os::unix::process::CommandExt;
+    let bindir = lab.ctr_bin.parent().unwrap();
+    let log = std::fs::OpenOptions::new()
+        .append(true)
+        .open(lab.dir.join("containerd.log"))
+        .unwrap();
+    let mut cmd = std::process::Command::new(bindir.join("containerd"));
+    cmd.arg("--config")
+        .arg(lab.dir.join("config.toml"))
+        .env(
+            "PATH",
+            format!("{}:{}", bindir.display(), std::env::var("PATH").unwrap()),
+        )
+        .stdin(Stdio::null())
+        .stdout(log.try_clone().unwrap())
+        .stderr(log);
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::setsid();
+            Ok(())
+        });
+    }
+    let pid = cmd.spawn().unwrap().id();
+    let env = std::fs::read_to_string(lab.dir.join("env")).unwrap();
+    let env: String = env
+        .lines()
+        .map(|l| match l.starts_with("CONTAINERD_PID=") {
+            true => format!("CONTAINERD_PID={pid}\n"),
+            false => format!("{l}\n"),
+        })
+        .collect();
+    std::fs::write(lab.dir.join("env"), env).unwrap();
+    wait_until(
+        "containerd to answer again",
+        Duration::from_secs(10),
+        || lab.try_ctr(&["version"]).status.success(),
+    );
+}
+
+#[test]
+fn containerd_restarting_while_the_sandbox_is_paused_does_not_lose_the_resume() {
+    use std::io::BufRead;
+    let lab = Lab::start();
+    big_sandbox(&lab, "r1");
+    let mut child = spawn_commit(&lab, "r1", "snap/r1", &[]);
+    let stderr = child.stderr.take().unwrap();
+    let lines = std::sync::Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+    let reader = {
+        let lines = lines.clone();
+        std::thread::spawn(move || {
+            for l in std::io::BufReader::new(stderr)
+                .lines()
+                .map_while(Result::ok)
+            {
+                lines.lock().unwrap().push(l);
+            }
+        })
+    };
+    wait_until("the sandbox to be paused", Duration::from_secs(30), || {
+        lab.task_status("r1") == "PAUSED"
+    });
+    kill_containerd(&lab);
+    // containerd stays down until the commit has tried, and failed, to resume at least once.
+    wait_until("a failed resume", Duration::from_secs(60), || {
+        lines
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|l| l.contains("retrying to resume"))
+    });
+    restart_containerd(&lab);
+    let out = child.wait_with_output().unwrap();
+    reader.join().unwrap();
+    let stderr = lines.lock().unwrap().join("\n");
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    assert_eq!(lab.task_status("r1"), "RUNNING");
+    assert!(!leases(&lab).contains("committer/r1"), "{}", leases(&lab));
+    assert_eq!(lab.tags("snap/r1"), vec!["v1".to_string()]);
+}
+
+#[test]
+fn a_runc_container_whose_options_name_another_binary_is_refused() {
+    let lab = Lab::start();
+    let base = lab.base_image("base", false);
+    // runc under the name of gVisor's runtime: what the runc shim's BinaryName option selects.
+    let bin = lab.dir.join("bin");
+    std::fs::create_dir_all(&bin).unwrap();
+    let runc = crate::lab::check(std::process::Command::new("sh").args(["-c", "command -v runc"]));
+    std::os::unix::fs::symlink(runc.trim(), bin.join("runsc")).unwrap();
+    let runsc = bin.join("runsc");
+    lab.ctr(&[
+        "run",
+        "-d",
+        "--runc-binary",
+        runsc.to_str().unwrap(),
+        "--runc-root",
+        lab.runc_root.to_str().unwrap(),
+        "--cgroup",
+        &format!("{}/b1", lab.cgroup_parent),
+        &base,
+        "b1",
+        "sleep",
+        "1000000",
+    ]);
+    lab.wait_status("b1", "RUNNING", Duration::from_secs(20));
+    let out = lab.committer(&[
+        "commit",
+        "--container",
+        "b1",
+        "--image",
+        &format!("{}/snap/b1:v1", lab.registry),
+        "--plain-http",
+    ]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(4), "{stderr}");
+    assert!(
+        stderr.contains(&format!("BinaryName {:?}", runsc.to_str().unwrap())),
+        "{stderr}"
+    );
+    assert_eq!(lab.task_status("b1"), "RUNNING");
+    assert!(lab.tags("snap/b1").is_empty());
+}
+
+#[test]
+fn pod_commits_the_running_instance_after_a_restart_and_says_when_none_runs() {
+    let lab = Lab::start();
+    let base = lab.base_image("base", false);
+    for (id, attempt) in [("web-0", "0"), ("web-1", "1")] {
+        let opts = RunOpts::cri("shop", "web", "app")
+            .label("io.kubernetes.container.restartCount", attempt);
+        lab.run_container(id, &base, &opts);
+        lab.exec(id, &format!("echo {id} > /instance"));
+    }
+    // The first instance exited; the kubelet keeps it (and its task, STOPPED) until GC.
+    lab.ctr(&["tasks", "kill", "-s", "SIGKILL", "web-0"]);
+    lab.wait_status("web-0", "STOPPED", Duration::from_secs(10));
+    let commit = |tag: &str| {
+        lab.committer(&[
+            "commit",
+            "--pod",
+            "shop/web",
+            "--image",
+            &format!("{}/snap/web:{tag}", lab.registry),
+            "--plain-http",
+        ])
+    };
+    let out = commit("v1");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let result: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(result["container"], "web-1");
+    let tree = lab.pull_unpack(result["image"].as_str().unwrap());
+    assert_eq!(
+        std::fs::read_to_string(tree.join("instance")).unwrap(),
+        "web-1\n"
+    );
+
+    lab.ctr(&["tasks", "kill", "-s", "SIGKILL", "web-1"]);
+    lab.wait_status("web-1", "STOPPED", Duration::from_secs(10));
+    let out = commit("v2");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(3), "{stderr}");
+    assert!(
+        stderr.contains("no container of pod shop/web is running"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("web-0") && stderr.contains("web-1"),
+        "{stderr}"
+    );
+}
