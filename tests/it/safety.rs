@@ -869,3 +869,40 @@ fn pod_commits_the_running_instance_after_a_restart_and_says_when_none_runs() {
         "{stderr}"
     );
 }
+
+#[test]
+fn a_commit_longer_than_the_lease_ttl_keeps_its_lease() {
+    let lab = Lab::start();
+    let base = lab.base_image("base", false);
+    lab.run_container("l1", &base, &RunOpts::default());
+    lab.exec("l1", "head -c 8388608 /dev/urandom > /blob");
+    // 8 MiB through 1 MiB/s: ~8 s, more than twice the 3 s TTL.
+    let proxy = throttling_proxy(lab.registry.clone(), 1 << 20);
+    let mut cmd = lab.committer_command();
+    cmd.env("COMMITTER_LEASE_TTL_SECONDS", "3").args([
+        "commit",
+        "--container",
+        "l1",
+        "--image",
+        &format!("{proxy}/snap/l1:v1"),
+        "--plain-http",
+        "--compression",
+        "none",
+    ]);
+    let first = cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+    std::thread::sleep(Duration::from_secs(5));
+    let second = lab.committer(&[
+        "commit",
+        "--container",
+        "l1",
+        "--image",
+        &format!("{}/snap/l1b:v1", lab.registry),
+        "--plain-http",
+    ]);
+    let stderr = String::from_utf8_lossy(&second.stderr);
+    assert_eq!(second.status.code(), Some(7), "still held after 5 s: {stderr}");
+    let first = first.wait_with_output().unwrap();
+    assert!(first.status.success(), "{}", String::from_utf8_lossy(&first.stderr));
+    assert!(!leases(&lab).contains("committer/l1"), "{}", leases(&lab));
+    assert!(lab.tags("snap/l1b").is_empty());
+}
