@@ -71,7 +71,7 @@ async fn commit_leased(
         &format!("snapshots/{}", info.snapshotter),
     )
     .await?;
-    let base = ctr.base_image(&info.image).await?;
+    let base = ctr.base_of(info).await?;
     for d in base_digests(&base) {
         ctr.lease_resource(lease, &d, "content").await?;
     }

@@ -52,6 +52,7 @@ impl CommitError {
     pub fn exit_code(&self) -> i32 {
         match self {
             CommitError::Containerd(ContainerdError::Busy { .. }) => exit::BUSY,
+            CommitError::Containerd(ContainerdError::BaseMismatch { .. }) => exit::REFUSED,
             CommitError::Containerd(e) if e.is_not_found() => exit::NOT_FOUND,
             CommitError::Containerd(_) => exit::CONTAINERD,
             CommitError::Source(SourceError::Containerd(e)) if e.is_not_found() => exit::NOT_FOUND,

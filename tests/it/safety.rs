@@ -889,7 +889,11 @@ fn a_commit_longer_than_the_lease_ttl_keeps_its_lease() {
         "--compression",
         "none",
     ]);
-    let first = cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+    let first = cmd
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
     std::thread::sleep(Duration::from_secs(5));
     let second = lab.committer(&[
         "commit",
@@ -900,9 +904,85 @@ fn a_commit_longer_than_the_lease_ttl_keeps_its_lease() {
         "--plain-http",
     ]);
     let stderr = String::from_utf8_lossy(&second.stderr);
-    assert_eq!(second.status.code(), Some(7), "still held after 5 s: {stderr}");
+    assert_eq!(
+        second.status.code(),
+        Some(7),
+        "still held after 5 s: {stderr}"
+    );
     let first = first.wait_with_output().unwrap();
-    assert!(first.status.success(), "{}", String::from_utf8_lossy(&first.stderr));
+    assert!(
+        first.status.success(),
+        "{}",
+        String::from_utf8_lossy(&first.stderr)
+    );
     assert!(!leases(&lab).contains("committer/l1"), "{}", leases(&lab));
     assert!(lab.tags("snap/l1b").is_empty());
+}
+
+#[test]
+fn a_base_tag_moved_after_the_sandbox_started_is_not_used_as_its_base() {
+    let lab = Lab::start();
+    let base = lab.base_image("base", false);
+    lab.run_container("m1", &base, &RunOpts::default());
+    lab.exec("m1", "echo mine > /m1");
+    // Another image, one layer more, that the name will point to.
+    lab.run_container("o1", &base, &RunOpts::default());
+    lab.exec("o1", "echo planted > /planted");
+    let other = format!("{}/other:v1", lab.registry);
+    let out = lab.committer(&[
+        "commit",
+        "--container",
+        "o1",
+        "--image",
+        &other,
+        "--plain-http",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    lab.ctr(&["images", "pull", "--plain-http", &other]);
+    // A second record of the original base (the CRI keeps one by digest and one by ID).
+    let keep = format!("{}/base:keep", lab.registry);
+    lab.ctr(&["images", "tag", &base, &keep]);
+    lab.ctr(&["images", "tag", "--force", &other, &base]);
+
+    let commit = |tag: &str| {
+        lab.committer(&[
+            "commit",
+            "--container",
+            "m1",
+            "--image",
+            &format!("{}/snap/m1:{tag}", lab.registry),
+            "--plain-http",
+        ])
+    };
+    let out = commit("v1");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let result: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(result["baseImage"], keep.as_str());
+    let tree = lab.pull_unpack(result["image"].as_str().unwrap());
+    assert_eq!(std::fs::read_to_string(tree.join("m1")).unwrap(), "mine\n");
+    assert!(
+        !tree.join("planted").exists(),
+        "a file of the moved tag's image"
+    );
+    assert!(tree.join("bin/busybox").exists());
+
+    // No image chains to the sandbox's parent any more: refused, naming both.
+    lab.ctr(&["images", "rm", &keep]);
+    let out = commit("v2");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(4), "{stderr}");
+    assert!(
+        stderr.contains(&base) && stderr.contains("parent is \"sha256:"),
+        "{stderr}"
+    );
+    assert_eq!(lab.task_status("m1"), "RUNNING");
+    assert_eq!(lab.tags("snap/m1"), vec!["v1".to_string()]);
 }
