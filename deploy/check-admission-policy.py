@@ -63,36 +63,56 @@ def admit(spec, pod, namespace):
     return [str(p) for p in variables["containerdPaths"]], results
 
 
-def pod(paths, images, ephemeral=None, init=None):
+COMMIT = ["commit", "--pod", "default/sandbox", "--image", "reg.example/snap:v1"]
+
+
+def pod(paths, images, ephemeral=None, init=None, command=None, args=COMMIT):
+    def container(name, image):
+        c = {"name": name, "image": image}
+        if command is not None:
+            c["command"] = command
+        if args is not None:
+            c["args"] = args
+        return c
+
     spec = {
-        "containers": [{"name": f"c{i}", "image": im} for i, im in enumerate(images)],
+        "containers": [container(f"c{i}", im) for i, im in enumerate(images)],
         "volumes": [{"name": f"v{i}", "hostPath": {"path": p}} for i, p in enumerate(paths)]
         + [{"name": "scratch", "emptyDir": {}}],
     }
     if ephemeral:
-        spec["ephemeralContainers"] = [{"name": "debug", "image": ephemeral}]
+        spec["ephemeralContainers"] = [container("debug", ephemeral)]
     if init:
-        spec["initContainers"] = [{"name": "init", "image": init}]
+        spec["initContainers"] = [container("init", init)]
     return {"spec": spec}
 
 
 SOCK = "/run/containerd/containerd.sock"
 SNAPS = "/var/lib/containerd/io.containerd.snapshotter.v1.overlayfs"
-# name, pod, namespace, [image rule passes, namespace rule passes]
+# name, pod, namespace, [image rule passes, namespace rule passes, command rule passes]
 CASES = [
-    ("the commit Job", pod([SOCK, SNAPS], [GOOD]), "committer-system", [True, True]),
-    ("the Job in another namespace", pod([SOCK], [GOOD]), "default", [True, False]),
-    ("another image with the socket", pod([SOCK], ["busybox"]), "committer-system", [False, True]),
-    ("the committer by tag", pod([SOCK], ["reg.example/platform/committer:0.1.0"]), "committer-system", [False, True]),
-    ("hostPath /", pod(["/"], ["busybox"]), "default", [False, False]),
-    ("hostPath //run//containerd/./", pod(["//run//containerd/./"], ["busybox"]), "default", [False, False]),
-    ("hostPath /var/run", pod(["/var/run"], ["busybox"]), "default", [False, False]),
-    ("hostPath /run/", pod(["/run/"], ["busybox"]), "default", [False, False]),
-    ("hostPath /var (holds /var/lib/containerd)", pod(["/var"], ["busybox"]), "default", [False, False]),
-    ("unrelated hostPaths", pod(["/var/log", "/run/containerd-other", "/etc/ssl"], ["busybox"]), "default", [True, True]),
-    ("no volumes", {"spec": {"containers": [{"name": "c", "image": "busybox"}]}}, "default", [True, True]),
-    ("an ephemeral debug container", pod([SOCK], [GOOD], ephemeral="busybox"), "committer-system", [False, True]),
-    ("an init container", pod(["/run/containerd"], [GOOD], init="busybox"), "committer-system", [False, True]),
+    ("the commit Job", pod([SOCK, SNAPS], [GOOD]), "committer-system", [True, True, True]),
+    ("the Job repeating the entrypoint", pod([SOCK], [GOOD], command=["/committer"]), "committer-system", [True, True, True]),
+    ("the Job in another namespace", pod([SOCK], [GOOD]), "default", [True, False, True]),
+    ("another image with the socket", pod([SOCK], ["busybox"]), "committer-system", [False, True, True]),
+    ("the committer by tag", pod([SOCK], ["reg.example/platform/committer:0.1.0"]), "committer-system", [False, True, True]),
+    ("hostPath /", pod(["/"], ["busybox"]), "default", [False, False, True]),
+    ("hostPath //run//containerd/./", pod(["//run//containerd/./"], ["busybox"]), "default", [False, False, True]),
+    ("hostPath /var/run", pod(["/var/run"], ["busybox"]), "default", [False, False, True]),
+    ("hostPath /run/", pod(["/run/"], ["busybox"]), "default", [False, False, True]),
+    ("hostPath /var (holds /var/lib/containerd)", pod(["/var"], ["busybox"]), "default", [False, False, True]),
+    ("hostPath /proc/1/root (the host's /)", pod(["/proc/1/root"], ["busybox"]), "default", [False, False, True]),
+    ("hostPath /proc/self/root/run/containerd", pod(["/proc/self/root/run/containerd"], ["busybox"]), "default", [False, False, True]),
+    ("hostPath /proc//1/./cwd", pod(["/proc//1/./cwd"], ["busybox"]), "default", [False, False, True]),
+    ("hostPath /proc/1/root, by the committer", pod(["/proc/1/root"], [GOOD]), "committer-system", [True, True, True]),
+    ("unrelated hostPaths", pod(["/var/log", "/run/containerd-other", "/etc/ssl", "/procfs"], ["busybox"]), "default", [True, True, True]),
+    ("no volumes", {"spec": {"containers": [{"name": "c", "image": "busybox"}]}}, "default", [True, True, True]),
+    ("an ephemeral debug container", pod([SOCK], [GOOD], ephemeral="busybox"), "committer-system", [False, True, True]),
+    ("an init container", pod(["/run/containerd"], [GOOD], init="busybox"), "committer-system", [False, True, True]),
+    ("the committer with another command", pod([SOCK], [GOOD], command=["/bin/sh", "-c"]), "committer-system", [True, True, False]),
+    ("the committer told to diff into a file", pod([SOCK], [GOOD], args=["diff", "--output", "/host/x"]), "committer-system", [True, True, False]),
+    ("the committer with no args", pod([SOCK], [GOOD], args=None), "committer-system", [True, True, False]),
+    ("the committer with no args, no hostPath", pod([], [GOOD], args=None), "default", [True, True, True]),
 ]
 
 

@@ -17,9 +17,6 @@ use crate::source::{self, BlobLocation, Destination, FinishedLayer, LayerRequest
 use crate::{log, push};
 use std::time::Instant;
 
-/// Runtimes that keep the container's writes somewhere the snapshot does not see.
-const OFF_HOST_RUNTIMES: &[&str] = &["runsc", "gvisor", "kata", "firecracker", "krun"];
-
 /// `committer commit`: the whole job.
 pub async fn commit(plan: &CommitPlan) -> Result<CommitResult, CommitError> {
     let started = Instant::now();
@@ -107,14 +104,7 @@ async fn connect(plan: &SourcePlan) -> Result<(Containerd, ContainerInfo), Commi
 /// Finds the container and refuses what we cannot commit truthfully.
 pub async fn locate(ctr: &Containerd, plan: &SourcePlan) -> Result<ContainerInfo, CommitError> {
     let info = ctr.find_container(&plan.selector).await?;
-    let runtime = info.runtime.to_ascii_lowercase();
-    if OFF_HOST_RUNTIMES.iter().any(|r| runtime.contains(*r)) {
-        return Err(Refusal::OffHostRuntime {
-            container: info.id.clone(),
-            runtime: info.runtime.clone(),
-        }
-        .into());
-    }
+    crate::containerd::lookup::check_runtime(&info).map_err(Refusal::from)?;
     if info.image.is_empty() {
         return Err(Refusal::NoImage {
             container: info.id.clone(),
@@ -165,7 +155,8 @@ async fn leased_base(
     lease: &Lease,
 ) -> Result<BaseImage, CommitError> {
     lease_snapshot(ctr, info, lease).await?;
-    let base = ctr.base_image(&info.image).await?;
+    // The image the snapshot really descends from, not whatever its name points to now.
+    let base = ctr.base_of(info).await?;
     for d in base_blobs(&base)?.all_digests() {
         ctr.lease_resource(lease, d.as_str(), "content").await?;
     }

@@ -31,8 +31,8 @@ pub trait ExitClass {
 /// Containers and states we will not commit, because the image would not be the truth.
 #[derive(Debug, thiserror::Error)]
 pub enum Refusal {
-    #[error("container {container:?} runs on runtime {runtime:?}, which keeps the container's writes off the host snapshot; committing it would silently miss them — commit it from inside the sandbox instead")]
-    OffHostRuntime { container: String, runtime: String },
+    #[error(transparent)]
+    Runtime(#[from] crate::containerd::lookup::RuntimeRefused),
     #[error("container {container:?} was not created from an image; committer needs the base image to build on")]
     NoImage { container: String },
     #[error("container {container:?} has no changes: the layer would be empty")]
@@ -101,6 +101,8 @@ impl ExitClass for ContainerdError {
     fn exit_code(&self) -> i32 {
         match self {
             ContainerdError::Busy { .. } => exit::BUSY,
+            // The base the name points to now is not the one the sandbox runs on.
+            ContainerdError::BaseMismatch { .. } => exit::REFUSED,
             e if e.is_not_found() => exit::NOT_FOUND,
             _ => exit::CONTAINERD,
         }
@@ -178,9 +180,8 @@ mod tests {
 
     #[test]
     fn refusals_exit_4_and_name_the_container() {
-        let e: CommitError = Refusal::OffHostRuntime {
+        let e: CommitError = Refusal::NoImage {
             container: "sb".into(),
-            runtime: "io.containerd.runsc.v1".into(),
         }
         .into();
         assert_eq!(e.exit_code(), exit::REFUSED);

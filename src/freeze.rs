@@ -1,14 +1,21 @@
-//! The pause window. A container we paused is recorded here until it is resumed, so that every
-//! way out of the process — success, error, panic, SIGTERM/SIGINT — can resume it
-//! (`resume_if_paused`). A task that was already paused before we started is left paused.
+//! The pause window. A container we paused is recorded here until a Resume has *succeeded*, so
+//! that every way out of the process — success, error, panic, SIGTERM/SIGINT — can resume it
+//! (`resume_if_paused`), and the supervisor is told "resumed" only then. Resuming retries with
+//! backoff and reconnects while containerd restarts, and checks the task is no longer PAUSED.
+//! A task that was already paused before we started is left paused.
 //!
 //! `while_paused` is the one way the pipeline pauses: it takes the work as a future, pauses,
 //! runs it, and resumes before returning, whatever the work returned.
 
 use crate::containerd::task::TaskStatus;
 use crate::containerd::{Containerd, ContainerdError};
+use std::path::PathBuf;
 use std::sync::Mutex;
-use std::time::Instant;
+use std::time::{Duration, Instant};
+
+/// How long the commit itself keeps trying to resume before it fails (the supervisor then tries
+/// again for longer).
+const RESUME_DEADLINE: Duration = Duration::from_secs(30);
 
 static PAUSED: Mutex<Option<(Containerd, String)>> = Mutex::new(None);
 
@@ -86,8 +93,12 @@ pub async fn pause(ctr: &Containerd, id: &str) -> Result<Option<Paused>, Contain
     *PAUSED.lock().expect("pause lock") = Some((ctr.clone(), id.to_string()));
     crate::guard::tell("paused");
     if let Err(e) = ctr.pause(id).await {
-        PAUSED.lock().expect("pause lock").take();
-        crate::guard::tell("resumed");
+        // A Pause that timed out or lost its answer may still have frozen the task.
+        if let Err(r) = resume_if_paused().await {
+            crate::log::error(&format!(
+                "could not resume {id:?} after a failed pause: {r}"
+            ));
+        }
         return Err(e);
     }
     Ok(Some(Paused {
@@ -98,18 +109,107 @@ pub async fn pause(ctr: &Containerd, id: &str) -> Result<Option<Paused>, Contain
 impl Paused {
     /// Resumes the container; returns how long it was paused.
     pub async fn resume(self) -> Result<u64, ContainerdError> {
-        let ms = self.since.elapsed().as_millis() as u64;
         resume_if_paused().await?;
-        Ok(ms)
+        Ok(self.since.elapsed().as_millis() as u64)
     }
 }
 
-/// Resumes the container we paused, if any. Safe to call any number of times.
+/// Resumes the container we paused, if any. Safe to call any number of times; the record is
+/// cleared only once the task is no longer paused.
 pub async fn resume_if_paused() -> Result<(), ContainerdError> {
-    let entry = PAUSED.lock().expect("pause lock").take();
+    let entry = PAUSED.lock().expect("pause lock").clone();
     if let Some((ctr, id)) = entry {
-        ctr.resume(&id).await?;
+        let target = Target {
+            address: ctr.address.clone(),
+            namespace: ctr.namespace.clone(),
+            container: id,
+        };
+        resume_until_running(&target, Some(ctr), RESUME_DEADLINE).await?;
+        PAUSED.lock().expect("pause lock").take();
         crate::guard::tell("resumed");
     }
     Ok(())
+}
+
+/// The sandbox to resume, by address (a fresh connection can be made to it).
+pub struct Target {
+    pub address: PathBuf,
+    pub namespace: String,
+    pub container: String,
+}
+
+/// Resumes `target` until its task is no longer PAUSED or PAUSING: a Resume whose answer was
+/// lost, a containerd that restarts (the shim and the frozen task outlive it) or hangs (every
+/// call has a deadline) are retried with backoff, on a new connection when the old one fails,
+/// until `deadline`; then the last error is returned.
+pub async fn resume_until_running(
+    target: &Target,
+    conn: Option<Containerd>,
+    deadline: Duration,
+) -> Result<(), ContainerdError> {
+    let started = Instant::now();
+    let mut conn = conn;
+    let mut delay = Duration::from_millis(50);
+    let mut attempt = 0u32;
+    loop {
+        attempt += 1;
+        let err = match step(&mut conn, target).await {
+            Ok(true) => return Ok(()),
+            Ok(false) => None,
+            Err(e) => Some(e),
+        };
+        if started.elapsed() + delay > deadline {
+            return Err(err.unwrap_or_else(|| ContainerdError::Invalid {
+                what: format!("resuming {:?}", target.container),
+                detail: format!(
+                    "the task is still paused after {attempt} attempts in {deadline:?}"
+                ),
+            }));
+        }
+        if let Some(e) = &err {
+            if attempt == 1 || attempt.is_multiple_of(10) {
+                crate::log::warn(&format!(
+                    "{e}; retrying to resume {:?} (attempt {attempt})",
+                    target.container
+                ));
+            }
+            conn = None;
+        }
+        tokio::time::sleep(delay).await;
+        delay = (delay * 2).min(Duration::from_secs(2));
+    }
+}
+
+/// One try: connect if needed, read the status, resume if paused. True once it is not paused.
+async fn step(conn: &mut Option<Containerd>, t: &Target) -> Result<bool, ContainerdError> {
+    let ctr = match conn {
+        Some(c) => c.clone(),
+        None => {
+            let connect = Containerd::connect(&t.address, &t.namespace);
+            let c = match tokio::time::timeout(crate::containerd::RPC_DEADLINE, connect).await {
+                Ok(c) => c?,
+                Err(_) => {
+                    return Err(ContainerdError::Invalid {
+                        what: format!("connecting to containerd at {}", t.address.display()),
+                        detail: format!("no answer within {:?}", crate::containerd::RPC_DEADLINE),
+                    })
+                }
+            };
+            *conn = Some(c.clone());
+            c
+        }
+    };
+    match ctr.task_status(&t.container).await? {
+        TaskStatus::Paused | TaskStatus::Pausing => {
+            ctr.resume(&t.container).await?;
+            Ok(matches!(
+                ctr.task_status(&t.container).await?,
+                TaskStatus::Running
+                    | TaskStatus::Stopped
+                    | TaskStatus::NoTask
+                    | TaskStatus::Created
+            ))
+        }
+        _ => Ok(true),
+    }
 }

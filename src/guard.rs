@@ -1,147 +1,161 @@
-//! The guardian: a small child process (this binary, re-executed as `committer __guard`) that
-//! outlives a committer killed by SIGKILL or the OOM killer. The parent tells it over a pipe when
-//! it pauses and resumes the sandbox; if the pipe closes without a final "done" (the parent died),
-//! the guardian resumes a sandbox left paused and deletes the commit's lease (the per-container
-//! lock), within milliseconds of the parent's death.
+//! The worker's side of the supervisor channel (see `supervise`): the commit runs in a child of
+//! the supervisor and tells it, over an inherited pipe, what it would have to undo if it died
+//! now — the sandbox it paused, the lease it holds, the walk views it mounted, the spool files it
+//! created. The supervisor outlives the worker (it is the Job container's PID 1), so a SIGKILL or
+//! an OOM kill of the worker is cleaned up within milliseconds; `finish` says "nothing to undo".
 //!
-//! It ignores SIGINT/SIGTERM: those reach the parent, which resumes and then says "done". Only
-//! a SIGKILL of the whole container (the Job's pod being killed) can take both down; the lease
-//! then expires by itself and a frozen task stays frozen — documented in SECURITY.md.
+//! One line per message, fields separated by tabs: `target ADDRESS NAMESPACE CONTAINER LEASE`,
+//! `paused`, `resumed`, `mount PATH`, `unmount PATH`, `own PATH`, `disown PATH`, `done`.
+//! Without a supervisor (the library used on its own) every call here is a no-op.
 
-use crate::containerd::task::TaskStatus;
-use crate::containerd::Containerd;
-use std::io::{BufRead, Write};
-use std::path::{Path, PathBuf};
-use std::process::{Child, ChildStdin, Command, Stdio};
+use std::fs::File;
+use std::io::Write;
+use std::os::fd::{FromRawFd, RawFd};
+use std::path::Path;
 use std::sync::Mutex;
 
-/// The name of the hidden subcommand.
-pub const SUBCOMMAND: &str = "__guard";
+/// The environment variable that hands the worker the write end of the channel.
+pub const CHANNEL_ENV: &str = "COMMITTER_SUPERVISOR_FD";
+/// The environment variable that hands the worker the owner token it writes on its lease.
+pub const OWNER_ENV: &str = "COMMITTER_OWNER";
 
-static GUARDIAN: Mutex<Option<Guardian>> = Mutex::new(None);
+static CHANNEL: Mutex<Option<File>> = Mutex::new(None);
+static OWNER: Mutex<Option<String>> = Mutex::new(None);
 
-struct Guardian {
-    child: Child,
-    pipe: ChildStdin,
+/// Takes over the channel fd named in the environment (the worker, once, at start). The fd is
+/// made close-on-exec so that nothing the worker runs can hold the supervisor's pipe open.
+pub fn attach(fd: RawFd, owner: String) {
+    if let Ok(flags) = rustix::io::fcntl_getfd(unsafe { rustix::fd::BorrowedFd::borrow_raw(fd) }) {
+        let _ = rustix::io::fcntl_setfd(
+            unsafe { rustix::fd::BorrowedFd::borrow_raw(fd) },
+            flags | rustix::io::FdFlags::CLOEXEC,
+        );
+    }
+    *CHANNEL.lock().expect("channel lock") = Some(unsafe { File::from_raw_fd(fd) });
+    *OWNER.lock().expect("owner lock") = Some(owner);
 }
 
-/// Starts the guardian for this commit. Failing to start it is not fatal: we log and go on,
-/// as every in-process path still resumes.
+/// The token this commit writes on its lease, so that only its owner ever deletes it.
+pub fn owner_token() -> String {
+    OWNER
+        .lock()
+        .expect("owner lock")
+        .get_or_insert_with(|| format!("pid-{}-{}", std::process::id(), nanos()))
+        .clone()
+}
+
+fn nanos() -> u128 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0)
+}
+
+/// Tells the supervisor which sandbox and lease this commit works on. Kept for the pipeline's
+/// call site; "start" because it used to start a separate guardian process.
 pub fn start(address: &Path, namespace: &str, container: &str, lease: &str) -> std::io::Result<()> {
-    let exe = std::env::current_exe()?;
-    let mut child = Command::new(exe)
-        .arg(SUBCOMMAND)
-        .arg(address)
-        .arg(namespace)
-        .arg(container)
-        .arg(lease)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::null())
-        .stderr(Stdio::inherit())
-        .spawn()?;
-    let pipe = child.stdin.take().expect("stdin was piped");
-    *GUARDIAN.lock().expect("guardian lock") = Some(Guardian { child, pipe });
-    Ok(())
-}
-
-/// Tells the guardian the sandbox state ("paused" / "resumed").
-pub fn tell(state: &str) {
-    if let Some(g) = GUARDIAN.lock().expect("guardian lock").as_mut() {
-        let _ = writeln!(g.pipe, "{state}");
-    }
-}
-
-/// A read-only view mounted for the walk: unmounted by the guardian if we die holding it.
-pub fn tell_mounted(path: &Path) {
-    tell(&format!("mount {}", path.display()));
-}
-
-pub fn tell_unmounted(path: &Path) {
-    tell(&format!("unmount {}", path.display()));
-}
-
-/// The commit is over and cleaned up: the guardian exits without doing anything.
-pub fn finish() {
-    if let Some(mut g) = GUARDIAN.lock().expect("guardian lock").take() {
-        let _ = writeln!(g.pipe, "done");
-        drop(g.pipe);
-        let _ = g.child.wait();
-    }
-}
-
-/// `committer __guard ADDRESS NAMESPACE CONTAINER LEASE`: waits for the parent, cleans up after it.
-pub fn run(args: &[String]) -> i32 {
-    let [address, namespace, container, lease] = args else {
-        eprintln!("committer: {SUBCOMMAND} is internal: ADDRESS NAMESPACE CONTAINER LEASE");
-        return 2;
-    };
-    // SIGINT/SIGTERM go to the parent, which handles them and then says "done".
-    unsafe {
-        libc::signal(libc::SIGINT, libc::SIG_IGN);
-        libc::signal(libc::SIGTERM, libc::SIG_IGN);
-    }
-    let mut paused = false;
-    let mut mounts: Vec<String> = Vec::new();
-    for line in std::io::stdin().lock().lines() {
-        match line.as_deref() {
-            Ok("paused") => paused = true,
-            Ok("resumed") => paused = false,
-            Ok("done") => return 0,
-            Ok(l) if l.starts_with("mount ") => mounts.push(l["mount ".len()..].to_string()),
-            Ok(l) if l.starts_with("unmount ") => mounts.retain(|m| m != &l["unmount ".len()..]),
-            Ok(_) => {}
-            Err(_) => break,
-        }
-    }
-    // The parent is gone without saying "done": first the walk's views it left mounted.
-    for m in &mounts {
-        let _ = rustix::mount::unmount(m.as_str(), rustix::mount::UnmountFlags::DETACH);
-        let _ = std::fs::remove_dir(m);
-    }
-    let rt = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(rt) => rt,
-        Err(_) => return 1,
-    };
-    rt.block_on(clean_up(
-        PathBuf::from(address),
-        namespace,
-        container,
-        lease,
-        paused,
+    send(&format!(
+        "target\t{}\t{namespace}\t{container}\t{lease}",
+        address.display()
     ))
 }
 
-async fn clean_up(
-    address: PathBuf,
-    namespace: &str,
-    container: &str,
-    lease: &str,
-    paused: bool,
-) -> i32 {
-    let ctr = match Containerd::connect(&address, namespace).await {
-        Ok(c) => c,
-        Err(e) => {
-            eprintln!("committer guardian: {e}");
-            return 1;
-        }
-    };
-    let mut code = 0;
-    if paused && matches!(ctr.task_status(container).await, Ok(TaskStatus::Paused)) {
-        match ctr.resume(container).await {
-            Ok(()) => eprintln!(
-                "committer guardian: committer died while {container:?} was paused; resumed it"
-            ),
-            Err(e) => {
-                eprintln!("committer guardian: {e}");
-                code = 1;
+fn send(line: &str) -> std::io::Result<()> {
+    match CHANNEL.lock().expect("channel lock").as_mut() {
+        Some(pipe) => writeln!(pipe, "{line}"),
+        None => Ok(()),
+    }
+}
+
+/// Tells the supervisor the sandbox state ("paused" before the Pause RPC, "resumed" only after
+/// a Resume succeeded).
+pub fn tell(state: &str) {
+    let _ = send(state);
+}
+
+/// A read-only view mounted for the walk: unmounted by the supervisor if the worker dies.
+pub fn tell_mounted(path: &Path) {
+    let _ = send(&format!("mount\t{}", path.display()));
+}
+
+pub fn tell_unmounted(path: &Path) {
+    let _ = send(&format!("unmount\t{}", path.display()));
+}
+
+/// A spool file or directory this commit created: removed by the supervisor if the worker dies
+/// (a directory with everything in it, never following a symlink).
+pub fn tell_owned_path(path: &Path) {
+    let _ = send(&format!("own\t{}", path.display()));
+}
+
+/// The path is gone or handed over: the supervisor leaves it alone.
+pub fn tell_released_path(path: &Path) {
+    let _ = send(&format!("disown\t{}", path.display()));
+}
+
+/// The commit is over and cleaned up: the supervisor has nothing to undo.
+pub fn finish() {
+    let _ = send("done");
+}
+
+/// What the supervisor would have to undo, as told by the worker.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Pending {
+    /// containerd address, namespace, container, lease.
+    pub target: Option<(String, String, String, String)>,
+    pub paused: bool,
+    pub mounts: Vec<String>,
+    pub owned: Vec<String>,
+    pub done: bool,
+}
+
+impl Pending {
+    /// Applies one line of the channel.
+    pub fn apply(&mut self, line: &str) {
+        let mut f = line.split('\t');
+        match (f.next(), f.next()) {
+            (Some("target"), Some(address)) => {
+                if let (Some(ns), Some(c), Some(l)) = (f.next(), f.next(), f.next()) {
+                    self.target = Some((address.into(), ns.into(), c.into(), l.into()));
+                }
             }
+            (Some("paused"), None) => self.paused = true,
+            (Some("resumed"), None) => self.paused = false,
+            (Some("done"), None) => self.done = true,
+            (Some("mount"), Some(p)) => self.mounts.push(p.into()),
+            (Some("unmount"), Some(p)) => self.mounts.retain(|m| m != p),
+            (Some("own"), Some(p)) => self.owned.push(p.into()),
+            (Some("disown"), Some(p)) => self.owned.retain(|m| m != p),
+            _ => {}
         }
     }
-    if let Err(e) = ctr.delete_lease(lease).await {
-        eprintln!("committer guardian: {e}");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Pending;
+
+    #[test]
+    fn the_channel_tracks_what_is_left_to_undo() {
+        let mut p = Pending::default();
+        for l in [
+            "target\t/run/c.sock\tk8s.io\tabc\tcommitter/abc",
+            "paused",
+            "mount\t/tmp/v1",
+            "own\t/spool/a",
+            "own\t/spool/b",
+            "disown\t/spool/a",
+            "resumed",
+            "paused",
+            "unmount\t/tmp/v1",
+        ] {
+            p.apply(l);
+        }
+        assert!(p.paused && !p.done);
+        assert!(p.mounts.is_empty());
+        assert_eq!(p.owned, vec!["/spool/b".to_string()]);
+        assert_eq!(p.target.as_ref().unwrap().3, "committer/abc");
+        p.apply("done");
+        assert!(p.done);
     }
-    code
 }

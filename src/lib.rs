@@ -21,3 +21,4 @@ pub mod push;
 pub mod registry;
 pub mod report;
 pub mod source;
+pub mod supervise;

@@ -7,10 +7,7 @@ use committer::error::{exit, CommitError};
 use committer::{freeze, log, report};
 
 fn main() {
-    let args: Vec<String> = std::env::args().collect();
-    if args.get(1).map(String::as_str) == Some(committer::guard::SUBCOMMAND) {
-        std::process::exit(committer::guard::run(&args[2..]));
-    }
+    committer::supervise::enter();
     let cli = Cli::parse();
     log::init(
         match cli.log_level {

@@ -1,11 +1,19 @@
 //! The base image, read from containerd's content store: the image record, its manifest
 //! (an index resolved to this node's platform) and its config — kept as the exact bytes
 //! containerd holds, so that unknown keys and key order survive.
+//!
+//! The base is what the container's snapshot was made from, not whatever its image *name*
+//! points to now: a re-pull of a moved tag (or `ctr images tag --force`) re-points the name,
+//! and layers of another image under our diff would restore files the sandbox never had.
+//! `base_of` checks that the chain ID of the base config's `rootfs.diff_ids` is the parent of
+//! the container's snapshot (the unpacker names committed snapshots by chain ID), finds the
+//! right image among the other records when the name moved, and refuses when none matches.
 
+use super::lookup::ContainerInfo;
 use super::{Containerd, ContainerdError};
 use crate::digest::Digest;
 use crate::image::media;
-use containerd_client::services::v1::{GetImageRequest, ReadContentRequest};
+use containerd_client::services::v1::{GetImageRequest, ListImagesRequest, ReadContentRequest};
 
 /// Manifests and configs are small; anything bigger than this in the content store is not one.
 const MAX_METADATA_BLOB: i64 = 8 << 20;
@@ -21,6 +29,19 @@ pub struct BaseImage {
 }
 
 impl BaseImage {
+    /// The chain ID of the config's `rootfs.diff_ids` ("" for an image with no layers): the
+    /// name containerd's unpacker gives the snapshot of the image's top layer.
+    pub fn chain_id(&self) -> Result<String, ContainerdError> {
+        let config: serde_json::Value = serde_json::from_slice(&self.config_bytes)
+            .map_err(|e| invalid(&self.name, &format!("config is not JSON: {e}")))?;
+        let ids = config
+            .pointer("/rootfs/diff_ids")
+            .and_then(|d| d.as_array())
+            .ok_or_else(|| invalid(&self.name, "config has no rootfs.diff_ids"))?;
+        let ids: Vec<&str> = ids.iter().filter_map(|d| d.as_str()).collect();
+        Ok(chain_id(&ids))
+    }
+
     /// The base manifest's layer descriptors, as JSON objects (annotations and all).
     pub fn layers(&self) -> Vec<serde_json::Value> {
         self.manifest
@@ -34,22 +55,20 @@ impl BaseImage {
 impl Containerd {
     /// Reads the named image's manifest and config from the content store.
     pub async fn base_image(&self, name: &str) -> Result<BaseImage, ContainerdError> {
-        let image = self
-            .images()
-            .get(GetImageRequest {
-                name: name.to_string(),
-            })
-            .await
-            .map_err(|s| {
-                ContainerdError::rpc(
-                    format!("reading image {name:?} the container was created from"),
-                    s,
-                )
-            })?
-            .into_inner()
-            .image
-            .and_then(|i| i.target)
-            .ok_or_else(|| invalid(name, "the image record has no target"))?;
+        let image = super::timed(self.images().get(GetImageRequest {
+            name: name.to_string(),
+        }))
+        .await
+        .map_err(|s| {
+            ContainerdError::rpc(
+                format!("reading image {name:?} the container was created from"),
+                s,
+            )
+        })?
+        .into_inner()
+        .image
+        .and_then(|i| i.target)
+        .ok_or_else(|| invalid(name, "the image record has no target"))?;
         let mut media_type = image.media_type;
         let mut digest = parse_digest(name, &image.digest)?;
         let mut bytes = self.read_small_blob(&digest).await?;
@@ -109,6 +128,63 @@ impl Containerd {
             });
         }
         Ok(out)
+    }
+}
+
+/// identity.ChainID of the OCI image spec: ChainID(L0) = DiffID(L0), ChainID(L0..n) =
+/// sha256(ChainID(L0..n-1) + " " + DiffID(Ln)).
+pub fn chain_id(diff_ids: &[&str]) -> String {
+    let mut ids = diff_ids.iter();
+    let Some(first) = ids.next() else {
+        return String::new();
+    };
+    ids.fold(first.to_string(), |chain, d| {
+        Digest::of(format!("{chain} {d}").as_bytes()).to_string()
+    })
+}
+
+impl Containerd {
+    /// The image the container's snapshot was made from (see the module header). A refusal is
+    /// `ContainerdError::BaseMismatch`, naming the image and the snapshot's parent.
+    pub async fn base_of(&self, info: &ContainerInfo) -> Result<BaseImage, ContainerdError> {
+        let parent = self
+            .snapshot_parent(&info.snapshotter, &info.snapshot_key)
+            .await?
+            .unwrap_or_default();
+        let named = self.base_image(&info.image).await;
+        let named_chain = match &named {
+            Ok(b) => b.chain_id()?,
+            Err(e) => format!("unreadable ({e})"),
+        };
+        if named_chain == parent {
+            return named;
+        }
+        let names = super::timed(self.images().list(ListImagesRequest { filters: vec![] }))
+            .await
+            .map_err(|s| super::ContainerdError::rpc("listing images", s))?
+            .into_inner()
+            .images
+            .into_iter()
+            .map(|i| i.name)
+            .filter(|n| n != &info.image);
+        for name in names {
+            let Ok(b) = self.base_image(&name).await else {
+                continue;
+            };
+            if b.chain_id().ok().as_deref() == Some(parent.as_str()) {
+                crate::log::warn(&format!(
+                    "image {:?} no longer is what container {:?} was created from; using {name:?}, whose layers are the container's snapshot parent {parent}",
+                    info.image, info.id
+                ));
+                return Ok(b);
+            }
+        }
+        Err(ContainerdError::BaseMismatch {
+            container: info.id.clone(),
+            image: info.image.clone(),
+            image_chain: named_chain,
+            parent,
+        })
     }
 }
 
@@ -182,16 +258,14 @@ impl Containerd {
     > {
         use futures_util::StreamExt;
         let what = format!("reading {digest} from the content store");
-        let stream = self
-            .content()
-            .read(ReadContentRequest {
-                digest: digest.to_string(),
-                offset: 0,
-                size: 0,
-            })
-            .await
-            .map_err(|s| ContainerdError::rpc(what.clone(), s))?
-            .into_inner();
+        let stream = super::timed(self.content().read(ReadContentRequest {
+            digest: digest.to_string(),
+            offset: 0,
+            size: 0,
+        }))
+        .await
+        .map_err(|s| ContainerdError::rpc(what.clone(), s))?
+        .into_inner();
         Ok(stream.map(move |msg| {
             msg.map(|m| bytes::Bytes::from(m.data))
                 .map_err(|s| std::io::Error::other(format!("{what}: {}", s.message())))
@@ -201,12 +275,10 @@ impl Containerd {
     /// True when the content store holds this blob.
     pub async fn has_blob(&self, digest: &Digest) -> Result<bool, ContainerdError> {
         use containerd_client::services::v1::InfoRequest;
-        match self
-            .content()
-            .info(InfoRequest {
-                digest: digest.to_string(),
-            })
-            .await
+        match super::timed(self.content().info(InfoRequest {
+            digest: digest.to_string(),
+        }))
+        .await
         {
             Ok(_) => Ok(true),
             Err(s) if s.code() == tonic::Code::NotFound => Ok(false),
@@ -243,5 +315,18 @@ impl Containerd {
             msg.map(|m| bytes::Bytes::from(m.data))
                 .map_err(|s| std::io::Error::other(format!("{what}: {}", s.message())))
         }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn chain_id_follows_the_oci_definition() {
+        let a = "sha256:aaaa";
+        let b = "sha256:bbbb";
+        assert_eq!(super::chain_id(&[]), "");
+        assert_eq!(super::chain_id(&[a]), a);
+        let ab = crate::digest::Digest::of(b"sha256:aaaa sha256:bbbb").to_string();
+        assert_eq!(super::chain_id(&[a, b]), ab);
     }
 }

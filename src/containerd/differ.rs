@@ -61,16 +61,14 @@ impl Containerd {
             what: what.into(),
             detail: format!("{e}"),
         })?;
-        let info = self
-            .content()
-            .info(InfoRequest {
-                digest: digest.to_string(),
-            })
-            .await
-            .map_err(|s| ContainerdError::rpc(format!("reading the labels of {digest}"), s))?
-            .into_inner()
-            .info
-            .unwrap_or_default();
+        let info = super::timed(self.content().info(InfoRequest {
+            digest: digest.to_string(),
+        }))
+        .await
+        .map_err(|s| ContainerdError::rpc(format!("reading the labels of {digest}"), s))?
+        .into_inner()
+        .info
+        .unwrap_or_default();
         let diff_id = match info.labels.get(UNCOMPRESSED_LABEL) {
             Some(d) => d.parse().map_err(|e| ContainerdError::Invalid {
                 what: what.into(),

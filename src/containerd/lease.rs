@@ -1,20 +1,38 @@
 //! A containerd lease held for the length of a commit, so garbage collection cannot remove the
 //! snapshot or base content we are reading. Its ID is derived from the container, so it is also
-//! the lock that keeps two commits of one container apart. It expires by itself (and a later
-//! commit takes it over) if we die without deleting it and the guardian could not either.
+//! the lock that keeps two commits of one container apart.
+//!
+//! The lease carries its owner's token (`committer.owner`): it is deleted only by its owner (or
+//! the owner's supervisor), never by a commit that merely knows its ID. It expires `ttl` after
+//! its last renewal; while the commit works it is renewed every third of the TTL, so a commit
+//! longer than the TTL keeps it and no later commit can take it over. containerd has no call
+//! that updates a lease's labels, so a renewal hands the resources to a short-lived second lease
+//! (`ID.handover`), re-creates the lease with a later expiry, and drops the handover: garbage
+//! collection never sees the resources unleased.
 
-use super::{Containerd, ContainerdError};
+use super::{timed, Containerd, ContainerdError};
 use containerd_client::services::v1::{
-    AddResourceRequest, CreateRequest, DeleteRequest, ListRequest, Resource,
+    AddResourceRequest, CreateRequest, DeleteRequest, ListRequest, ListResourcesRequest, Resource,
 };
 use std::collections::HashMap;
 
 const EXPIRE_LABEL: &str = "containerd.io/gc.expire";
+const OWNER_LABEL: &str = "committer.owner";
 /// How long a lease outlives a committer that was killed before anyone could delete it.
 const LEASE_TTL: time::Duration = time::Duration::hours(1);
+/// Overrides the TTL in seconds (tests, or sites that want a dead commit's lock to clear sooner).
+pub const TTL_ENV: &str = "COMMITTER_LEASE_TTL_SECONDS";
 
 pub struct Lease {
     pub id: String,
+    owner: String,
+    renewer: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        self.renewer.abort();
+    }
 }
 
 /// The lease (and lock) ID for a container.
@@ -22,72 +40,75 @@ pub fn lease_id(container_id: &str) -> String {
     format!("committer/{container_id}")
 }
 
+fn ttl() -> time::Duration {
+    std::env::var(TTL_ENV)
+        .ok()
+        .and_then(|v| v.parse::<i64>().ok())
+        .filter(|s| *s >= 3)
+        .map(time::Duration::seconds)
+        .unwrap_or(LEASE_TTL)
+}
+
+fn create_request(id: &str, owner: &str) -> CreateRequest {
+    let expire = rfc3339(time::OffsetDateTime::now_utc() + ttl());
+    CreateRequest {
+        id: id.to_string(),
+        labels: HashMap::from([
+            (EXPIRE_LABEL.to_string(), expire),
+            (OWNER_LABEL.to_string(), owner.to_string()),
+        ]),
+    }
+}
+
 impl Containerd {
-    /// Creates the container's lease and attaches it to every later call on this connection.
-    /// Fails clearly when another commit of the same container holds it.
+    /// Creates the container's lease, attaches it to every later call on this connection and
+    /// renews it until the lease is dropped. Fails clearly when another commit holds it.
     pub async fn take_lease(&self, container_id: &str) -> Result<Lease, ContainerdError> {
         let id = lease_id(container_id);
-        let now = time::OffsetDateTime::now_utc();
-        let expire = rfc3339(now + LEASE_TTL);
-        let labels = HashMap::from([(EXPIRE_LABEL.to_string(), expire.clone())]);
-        let create = CreateRequest {
-            id: id.clone(),
-            labels: labels.clone(),
-        };
-        match self.leases().create(create.clone()).await {
+        let owner = crate::guard::owner_token();
+        match timed(self.leases().create(create_request(&id, &owner))).await {
             Ok(_) => {}
             Err(s) if s.code() == tonic::Code::AlreadyExists => {
-                let held_until = self.lease_expiry(&id).await?;
-                match held_until {
-                    Some(t) if t > now => {
+                let now = time::OffsetDateTime::now_utc();
+                if let Some(t) = self.lease_labels(&id).await?.and_then(|l| expiry(&l)) {
+                    if t > now {
                         return Err(ContainerdError::Busy {
                             container: container_id.to_string(),
                             lease: id,
                             until: rfc3339(t),
-                        })
-                    }
-                    // Expired: its committer died and nobody cleaned up. Take it over.
-                    _ => {
-                        let _ = self
-                            .leases()
-                            .delete(DeleteRequest {
-                                id: id.clone(),
-                                sync: false,
-                            })
-                            .await;
-                        self.leases()
-                            .create(create)
-                            .await
-                            .map_err(|s| ContainerdError::rpc("creating a lease", s))?;
+                        });
                     }
                 }
+                // Expired: its committer died and nobody cleaned up. Take it over.
+                let _ = timed(self.leases().delete(DeleteRequest {
+                    id: id.clone(),
+                    sync: false,
+                }))
+                .await;
+                timed(self.leases().create(create_request(&id, &owner)))
+                    .await
+                    .map_err(|s| ContainerdError::rpc("creating a lease", s))?;
             }
             Err(s) => return Err(ContainerdError::rpc("creating a lease", s)),
         }
         self.set_lease(Some(&id));
-        Ok(Lease { id })
+        let renewer = tokio::spawn(renew_forever(self.clone(), id.clone(), owner.clone()));
+        Ok(Lease { id, owner, renewer })
     }
 
-    async fn lease_expiry(
+    /// The lease's labels, or None when it does not exist.
+    async fn lease_labels(
         &self,
         id: &str,
-    ) -> Result<Option<time::OffsetDateTime>, ContainerdError> {
-        let leases = self
-            .leases()
-            .list(ListRequest {
-                filters: vec![format!("id=={id}")],
-            })
-            .await
-            .map_err(|s| ContainerdError::rpc("listing leases", s))?
-            .into_inner()
-            .leases;
-        Ok(leases
-            .iter()
-            .find(|l| l.id == id)
-            .and_then(|l| l.labels.get(EXPIRE_LABEL))
-            .and_then(|t| {
-                time::OffsetDateTime::parse(t, &time::format_description::well_known::Rfc3339).ok()
-            }))
+    ) -> Result<Option<HashMap<String, String>>, ContainerdError> {
+        let leases = timed(self.leases().list(ListRequest {
+            filters: vec![format!("id=={id}")],
+        }))
+        .await
+        .map_err(|s| ContainerdError::rpc("listing leases", s))?
+        .into_inner()
+        .leases;
+        Ok(leases.into_iter().find(|l| l.id == id).map(|l| l.labels))
     }
 
     /// Adds a resource (a content digest or a snapshot) to the lease.
@@ -97,40 +118,114 @@ impl Containerd {
         id: &str,
         kind: &str,
     ) -> Result<(), ContainerdError> {
-        self.leases()
-            .add_resource(AddResourceRequest {
-                id: lease.id.clone(),
-                resource: Some(Resource {
-                    id: id.to_string(),
-                    r#type: kind.to_string(),
-                }),
-            })
-            .await
-            .map(|_| ())
-            .map_err(|s| {
-                ContainerdError::rpc(format!("adding {kind} {id} to lease {}", lease.id), s)
-            })
+        self.add_resource(&lease.id, id, kind).await
     }
 
-    pub async fn drop_lease(&self, lease: Lease) -> Result<(), ContainerdError> {
-        self.set_lease(None);
-        self.delete_lease(&lease.id).await
-    }
-
-    pub async fn delete_lease(&self, id: &str) -> Result<(), ContainerdError> {
-        match self
-            .leases()
-            .delete(DeleteRequest {
+    async fn add_resource(&self, lease: &str, id: &str, kind: &str) -> Result<(), ContainerdError> {
+        timed(self.leases().add_resource(AddResourceRequest {
+            id: lease.to_string(),
+            resource: Some(Resource {
                 id: id.to_string(),
-                sync: false,
-            })
-            .await
+                r#type: kind.to_string(),
+            }),
+        }))
+        .await
+        .map(|_| ())
+        .map_err(|s| ContainerdError::rpc(format!("adding {kind} {id} to lease {lease}"), s))
+    }
+
+    /// Stops renewing and deletes the lease if it is still ours.
+    pub async fn drop_lease(&self, lease: Lease) -> Result<(), ContainerdError> {
+        lease.renewer.abort();
+        self.set_lease(None);
+        self.delete_lease_if_owned(&format!("{}.handover", lease.id), &lease.owner)
+            .await?;
+        self.delete_lease_if_owned(&lease.id, &lease.owner).await
+    }
+
+    /// Deletes lease `id` only when its owner label is `owner`: a commit that lost its lease
+    /// (expired and taken over) never deletes the new holder's.
+    pub async fn delete_lease_if_owned(
+        &self,
+        id: &str,
+        owner: &str,
+    ) -> Result<(), ContainerdError> {
+        match self.lease_labels(id).await? {
+            Some(labels) if labels.get(OWNER_LABEL).map(String::as_str) == Some(owner) => {}
+            Some(_) => {
+                crate::log::warn(&format!(
+                    "lease {id} belongs to another commit now; leaving it alone"
+                ));
+                return Ok(());
+            }
+            None => return Ok(()),
+        }
+        match timed(self.leases().delete(DeleteRequest {
+            id: id.to_string(),
+            sync: false,
+        }))
+        .await
         {
             Ok(_) => Ok(()),
             Err(s) if s.code() == tonic::Code::NotFound => Ok(()),
             Err(s) => Err(ContainerdError::rpc(format!("deleting lease {id}"), s)),
         }
     }
+
+    /// Moves the lease's expiry `ttl` ahead (see the module header for how).
+    async fn renew(&self, id: &str, owner: &str) -> Result<(), ContainerdError> {
+        let handover = format!("{id}.handover");
+        let resources = timed(
+            self.leases()
+                .list_resources(ListResourcesRequest { id: id.to_string() }),
+        )
+        .await
+        .map_err(|s| ContainerdError::rpc(format!("listing the resources of lease {id}"), s))?
+        .into_inner()
+        .resources;
+        let _ = self.delete_lease_if_owned(&handover, owner).await;
+        timed(self.leases().create(create_request(&handover, owner)))
+            .await
+            .map_err(|s| ContainerdError::rpc(format!("creating lease {handover}"), s))?;
+        for r in &resources {
+            self.add_resource(&handover, &r.id, &r.r#type).await?;
+        }
+        self.set_lease(Some(&handover));
+        self.delete_lease_if_owned(id, owner).await?;
+        timed(self.leases().create(create_request(id, owner)))
+            .await
+            .map_err(|s| match s.code() {
+                tonic::Code::AlreadyExists => ContainerdError::Invalid {
+                    what: format!("renewing lease {id}"),
+                    detail: "another commit took it in the moment it was re-created".into(),
+                },
+                _ => ContainerdError::rpc(format!("re-creating lease {id}"), s),
+            })?;
+        for r in &resources {
+            self.add_resource(id, &r.id, &r.r#type).await?;
+        }
+        self.set_lease(Some(id));
+        self.delete_lease_if_owned(&handover, owner).await
+    }
+}
+
+/// Renews the lease every third of its TTL until aborted (the lease dropped).
+async fn renew_forever(ctr: Containerd, id: String, owner: String) {
+    let every = std::time::Duration::from_secs((ttl().whole_seconds() / 3).max(1) as u64);
+    loop {
+        tokio::time::sleep(every).await;
+        if let Err(e) = ctr.renew(&id, &owner).await {
+            crate::log::error(&format!(
+                "{e}; the commit goes on, but its lease may expire before it ends"
+            ));
+        }
+    }
+}
+
+fn expiry(labels: &HashMap<String, String>) -> Option<time::OffsetDateTime> {
+    labels.get(EXPIRE_LABEL).and_then(|t| {
+        time::OffsetDateTime::parse(t, &time::format_description::well_known::Rfc3339).ok()
+    })
 }
 
 fn rfc3339(t: time::OffsetDateTime) -> String {

@@ -12,6 +12,25 @@ pub mod task;
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+/// The deadline of every unary containerd call we make: a containerd that hangs (or restarts
+/// under us) becomes an error naming the call instead of a commit that never ends — and, when
+/// the sandbox is paused, a sandbox that never resumes.
+pub const RPC_DEADLINE: Duration = Duration::from_secs(30);
+
+/// Runs one containerd call under `RPC_DEADLINE`; a timeout reads as DEADLINE_EXCEEDED.
+pub(crate) async fn timed<T>(
+    call: impl std::future::Future<Output = Result<T, tonic::Status>>,
+) -> Result<T, tonic::Status> {
+    match tokio::time::timeout(RPC_DEADLINE, call).await {
+        Ok(r) => r,
+        Err(_) => Err(tonic::Status::deadline_exceeded(format!(
+            "no answer within {} s",
+            RPC_DEADLINE.as_secs()
+        ))),
+    }
+}
 
 use containerd_client::tonic::{
     self, metadata::MetadataValue, service::Interceptor, transport::Channel,
@@ -42,6 +61,8 @@ pub enum ContainerdError {
         detail: String,
         namespace: String,
     },
+    #[error("no container of pod {pod} is running (instances: {instances}); start the pod again, or commit an instance by --container ID")]
+    PodNotRunning { pod: String, instances: String },
     #[error("pod {pod} has {count} containers ({candidates}): pass --container-name to pick one")]
     AmbiguousPod {
         pod: String,
@@ -56,6 +77,13 @@ pub enum ContainerdError {
     },
     #[error("{what}: {detail}")]
     Invalid { what: String, detail: String },
+    #[error("container {container:?} was created from other layers than image {image:?} holds now: its snapshot's parent is {parent:?}, the image's layers chain to {image_chain}, and no image in containerd chains to the parent; the tag was moved or the image removed — pull the image it was created from (by digest) and commit again")]
+    BaseMismatch {
+        container: String,
+        image: String,
+        image_chain: String,
+        parent: String,
+    },
 }
 
 impl ContainerdError {
@@ -74,6 +102,7 @@ impl ContainerdError {
             ContainerdError::ContainerNotFound { .. }
                 | ContainerdError::PodNotFound { .. }
                 | ContainerdError::AmbiguousPod { .. }
+                | ContainerdError::PodNotRunning { .. }
                 | ContainerdError::SocketMissing { .. }
         ) || matches!(
             self,

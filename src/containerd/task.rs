@@ -31,13 +31,11 @@ impl TaskStatus {
 
 impl Containerd {
     pub async fn task_status(&self, id: &str) -> Result<TaskStatus, ContainerdError> {
-        match self
-            .tasks()
-            .get(GetRequest {
-                container_id: id.to_string(),
-                exec_id: String::new(),
-            })
-            .await
+        match super::timed(self.tasks().get(GetRequest {
+            container_id: id.to_string(),
+            exec_id: String::new(),
+        }))
+        .await
         {
             Ok(r) => Ok(r
                 .into_inner()
@@ -53,22 +51,20 @@ impl Containerd {
     }
 
     pub async fn pause(&self, id: &str) -> Result<(), ContainerdError> {
-        self.tasks()
-            .pause(PauseTaskRequest {
-                container_id: id.to_string(),
-            })
-            .await
-            .map(|_| ())
-            .map_err(|s| ContainerdError::rpc(format!("pausing {id:?}"), s))
+        super::timed(self.tasks().pause(PauseTaskRequest {
+            container_id: id.to_string(),
+        }))
+        .await
+        .map(|_| ())
+        .map_err(|s| ContainerdError::rpc(format!("pausing {id:?}"), s))
     }
 
     pub async fn resume(&self, id: &str) -> Result<(), ContainerdError> {
-        self.tasks()
-            .resume(ResumeTaskRequest {
-                container_id: id.to_string(),
-            })
-            .await
-            .map(|_| ())
-            .map_err(|s| ContainerdError::rpc(format!("resuming {id:?}"), s))
+        super::timed(self.tasks().resume(ResumeTaskRequest {
+            container_id: id.to_string(),
+        }))
+        .await
+        .map(|_| ())
+        .map_err(|s| ContainerdError::rpc(format!("resuming {id:?}"), s))
     }
 }

@@ -245,6 +245,8 @@ fn spool_file(dir: &Path, prefix: &str) -> Result<(File, LayerFile), CommitError
             "creating a spool file in {} (see --spool-dir)",
             dir.display()
         )))?;
+    // Deleted by the supervisor if this process dies before the TempPath's drop can.
+    crate::guard::tell_owned_path(f.path());
     let (file, path) = f.into_parts();
     Ok((file, LayerFile::Temp(path)))
 }
