@@ -51,9 +51,7 @@ pub async fn commit(plan: &CommitPlan) -> Result<CommitResult, CommitError> {
     let client = client?;
     let lease = ctr.take_lease(&info.id).await?;
     start_guardian(&ctr, &info, &lease);
-    let reporter = crate::progress::start_reporter(std::time::Duration::from_secs(5));
     let result = commit_leased(&ctr, &client, &info, &lease, plan, &opts).await;
-    reporter.abort();
     end_lease(&ctr, lease, &result).await;
     let mut result = result?;
     result.duration_ms = started.elapsed().as_millis() as u64;
@@ -130,25 +128,30 @@ async fn commit_leased(
 
     let repo = plan.image.repo_url_name();
     Ok(CommitResult {
+        schema_version: crate::report::SCHEMA_VERSION,
         image: format!("{repo}@{}", manifest.digest),
         tag: format!("{repo}:{}", plan.image.tag_or_latest()),
-        manifest_digest: manifest.digest.clone(),
-        config_digest: config.digest.clone(),
-        media_type: manifest.media_type.clone(),
-        layer: read.layer,
-        base_image: base.name.clone(),
-        container: info.id.clone(),
-        diff_source: read.source,
-        diff_source_reason: read.reason,
-        entries: read.stats.entries,
-        content_bytes: read.stats.content_bytes,
-        paused_ms: read.paused_ms,
-        duration_ms: 0,
         extra_tags: plan
             .extra_tags
             .iter()
             .map(|t| format!("{repo}:{t}"))
             .collect(),
+        manifest_digest: manifest.digest.clone(),
+        config_digest: config.digest.clone(),
+        media_type: manifest.media_type.clone(),
+        layer: read.layer,
+        base_image: base.name.clone(),
+        base_digest: base.manifest_digest.clone(),
+        container: info.id.clone(),
+        diff_source: read.source,
+        diff_source_reason: read.reason,
+        entries: read.stats.entries,
+        content_bytes: read.stats.content_bytes,
+        paused: freeze::PauseReport {
+            ms: read.paused_ms,
+            skipped: (!plan.source.pause).then_some(freeze::PauseSkipped::NoPause),
+        },
+        duration_ms: 0,
     })
 }
 
@@ -354,6 +357,15 @@ pub async fn read_layer(
     let (kind, reason) = (source.kind.name().to_string(), source.reason.clone());
     source.cleanup().await;
     let (raw, desc, stats) = outcome?;
+    // --max-layer-bytes bounds the layer itself (the tar), not only the file content the diff
+    // counted while reading: headers and padding count too.
+    if let Some(limit) = plan.max_layer_bytes.filter(|l| desc.size > *l) {
+        return Err(diff::DiffError::LimitExceeded {
+            what: "bytes (uncompressed layer, --max-layer-bytes)",
+            limit,
+        }
+        .into());
+    }
     let (sink, desc) = match out {
         Some(out)
             if plan.compress.compression != crate::image::Compression::None

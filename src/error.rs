@@ -37,7 +37,7 @@ pub enum CommitError {
         #[source]
         source: std::io::Error,
     },
-    #[error("interrupted by {0}; the container was resumed and no tag was pushed")]
+    #[error("interrupted by {0}; no tag was pushed, and no container paused by committer was left paused")]
     Interrupted(&'static str),
     #[error("internal error: {0}")]
     Internal(String),

@@ -102,6 +102,7 @@ impl Client {
         size: u64,
     ) -> Result<(), RegistryError> {
         check_file_size(path, size).await?;
+        crate::progress::begin_upload(size);
         let mut session = self.open_session(digest).await?;
         let (mut offset, mut failures, mut restarts) = (0u64, 0u32, 0u32);
         while offset < size {
@@ -119,18 +120,19 @@ impl Client {
                         && failures + 1 < self.retry.attempts
                         && restarts < MAX_RESTARTS =>
                 {
-                    crate::log::warn(&format!(
+                    crate::log::debug(&format!(
                         "uploading {digest} at byte {offset}: {e}; asking the registry where it stands"
                     ));
                     tokio::time::sleep(self.retry.delay(failures)).await;
                     failures += 1;
                     let (s, o, restarted) = self.resync(session).await?;
                     if restarted {
-                        crate::log::warn(&format!(
+                        crate::log::debug(&format!(
                             "the registry dropped the upload session of {digest}; starting again at byte 0"
                         ));
                     }
                     (session, offset) = (s, o);
+                    crate::progress::set_sent(o);
                     restarts += u32::from(restarted);
                 }
                 Err(e) => return Err(e),
