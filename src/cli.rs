@@ -117,7 +117,7 @@ pub struct LayerArgs {
     /// Fail (nothing pushed) if the layer would hold more than this many entries.
     #[arg(long)]
     pub max_files: Option<u64>,
-    /// Pause the container while its filesystem is read (as docker commit's -p).
+    /// Pause the container while its filesystem is read (docker commit's -p; -p=false, --pause=false).
     #[arg(
         short = 'p',
         long,
@@ -125,6 +125,7 @@ pub struct LayerArgs {
         default_value_t = true,
         action = ArgAction::Set,
         num_args = 0..=1,
+        require_equals = true,
         default_missing_value = "true"
     )]
     pub pause: bool,

@@ -204,7 +204,7 @@ fn a_paused_sandbox_is_left_paused() {
         String::from_utf8_lossy(&out.stderr)
     );
     let result: Value = serde_json::from_slice(&out.stdout).unwrap();
-    assert_eq!(result["pausedMs"], 0);
+    assert_eq!(result["paused"]["ms"], 0);
     assert_eq!(lab.task_status("s5"), "PAUSED");
     lab.ctr(&["tasks", "resume", "s5"]);
 }
@@ -267,7 +267,7 @@ fn with_a_slow_registry_the_sandbox_is_resumed_long_before_the_upload_ends() {
         String::from_utf8_lossy(&out.stderr)
     );
     let result: Value = serde_json::from_slice(&out.stdout).unwrap();
-    let paused = result["pausedMs"].as_u64().unwrap();
+    let paused = result["paused"]["ms"].as_u64().unwrap();
     eprintln!("paused {paused} ms of a {wall:?} commit through a 2 MiB/s link");
     assert!(
         wall >= Duration::from_secs(3),
