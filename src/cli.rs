@@ -258,18 +258,35 @@ impl Target {
 }
 
 fn pod_selector(pod: &str, container: Option<String>) -> Result<Selector, UsageError> {
-    match pod.split_once('/') {
-        Some((ns, name)) if !ns.is_empty() && !name.is_empty() && !name.contains('/') => {
-            Ok(Selector::Pod {
-                namespace: ns.to_string(),
-                name: name.to_string(),
-                container,
-            })
-        }
-        _ => Err(UsageError(format!(
-            "--pod {pod:?}: expected NAMESPACE/NAME, e.g. --pod default/my-sandbox"
-        ))),
+    let parsed = pod
+        .split_once('/')
+        .filter(|(ns, name)| dns_name(ns, 63) && dns_name(name, 253));
+    let Some((ns, name)) = parsed else {
+        return Err(UsageError(format!(
+            "--pod {pod:?}: expected NAMESPACE/NAME as Kubernetes names them (lowercase letters, digits, - and .), e.g. --pod default/my-sandbox"
+        )));
+    };
+    if let Some(c) = container.as_deref().filter(|c| !dns_name(c, 63) || c.contains('.')) {
+        return Err(UsageError(format!(
+            "--container-name {c:?}: a Kubernetes container name is lowercase letters, digits and -"
+        )));
     }
+    Ok(Selector::Pod {
+        namespace: ns.to_string(),
+        name: name.to_string(),
+        container,
+    })
+}
+
+/// A Kubernetes object name (DNS-1123): what the CRI labels can hold, and nothing that could
+/// break containerd's filter syntax or a log line.
+fn dns_name(s: &str, max: usize) -> bool {
+    let edge_ok = |c: Option<char>| c.is_some_and(|c| c.is_ascii_lowercase() || c.is_ascii_digit());
+    s.len() <= max
+        && edge_ok(s.chars().next())
+        && edge_ok(s.chars().last())
+        && s.chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '.')
 }
 
 /// `--exclude` as the absolute, normalised path the diff compares against (`/a/./b/../c/` →

@@ -273,6 +273,10 @@ async fn event_ticker(json: bool) {
     loop {
         tick.tick().await;
         let now = C.current();
+        if now.stage == Stage::Preparing {
+            // Nothing moves yet; a stuck containerd is named by its deadline's error instead.
+            continue;
+        }
         let t = totals();
         let fields = serde_json::json!({
             "event": "progress",

@@ -114,7 +114,7 @@ fn bad_inputs_end_in_one_line_with_the_documented_exit_code_and_leave_nothing() 
         ("container missing", 3, vec!["commit", "nope", t]),
         ("ambiguous prefix", 3, vec!["commit", "pfx-", t]),
         ("pod missing", 3, vec!["commit", "--pod", "team/none", t]),
-        ("pod name with newline and escapes", 3, vec!["commit", "--pod", bad_pod, t]),
+        ("pod name with newline and escapes", 2, vec!["commit", "--pod", bad_pod, t]),
         ("socket missing", 3, vec!["commit", "m1", t, "--address", "unix:///nonexistent.sock"]),
         ("not a socket", 3, vec!["commit", "m1", t, "--address", "/etc/hosts"]),
         ("refused socket", 3, vec!["commit", "m1", t, "--address", &refused]),
