@@ -136,8 +136,9 @@ fn a_second_commit_of_the_same_container_fails_clearly_while_the_first_runs() {
     ]);
     let stderr = String::from_utf8_lossy(&second.stderr);
     assert_eq!(second.status.code(), Some(7), "{stderr}");
+    let errors = crate::cli::error_lines(&stderr);
     assert!(
-        stderr.contains("another commit of container \"s3\" is in progress"),
+        errors[0].contains("another commit of container \"s3\" is in progress"),
         "{stderr}"
     );
     let first = first.wait_with_output().unwrap();
