@@ -35,7 +35,7 @@ pub enum Command {
     #[command(
         override_usage = "committer commit [OPTIONS] CONTAINER [REPOSITORY[:TAG]]\n       committer commit [OPTIONS] (--container ID | --pod NAMESPACE/NAME [--container-name NAME]) --image REPOSITORY[:TAG]"
     )]
-    Commit(CommitArgs),
+    Commit(Box<CommitArgs>),
     /// Write the container's diff as a layer blob to a local file (or stdout) and print its descriptor.
     #[command(
         override_usage = "committer diff [OPTIONS] (CONTAINER | --container ID | --pod NAMESPACE/NAME [--container-name NAME]) --output FILE"
