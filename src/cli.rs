@@ -266,7 +266,10 @@ fn pod_selector(pod: &str, container: Option<String>) -> Result<Selector, UsageE
             "--pod {pod:?}: expected NAMESPACE/NAME as Kubernetes names them (lowercase letters, digits, - and .), e.g. --pod default/my-sandbox"
         )));
     };
-    if let Some(c) = container.as_deref().filter(|c| !dns_name(c, 63) || c.contains('.')) {
+    if let Some(c) = container
+        .as_deref()
+        .filter(|c| !dns_name(c, 63) || c.contains('.'))
+    {
         return Err(UsageError(format!(
             "--container-name {c:?}: a Kubernetes container name is lowercase letters, digits and -"
         )));

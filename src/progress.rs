@@ -236,33 +236,45 @@ pub fn suspend<R>(f: impl FnOnce() -> R) -> R {
 fn style(stage: Stage) -> ProgressStyle {
     let template = match stage {
         Stage::Preparing => "{spinner} {prefix:12} {elapsed}",
-        Stage::Reading => "{spinner} {prefix:12} {bytes:>10}  {bytes_per_sec:>12}",
-        _ => "{spinner} {prefix:12} [{bar:30}] {bytes:>10}/{total_bytes:<10} {bytes_per_sec:>12}  ETA {eta}",
+        Stage::Reading => "{spinner} {prefix:12} {decimal_bytes:>10}  {msg}",
+        _ => "{spinner} {prefix:12} [{bar:30}] {decimal_bytes:>10}/{decimal_total_bytes:<10} {msg}",
     };
     ProgressStyle::with_template(template)
         .expect("a constant template")
         .progress_chars("=> ")
 }
 
+/// A fresh bar for a stage (a reset bar would first redraw with the old stage's style).
+fn stage_bar(now: &Current) -> ProgressBar {
+    let target = ProgressDrawTarget::stderr_with_hz(10);
+    ProgressBar::with_draw_target(now.total, target)
+        .with_style(style(now.stage))
+        .with_prefix(now.verb())
+}
+
 async fn bar_ticker() {
-    let bar = ProgressBar::with_draw_target(None, ProgressDrawTarget::stderr_with_hz(10));
-    *BAR.lock().expect("progress lock") = Some(bar.clone());
     let mut shown: Option<Stage> = None;
     let mut tick = tokio::time::interval(Duration::from_millis(100));
     loop {
         tick.tick().await;
         let now = C.current();
-        if shown != Some(now.stage) {
-            bar.reset();
-            bar.set_style(style(now.stage));
-            bar.set_prefix(now.verb());
-            match now.total {
-                Some(t) => bar.set_length(t),
-                None => bar.unset_length(),
+        let mut slot = BAR.lock().expect("progress lock");
+        if shown != Some(now.stage) || slot.is_none() {
+            if let Some(old) = slot.take() {
+                old.finish_and_clear();
             }
+            *slot = Some(stage_bar(&now));
             shown = Some(now.stage);
         }
-        bar.set_position(now.done);
+        if let Some(bar) = slot.as_ref() {
+            // Our own rate and ETA: since the stage began, not since this bar was drawn.
+            let mut msg = format!("{:>10}/s", human_bytes(now.per_sec as u64));
+            if let Some(eta) = now.eta_secs() {
+                msg += &format!("  ETA {eta} s");
+            }
+            bar.set_message(msg);
+            bar.set_position(now.done);
+        }
     }
 }
 
