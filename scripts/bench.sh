@@ -255,7 +255,7 @@ import json, sys
 d = json.load(open(sys.argv[1]))
 layer = d.get("layer") or {}
 src = d.get("diffSource", "?")
-print("\t".join(str(x) for x in (d.get("pausedMs", "-"), d.get("contentBytes", "-"), d.get("entries", "-"),
+print("\t".join(str(x) for x in ((d.get("paused") or {}).get("ms", d.get("pausedMs", "-")), d.get("contentBytes", "-"), d.get("entries", "-"),
                                   layer.get("size", "-"), "-" if src == "upperdir" else "diff from " + src)))
 PY
   )

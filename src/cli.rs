@@ -6,7 +6,7 @@ use crate::image::Compression;
 use crate::layer::CompressOptions;
 use crate::registry::Reference;
 use crate::source::DiffSourceChoice;
-use clap::{Args, Parser, Subcommand, ValueEnum};
+use clap::{ArgAction, Args, Parser, Subcommand, ValueEnum};
 use std::path::PathBuf;
 
 #[derive(Parser, Debug)]
@@ -16,6 +16,9 @@ use std::path::PathBuf;
     about = "Commit a running containerd container's filesystem to an OCI registry"
 )]
 pub struct Cli {
+    /// No progress on stderr; errors and warnings still go there, the result to stdout.
+    #[arg(short, long, global = true)]
+    pub quiet: bool,
     #[command(subcommand)]
     pub command: Command,
     /// Log verbosity on stderr (error, warn, info, debug). Secrets are never logged at any level.
@@ -29,8 +32,14 @@ pub struct Cli {
 #[derive(Subcommand, Debug)]
 pub enum Command {
     /// Commit the container's filesystem changes as a new image and push it.
-    Commit(CommitArgs),
-    /// Write the container's diff as a layer blob to a local file and print its descriptor.
+    #[command(
+        override_usage = "committer commit [OPTIONS] CONTAINER [REPOSITORY[:TAG]]\n       committer commit [OPTIONS] (--container ID | --pod NAMESPACE/NAME [--container-name NAME]) --image REPOSITORY[:TAG]"
+    )]
+    Commit(Box<CommitArgs>),
+    /// Write the container's diff as a layer blob to a local file (or stdout) and print its descriptor.
+    #[command(
+        override_usage = "committer diff [OPTIONS] (CONTAINER | --container ID | --pod NAMESPACE/NAME [--container-name NAME]) --output FILE"
+    )]
     Diff(DiffArgs),
 }
 
@@ -82,22 +91,25 @@ impl From<DiffSourceArg> for DiffSourceChoice {
 
 #[derive(Args, Debug)]
 pub struct Target {
-    /// The containerd container ID to commit.
-    #[arg(long, conflicts_with = "pod", required_unless_present = "pod")]
+    /// The container: its containerd ID, or a unique prefix of it (as `crictl ps` shows).
+    #[arg(value_name = "CONTAINER")]
+    pub container_arg: Option<String>,
+    /// The container, as a flag: its containerd ID or a unique prefix of it.
+    #[arg(long, value_name = "ID")]
     pub container: Option<String>,
     /// The Kubernetes pod as NAMESPACE/NAME (found by its CRI labels).
-    #[arg(long)]
+    #[arg(long, value_name = "NAMESPACE/NAME")]
     pub pod: Option<String>,
     /// With --pod: the container's name in the pod (needed when the pod has several).
-    #[arg(long, requires = "pod")]
+    #[arg(long, value_name = "NAME")]
     pub container_name: Option<String>,
-    /// containerd socket.
+    /// containerd socket: a path, or unix://PATH.
     #[arg(
         long,
         env = "CONTAINERD_ADDRESS",
         default_value = "/run/containerd/containerd.sock"
     )]
-    pub address: PathBuf,
+    pub address: String,
     /// containerd namespace (Kubernetes uses k8s.io).
     #[arg(long, env = "CONTAINERD_NAMESPACE", default_value = "k8s.io")]
     pub namespace: String,
@@ -111,7 +123,7 @@ pub struct LayerArgs {
     /// Compression level (gzip 0-9, default 6; zstd 1-19, default 3).
     #[arg(long)]
     pub compression_level: Option<i32>,
-    /// Compression threads (default: all cores).
+    /// Compression threads, gzip and zstd (default and upper bound: the cores this process may use).
     #[arg(long)]
     pub threads: Option<u32>,
     /// Where the diff is read from: auto picks the overlay upperdir when it is exact, else a walk.
@@ -120,15 +132,27 @@ pub struct LayerArgs {
     /// Leave this path out of the layer (repeatable); what the base has there stays as it was.
     #[arg(long = "exclude", value_name = "PATH")]
     pub exclude: Vec<String>,
-    /// Clamp file mtimes newer than this Unix time (reproducible layers).
+    /// Clamp file mtimes newer than this Unix time (reproducible layers); empty means unset.
     #[arg(long, env = "SOURCE_DATE_EPOCH")]
     pub source_date_epoch: Option<i64>,
-    /// Fail if the uncompressed layer would exceed this many bytes.
+    /// Fail (nothing pushed) if the layer, uncompressed, would exceed this many bytes.
     #[arg(long)]
     pub max_layer_bytes: Option<u64>,
-    /// Fail if the layer would hold more than this many entries.
+    /// Fail (nothing pushed) if the layer would hold more than this many entries.
     #[arg(long)]
     pub max_files: Option<u64>,
+    /// Pause the container while its filesystem is read (docker commit's -p; -p=false, --pause=false).
+    #[arg(
+        short = 'p',
+        long,
+        value_name = "BOOL",
+        default_value_t = true,
+        action = ArgAction::Set,
+        num_args = 0..=1,
+        require_equals = true,
+        default_missing_value = "true"
+    )]
+    pub pause: bool,
     /// Do not pause the container while its filesystem is read (the layer may be inconsistent).
     #[arg(long)]
     pub no_pause: bool,
@@ -138,9 +162,12 @@ pub struct LayerArgs {
 pub struct CommitArgs {
     #[command(flatten)]
     pub target: Target,
+    /// Where to push, after the container (as docker commit takes it).
+    #[arg(value_name = "REPOSITORY[:TAG]")]
+    pub image_arg: Option<String>,
     /// Where to push: REGISTRY/REPOSITORY[:TAG] (default tag: latest).
-    #[arg(long)]
-    pub image: String,
+    #[arg(long, value_name = "REF")]
+    pub image: Option<String>,
     /// More tags to point at the pushed manifest (repeatable).
     #[arg(long = "tag")]
     pub tags: Vec<String>,
@@ -168,12 +195,18 @@ pub struct CommitArgs {
     /// Seconds a registry request may take, and a transfer may go without progress.
     #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..=3600))]
     pub request_timeout: u64,
-    /// Directory for the compressed layer while it uploads (default: the system temp dir).
+    /// Directory for the uncompressed tar and the compressed layer (default: the system temp dir).
     #[arg(long)]
     pub spool_dir: Option<PathBuf>,
     /// Comment recorded in the image history.
-    #[arg(long, default_value = "committed by committer")]
+    #[arg(short, long, default_value = "committed by committer")]
     pub message: String,
+    /// Author recorded in the image config and history.
+    #[arg(short, long)]
+    pub author: Option<String>,
+    /// Apply a Dockerfile instruction to the image config (repeatable), as docker commit's -c.
+    #[arg(short = 'c', long = "change", value_name = "INSTRUCTION")]
+    pub changes: Vec<String>,
     /// Also write the result JSON to this file (default: /dev/termination-log when it exists).
     #[arg(long)]
     pub result_file: Option<PathBuf>,
@@ -185,7 +218,7 @@ pub struct DiffArgs {
     pub target: Target,
     #[command(flatten)]
     pub layer: LayerArgs,
-    /// File to write the layer blob to.
+    /// File to write the layer blob to; - writes it to stdout (the descriptor then goes to stderr).
     #[arg(long)]
     pub output: PathBuf,
 }
@@ -225,35 +258,121 @@ pub struct CommitPlan {
     pub request_timeout: std::time::Duration,
     pub spool_dir: Option<PathBuf>,
     pub message: String,
+    pub author: Option<String>,
+    /// Dockerfile instructions for the config, as given (`image::Changes::parse` reads them).
+    pub changes: Vec<String>,
     pub result_file: Option<PathBuf>,
 }
 
 impl Target {
-    fn selector(&self) -> Result<Selector, UsageError> {
-        if let Some(id) = &self.container {
-            if id.is_empty() {
-                return Err(UsageError("--container: empty container ID".into()));
-            }
-            return Ok(Selector::Id(id.clone()));
-        }
-        let pod = self.pod.as_deref().unwrap_or_default();
-        match pod.split_once('/') {
-            Some((ns, name)) if !ns.is_empty() && !name.is_empty() && !name.contains('/') => {
-                Ok(Selector::Pod {
-                    namespace: ns.to_string(),
-                    name: name.to_string(),
-                    container: self.container_name.clone(),
-                })
-            }
-            _ => Err(UsageError(format!(
-                "--pod {pod:?}: expected NAMESPACE/NAME, e.g. --pod default/my-sandbox"
+    /// The container ID given positionally or by --container (not both).
+    fn container_id(&self) -> Result<Option<&str>, UsageError> {
+        match (&self.container_arg, &self.container) {
+            (Some(a), Some(b)) if a != b => Err(UsageError(format!(
+                "the container is given twice ({a:?} and --container {b:?}): give one"
             ))),
+            (Some(id), _) | (None, Some(id)) => Ok(Some(id)),
+            (None, None) => Ok(None),
+        }
+    }
+
+    fn selector(&self) -> Result<Selector, UsageError> {
+        if self.container_name.is_some() && self.pod.is_none() {
+            return Err(UsageError(
+                "--container-name picks a container in a pod: give --pod NAMESPACE/NAME with it"
+                    .into(),
+            ));
+        }
+        match (self.container_id()?, &self.pod) {
+            (Some(_), Some(_)) => Err(UsageError(
+                "give the container or --pod, not both".into(),
+            )),
+            (None, None) => Err(UsageError(
+                "which container? give its ID (CONTAINER or --container ID) or --pod NAMESPACE/NAME"
+                    .into(),
+            )),
+            (Some(""), None) => Err(UsageError("--container: empty container ID".into())),
+            (Some(id), None) => Ok(Selector::Id(id.to_string())),
+            (None, Some(pod)) => pod_selector(pod, self.container_name.clone()),
         }
     }
 }
 
+fn pod_selector(pod: &str, container: Option<String>) -> Result<Selector, UsageError> {
+    let parsed = pod
+        .split_once('/')
+        .filter(|(ns, name)| dns_name(ns, 63) && dns_name(name, 253));
+    let Some((ns, name)) = parsed else {
+        return Err(UsageError(format!(
+            "--pod {pod:?}: expected NAMESPACE/NAME as Kubernetes names them (lowercase letters, digits, - and .), e.g. --pod default/my-sandbox"
+        )));
+    };
+    if let Some(c) = container
+        .as_deref()
+        .filter(|c| !dns_name(c, 63) || c.contains('.'))
+    {
+        return Err(UsageError(format!(
+            "--container-name {c:?}: a Kubernetes container name is lowercase letters, digits and -"
+        )));
+    }
+    Ok(Selector::Pod {
+        namespace: ns.to_string(),
+        name: name.to_string(),
+        container,
+    })
+}
+
+/// A Kubernetes object name (DNS-1123): what the CRI labels can hold, and nothing that could
+/// break containerd's filter syntax or a log line.
+fn dns_name(s: &str, max: usize) -> bool {
+    let edge_ok = |c: Option<char>| c.is_some_and(|c| c.is_ascii_lowercase() || c.is_ascii_digit());
+    s.len() <= max
+        && edge_ok(s.chars().next())
+        && edge_ok(s.chars().last())
+        && s.chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '.')
+}
+
+/// `--exclude` as the absolute, normalised path the diff compares against (`/a/./b/../c/` →
+/// `/a/c`); a path that climbs above `/` is refused rather than silently matching nothing.
+pub fn normalise_exclude(path: &str) -> Result<String, UsageError> {
+    if !path.starts_with('/') {
+        return Err(UsageError(format!(
+            "--exclude {path:?}: give an absolute path inside the container, like /tmp/cache"
+        )));
+    }
+    let mut parts: Vec<&str> = Vec::new();
+    for part in path.split('/') {
+        match part {
+            "" | "." => {}
+            ".." => {
+                if parts.pop().is_none() {
+                    return Err(UsageError(format!(
+                        "--exclude {path:?}: climbs above / of the container"
+                    )));
+                }
+            }
+            p => parts.push(p),
+        }
+    }
+    if parts.is_empty() {
+        return Err(UsageError(format!(
+            "--exclude {path:?}: that is the whole filesystem; nothing would be committed"
+        )));
+    }
+    Ok(format!("/{}", parts.join("/")))
+}
+
+/// The cores this process may use (its CPU affinity and cgroup quota, as the standard library
+/// reads them).
+fn cores() -> u32 {
+    std::thread::available_parallelism()
+        .map(|n| n.get() as u32)
+        .unwrap_or(1)
+}
+
 impl LayerArgs {
-    fn source_plan(&self, target: &Target) -> Result<SourcePlan, UsageError> {
+    fn compression(&self) -> Result<Compression, UsageError> {
         let compression = match self.compression {
             CompressionArg::Gzip => Compression::Gzip,
             CompressionArg::Zstd => Compression::Zstd,
@@ -271,63 +390,112 @@ impl LayerArgs {
                 )));
             }
         }
-        let threads = match self.threads {
-            Some(0) => return Err(UsageError("--threads 0: give at least 1".into())),
-            Some(n) => n,
-            None => std::thread::available_parallelism()
-                .map(|n| n.get() as u32)
-                .unwrap_or(1),
-        };
-        for e in &self.exclude {
-            if !e.starts_with('/') {
-                return Err(UsageError(format!(
-                    "--exclude {e:?}: give an absolute path inside the container, like /tmp/cache"
-                )));
-            }
+        Ok(compression)
+    }
+
+    /// `--threads`, bounded by the cores this process may use: more threads than cores only
+    /// cost memory (and 100000 of them exhausted the process).
+    fn threads(&self) -> Result<u32, UsageError> {
+        match self.threads {
+            Some(0) => Err(UsageError("--threads 0: give at least 1".into())),
+            Some(n) => Ok(n.min(cores())),
+            None => Ok(cores()),
         }
+    }
+
+    fn source_plan(&self, target: &Target) -> Result<SourcePlan, UsageError> {
+        let address = crate::containerd::socket_path(&target.address)
+            .map_err(|e| UsageError(e.to_string()))?;
+        let exclude = self
+            .exclude
+            .iter()
+            .map(|e| normalise_exclude(e))
+            .collect::<Result<Vec<_>, _>>()?;
         Ok(SourcePlan {
-            address: target.address.clone(),
+            address,
             namespace: target.namespace.clone(),
             selector: target.selector()?,
             compress: CompressOptions {
-                compression,
+                compression: self.compression()?,
                 level: self.compression_level,
-                threads,
+                threads: self.threads()?,
             },
             diff_source: self.diff_source.into(),
-            exclude: self.exclude.clone(),
+            exclude,
             source_date_epoch: self.source_date_epoch,
             max_layer_bytes: self.max_layer_bytes,
             max_files: self.max_files,
-            pause: !self.no_pause,
+            pause: self.pause && !self.no_pause,
         })
     }
 }
 
+fn check_tag(t: &str) -> Result<(), UsageError> {
+    let valid = !t.is_empty()
+        && t.len() <= 128
+        && t.chars()
+            .next()
+            .is_some_and(|c| c.is_ascii_alphanumeric() || c == '_')
+        && t.chars()
+            .all(|c| c.is_ascii_alphanumeric() || "_.-".contains(c));
+    if valid {
+        Ok(())
+    } else {
+        Err(UsageError(format!(
+            "--tag {t:?}: a tag is 1-128 of [A-Za-z0-9_.-], not starting with . or -"
+        )))
+    }
+}
+
 impl CommitArgs {
+    /// The target image: `--image`, or the positional after the container. With --container or
+    /// --pod a lone positional is the image (`commit --pod ns/p REPO:TAG`).
+    fn image_and_target(&self) -> Result<(String, Target), UsageError> {
+        let t = &self.target;
+        let mut target = Target {
+            container_arg: t.container_arg.clone(),
+            container: t.container.clone(),
+            pod: t.pod.clone(),
+            container_name: t.container_name.clone(),
+            address: t.address.clone(),
+            namespace: t.namespace.clone(),
+        };
+        let mut positional = self.image_arg.clone();
+        if positional.is_none() && (t.container.is_some() || t.pod.is_some()) {
+            positional = target.container_arg.take();
+        }
+        let image = match (positional.as_ref(), self.image.as_ref()) {
+            (Some(a), Some(b)) if a != b => {
+                return Err(UsageError(format!(
+                    "the image is given twice ({a:?} and --image {b:?}): give one"
+                )))
+            }
+            (Some(i), _) | (None, Some(i)) => i.clone(),
+            (None, None) => {
+                return Err(UsageError(
+                    "where to push? give REPOSITORY[:TAG] after the container, or --image".into(),
+                ))
+            }
+        };
+        Ok((image, target))
+    }
+
     pub fn plan(&self) -> Result<CommitPlan, UsageError> {
-        let image: Reference = self
-            .image
+        let (image_arg, target) = self.image_and_target()?;
+        let image: Reference = image_arg
             .parse()
             .map_err(|e| UsageError(format!("--image: {e}")))?;
         if image.digest.is_some() {
             return Err(UsageError(format!(
-                "--image {:?}: give a tag, not a digest — the digest of the new image is only known once it is built",
-                self.image
+                "--image {image_arg:?}: give a tag, not a digest — the digest of the new image is only known once it is built"
             )));
         }
+        let main_tag = image.tag_or_latest().to_string();
+        let mut extra_tags: Vec<String> = Vec::new();
         for t in &self.tags {
-            let valid = !t.is_empty()
-                && t.len() <= 128
-                && t.chars()
-                    .next()
-                    .is_some_and(|c| c.is_ascii_alphanumeric() || c == '_')
-                && t.chars()
-                    .all(|c| c.is_ascii_alphanumeric() || "_.-".contains(c));
-            if !valid {
-                return Err(UsageError(format!(
-                    "--tag {t:?}: a tag is 1-128 of [A-Za-z0-9_.-], not starting with . or -"
-                )));
+            check_tag(t)?;
+            if *t != main_tag && !extra_tags.contains(t) {
+                extra_tags.push(t.clone());
             }
         }
         let result_file = self.result_file.clone().or_else(|| {
@@ -335,9 +503,9 @@ impl CommitArgs {
             p.exists().then_some(p)
         });
         Ok(CommitPlan {
-            source: self.layer.source_plan(&self.target)?,
+            source: self.layer.source_plan(&target)?,
             image,
-            extra_tags: self.tags.clone(),
+            extra_tags,
             plain_http: self.plain_http,
             registry_config: self.registry_config.clone(),
             registry_ca: self.registry_ca.clone(),
@@ -350,6 +518,8 @@ impl CommitArgs {
             request_timeout: std::time::Duration::from_secs(self.request_timeout),
             spool_dir: self.spool_dir.clone(),
             message: self.message.clone(),
+            author: self.author.clone(),
+            changes: self.changes.clone(),
             result_file,
         })
     }
@@ -358,5 +528,136 @@ impl CommitArgs {
 impl DiffArgs {
     pub fn plan(&self) -> Result<SourcePlan, UsageError> {
         self.layer.source_plan(&self.target)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<CommitPlan, String> {
+        let cli = Cli::try_parse_from(args).map_err(|e| e.to_string())?;
+        match cli.command {
+            Command::Commit(c) => c.plan().map_err(|e| e.0),
+            Command::Diff(_) => Err("diff".into()),
+        }
+    }
+
+    #[test]
+    fn docker_commit_positionals_and_short_flags_parse() {
+        let p = parse(&[
+            "committer",
+            "commit",
+            "-m",
+            "msg",
+            "-a",
+            "me",
+            "-c",
+            "ENV A=1",
+            "-c",
+            "USER 1",
+            "-p=false",
+            "abc123",
+            "reg.example/r:t",
+        ])
+        .unwrap();
+        assert!(matches!(p.source.selector, Selector::Id(ref id) if id == "abc123"));
+        assert_eq!(p.image.tag_or_latest(), "t");
+        assert_eq!(
+            (p.message.as_str(), p.author.as_deref()),
+            ("msg", Some("me"))
+        );
+        assert_eq!(p.changes, ["ENV A=1", "USER 1"]);
+        assert!(!p.source.pause);
+    }
+
+    #[test]
+    fn a_lone_positional_with_pod_is_the_image() {
+        let p = parse(&["committer", "commit", "--pod", "ns/p", "reg.example/r:t"]).unwrap();
+        assert!(matches!(p.source.selector, Selector::Pod { .. }));
+        assert_eq!(p.image.tag_or_latest(), "t");
+    }
+
+    #[test]
+    fn tags_are_deduplicated_and_the_main_tag_is_not_repeated() {
+        let p = parse(&[
+            "committer",
+            "commit",
+            "c",
+            "reg.example/r:latest",
+            "--tag",
+            "latest",
+            "--tag",
+            "x",
+            "--tag",
+            "x",
+        ])
+        .unwrap();
+        assert_eq!(p.extra_tags, ["x"]);
+    }
+
+    #[test]
+    fn container_name_without_pod_and_two_containers_are_refused() {
+        let e = parse(&[
+            "committer",
+            "commit",
+            "--container",
+            "c",
+            "--container-name",
+            "x",
+            "--image",
+            "r/x",
+        ]);
+        assert!(e.unwrap_err().contains("--pod"));
+        let e = parse(&[
+            "committer",
+            "commit",
+            "a",
+            "--container",
+            "b",
+            "--image",
+            "r/x",
+        ]);
+        assert!(e.unwrap_err().contains("twice"));
+    }
+
+    #[test]
+    fn threads_are_bounded_by_the_cores() {
+        let p = parse(&["committer", "commit", "c", "r/x", "--threads", "100000"]).unwrap();
+        assert_eq!(p.source.compress.threads, cores());
+    }
+
+    #[test]
+    fn excludes_are_normalised_or_refused() {
+        assert_eq!(
+            normalise_exclude("/tmp/../tmp/cache/").unwrap(),
+            "/tmp/cache"
+        );
+        assert_eq!(normalise_exclude("//a/./b").unwrap(), "/a/b");
+        assert!(normalise_exclude("/../etc").is_err());
+        assert!(normalise_exclude("/").is_err());
+        assert!(normalise_exclude("tmp").is_err());
+    }
+
+    #[test]
+    fn unix_scheme_addresses_are_socket_paths() {
+        let p = parse(&[
+            "committer",
+            "commit",
+            "c",
+            "r/x",
+            "--address",
+            "unix:///run/x.sock",
+        ]);
+        assert_eq!(p.unwrap().source.address, PathBuf::from("/run/x.sock"));
+        let e = parse(&[
+            "committer",
+            "commit",
+            "c",
+            "r/x",
+            "--address",
+            "tcp://1.2.3.4:1",
+        ]);
+        assert!(e.unwrap_err().contains("tcp://"));
     }
 }

@@ -226,26 +226,29 @@ fn result(
     manifest: &Blob,
 ) -> CommitResult {
     let repo = plan.image.repo_url_name();
+    let extra_tags = tags(plan)
+        .iter()
+        .skip(1)
+        .map(|t| format!("{repo}:{t}"))
+        .collect();
     CommitResult {
+        schema_version: crate::report::SCHEMA_VERSION,
         image: format!("{repo}@{}", manifest.digest),
         tag: format!("{repo}:{}", plan.image.tag_or_latest()),
+        extra_tags,
         manifest_digest: manifest.digest.clone(),
         config_digest: config.digest.clone(),
         media_type: manifest.media_type.clone(),
         layer: layer.layer,
         base_image: base.name.clone(),
+        base_digest: base.manifest_digest.clone(),
         container: info.id.clone(),
         diff_source: layer.source.to_string(),
         diff_source_reason: layer.reason,
         entries: layer.stats.entries,
         content_bytes: layer.stats.content_bytes,
-        paused_ms: layer.paused.ms,
+        paused: layer.paused,
         duration_ms: 0,
-        extra_tags: tags(plan)
-            .iter()
-            .skip(1)
-            .map(|t| format!("{repo}:{t}"))
-            .collect(),
     }
 }
 

@@ -63,7 +63,7 @@ pub enum CommitError {
         "the tar spool reads back as {read} but {written} was written: is the spool disk failing?"
     )]
     SpoolCorrupt { written: Digest, read: Digest },
-    #[error("interrupted by {0}; the container was resumed and no tag was pushed")]
+    #[error("interrupted by {0}; no tag was pushed, and no container paused by committer was left paused")]
     Interrupted(&'static str),
     #[error("internal error: {what} stopped: {detail}")]
     Task { what: &'static str, detail: String },

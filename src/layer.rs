@@ -77,6 +77,7 @@ pub struct LayerWriter<W: Write> {
 
 impl<W: Write> LayerWriter<W> {
     pub fn new(sink: W, opts: &CompressOptions, media_type: &str) -> io::Result<Self> {
+        crate::progress::begin_pass(opts.compression != Compression::None);
         let counted = Counted {
             inner: sink,
             hasher: (opts.compression != Compression::None).then(Sha256::new),

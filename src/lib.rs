@@ -15,6 +15,7 @@ pub mod guard;
 pub mod image;
 pub mod layer;
 pub mod log;
+pub mod outputs;
 pub mod pgzip;
 pub mod progress;
 pub mod push;

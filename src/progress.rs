@@ -1,71 +1,368 @@
-//! Progress of a long commit: byte counters bumped by the stages (tar bytes read from the
-//! sandbox, compressed layer bytes written, bytes sent to the registry), and a reporter that
-//! logs them every few seconds — as JSON events when stderr is not a terminal, as one
-//! self-overwriting line when it is. Counters are relaxed atomics: cheap on the hot path.
+//! Progress of a commit, in the order its bytes move: the tar read from the sandbox (total
+//! unknown until it ends), its compression (against the tar's size), the upload of the new
+//! layer (against the layer's size). The stages bump relaxed atomic counters on their hot path;
+//! a ticker shows them — a live bar on a terminal (`indicatif`), JSON `progress` events or
+//! text lines every 2 s when stderr is piped, nothing with `--quiet`.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-static TAR: AtomicU64 = AtomicU64::new(0);
-static LAYER: AtomicU64 = AtomicU64::new(0);
-static SENT: AtomicU64 = AtomicU64::new(0);
-
-pub fn add_tar(n: u64) {
-    TAR.fetch_add(n, Ordering::Relaxed);
+/// How progress is shown.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    Off,
+    Bar,
+    Json,
+    Text,
 }
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Stage {
+    Preparing,
+    Reading,
+    Compressing,
+    Uploading,
+}
+
+const STAGES: [Stage; 4] = [
+    Stage::Preparing,
+    Stage::Reading,
+    Stage::Compressing,
+    Stage::Uploading,
+];
+
+/// The counters; one static instance (`C`), a local one in tests.
+struct Counters {
+    stage: AtomicU8,
+    read: AtomicU64,
+    compress_in: AtomicU64,
+    compress_total: AtomicU64,
+    layer_out: AtomicU64,
+    sent: AtomicU64,
+    sent_total: AtomicU64,
+    stage_since: Mutex<Option<Instant>>,
+}
+
+static C: Counters = Counters::new();
+static BAR: Mutex<Option<ProgressBar>> = Mutex::new(None);
+
+/// A layer writer starts. An uncompressed pass is the read of the sandbox (a second read, as
+/// after an inexact upperdir, counts from 0 again); a compressing pass compresses the tar just
+/// read, so its total is what the read produced.
+pub fn begin_pass(compressing: bool) {
+    C.begin_pass(compressing)
+}
+/// Uncompressed tar bytes into a layer writer: read from the sandbox, or compressed.
+pub fn add_tar(n: u64) {
+    C.add_tar(n)
+}
+/// Compressed bytes out of a compressing layer writer.
 pub fn add_layer(n: u64) {
-    LAYER.fetch_add(n, Ordering::Relaxed);
+    C.add_layer(n)
+}
+/// The upload of the new layer (`total` bytes) starts.
+pub fn begin_upload(total: u64) {
+    C.begin_upload(total)
 }
 pub fn add_sent(n: u64) {
-    SENT.fetch_add(n, Ordering::Relaxed);
+    C.sent.fetch_add(n, Ordering::Relaxed);
+}
+/// The registry holds `n` bytes of the upload (after a retry re-synchronised it).
+pub fn set_sent(n: u64) {
+    C.sent.store(n, Ordering::Relaxed);
+}
+pub fn totals() -> Totals {
+    C.totals()
 }
 
-#[derive(Clone, Copy)]
-struct Sample {
-    tar: u64,
-    layer: u64,
-    sent: u64,
+/// What the counters say now.
+#[derive(Debug, Clone, Copy)]
+pub struct Totals {
+    pub read: u64,
+    pub compressed_in: u64,
+    pub layer: u64,
+    pub uploaded: u64,
 }
 
-fn sample() -> Sample {
-    Sample {
-        tar: TAR.load(Ordering::Relaxed),
-        layer: LAYER.load(Ordering::Relaxed),
-        sent: SENT.load(Ordering::Relaxed),
+/// The current stage's counter, its total (None while reading), and its mean rate.
+struct Current {
+    stage: Stage,
+    done: u64,
+    total: Option<u64>,
+    per_sec: f64,
+}
+
+impl Counters {
+    const fn new() -> Counters {
+        Counters {
+            stage: AtomicU8::new(0),
+            read: AtomicU64::new(0),
+            compress_in: AtomicU64::new(0),
+            compress_total: AtomicU64::new(0),
+            layer_out: AtomicU64::new(0),
+            sent: AtomicU64::new(0),
+            sent_total: AtomicU64::new(0),
+            stage_since: Mutex::new(None),
+        }
+    }
+
+    fn set_stage(&self, s: Stage) {
+        self.stage.store(s as u8, Ordering::Relaxed);
+        *self.stage_since.lock().expect("progress lock") = Some(Instant::now());
+    }
+
+    fn stage(&self) -> Stage {
+        STAGES[self.stage.load(Ordering::Relaxed) as usize % STAGES.len()]
+    }
+
+    fn begin_pass(&self, compressing: bool) {
+        if compressing {
+            let read = self.read.load(Ordering::Relaxed);
+            self.compress_total.store(read, Ordering::Relaxed);
+            self.compress_in.store(0, Ordering::Relaxed);
+            self.layer_out.store(0, Ordering::Relaxed);
+            self.set_stage(Stage::Compressing);
+        } else {
+            self.read.store(0, Ordering::Relaxed);
+            self.set_stage(Stage::Reading);
+        }
+    }
+
+    fn add_tar(&self, n: u64) {
+        let counter = match self.stage() {
+            Stage::Compressing => &self.compress_in,
+            _ => &self.read,
+        };
+        counter.fetch_add(n, Ordering::Relaxed);
+    }
+
+    fn add_layer(&self, n: u64) {
+        if self.stage() == Stage::Compressing {
+            self.layer_out.fetch_add(n, Ordering::Relaxed);
+        }
+    }
+
+    fn begin_upload(&self, total: u64) {
+        self.sent.store(0, Ordering::Relaxed);
+        self.sent_total.store(total, Ordering::Relaxed);
+        self.set_stage(Stage::Uploading);
+    }
+
+    fn totals(&self) -> Totals {
+        Totals {
+            read: self.read.load(Ordering::Relaxed),
+            compressed_in: self.compress_in.load(Ordering::Relaxed),
+            layer: self.layer_out.load(Ordering::Relaxed),
+            uploaded: self.sent.load(Ordering::Relaxed),
+        }
+    }
+
+    fn current(&self) -> Current {
+        let stage = self.stage();
+        let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        let (done, total) = match stage {
+            Stage::Preparing => (0, None),
+            Stage::Reading => (load(&self.read), None),
+            Stage::Compressing => (load(&self.compress_in), Some(load(&self.compress_total))),
+            Stage::Uploading => (load(&self.sent), Some(load(&self.sent_total))),
+        };
+        let secs = self
+            .stage_since
+            .lock()
+            .expect("progress lock")
+            .map_or(0.0, |t| t.elapsed().as_secs_f64());
+        let done = total.map_or(done, |t| done.min(t));
+        Current {
+            stage,
+            done,
+            total,
+            per_sec: if secs > 0.05 { done as f64 / secs } else { 0.0 },
+        }
     }
 }
 
-/// Reports progress until the returned handle is aborted. Quiet for commits shorter than `every`.
-pub fn start_reporter(every: Duration) -> tokio::task::JoinHandle<()> {
-    tokio::spawn(async move {
-        let started = Instant::now();
-        let mut last = (started, sample());
-        let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
-        loop {
-            tick.tick().await;
-            let now = (Instant::now(), sample());
-            let secs = now.0.duration_since(last.0).as_secs_f64().max(0.001);
-            let rate = |a: u64, b: u64| (a.saturating_sub(b)) as f64 / secs / 1e6;
-            let (s, p) = (now.1, last.1);
-            crate::log::event(
-                2,
-                &format!(
-                    "progress: read {} MB, compressed {} MB, uploaded {} MB ({:.0} MB/s read, {:.0} MB/s up)",
-                    s.tar / 1_000_000,
-                    s.layer / 1_000_000,
-                    s.sent / 1_000_000,
-                    rate(s.tar, p.tar),
-                    rate(s.sent, p.sent)
-                ),
-                serde_json::json!({
-                    "event": "progress",
-                    "elapsedMs": started.elapsed().as_millis() as u64,
-                    "tarBytes": s.tar, "layerBytes": s.layer, "uploadedBytes": s.sent,
-                    "readMBps": (rate(s.tar, p.tar) * 10.0).round() / 10.0,
-                    "uploadMBps": (rate(s.sent, p.sent) * 10.0).round() / 10.0,
-                }),
-            );
-            last = now;
+impl Current {
+    fn eta_secs(&self) -> Option<u64> {
+        let left = self.total?.saturating_sub(self.done);
+        (self.per_sec > 0.0).then(|| (left as f64 / self.per_sec).ceil() as u64)
+    }
+    fn verb(&self) -> &'static str {
+        match self.stage {
+            Stage::Preparing => "preparing",
+            Stage::Reading => "reading",
+            Stage::Compressing => "compressing",
+            Stage::Uploading => "uploading",
         }
-    })
+    }
+}
+
+static TICKER: Mutex<Option<tokio::task::JoinHandle<()>>> = Mutex::new(None);
+
+/// Starts showing progress in `mode` (inside a tokio runtime); `stop` ends it.
+pub fn start(mode: Mode) {
+    C.set_stage(Stage::Preparing);
+    let ticker = match mode {
+        Mode::Off => return,
+        Mode::Bar => tokio::spawn(bar_ticker()),
+        Mode::Json | Mode::Text => tokio::spawn(event_ticker(mode == Mode::Json)),
+    };
+    if let Some(old) = TICKER.lock().expect("progress lock").replace(ticker) {
+        old.abort();
+    }
+}
+
+/// Stops the ticker and clears the bar, so the lines printed next stand alone. Safe to call
+/// any number of times.
+pub fn stop() {
+    if let Some(t) = TICKER.lock().expect("progress lock").take() {
+        t.abort();
+    }
+    if let Some(bar) = BAR.lock().expect("progress lock").take() {
+        bar.finish_and_clear();
+    }
+}
+
+/// Runs `f` (which writes a line to stderr) with the bar hidden, so lines and bar do not mix.
+pub fn suspend<R>(f: impl FnOnce() -> R) -> R {
+    let bar = BAR.lock().expect("progress lock").clone();
+    match bar {
+        Some(b) => b.suspend(f),
+        None => f(),
+    }
+}
+
+fn style(stage: Stage) -> ProgressStyle {
+    let template = match stage {
+        Stage::Preparing => "{spinner} {prefix:12} {elapsed}",
+        Stage::Reading => "{spinner} {prefix:12} {decimal_bytes:>10}  {msg}",
+        _ => "{spinner} {prefix:12} [{bar:30}] {decimal_bytes:>10}/{decimal_total_bytes:<10} {msg}",
+    };
+    ProgressStyle::with_template(template)
+        .expect("a constant template")
+        .progress_chars("=> ")
+}
+
+/// A fresh bar for a stage (a reset bar would first redraw with the old stage's style).
+fn stage_bar(now: &Current) -> ProgressBar {
+    let target = ProgressDrawTarget::stderr_with_hz(10);
+    ProgressBar::with_draw_target(now.total, target)
+        .with_style(style(now.stage))
+        .with_prefix(now.verb())
+}
+
+async fn bar_ticker() {
+    let mut shown: Option<Stage> = None;
+    let mut tick = tokio::time::interval(Duration::from_millis(100));
+    loop {
+        tick.tick().await;
+        let now = C.current();
+        let mut slot = BAR.lock().expect("progress lock");
+        if shown != Some(now.stage) || slot.is_none() {
+            if let Some(old) = slot.take() {
+                old.finish_and_clear();
+            }
+            *slot = Some(stage_bar(&now));
+            shown = Some(now.stage);
+        }
+        if let Some(bar) = slot.as_ref() {
+            // Our own rate and ETA: since the stage began, not since this bar was drawn.
+            let mut msg = format!("{:>10}/s", human_bytes(now.per_sec as u64));
+            if let Some(eta) = now.eta_secs() {
+                msg += &format!("  ETA {eta} s");
+            }
+            bar.set_message(msg);
+            bar.set_position(now.done);
+        }
+    }
+}
+
+async fn event_ticker(json: bool) {
+    let started = Instant::now();
+    let every = Duration::from_secs(2);
+    let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+    loop {
+        tick.tick().await;
+        let now = C.current();
+        if now.stage == Stage::Preparing {
+            // Nothing moves yet; a stuck containerd is named by its deadline's error instead.
+            continue;
+        }
+        let t = totals();
+        let fields = serde_json::json!({
+            "event": "progress",
+            "stage": now.verb(),
+            "elapsedMs": started.elapsed().as_millis() as u64,
+            "readBytes": t.read,
+            "compressedBytes": t.compressed_in,
+            "compressTotal": C.compress_total.load(Ordering::Relaxed),
+            "layerBytes": t.layer,
+            "uploadedBytes": t.uploaded,
+            "uploadTotal": C.sent_total.load(Ordering::Relaxed),
+            "bytesPerSec": now.per_sec.round() as u64,
+            "etaSeconds": now.eta_secs(),
+        });
+        let msg = if json {
+            "progress".to_string()
+        } else {
+            text_line(&now)
+        };
+        crate::log::event(2, &msg, fields);
+    }
+}
+
+fn text_line(now: &Current) -> String {
+    let mut line = format!("progress: {} {}", now.verb(), human_bytes(now.done));
+    if let Some(total) = now.total.filter(|t| *t > 0) {
+        line += &format!(" of {} ({}%)", human_bytes(total), now.done * 100 / total);
+    }
+    line += &format!(", {}/s", human_bytes(now.per_sec as u64));
+    if let Some(eta) = now.eta_secs() {
+        line += &format!(", ETA {eta} s");
+    }
+    line
+}
+
+/// `1.5 MB`-style sizes (decimal units, as registries and `docker images` show them).
+pub fn human_bytes(n: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "kB", "MB", "GB", "TB"];
+    let mut v = n as f64;
+    let mut unit = 0;
+    while v >= 1000.0 && unit + 1 < UNITS.len() {
+        v /= 1000.0;
+        unit += 1;
+    }
+    if unit == 0 {
+        format!("{n} B")
+    } else {
+        format!("{v:.1} {}", UNITS[unit])
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_compress_pass_counts_against_the_tar_read_and_does_not_bump_the_read() {
+        let c = Counters::new();
+        c.begin_pass(false);
+        c.add_tar(600);
+        c.add_layer(600);
+        c.begin_pass(true);
+        c.add_tar(200);
+        c.add_layer(50);
+        let (t, now) = (c.totals(), c.current());
+        assert_eq!((t.read, t.compressed_in, t.layer), (600, 200, 50));
+        assert_eq!((now.done, now.total), (200, Some(600)));
+        c.begin_upload(50);
+        c.sent.fetch_add(80, Ordering::Relaxed);
+        assert_eq!(
+            c.current().done,
+            50,
+            "a retried chunk never shows more than the total"
+        );
+        assert_eq!(human_bytes(45_300_000), "45.3 MB");
+    }
 }

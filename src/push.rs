@@ -77,6 +77,7 @@ pub async fn push(job: &PushJob<'_>) -> Result<(), CommitError> {
                 digest: desc.digest.clone(),
             }),
         };
+        crate::progress::begin_upload(desc.size);
         let pushed = job
             .client
             .push_blob(&desc.digest, desc.size, source.as_ref(), None)

@@ -163,13 +163,38 @@ impl Containerd {
                     id: id.to_string(),
                     namespace: self.namespace.clone(),
                 }),
-            Err(s) if s.code() == tonic::Code::NotFound => {
-                Err(ContainerdError::ContainerNotFound {
-                    id: id.to_string(),
-                    namespace: self.namespace.clone(),
-                })
-            }
+            Err(s) if s.code() == tonic::Code::NotFound => self.container_by_prefix(id).await,
             Err(s) => Err(ContainerdError::rpc(format!("getting container {id:?}"), s)),
+        }
+    }
+
+    /// A unique ID prefix, as nerdctl and crictl accept (`crictl ps` shows 13 characters).
+    async fn container_by_prefix(&self, prefix: &str) -> Result<Container, ContainerdError> {
+        let all = self
+            .containers()
+            .list(ListContainersRequest { filters: vec![] })
+            .await
+            .map_err(|s| ContainerdError::rpc("listing containers", s))?
+            .into_inner()
+            .containers;
+        let mut hits: Vec<Container> = all
+            .into_iter()
+            .filter(|c| c.id.starts_with(prefix))
+            .collect();
+        match hits.len() {
+            1 => Ok(hits.remove(0)),
+            0 => Err(ContainerdError::ContainerNotFound {
+                id: prefix.to_string(),
+                namespace: self.namespace.clone(),
+            }),
+            _ => Err(ContainerdError::AmbiguousId {
+                prefix: prefix.to_string(),
+                candidates: hits
+                    .iter()
+                    .map(|c| c.id.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", "),
+            }),
         }
     }
 

@@ -497,7 +497,7 @@ impl Client {
                 ),
                 Err(e) => e.to_string(),
             };
-            crate::log::warn(&format!(
+            crate::log::debug(&format!(
                 "{why}; retrying in {wait:?} (attempt {} of {})",
                 attempt + 2,
                 self.retry.attempts

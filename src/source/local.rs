@@ -46,6 +46,15 @@ pub(super) async fn read(req: &LayerRequest<'_>) -> Result<FinishedLayer, Commit
         s.cleanup().await;
     }
     let (file, desc, stats) = captured?;
+    // --max-layer-bytes bounds the layer itself (the tar with its headers and padding), not only
+    // the file content the diff counted while reading.
+    if let Some(limit) = req.plan.max_layer_bytes.filter(|l| desc.size > *l) {
+        return Err(diff::DiffError::LimitExceeded {
+            what: "bytes (uncompressed layer, --max-layer-bytes)",
+            limit,
+        }
+        .into());
+    }
     let capture = Capture {
         file,
         path,

@@ -208,17 +208,14 @@ fn assert_clear_failure(out: &std::process::Output, code: i32, needle: &str) {
         "nothing on stdout on failure: {}",
         String::from_utf8_lossy(&out.stdout)
     );
-    // Structured log events (JSON lines, e.g. a retry warning) may precede it; the error itself is
-    // one plain line.
-    let lines: Vec<&str> = stderr
-        .lines()
-        .filter(|l| !l.trim().is_empty() && !l.starts_with('{'))
-        .collect();
-    assert_eq!(lines.len(), 1, "one error line, got: {stderr}");
+    // Structured log events (JSON lines) may precede it; the error itself is one line: plain
+    // text on a terminal, a JSON object with level "error" when stderr is piped (as here).
+    let errors = crate::cli::error_lines(&stderr);
+    assert_eq!(errors.len(), 1, "one error line, got: {stderr}");
     assert!(
-        lines[0].contains(needle),
+        errors[0].contains(needle),
         "error should mention {needle:?}: {}",
-        lines[0]
+        errors[0]
     );
 }
 

@@ -1,6 +1,7 @@
 //! The one integration-test binary: a lab (real containerd + registry) per test, and the tests that use it.
 //! Needs root, containerd, runc, docker-registry, skopeo, umoci and busybox-static (scripts/test.sh installs them).
 
+mod cli;
 mod e2e;
 mod fidelity;
 mod hostile;

@@ -187,8 +187,9 @@ fn a_second_commit_of_the_same_container_fails_clearly_while_the_first_runs() {
     ]);
     let stderr = String::from_utf8_lossy(&second.stderr);
     assert_eq!(second.status.code(), Some(7), "{stderr}");
+    let errors = crate::cli::error_lines(&stderr);
     assert!(
-        stderr.contains("another commit of container \"s3\" is in progress"),
+        errors[0].contains("another commit of container \"s3\" is in progress"),
         "{stderr}"
     );
     let first = first.wait_with_output().unwrap();
@@ -255,7 +256,7 @@ fn a_paused_sandbox_is_left_paused() {
         String::from_utf8_lossy(&out.stderr)
     );
     let result: Value = serde_json::from_slice(&out.stdout).unwrap();
-    assert_eq!(result["pausedMs"], 0);
+    assert_eq!(result["paused"]["ms"], 0);
     assert_eq!(lab.task_status("s5"), "PAUSED");
     lab.ctr(&["tasks", "resume", "s5"]);
 }
@@ -318,7 +319,7 @@ fn with_a_slow_registry_the_sandbox_is_resumed_long_before_the_upload_ends() {
         String::from_utf8_lossy(&out.stderr)
     );
     let result: Value = serde_json::from_slice(&out.stdout).unwrap();
-    let paused = result["pausedMs"].as_u64().unwrap();
+    let paused = result["paused"]["ms"].as_u64().unwrap();
     eprintln!("paused {paused} ms of a {wall:?} commit through a 2 MiB/s link");
     assert!(
         wall >= Duration::from_secs(3),

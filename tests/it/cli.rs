@@ -1,0 +1,462 @@
+//! The CLI as people meet it: every bad input ends in one line (text) or one JSON object, with
+//! the documented exit code, the sandbox running, no tag and an empty spool dir; docker-commit
+//! habits; the result matches its JSON Schema; the README's flag table matches `--help`; a
+//! terminal sees a moving bar and a summary.
+
+use crate::lab::{Lab, RunOpts};
+use serde_json::Value;
+use std::os::unix::net::UnixListener;
+use std::path::Path;
+use std::process::Output;
+
+/// The error lines of a failed run's stderr: plain `committer: …` lines, and the `msg` of JSON
+/// lines whose level is "error" (other JSON lines are log events).
+pub fn error_lines(stderr: &str) -> Vec<String> {
+    stderr
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .filter_map(|l| match serde_json::from_str::<Value>(l) {
+            Ok(v) if v["level"] == "error" => v["msg"].as_str().map(String::from),
+            Ok(_) => None,
+            Err(_) => Some(l.to_string()),
+        })
+        .collect()
+}
+
+/// Exactly one stderr line: `committer: …` without raw control characters in text mode, one
+/// JSON object with level "error" and the exit code in JSON mode.
+fn assert_one_line(out: &Output, json: bool, code: i32, case: &str) {
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let what = format!("{case} ({}): {stderr}", if json { "json" } else { "text" });
+    assert_eq!(out.status.code(), Some(code), "exit code of {what}");
+    assert!(out.stdout.is_empty(), "stdout of {what}");
+    let lines: Vec<&str> = stderr.lines().collect();
+    assert_eq!(lines.len(), 1, "one line for {what}");
+    if json {
+        let v: Value = serde_json::from_str(lines[0]).expect("a JSON error line");
+        assert_eq!(
+            (v["level"].as_str(), v["exitCode"].as_i64()),
+            (Some("error"), Some(code as i64)),
+            "{what}"
+        );
+    } else {
+        assert!(lines[0].starts_with("committer: "), "{what}");
+        assert!(
+            !lines[0].chars().any(|c| c.is_control()),
+            "raw control character in {what}"
+        );
+    }
+}
+
+fn spool_files(dir: &Path) -> Vec<String> {
+    std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect()
+}
+
+/// A socket that accepts connections and never answers (kept open by a thread).
+fn silent_socket(path: &Path) {
+    let listener = UnixListener::bind(path).unwrap();
+    std::thread::spawn(move || {
+        let mut held = Vec::new();
+        for s in listener.incoming() {
+            held.push(s);
+        }
+    });
+}
+
+#[test]
+fn bad_inputs_end_in_one_line_with_the_documented_exit_code_and_leave_nothing() {
+    let lab = Lab::start();
+    let base = lab.base_image("base", false);
+    lab.run_container("m1", &base, &RunOpts::default());
+    // A few bytes of content in a tar of a few kB: --max-layer-bytes must count the tar.
+    lab.exec("m1", "echo hi > /data/new; echo x > /data/modify.txt");
+    for id in ["pfx-a", "pfx-b"] {
+        lab.run_container(id, &base, &RunOpts::default());
+    }
+    let spool = lab.dir.join("spool");
+    std::fs::create_dir_all(&spool).unwrap();
+    let (refused, silent) = (lab.dir.join("refused.sock"), lab.dir.join("silent.sock"));
+    drop(UnixListener::bind(&refused).unwrap());
+    silent_socket(&silent);
+    let repo = format!("{}/snap/matrix", lab.registry);
+    let target = format!("{repo}:v1");
+    let s = |p: &Path| p.to_string_lossy().into_owned();
+    let (refused, silent, spool_s) = (s(&refused), s(&silent), s(&spool));
+    let unix_silent = format!("unix://{silent}");
+    let digest_ref = format!("{repo}@sha256:{}", "a".repeat(64));
+    let bad_pod = "team/a\n{\"level\":\"info\",\"msg\":\"forged\"}\u{1b}[2J";
+    let t = target.as_str();
+    #[rustfmt::skip]
+    let cases: Vec<(&str, i32, Vec<&str>)> = vec![
+        ("no command", 2, vec![]),
+        ("unknown flag", 2, vec!["commit", "--bogus"]),
+        ("no image", 2, vec!["commit", "m1"]),
+        ("no container", 2, vec!["commit", "--image", t]),
+        ("container twice", 2, vec!["commit", "m1", t, "--container", "other"]),
+        ("container-name without pod", 2, vec!["commit", "--container", "m1", "--container-name", "x", "--image", t]),
+        ("pod without slash", 2, vec!["commit", "--pod", "nopod", t]),
+        ("bad reference", 2, vec!["commit", "m1", "UPPER/Case::bad"]),
+        ("digest reference", 2, vec!["commit", "m1", &digest_ref]),
+        ("bad tag", 2, vec!["commit", "m1", t, "--tag", "-bad"]),
+        ("bad level", 2, vec!["commit", "m1", t, "--compression-level", "42"]),
+        ("bad compression", 2, vec!["commit", "m1", t, "--compression", "lz4"]),
+        ("zero threads", 2, vec!["commit", "m1", t, "--threads", "0"]),
+        ("relative exclude", 2, vec!["commit", "m1", t, "--exclude", "tmp"]),
+        ("escaping exclude", 2, vec!["commit", "m1", t, "--exclude", "/../etc"]),
+        ("bad epoch", 2, vec!["commit", "m1", t, "--source-date-epoch", "soon"]),
+        ("result file dir missing", 2, vec!["commit", "m1", t, "--result-file", "/nonexistent/dir/r.json"]),
+        ("spool dir missing", 2, vec!["commit", "m1", t, "--spool-dir", "/nonexistent"]),
+        ("tcp address", 2, vec!["commit", "m1", t, "--address", "tcp://127.0.0.1:1"]),
+        ("diff output dir missing", 2, vec!["diff", "m1", "--output", "/nonexistent/dir/l.tar"]),
+        ("container missing", 3, vec!["commit", "nope", t]),
+        ("ambiguous prefix", 3, vec!["commit", "pfx-", t]),
+        ("pod missing", 3, vec!["commit", "--pod", "team/none", t]),
+        ("pod name with newline and escapes", 2, vec!["commit", "--pod", bad_pod, t]),
+        ("socket missing", 3, vec!["commit", "m1", t, "--address", "unix:///nonexistent.sock"]),
+        ("not a socket", 3, vec!["commit", "m1", t, "--address", "/etc/hosts"]),
+        ("refused socket", 3, vec!["commit", "m1", t, "--address", &refused]),
+        ("silent socket", 3, vec!["commit", "m1", t, "--address", &unix_silent]),
+        ("layer over --max-layer-bytes", 4, vec!["commit", "m1", t, "--max-layer-bytes", "1500", "--compression", "none"]),
+        ("too many files", 4, vec!["commit", "m1", t, "--max-files", "1"]),
+        ("registry unreachable", 5, vec!["commit", "m1", "127.0.0.1:1/x/y:v1"]),
+    ];
+    for (case, code, args) in &cases {
+        for json in [false, true] {
+            let mut cmd = lab.committer_command();
+            cmd.args(args).env("TMPDIR", &spool);
+            cmd.args(["--log-format", if json { "json" } else { "text" }]);
+            let commit_runs = args.first() == Some(&"commit") && !args.contains(&"--spool-dir");
+            if commit_runs {
+                cmd.args(["--plain-http", "--spool-dir", &spool_s]);
+            }
+            let out = crate::lab::run(&mut cmd);
+            assert_one_line(&out, json, *code, case);
+            if *case == "silent socket" {
+                let line = String::from_utf8_lossy(&out.stderr);
+                let want = format!("containerd at {silent} did not answer within 10 s");
+                assert!(line.contains(&want), "{line}");
+            }
+            assert_eq!(
+                spool_files(&spool),
+                Vec::<String>::new(),
+                "spool after {case}"
+            );
+        }
+    }
+    assert_eq!(lab.task_status("m1"), "RUNNING");
+    assert!(
+        lab.tags("snap/matrix").is_empty(),
+        "a failed commit pushed a tag"
+    );
+}
+
+/// A small subset of JSON Schema (type, const, enum, pattern, required, properties,
+/// additionalProperties: false, items, uniqueItems, oneOf, local $ref): what result.schema.json uses.
+fn validate(schema: &Value, root: &Value, v: &Value, at: &str) -> Vec<String> {
+    if let Some(r) = schema["$ref"].as_str() {
+        let target = root
+            .pointer(r.trim_start_matches('#'))
+            .expect("a local $ref");
+        return validate(target, root, v, at);
+    }
+    let mut errs = Vec::new();
+    if let Some(options) = schema["oneOf"].as_array() {
+        let ok = options
+            .iter()
+            .filter(|o| validate(o, root, v, at).is_empty())
+            .count();
+        if ok != 1 {
+            errs.push(format!("{at}: matches {ok} of oneOf"));
+        }
+    }
+    let kind = match v {
+        Value::Null => "null",
+        Value::Bool(_) => "boolean",
+        Value::Number(n) if n.is_u64() || n.is_i64() => "integer",
+        Value::Number(_) => "number",
+        Value::String(_) => "string",
+        Value::Array(_) => "array",
+        Value::Object(_) => "object",
+    };
+    if let Some(t) = schema["type"].as_str().filter(|t| *t != kind) {
+        errs.push(format!("{at}: {kind}, not {t}"));
+    }
+    if schema.get("const").is_some_and(|c| c != v) {
+        errs.push(format!("{at}: {v} is not {}", schema["const"]));
+    }
+    if schema["enum"].as_array().is_some_and(|e| !e.contains(v)) {
+        errs.push(format!("{at}: {v} not in the enum"));
+    }
+    if let (Some(p), Some(s)) = (schema["pattern"].as_str(), v.as_str()) {
+        if !regex::Regex::new(p).unwrap().is_match(s) {
+            errs.push(format!("{at}: {s:?} does not match {p}"));
+        }
+    }
+    if let (Some(items), Some(a)) = (schema.get("items"), v.as_array()) {
+        for (i, x) in a.iter().enumerate() {
+            errs.extend(validate(items, root, x, &format!("{at}/{i}")));
+        }
+        let mut unique = a.clone();
+        unique.dedup();
+        if schema["uniqueItems"] == true && unique.len() != a.len() {
+            errs.push(format!("{at}: duplicate items"));
+        }
+    }
+    if let Some(o) = v.as_object() {
+        for r in schema["required"].as_array().into_iter().flatten() {
+            if !o.contains_key(r.as_str().unwrap()) {
+                errs.push(format!("{at}: {r} missing"));
+            }
+        }
+        for (k, x) in o {
+            match schema["properties"].get(k) {
+                Some(s) => errs.extend(validate(s, root, x, &format!("{at}/{k}"))),
+                None if schema["additionalProperties"] == false => {
+                    errs.push(format!("{at}: unexpected {k}"))
+                }
+                None => {}
+            }
+        }
+    }
+    errs
+}
+
+fn schema() -> Value {
+    let text = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/result.schema.json"),
+    )
+    .unwrap();
+    serde_json::from_str(&text).unwrap()
+}
+
+#[test]
+fn docker_commit_habits_push_a_result_that_matches_its_schema() {
+    let lab = Lab::start();
+    let base = lab.base_image("base", false);
+    let id = "sandbox-0123456789abcdef";
+    lab.run_container(id, &base, &RunOpts::default());
+    lab.exec(id, "echo changed > /data/modify.txt");
+    let repo = format!("{}/snap/habits", lab.registry);
+    let result_file = lab.dir.join("result.json");
+    let out = lab.committer(&[
+        "commit",
+        "-m",
+        "snapshot",
+        "-a",
+        "dev <dev@example.com>",
+        "-p",
+        "sandbox-01234",
+        &format!("{repo}:v1"),
+        "--tag",
+        "v1",
+        "--tag",
+        "two",
+        "--tag",
+        "two",
+        "--plain-http",
+        "--quiet",
+        "--result-file",
+        &result_file.to_string_lossy(),
+    ]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(
+        !stderr.contains("progress"),
+        "--quiet shows no progress: {stderr}"
+    );
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    let result: Value = serde_json::from_str(stdout.trim()).unwrap();
+    let schema = schema();
+    assert_eq!(
+        validate(&schema, &schema, &result, ""),
+        Vec::<String>::new(),
+        "{result:#}"
+    );
+    assert_eq!(result["container"], id);
+    assert_eq!(
+        result["extraTags"],
+        serde_json::json!([format!("{repo}:two")])
+    );
+    assert_eq!(result["paused"]["skipped"], Value::Null);
+    let mut tags = lab.tags("snap/habits");
+    tags.sort();
+    assert_eq!(tags, ["two", "v1"]);
+    assert_eq!(
+        std::fs::read_to_string(&result_file).unwrap(),
+        stdout.trim()
+    );
+    assert_eq!(lab.task_status(id), "RUNNING");
+
+    // Without a pause, the result says why it was skipped.
+    let out = lab.committer(&[
+        "commit",
+        id,
+        &format!("{repo}:v2"),
+        "--pause=false",
+        "--plain-http",
+    ]);
+    let result: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        result["paused"],
+        serde_json::json!({"ms": 0, "skipped": "no-pause"})
+    );
+}
+
+#[test]
+fn diff_writes_stdout_with_a_dash_and_leaves_no_partial_file_when_it_fails() {
+    let lab = Lab::start();
+    let base = lab.base_image("base", false);
+    lab.run_container("d1", &base, &RunOpts::default());
+    lab.exec("d1", "echo one > /data/a; echo two > /data/b");
+    let out = lab.committer(&["diff", "d1", "--output", "-", "--compression", "none"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let desc: Value = stderr
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .find(|v| v.get("diffId").is_some())
+        .expect("the descriptor on stderr");
+    use sha2::Digest;
+    let sum = format!("sha256:{}", hex::encode(sha2::Sha256::digest(&out.stdout)));
+    assert_eq!(desc["digest"], sum.as_str(), "stdout holds the blob");
+    assert_eq!(desc["size"], out.stdout.len() as u64);
+
+    let dir = lab.dir.join("diffout");
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("layer.tar");
+    let out = lab.committer(&[
+        "diff",
+        "d1",
+        "--output",
+        &file.to_string_lossy(),
+        "--max-files",
+        "1",
+    ]);
+    assert_eq!(
+        out.status.code(),
+        Some(4),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        spool_files(&dir),
+        Vec::<String>::new(),
+        "a failed diff leaves nothing"
+    );
+}
+
+/// Long flags (and their defaults) of `committer SUB --help`.
+fn help_flags(sub: &str) -> Vec<(String, Option<String>)> {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_committer"))
+        .args([sub, "--help"])
+        .output()
+        .unwrap();
+    let help = String::from_utf8(out.stdout).unwrap();
+    let flag = regex::Regex::new(r"^\s+(?:-\w, )?(--[a-z-]+)").unwrap();
+    let default = regex::Regex::new(r"\[default: ([^\]]*)\]").unwrap();
+    let mut flags: Vec<(String, String)> = Vec::new();
+    for line in help.lines() {
+        match flag.captures(line) {
+            Some(c) => flags.push((c[1].to_string(), line.to_string())),
+            None => {
+                if let Some(last) = flags.last_mut() {
+                    last.1 += " ";
+                    last.1 += line.trim();
+                }
+            }
+        }
+    }
+    flags
+        .into_iter()
+        .filter(|(f, _)| f != "--help" && f != "--version")
+        .map(|(f, text)| {
+            let d = default.captures(&text);
+            (f, d.map(|c| c[1].trim_matches('"').to_string()))
+        })
+        .collect()
+}
+
+#[test]
+fn every_flag_in_help_is_in_the_readme_table_with_the_same_default_and_back() {
+    let readme =
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("README.md")).unwrap();
+    let flag = regex::Regex::new(r"`(?:-\w, )?(--[a-z-]+)").unwrap();
+    let mut table: Vec<(String, String)> = Vec::new();
+    for row in readme.lines().filter(|l| l.starts_with("| `-")) {
+        let cells: Vec<&str> = row.split(" | ").collect();
+        for c in flag.captures_iter(cells[0]) {
+            table.push((c[1].to_string(), cells.get(1).unwrap_or(&"").to_string()));
+        }
+    }
+    let mut in_help: Vec<String> = Vec::new();
+    for sub in ["commit", "diff"] {
+        for (f, default) in help_flags(sub) {
+            let row = table.iter().find(|(t, _)| *t == f);
+            let Some((_, cell)) = row else {
+                panic!("{f} (committer {sub} --help) is not in the README's flag table");
+            };
+            if let Some(d) = default {
+                assert!(
+                    cell.contains(&format!("`{d}`")),
+                    "{f}: --help says default {d:?}, README says {cell:?}"
+                );
+            }
+            in_help.push(f);
+        }
+    }
+    for (f, _) in &table {
+        assert!(
+            in_help.contains(f),
+            "the README lists {f}, which --help does not"
+        );
+    }
+}
+
+#[test]
+fn a_terminal_sees_the_bar_move_and_a_summary_before_the_result() {
+    let lab = Lab::start();
+    let base = lab.base_image("base", false);
+    lab.run_container("t1", &base, &RunOpts::default());
+    lab.exec("t1", "head -c 100000000 /dev/urandom > /data/big");
+    let typescript = lab.dir.join("typescript");
+    let cmd = format!(
+        "CONTAINERD_ADDRESS={} CONTAINERD_NAMESPACE={} {} commit t1 {}/snap/tty:v1 --plain-http --threads 1",
+        lab.address.display(),
+        lab.namespace,
+        env!("CARGO_BIN_EXE_committer"),
+        lab.registry
+    );
+    let out = crate::lab::run(std::process::Command::new("script").args([
+        "-qefc",
+        &cmd,
+        &typescript.to_string_lossy(),
+    ]));
+    let screen = String::from_utf8_lossy(&std::fs::read(&typescript).unwrap()).into_owned();
+    assert!(out.status.success(), "{screen}");
+    let frames = |verb: &str| -> Vec<String> {
+        let re = regex::Regex::new(&format!(r"{verb}\s+\[[=> ]+\]\s+([0-9.]+ [kMG]?i?B)")).unwrap();
+        let mut seen: Vec<String> = re
+            .captures_iter(&screen)
+            .map(|c| c[1].to_string())
+            .collect();
+        seen.dedup();
+        seen
+    };
+    assert!(
+        frames("compressing").len() >= 2,
+        "the compress bar moved: {screen:?}"
+    );
+    assert!(screen.contains("uploading"), "{screen:?}");
+    let summary = screen
+        .find("committer: info: pushed ")
+        .expect("a summary line");
+    let result = screen.find("{\"schemaVersion\"").expect("the result");
+    assert!(summary < result, "the summary comes before the result");
+}
