@@ -107,10 +107,20 @@ async fn commit_leased(
     let created = now_rfc3339();
     let note = HistoryNote {
         created: &created,
+        created_by: "committer",
         comment: &plan.message,
+        author: None,
     };
-    let config = image::new_config(&base, read.layer.as_ref(), family, &note)?;
-    let manifest = image::new_manifest(&base, &config, read.layer.as_ref(), family)?;
+    let edits = image::Edits::default();
+    let config = image::new_config(&base, read.layer.as_ref(), family, &note, &edits)?;
+    let manifest = image::new_manifest(
+        &base,
+        &config,
+        read.layer.as_ref(),
+        family,
+        &edits,
+        &created,
+    )?;
 
     let base_ref: Option<registry::Reference> = base.name.parse().ok();
     let job = push::PushJob {

@@ -7,6 +7,17 @@ use crate::digest::Digest;
 use crate::layer::LayerDescriptor;
 use serde_json::{json, Map, Value};
 
+pub mod chain;
+mod change;
+mod process;
+pub mod provenance;
+mod shlex;
+
+pub use chain::ChainPlan;
+pub use change::{ChangeError, Changes};
+pub use process::{process_config, ProcessConfig, ProcessError};
+pub use provenance::Provenance;
+
 pub mod media {
     //! Media types, and which family (OCI or Docker schema2) each belongs to.
     pub const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
@@ -105,66 +116,171 @@ impl Blob {
     }
 }
 
-/// What the history entry says about this commit.
+/// What the history entry says about this commit (as `docker commit` writes it).
 pub struct HistoryNote<'a> {
     pub created: &'a str,
+    /// Docker writes the container's command here; committer its own name unless told.
+    pub created_by: &'a str,
     pub comment: &'a str,
+    pub author: Option<&'a str>,
 }
 
-/// New config = base config + our diff_id (unless the diff is empty) + a history entry.
+/// Everything beyond the new layer that goes into the config and manifest.
+#[derive(Debug, Default)]
+pub struct Edits {
+    /// `--change` instructions, applied after `process`.
+    pub changes: Changes,
+    /// The sandbox's own process config (opt-in), applied first.
+    pub process: Option<ProcessConfig>,
+    /// Append or squash; None: append on the base.
+    pub chain: Option<ChainPlan>,
+    pub provenance: Provenance,
+}
+
+/// The base config parsed, with its history padded to one entry per layer.
+pub struct BaseConfig {
+    pub json: Value,
+    pub padded_history: usize,
+}
+
+impl BaseConfig {
+    pub fn read(base: &BaseImage) -> Result<BaseConfig, ImageError> {
+        let err = |detail: String| ImageError {
+            image: base.name.clone(),
+            detail,
+        };
+        let mut json: Value = serde_json::from_slice(&base.config_bytes)
+            .map_err(|e| err(format!("config is not JSON: {e}")))?;
+        let obj = json
+            .as_object_mut()
+            .ok_or_else(|| err("config is not a JSON object".into()))?;
+        let base_layers = base.layers().len();
+        let rootfs = obj
+            .entry("rootfs")
+            .or_insert_with(|| json!({"type": "layers", "diff_ids": []}));
+        let n = rootfs
+            .get("diff_ids")
+            .and_then(Value::as_array)
+            .ok_or_else(|| err("config has no rootfs.diff_ids array".into()))?
+            .len();
+        if n != base_layers {
+            return Err(err(format!(
+                "config lists {n} diff_ids but the manifest {base_layers} layers"
+            )));
+        }
+        let history = obj.entry("history").or_insert_with(|| Value::Array(vec![]));
+        let history = history
+            .as_array_mut()
+            .ok_or_else(|| err("config history is not an array".into()))?;
+        pad_history(history, base_layers);
+        let padded_history = history.len();
+        Ok(BaseConfig {
+            json,
+            padded_history,
+        })
+    }
+
+    /// The chain plan for this base in `mode`.
+    pub fn plan(&self, base: &BaseImage, mode: chain::Mode) -> ChainPlan {
+        chain::plan(base, &self.json, self.padded_history, mode)
+    }
+}
+
+/// New config = base config (minus squashed snapshot layers) + our diff_id (unless the diff is
+/// empty) + the process config and `--change`s + the chain record + a history entry.
 pub fn new_config(
     base: &BaseImage,
     layer: Option<&LayerDescriptor>,
     family: Family,
     note: &HistoryNote,
+    edits: &Edits,
 ) -> Result<Blob, ImageError> {
-    let err = |detail: &str| ImageError {
+    let err = |detail: String| ImageError {
         image: base.name.clone(),
-        detail: detail.to_string(),
+        detail,
     };
-    let mut config: Value = serde_json::from_slice(&base.config_bytes)
-        .map_err(|e| err(&format!("config is not JSON: {e}")))?;
-    let obj = config
-        .as_object_mut()
-        .ok_or_else(|| err("config is not a JSON object"))?;
-    let base_layers = base.layers().len();
-
-    let rootfs = obj
-        .entry("rootfs")
-        .or_insert_with(|| json!({"type": "layers", "diff_ids": []}));
-    let diff_ids = rootfs
-        .get_mut("diff_ids")
+    let base_config = BaseConfig::read(base)?;
+    let plan = match &edits.chain {
+        Some(p) => p.clone(),
+        None => base_config.plan(base, chain::Mode::Append),
+    };
+    let mut config = base_config.json;
+    let obj = config.as_object_mut().expect("checked by BaseConfig::read");
+    if let Some(ids) = obj
+        .get_mut("rootfs")
+        .and_then(|r| r.get_mut("diff_ids"))
         .and_then(Value::as_array_mut)
-        .ok_or_else(|| err("config has no rootfs.diff_ids array"))?;
-    if diff_ids.len() != base_layers {
-        return Err(err(&format!(
-            "config lists {} diff_ids but the manifest {} layers",
-            diff_ids.len(),
-            base_layers
-        )));
+    {
+        ids.truncate(plan.keep_layers);
+        if let Some(l) = layer {
+            ids.push(Value::String(l.diff_id.to_string()));
+        }
     }
-    if let Some(l) = layer {
-        diff_ids.push(Value::String(l.diff_id.to_string()));
+    let inner = obj
+        .entry("config")
+        .or_insert_with(|| Value::Object(Map::new()));
+    if inner.is_null() {
+        *inner = Value::Object(Map::new());
     }
+    let inner = inner
+        .as_object_mut()
+        .ok_or_else(|| err("config.config is not a JSON object".into()))?;
+    if let Some(p) = &edits.process {
+        p.apply(inner);
+    }
+    record_original(inner, &plan.original);
+    edits.changes.apply(inner).map_err(|e| err(e.to_string()))?;
 
-    let history = obj.entry("history").or_insert_with(|| Value::Array(vec![]));
-    let history = history
-        .as_array_mut()
-        .ok_or_else(|| err("config history is not an array"))?;
-    pad_history(history, base_layers);
+    if let Some(history) = obj.get_mut("history").and_then(Value::as_array_mut) {
+        history.truncate(plan.keep_history);
+        history.push(history_entry(note, layer.is_none()));
+    }
+    obj.insert("created".into(), Value::String(note.created.to_string()));
+    // docker commit sets (or, when empty, leaves out) the image's author and comment.
+    set_or_remove(obj, "author", note.author.unwrap_or(""));
+    set_or_remove(obj, "comment", note.comment);
+
+    let bytes = serde_json::to_vec(&config).map_err(|e| err(format!("serialising config: {e}")))?;
+    Ok(Blob::new(family.config_media_type(), bytes))
+}
+
+fn set_or_remove(obj: &mut Map<String, Value>, key: &str, value: &str) {
+    if value.is_empty() {
+        obj.remove(key);
+    } else {
+        obj.insert(key.into(), Value::String(value.into()));
+    }
+}
+
+fn history_entry(note: &HistoryNote, empty: bool) -> Value {
     let mut entry = Map::new();
     entry.insert("created".into(), Value::String(note.created.to_string()));
-    entry.insert("created_by".into(), Value::String("committer".into()));
-    entry.insert("comment".into(), Value::String(note.comment.to_string()));
-    if layer.is_none() {
+    if let Some(a) = note.author.filter(|a| !a.is_empty()) {
+        entry.insert("author".into(), Value::String(a.to_string()));
+    }
+    entry.insert("created_by".into(), Value::String(note.created_by.into()));
+    if !note.comment.is_empty() {
+        entry.insert("comment".into(), Value::String(note.comment.to_string()));
+    }
+    if empty {
         entry.insert("empty_layer".into(), Value::Bool(true));
     }
-    history.push(Value::Object(entry));
-    obj.insert("created".into(), Value::String(note.created.to_string()));
+    Value::Object(entry)
+}
 
-    let bytes =
-        serde_json::to_vec(&config).map_err(|e| err(&format!("serialising config: {e}")))?;
-    Ok(Blob::new(family.config_media_type(), bytes))
+/// Writes the original base's record into the config's labels.
+fn record_original(inner: &mut Map<String, Value>, original: &chain::OriginalBase) {
+    let labels = inner
+        .entry("Labels")
+        .or_insert_with(|| Value::Object(Map::new()));
+    if !labels.is_object() {
+        *labels = Value::Object(Map::new());
+    }
+    if let Some(labels) = labels.as_object_mut() {
+        for (k, v) in original.labels() {
+            labels.insert(k.into(), Value::String(v));
+        }
+    }
 }
 
 /// Tools (docker, buildkit) expect one non-empty history entry per layer. A base whose history
@@ -183,16 +299,23 @@ fn pad_history(history: &mut Vec<Value>, layers: usize) {
     }
 }
 
-/// New manifest = base manifest with our config and the base layers + our layer.
+/// New manifest = base manifest with our config, the kept base layers + our layer, and the
+/// provenance annotations (OCI manifests only: Docker schema2 defines no annotations).
 pub fn new_manifest(
     base: &BaseImage,
     config: &Blob,
     layer: Option<&LayerDescriptor>,
     family: Family,
+    edits: &Edits,
+    created: &str,
 ) -> Result<Blob, ImageError> {
     let err = |detail: &str| ImageError {
         image: base.name.clone(),
         detail: detail.to_string(),
+    };
+    let plan = match &edits.chain {
+        Some(p) => p.clone(),
+        None => BaseConfig::read(base)?.plan(base, chain::Mode::Append),
     };
     let mut manifest = base.manifest.clone();
     let obj = manifest
@@ -210,6 +333,7 @@ pub fn new_manifest(
     // A subject would claim we are an artifact attached to the base; we are a new image.
     obj.remove("subject");
     let mut layers = base.layers();
+    layers.truncate(plan.keep_layers);
     if family == Family::Oci {
         for l in &mut layers {
             relabel_docker_layer(l);
@@ -221,19 +345,13 @@ pub fn new_manifest(
         );
     }
     obj.insert("layers".into(), Value::Array(layers));
-    if family == Family::Oci {
-        let ann = obj
-            .entry("annotations")
-            .or_insert_with(|| Value::Object(Map::new()));
-        if let Some(ann) = ann.as_object_mut() {
-            ann.insert(
-                "org.opencontainers.image.base.name".into(),
-                Value::String(base.name.clone()),
-            );
-            ann.insert(
-                "org.opencontainers.image.base.digest".into(),
-                Value::String(base.manifest_digest.to_string()),
-            );
+    match family {
+        Family::Oci => {
+            let ann = provenance::annotations(&plan.original, base, created, &edits.provenance);
+            obj.insert("annotations".into(), Value::Object(ann));
+        }
+        Family::Docker => {
+            obj.remove("annotations");
         }
     }
     let bytes =
@@ -255,106 +373,4 @@ fn relabel_docker_layer(layer: &mut Value) {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn base(config: &str, manifest: Value) -> BaseImage {
-        BaseImage {
-            name: "reg/base:1".into(),
-            manifest_digest: Digest::of(b"m"),
-            manifest_media_type: media::OCI_MANIFEST.into(),
-            manifest,
-            config_bytes: config.as_bytes().to_vec(),
-        }
-    }
-
-    fn one_layer_manifest(mt: &str) -> Value {
-        json!({"schemaVersion": 2, "mediaType": mt,
-               "config": {"mediaType": media::OCI_CONFIG, "digest": Digest::of(b"c").to_string(), "size": 1},
-               "layers": [{"mediaType": media::DOCKER_LAYER_GZIP, "digest": Digest::of(b"l").to_string(), "size": 5}]})
-    }
-
-    fn layer() -> LayerDescriptor {
-        LayerDescriptor {
-            digest: Digest::of(b"z"),
-            diff_id: Digest::of(b"t"),
-            size: 9,
-            media_type: media::OCI_LAYER_GZIP.into(),
-        }
-    }
-
-    const NOTE: HistoryNote = HistoryNote {
-        created: "2026-01-01T00:00:00Z",
-        comment: "c",
-    };
-
-    #[test]
-    fn config_keeps_unknown_keys_in_order_and_appends_diff_id() {
-        let cfg = r#"{"zeta":1,"config":{"Healthcheck":{"Test":["CMD","true"]},"Shell":["/bin/sh"]},"rootfs":{"type":"layers","diff_ids":["sha256:aa"]},"alpha":2}"#;
-        let b = base(cfg, one_layer_manifest(media::OCI_MANIFEST));
-        let blob = new_config(&b, Some(&layer()), Family::Oci, &NOTE).unwrap();
-        let text = String::from_utf8(blob.bytes.clone()).unwrap();
-        assert!(
-            text.starts_with(
-                r#"{"zeta":1,"config":{"Healthcheck":{"Test":["CMD","true"]},"Shell":["/bin/sh"]}"#
-            ),
-            "{text}"
-        );
-        let v: Value = serde_json::from_str(&text).unwrap();
-        assert_eq!(v["rootfs"]["diff_ids"][1], layer().diff_id.to_string());
-        assert_eq!(
-            v["history"].as_array().unwrap().len(),
-            2,
-            "one placeholder for the base layer + ours"
-        );
-        assert_eq!(v["history"][1]["created_by"], "committer");
-        assert_eq!(blob.digest, Digest::of(&blob.bytes));
-    }
-
-    #[test]
-    fn empty_diff_adds_only_an_empty_layer_history_entry() {
-        let cfg = r#"{"rootfs":{"type":"layers","diff_ids":["sha256:aa"]},"history":[{"created_by":"x"}]}"#;
-        let b = base(cfg, one_layer_manifest(media::OCI_MANIFEST));
-        let v: Value =
-            serde_json::from_slice(&new_config(&b, None, Family::Oci, &NOTE).unwrap().bytes)
-                .unwrap();
-        assert_eq!(v["rootfs"]["diff_ids"].as_array().unwrap().len(), 1);
-        assert_eq!(v["history"][1]["empty_layer"], true);
-    }
-
-    #[test]
-    fn config_with_mismatched_diff_ids_is_refused() {
-        let b = base(
-            r#"{"rootfs":{"type":"layers","diff_ids":[]}}"#,
-            one_layer_manifest(media::OCI_MANIFEST),
-        );
-        assert!(new_config(&b, None, Family::Oci, &NOTE).is_err());
-    }
-
-    #[test]
-    fn docker_base_with_zstd_becomes_oci_and_relabels_base_layers() {
-        assert_eq!(
-            Family::for_base(media::DOCKER_MANIFEST, Compression::Zstd),
-            Family::Oci
-        );
-        assert_eq!(
-            Family::for_base(media::DOCKER_MANIFEST, Compression::Gzip),
-            Family::Docker
-        );
-        let b = base(
-            r#"{"rootfs":{"type":"layers","diff_ids":["sha256:aa"]}}"#,
-            one_layer_manifest(media::DOCKER_MANIFEST),
-        );
-        let cfg = new_config(&b, Some(&layer()), Family::Oci, &NOTE).unwrap();
-        let m: Value = serde_json::from_slice(
-            &new_manifest(&b, &cfg, Some(&layer()), Family::Oci)
-                .unwrap()
-                .bytes,
-        )
-        .unwrap();
-        assert_eq!(m["mediaType"], media::OCI_MANIFEST);
-        assert_eq!(m["layers"][0]["mediaType"], media::OCI_LAYER_GZIP);
-        assert_eq!(m["layers"][1]["digest"], layer().digest.to_string());
-        assert_eq!(m["config"]["digest"], cfg.digest.to_string());
-    }
-}
+mod tests;
