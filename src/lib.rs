@@ -20,3 +20,4 @@ pub mod progress;
 pub mod push;
 pub mod registry;
 pub mod report;
+pub mod squash;
