@@ -123,22 +123,22 @@ fn overlay_views(
     let lowers: Vec<PathBuf> = option(m, "lowerdir=")
         .map(|l| l.split(':').map(PathBuf::from).collect())
         .unwrap_or_default();
-    let upper = option(m, "upperdir=").map(PathBuf::from).ok_or_else(|| {
-        SquashError::Unsupported {
-            id: info.id.clone(),
-            detail: "an overlay without an upperdir (a read-only view)".into(),
-        }
-    })?;
+    let upper =
+        option(m, "upperdir=")
+            .map(PathBuf::from)
+            .ok_or_else(|| SquashError::Unsupported {
+                id: info.id.clone(),
+                detail: "an overlay without an upperdir (a read-only view)".into(),
+            })?;
     if !upper.is_dir() {
         return Err(SquashError::NotVisible { path: upper });
     }
-    let base = base_lowers(&lowers, image_layers, base_layers).ok_or(
-        SquashError::LayerMismatch {
+    let base =
+        base_lowers(&lowers, image_layers, base_layers).ok_or(SquashError::LayerMismatch {
             id: info.id.clone(),
             lowers: lowers.len(),
             layers: image_layers,
-        },
-    )?;
+        })?;
     let extra = view_options(&m.options);
     let mut mounts = Vec::new();
     let lower = match base {
@@ -268,7 +268,10 @@ mod tests {
 
     fn dirs(n: usize) -> Vec<PathBuf> {
         // Immediate parent first: the top layer (n-1) comes first.
-        (0..n).rev().map(|i| PathBuf::from(format!("/s/{i}"))).collect()
+        (0..n)
+            .rev()
+            .map(|i| PathBuf::from(format!("/s/{i}")))
+            .collect()
     }
 
     #[test]

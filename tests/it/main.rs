@@ -7,6 +7,7 @@ mod image;
 mod lab;
 mod push;
 mod safety;
+mod snapshots;
 mod tree;
 
 use std::path::Path;
