@@ -38,6 +38,7 @@ enum Kind {
     Workdir(String),
     StopSignal(String),
     Onbuild(String),
+    Healthcheck(Value),
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -148,6 +149,7 @@ fn parse_args(name: &str, rest: &str) -> Result<Kind, Option<String>> {
         "STOPSIGNAL" => Kind::StopSignal(one(name)?),
         "VOLUME" => Kind::Volume(volumes(rest)?),
         "ONBUILD" => Kind::Onbuild(onbuild(rest)?),
+        "HEALTHCHECK" => Kind::Healthcheck(super::healthcheck::parse(rest).map_err(Some)?),
         _ => return Err(None),
     })
 }
@@ -313,6 +315,9 @@ fn apply_one(cfg: &mut Map<String, Value>, kind: &Kind, cmd_set: &mut bool) -> R
             let s = expand(s)?;
             check_signal(&s)?;
             cfg.insert("StopSignal".into(), Value::String(s));
+        }
+        Kind::Healthcheck(h) => {
+            cfg.insert("Healthcheck".into(), h.clone());
         }
         Kind::Onbuild(t) => {
             let mut triggers = strings(cfg.get("OnBuild"));

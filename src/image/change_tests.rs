@@ -131,7 +131,7 @@ fn instructions_docker_commit_refuses_are_named() {
         ("RUN rm -rf /", "RUN"),
         ("copy a b", "copy"),
         ("FROM x", "FROM"),
-        ("HEALTHCHECK NONE", "HEALTHCHECK"),
+        ("MAINTAINER me", "MAINTAINER"),
     ] {
         let e = parse_err(change);
         assert_eq!(e.instruction, change);
@@ -181,4 +181,15 @@ fn values_docker_rejects_are_refused_when_applied() {
         assert!(e.detail.contains(want), "{change}: {e}");
         assert_eq!(e.instruction, change);
     }
+}
+
+#[test]
+fn healthcheck_replaces_the_base_one() {
+    let base = json!({"Healthcheck": {"Test": ["CMD-SHELL", "old"], "Retries": 9}});
+    let v = applied(base, &["HEALTHCHECK --interval=5s CMD [\"/ok\"]"]);
+    assert_eq!(
+        v["Healthcheck"],
+        json!({"Test": ["CMD", "/ok"], "Interval": 5_000_000_000i64})
+    );
+    assert!(parse_err("HEALTHCHECK RUN x").detail.contains("try CMD"));
 }

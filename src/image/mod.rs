@@ -9,6 +9,7 @@ use serde_json::{json, Map, Value};
 
 pub mod chain;
 mod change;
+mod healthcheck;
 mod process;
 pub mod provenance;
 mod shlex;
