@@ -90,6 +90,26 @@ async fn squash_layer(lab: &Lab, id: &str, base_rootfs: &Path) -> BTreeSet<Strin
         .collect()
 }
 
+/// The pushed manifest names the original base (two commits later) and the image it ran.
+fn assert_provenance(image: &str, original: &str, parent: &str) {
+    let raw = crate::lab::check(std::process::Command::new("skopeo").args([
+        "inspect",
+        "--raw",
+        "--tls-verify=false",
+        &format!("docker://{image}"),
+    ]));
+    let m: Value = serde_json::from_str(&raw).unwrap();
+    let ann = &m["annotations"];
+    assert_eq!(ann["org.opencontainers.image.base.name"], original, "{raw}");
+    assert_eq!(ann["dev.committer.parent.name"], parent, "{raw}");
+    assert!(ann["org.opencontainers.image.created"].is_string(), "{raw}");
+    assert_eq!(
+        m["layers"].as_array().unwrap().len(),
+        4,
+        "appended twice on 2 layers"
+    );
+}
+
 /// Sets an overlay module parameter and puts the old value back on drop (also on panic).
 struct ParamGuard {
     path: String,
@@ -128,6 +148,7 @@ fn cycles_squash_to_changes_since_the_original_base(snapshotter: &str, params: &
     lab.run_container("c2", &snap1, &opts);
     lab.exec("c2", "rm /big && echo two > /a && echo c2 > /c2");
     let snap2 = commit(&lab, "c2", "2");
+    assert_provenance(&snap2, &base, &snap1);
     lab.ctr(&["images", "pull", "--plain-http", &snap2]);
 
     let _params: Vec<ParamGuard> = params.iter().map(|p| ParamGuard::set(p, "Y")).collect();
