@@ -1,6 +1,7 @@
 //! Snapshot chains on the real thing: a sandbox committed, restored from the pushed image as a
 //! new container, changed, and read again through the squash views — the original base alone on
-//! one side, the whole sandbox on the other — for the overlayfs and native snapshotters.
+//! one side, the whole sandbox on the other — for the overlayfs and native snapshotters. The
+//! squashed layer on the original base, unpacked by umoci, must equal the sandbox's rootfs.
 
 use crate::lab::{Lab, RunOpts};
 use crate::tree::{compare_trees, CompareOpts};
@@ -90,6 +91,35 @@ async fn squash_layer(lab: &Lab, id: &str, base_rootfs: &Path) -> BTreeSet<Strin
         .collect()
 }
 
+/// The original base with `layer` (an uncompressed tar) on top, unpacked by skopeo + umoci.
+fn base_plus_layer(lab: &Lab, base: &str, layer: &Path) -> std::path::PathBuf {
+    use crate::lab::check;
+    use std::process::Command;
+    let layout = lab.dir.join("squash-layout");
+    let bundle = lab.dir.join("squash-bundle");
+    check(Command::new("skopeo").args([
+        "copy",
+        "--quiet",
+        "--src-tls-verify=false",
+        &format!("docker://{base}"),
+        &format!("oci:{}:base", layout.display()),
+    ]));
+    check(
+        Command::new("umoci")
+            .args(["raw", "add-layer", "--image"])
+            .arg(format!("{}:base", layout.display()))
+            .args(["--tag", "squashed"])
+            .arg(layer),
+    );
+    check(
+        Command::new("umoci")
+            .args(["unpack", "--image"])
+            .arg(format!("{}:squashed", layout.display()))
+            .arg(&bundle),
+    );
+    bundle.join("rootfs")
+}
+
 /// The pushed manifest names the original base (two commits later) and the image it ran.
 fn assert_provenance(image: &str, original: &str, parent: &str) {
     let raw = crate::lab::check(std::process::Command::new("skopeo").args([
@@ -159,6 +189,17 @@ fn cycles_squash_to_changes_since_the_original_base(snapshotter: &str, params: &
     );
     let rt = tokio::runtime::Runtime::new().unwrap();
     let names = rt.block_on(squash_layer(&lab, "c3", &base_rootfs));
+    let restored = base_plus_layer(&lab, &base, &lab.dir.join("squash-c3.tar"));
+    let same = CompareOpts {
+        hardlinks: true,
+        ..CompareOpts::container_rootfs()
+    };
+    let diffs = compare_trees(&lab.rootfs("c3"), &restored, &same);
+    assert!(
+        diffs.is_empty(),
+        "original base + squashed layer differs from the sandbox:\n{}",
+        diffs.join("\n")
+    );
 
     let has = |n: &str| names.iter().any(|e| e.trim_end_matches('/') == n);
     for n in [
