@@ -7,6 +7,7 @@
 
 use crate::containerd::lookup::{ContainerInfo, SnapshotMount};
 use crate::containerd::{Containerd, ContainerdError};
+use crate::image::ChainPlan;
 use std::path::{Path, PathBuf};
 
 #[derive(Debug, thiserror::Error)]
@@ -90,15 +91,14 @@ impl SquashViews {
     }
 }
 
-/// Prepares the views for a container whose image has `image_layers` layers, of which the
-/// first ones (with chain ID `base_chain_id`, `base_layers` of them) are the original base.
+/// Prepares the views for a squashing commit of a container whose image has `image_layers`
+/// layers, `plan.keep_layers` of them the original base's (chain ID `plan.original.chain_id`).
 pub async fn views(
     ctr: &Containerd,
     info: &ContainerInfo,
     mounts: &[SnapshotMount],
     image_layers: usize,
-    base_layers: usize,
-    base_chain_id: &str,
+    plan: &ChainPlan,
 ) -> Result<SquashViews, SquashError> {
     let unsupported = |detail: String| SquashError::Unsupported {
         id: info.id.clone(),
@@ -108,8 +108,8 @@ pub async fn views(
         return Err(unsupported(format!("{} mounts", mounts.len())));
     };
     match m.kind.as_str() {
-        "overlay" => overlay_views(info, m, image_layers, base_layers),
-        "bind" | "rbind" => bind_views(ctr, info, m, base_chain_id).await,
+        "overlay" => overlay_views(info, m, image_layers, plan.keep_layers),
+        "bind" | "rbind" => bind_views(ctr, info, m, &plan.original.chain_id).await,
         other => Err(unsupported(format!("a mount of type {other:?}"))),
     }
 }

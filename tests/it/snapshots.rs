@@ -7,7 +7,7 @@ use crate::lab::{Lab, RunOpts};
 use crate::tree::{compare_trees, CompareOpts};
 use committer::containerd::lookup::Selector;
 use committer::containerd::Containerd;
-use committer::image::chain;
+use committer::image::{chain, BaseConfig};
 use serde_json::Value;
 use std::collections::BTreeSet;
 use std::path::Path;
@@ -40,23 +40,16 @@ async fn squash_layer(lab: &Lab, id: &str, base_rootfs: &Path) -> BTreeSet<Strin
         .unwrap();
     let info = ctr.find_container(&Selector::Id(id.into())).await.unwrap();
     let image = ctr.base_image(&info.image).await.unwrap();
-    let config: Value = serde_json::from_slice(&image.config_bytes).unwrap();
-    let original = chain::recorded_original(&config)
-        .expect("a record that matches the image's layers")
-        .expect("the snapshot image records its original base");
+    let plan = BaseConfig::read(&image)
+        .unwrap()
+        .plan(&image, chain::Mode::Squash);
+    assert!(plan.squash, "{plan:?}");
+    assert_eq!(plan.keep_layers, 2, "the base image's two layers");
     let mounts = ctr.snapshot_mounts(&info).await.unwrap();
-    let views = committer::squash::views(
-        &ctr,
-        &info,
-        &mounts,
-        image.layers().len(),
-        original.layers,
-        &original.chain_id,
-    )
-    .await
-    .unwrap();
+    let views = committer::squash::views(&ctr, &info, &mounts, image.layers().len(), &plan)
+        .await
+        .unwrap();
 
-    assert_eq!(original.layers, 2, "the base image's two layers");
     let lower = views.lower.clone().expect("the base has layers");
     let diffs = compare_trees(&lower, base_rootfs, &CompareOpts::default());
     assert!(
