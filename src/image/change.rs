@@ -254,57 +254,12 @@ fn apply_one(cfg: &mut Map<String, Value>, kind: &Kind, cmd_set: &mut bool) -> R
                 cfg.remove("Cmd");
             }
         }
-        Kind::Env(pairs) => {
-            let mut env_out = env.clone();
-            for (k, v) in pairs {
-                let (k, v) = (expand(k)?, expand(v)?);
-                if k.is_empty() {
-                    return Err("ENV names can not be blank".into());
-                }
-                let entry = format!("{k}={v}");
-                match env_out
-                    .iter_mut()
-                    .find(|e| e.split_once('=').map_or(e.as_str(), |p| p.0) == k)
-                {
-                    Some(slot) => *slot = entry,
-                    None => env_out.push(entry),
-                }
-            }
-            cfg.insert("Env".into(), string_array(env_out));
-        }
-        Kind::Label(pairs) => {
-            let mut labels = Vec::new();
-            for (k, v) in pairs {
-                let k = expand(k)?;
-                if k.is_empty() {
-                    return Err("LABEL names can not be blank".into());
-                }
-                labels.push((k, Value::String(expand(v)?)));
-            }
-            set_in_map(cfg, "Labels", labels);
-        }
-        Kind::Expose(words) => {
-            let mut ports = Vec::new();
-            for w in words {
-                for p in process_words(w, &env)? {
-                    ports.extend(port_spec(&p)?);
-                }
-            }
-            set_in_map(cfg, "ExposedPorts", empty_values(ports));
-        }
+        Kind::Env(pairs) => apply_env(cfg, pairs, &env)?,
+        Kind::Label(pairs) => apply_labels(cfg, pairs, &env)?,
+        Kind::Expose(words) => apply_expose(cfg, words, &env)?,
+        Kind::Volume(vols) => apply_volumes(cfg, vols, &env)?,
         Kind::User(u) => {
             cfg.insert("User".into(), Value::String(expand(u)?));
-        }
-        Kind::Volume(vols) => {
-            let mut paths = Vec::new();
-            for v in vols {
-                let v = expand(v.trim())?;
-                if v.is_empty() {
-                    return Err("VOLUME specified can not be an empty string".into());
-                }
-                paths.push(v);
-            }
-            set_in_map(cfg, "Volumes", empty_values(paths));
         }
         Kind::Workdir(w) => {
             let current = cfg.get("WorkingDir").and_then(Value::as_str).unwrap_or("");
@@ -325,6 +280,81 @@ fn apply_one(cfg: &mut Map<String, Value>, kind: &Kind, cmd_set: &mut bool) -> R
             cfg.insert("OnBuild".into(), string_array(triggers));
         }
     }
+    Ok(())
+}
+
+/// ENV: every pair expands with the env as it was before the instruction; an existing name is
+/// replaced in place, a new one appended.
+fn apply_env(
+    cfg: &mut Map<String, Value>,
+    pairs: &[(String, String)],
+    env: &[String],
+) -> Result<(), String> {
+    let mut out = env.to_vec();
+    for (k, v) in pairs {
+        let (k, v) = (process_word(k, env)?, process_word(v, env)?);
+        if k.is_empty() {
+            return Err("ENV names can not be blank".into());
+        }
+        let entry = format!("{k}={v}");
+        match out
+            .iter_mut()
+            .find(|e| e.split_once('=').map_or(e.as_str(), |p| p.0) == k)
+        {
+            Some(slot) => *slot = entry,
+            None => out.push(entry),
+        }
+    }
+    cfg.insert("Env".into(), string_array(out));
+    Ok(())
+}
+
+fn apply_labels(
+    cfg: &mut Map<String, Value>,
+    pairs: &[(String, String)],
+    env: &[String],
+) -> Result<(), String> {
+    let mut labels = Vec::new();
+    for (k, v) in pairs {
+        let k = process_word(k, env)?;
+        if k.is_empty() {
+            return Err("LABEL names can not be blank".into());
+        }
+        labels.push((k, Value::String(process_word(v, env)?)));
+    }
+    set_in_map(cfg, "Labels", labels);
+    Ok(())
+}
+
+fn apply_expose(
+    cfg: &mut Map<String, Value>,
+    words: &[String],
+    env: &[String],
+) -> Result<(), String> {
+    let mut ports = Vec::new();
+    for w in words {
+        for p in process_words(w, env)? {
+            ports.extend(port_spec(&p)?);
+        }
+    }
+    set_in_map(cfg, "ExposedPorts", empty_values(ports));
+    Ok(())
+}
+
+fn apply_volumes(
+    cfg: &mut Map<String, Value>,
+    vols: &[String],
+    env: &[String],
+) -> Result<(), String> {
+    let mut paths = Vec::new();
+    for v in vols {
+        let v = process_word(v.trim(), env)?;
+        if v.is_empty() {
+            return Err("VOLUME specified can not be an empty string".into());
+        }
+        paths.push(v);
+    }
+    set_in_map(cfg, "Volumes", empty_values(paths));
     Ok(())
 }
 
