@@ -232,3 +232,20 @@ fn squash_views_overlayfs_redirect_dir_and_metacopy_are_exact() {
 fn squash_views_native_hold_every_change_since_the_original_base_and_nothing_deleted() {
     cycles_squash_to_changes_since_the_original_base("native", &[]);
 }
+
+#[test]
+fn process_config_reads_the_spec_containerd_wrote() {
+    let lab = Lab::start();
+    let base = lab.base_image("base-oci", false);
+    let opts = RunOpts {
+        args: ["sh", "-c", "sleep 1000000"].map(String::from).to_vec(),
+        ..RunOpts::default()
+    };
+    lab.run_container("p1", &base, &opts);
+    let info: Value = serde_json::from_str(&lab.ctr(&["containers", "info", "p1"])).unwrap();
+    let spec = serde_json::to_vec(&info["Spec"]).unwrap();
+    let p = committer::image::process_config(&spec).unwrap();
+    assert_eq!(p.args, ["sh", "-c", "sleep 1000000"]);
+    assert_eq!((p.cwd.as_str(), p.user.as_str()), ("/", "0:0"));
+    assert!(p.env.iter().any(|e| e.starts_with("PATH=")), "{:?}", p.env);
+}
