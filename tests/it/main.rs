@@ -8,6 +8,7 @@ mod lab;
 mod push;
 mod safety;
 mod snapshots;
+mod squash_push;
 mod tree;
 
 use std::path::Path;

@@ -1,0 +1,171 @@
+//! A squashing commit assembled from the library's stages (the squash views, the layer writer,
+//! the config and manifest with a squash plan, the push), then pulled by containerd and run as
+//! a new sandbox: the chain stays original base + 1 layer over two cycles, the restored sandbox
+//! equals the one committed, and the deleted random file is in no blob.
+
+use crate::lab::{Lab, RunOpts};
+use crate::tree::{compare_trees, CompareOpts};
+use committer::containerd::lookup::Selector;
+use committer::containerd::Containerd;
+use committer::image::{self, chain::Mode, media, BaseConfig, Compression, Edits, Family};
+use committer::layer::{CompressOptions, LayerWriter};
+use committer::push::{self, LayerBlob, PushJob};
+use committer::registry::{Client, ClientOptions, Reference};
+use serde_json::Value;
+
+/// Squash-commits container `id` to `REGISTRY/snap:TAG`; returns the image by digest.
+async fn push_squashed(lab: &Lab, id: &str, tag: &str) -> String {
+    let ctr = Containerd::connect(&lab.address, &lab.namespace)
+        .await
+        .unwrap();
+    let info = ctr.find_container(&Selector::Id(id.into())).await.unwrap();
+    let base = ctr.base_image(&info.image).await.unwrap();
+    let plan = BaseConfig::read(&base).unwrap().plan(&base, Mode::Squash);
+    let mounts = ctr.snapshot_mounts(&info).await.unwrap();
+    let views = committer::squash::views(&ctr, &info, &mounts, base.layers().len(), &plan)
+        .await
+        .unwrap();
+    let path = lab.dir.join(format!("squash-{id}.tar.gz"));
+    let compress = CompressOptions {
+        compression: Compression::Gzip,
+        level: None,
+        threads: 1,
+    };
+    let w = LayerWriter::new(
+        std::fs::File::create(&path).unwrap(),
+        &compress,
+        media::OCI_LAYER_GZIP,
+    )
+    .unwrap();
+    let diff_opts = committer::diff::Options {
+        skip_mount_stubs: info.mount_destinations.clone(),
+        ..Default::default()
+    };
+    let (w, stats) = committer::diff::write_layer(&views.as_diff_source(), &diff_opts, w).unwrap();
+    let (_, desc, _) = w.finish().unwrap();
+    views.cleanup().await;
+
+    let layer = (stats.entries > 0).then_some(desc);
+    let edits = Edits {
+        chain: Some(plan),
+        ..Edits::default()
+    };
+    let note = image::HistoryNote {
+        created: "2026-01-01T00:00:00Z",
+        created_by: "sleep 1000000",
+        comment: "squashed",
+        author: None,
+    };
+    let family = Family::for_base(&base.manifest_media_type, Compression::Gzip);
+    let config = image::new_config(&base, layer.as_ref(), family, &note, &edits).unwrap();
+    let manifest =
+        image::new_manifest(&base, &config, layer.as_ref(), family, &edits, note.created).unwrap();
+    let reference: Reference = format!("{}/snap:{tag}", lab.registry).parse().unwrap();
+    let opts = ClientOptions {
+        plain_http: true,
+        ca_file: None,
+        registry_config: None,
+        user_agent: "committer-test".into(),
+    };
+    let client = Client::new(&reference, &opts).await.unwrap();
+    let base_ref: Option<Reference> = base.name.parse().ok();
+    push::push(&PushJob {
+        client: &client,
+        ctr: &ctr,
+        base: &base,
+        base_ref: base_ref.as_ref(),
+        base_opts: &opts,
+        layer: layer.as_ref().map(|l| (l, LayerBlob::File(&path))),
+        config: &config,
+        manifest: &manifest,
+        tags: vec![tag.to_string()],
+    })
+    .await
+    .unwrap();
+    format!("{}/snap@{}", lab.registry, manifest.digest)
+}
+
+fn commit(lab: &Lab, id: &str, tag: &str) -> String {
+    let target = format!("{}/snap:{tag}", lab.registry);
+    let out = lab.committer(&[
+        "commit",
+        "--container",
+        id,
+        "--image",
+        &target,
+        "--plain-http",
+    ]);
+    assert!(out.status.success(), "{}", crate::lab::describe(&out));
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    v["image"].as_str().unwrap().to_string()
+}
+
+/// The manifest's layer sizes.
+fn layer_sizes(image: &str) -> Vec<u64> {
+    let raw = crate::lab::check(std::process::Command::new("skopeo").args([
+        "inspect",
+        "--raw",
+        "--tls-verify=false",
+        &format!("docker://{image}"),
+    ]));
+    let m: Value = serde_json::from_str(&raw).unwrap();
+    m["layers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| l["size"].as_u64().unwrap())
+        .collect()
+}
+
+/// Runs `image` as `next` and checks it equals the committed sandbox `prev`.
+fn restore_equals(lab: &Lab, image: &str, prev: &str, next: &str) {
+    lab.ctr(&["images", "pull", "--plain-http", image]);
+    lab.run_container(next, image, &RunOpts::default());
+    let diffs = compare_trees(
+        &lab.rootfs(prev),
+        &lab.rootfs(next),
+        &CompareOpts::container_rootfs(),
+    );
+    assert!(
+        diffs.is_empty(),
+        "{next} differs from {prev}:\n{}",
+        diffs.join("\n")
+    );
+}
+
+#[test]
+fn squashed_snapshots_restore_like_the_sandbox_and_stay_base_plus_one() {
+    let _defaults = crate::lab::overlay_defaults();
+    let lab = Lab::start();
+    let base = lab.base_image("base-oci", false);
+    let base_size: u64 = layer_sizes(&base).iter().sum();
+    lab.run_container("c1", &base, &RunOpts::default());
+    lab.exec("c1", "head -c 4194304 /dev/urandom > /big && echo one > /a");
+    let snap1 = commit(&lab, "c1", "1");
+    restore_equals(&lab, &snap1, "c1", "c2");
+    lab.exec(
+        "c2",
+        "rm /big && echo two > /a && echo b > /b && rm /bin/true",
+    );
+    assert_eq!(layer_sizes(&snap1).len(), 3);
+
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let mut prev = "c2".to_string();
+    for cycle in 2..4 {
+        let image = rt.block_on(push_squashed(&lab, &prev, &cycle.to_string()));
+        let sizes = layer_sizes(&image);
+        assert_eq!(sizes.len(), 3, "cycle {cycle}: base + 1");
+        let added: u64 = sizes.iter().sum::<u64>() - base_size;
+        assert!(
+            added < 64 * 1024,
+            "cycle {cycle}: the deleted 4 MiB file is in a blob ({added} bytes)"
+        );
+        let next = format!("c{}", cycle + 1);
+        restore_equals(&lab, &image, &prev, &next);
+        lab.exec(
+            &next,
+            &format!("echo {cycle} > /a && echo {cycle} > /cycle-{cycle}"),
+        );
+        prev = next;
+    }
+}
