@@ -117,6 +117,16 @@ fn layer_sizes(image: &str) -> Vec<u64> {
         .collect()
 }
 
+/// Whether a commit of container `id` in `mode` squashes.
+async fn would_squash(lab: &Lab, id: &str, mode: Mode) -> bool {
+    let ctr = Containerd::connect(&lab.address, &lab.namespace)
+        .await
+        .unwrap();
+    let info = ctr.find_container(&Selector::Id(id.into())).await.unwrap();
+    let base = ctr.base_image(&info.image).await.unwrap();
+    BaseConfig::read(&base).unwrap().plan(&base, mode).squash
+}
+
 /// Runs `image` as `next` and checks it equals the committed sandbox `prev`.
 fn restore_equals(lab: &Lab, image: &str, prev: &str, next: &str) {
     lab.ctr(&["images", "pull", "--plain-http", image]);
@@ -168,4 +178,38 @@ fn squashed_snapshots_restore_like_the_sandbox_and_stay_base_plus_one() {
         );
         prev = next;
     }
+}
+
+#[test]
+fn max_layers_appends_until_the_bound_then_squashes_and_every_image_restores_exactly() {
+    let _defaults = crate::lab::overlay_defaults();
+    let lab = Lab::start();
+    let base = lab.base_image("base-oci", false);
+    lab.run_container("c0", &base, &RunOpts::default());
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let mut prev = "c0".to_string();
+    let mut counts = Vec::new();
+    for cycle in 0..6 {
+        // Each cycle rewrites /a, adds /cN and deletes the file added two cycles before.
+        let delete = match cycle {
+            0 | 1 => String::new(),
+            n => format!(" && rm /c{}", n - 2),
+        };
+        lab.exec(
+            &prev,
+            &format!("echo {cycle} > /a && echo x > /c{cycle}{delete}"),
+        );
+        let image = if rt.block_on(would_squash(&lab, &prev, Mode::MaxLayers(2))) {
+            rt.block_on(push_squashed(&lab, &prev, &cycle.to_string()))
+        } else {
+            commit(&lab, &prev, &cycle.to_string())
+        };
+        let layers = layer_sizes(&image).len();
+        assert!(layers <= 2 + 2, "cycle {cycle}: {layers} layers");
+        counts.push(layers);
+        let next = format!("c{}", cycle + 1);
+        restore_equals(&lab, &image, &prev, &next);
+        prev = next;
+    }
+    assert_eq!(counts, [3, 4, 3, 4, 3, 4], "append, append, squash, …");
 }
