@@ -187,6 +187,24 @@ impl BaseConfig {
     }
 }
 
+/// Applies the process config and `--change`s to a copy of the base config, so that a change
+/// Docker would refuse for this base (an expansion of an unset `${VAR:?}`, a bad signal after
+/// expansion) fails before the sandbox is paused. Err(None): the base config is unusable (then
+/// `new_config` reports it).
+pub fn check_changes(base: &BaseImage, edits: &Edits) -> Result<(), Option<ChangeError>> {
+    let config = BaseConfig::read(base).map_err(|_| None)?;
+    let mut inner = config
+        .json
+        .get("config")
+        .and_then(Value::as_object)
+        .cloned()
+        .unwrap_or_default();
+    if let Some(p) = &edits.process {
+        p.apply(&mut inner);
+    }
+    edits.changes.apply(&mut inner).map_err(Some)
+}
+
 /// New config = base config (minus squashed snapshot layers) + our diff_id (unless the diff is
 /// empty) + the process config and `--change`s + the chain record + a history entry.
 pub fn new_config(

@@ -273,3 +273,17 @@ fn oci_manifest_carries_provenance_and_docker_manifest_none() {
     let m: Value = serde_json::from_slice(&docker.bytes).unwrap();
     assert!(m.get("annotations").is_none());
 }
+
+#[test]
+fn changes_are_checked_against_the_base_before_anything_is_read() {
+    let b = n_layer_base(1, 1);
+    let edits = |c: &str| Edits {
+        changes: Changes::parse(&[c.to_string()]).unwrap(),
+        ..Edits::default()
+    };
+    assert!(check_changes(&b, &edits("ENV X=${PATH:?}")).is_ok());
+    let e = check_changes(&b, &edits("ENV X=${NOPE:?unset}"))
+        .unwrap_err()
+        .unwrap();
+    assert_eq!(e.instruction, "ENV X=${NOPE:?unset}");
+}
