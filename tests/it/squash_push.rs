@@ -31,10 +31,11 @@ async fn push_squashed(lab: &Lab, id: &str, tag: &str) -> String {
         level: None,
         threads: 1,
     };
+    let family = Family::for_base(&base.manifest_media_type, Compression::Gzip);
     let w = LayerWriter::new(
         std::fs::File::create(&path).unwrap(),
         &compress,
-        media::OCI_LAYER_GZIP,
+        family.layer_media_type(Compression::Gzip),
     )
     .unwrap();
     let diff_opts = committer::diff::Options {
@@ -56,7 +57,6 @@ async fn push_squashed(lab: &Lab, id: &str, tag: &str) -> String {
         comment: "squashed",
         author: None,
     };
-    let family = Family::for_base(&base.manifest_media_type, Compression::Gzip);
     let config = image::new_config(&base, layer.as_ref(), family, &note, &edits).unwrap();
     let manifest =
         image::new_manifest(&base, &config, layer.as_ref(), family, &edits, note.created).unwrap();
@@ -100,16 +100,27 @@ fn commit(lab: &Lab, id: &str, tag: &str) -> String {
     v["image"].as_str().unwrap().to_string()
 }
 
-/// The manifest's layer sizes.
-fn layer_sizes(image: &str) -> Vec<u64> {
+fn manifest(image: &str) -> Value {
     let raw = crate::lab::check(std::process::Command::new("skopeo").args([
         "inspect",
         "--raw",
         "--tls-verify=false",
         &format!("docker://{image}"),
     ]));
-    let m: Value = serde_json::from_str(&raw).unwrap();
-    m["layers"]
+    serde_json::from_str(&raw).unwrap()
+}
+
+fn media_type(docker: bool) -> &'static str {
+    if docker {
+        media::DOCKER_MANIFEST
+    } else {
+        media::OCI_MANIFEST
+    }
+}
+
+/// The manifest's layer sizes.
+fn layer_sizes(image: &str) -> Vec<u64> {
+    manifest(image)["layers"]
         .as_array()
         .unwrap()
         .iter()
@@ -145,9 +156,18 @@ fn restore_equals(lab: &Lab, image: &str, prev: &str, next: &str) {
 
 #[test]
 fn squashed_snapshots_restore_like_the_sandbox_and_stay_base_plus_one() {
+    squash_cycles(false);
+}
+
+#[test]
+fn squashed_snapshots_of_a_docker_schema2_base_stay_docker_and_base_plus_one() {
+    squash_cycles(true);
+}
+
+fn squash_cycles(docker: bool) {
     let _defaults = crate::lab::overlay_defaults();
     let lab = Lab::start();
-    let base = lab.base_image("base-oci", false);
+    let base = lab.base_image(if docker { "base-docker" } else { "base-oci" }, docker);
     let base_size: u64 = layer_sizes(&base).iter().sum();
     lab.run_container("c1", &base, &RunOpts::default());
     lab.exec("c1", "head -c 4194304 /dev/urandom > /big && echo one > /a");
@@ -164,6 +184,10 @@ fn squashed_snapshots_restore_like_the_sandbox_and_stay_base_plus_one() {
     for cycle in 2..4 {
         let image = rt.block_on(push_squashed(&lab, &prev, &cycle.to_string()));
         let sizes = layer_sizes(&image);
+        let m = manifest(&image);
+        assert_eq!(m["mediaType"], media_type(docker));
+        let top = m["layers"][2]["mediaType"].as_str().unwrap().to_string();
+        assert!(top.contains(if docker { "docker" } else { "oci" }), "{top}");
         assert_eq!(sizes.len(), 3, "cycle {cycle}: base + 1");
         let added: u64 = sizes.iter().sum::<u64>() - base_size;
         assert!(
