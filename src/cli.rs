@@ -207,6 +207,16 @@ pub struct CommitArgs {
     /// Apply a Dockerfile instruction to the image config (repeatable), as docker commit's -c.
     #[arg(short = 'c', long = "change", value_name = "INSTRUCTION")]
     pub changes: Vec<String>,
+    /// Record the sandbox's own process (args, env without Kubernetes' injected variables,
+    /// working dir, user) as the image's Cmd/Entrypoint, Env, WorkingDir and User.
+    #[arg(long)]
+    pub process_config: bool,
+    /// One layer with every change since the original base, replacing earlier snapshot layers.
+    #[arg(long, conflicts_with = "max_layers")]
+    pub squash: bool,
+    /// Append snapshot layers until the chain would exceed N, then squash.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..=100))]
+    pub max_layers: Option<u64>,
     /// Also write the result JSON to this file (default: /dev/termination-log when it exists).
     #[arg(long)]
     pub result_file: Option<PathBuf>,
@@ -259,8 +269,11 @@ pub struct CommitPlan {
     pub spool_dir: Option<PathBuf>,
     pub message: String,
     pub author: Option<String>,
-    /// Dockerfile instructions for the config, as given (`image::Changes::parse` reads them).
-    pub changes: Vec<String>,
+    /// `--change` instructions, parsed (a bad one is a usage error before anything runs).
+    pub changes: crate::image::Changes,
+    pub process_config: bool,
+    /// Append, squash, or append up to a chain length.
+    pub chain: crate::image::chain::Mode,
     pub result_file: Option<PathBuf>,
 }
 
@@ -519,7 +532,14 @@ impl CommitArgs {
             spool_dir: self.spool_dir.clone(),
             message: self.message.clone(),
             author: self.author.clone(),
-            changes: self.changes.clone(),
+            changes: crate::image::Changes::parse(&self.changes)
+                .map_err(|e| UsageError(e.to_string()))?,
+            process_config: self.process_config,
+            chain: match (self.squash, self.max_layers) {
+                (true, _) => crate::image::chain::Mode::Squash,
+                (false, Some(n)) => crate::image::chain::Mode::MaxLayers(n as usize),
+                (false, None) => crate::image::chain::Mode::Append,
+            },
             result_file,
         })
     }
@@ -567,7 +587,8 @@ mod tests {
             (p.message.as_str(), p.author.as_deref()),
             ("msg", Some("me"))
         );
-        assert_eq!(p.changes, ["ENV A=1", "USER 1"]);
+        let want = crate::image::Changes::parse(&["ENV A=1".into(), "USER 1".into()]).unwrap();
+        assert_eq!(p.changes, want);
         assert!(!p.source.pause);
     }
 

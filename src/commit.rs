@@ -9,7 +9,7 @@ use crate::containerd::lookup::ContainerInfo;
 use crate::containerd::Containerd;
 use crate::descriptor::base_blobs;
 use crate::error::{CommitError, Refusal};
-use crate::image::{self, Blob, Family, HistoryNote};
+use crate::image::{self, Blob, Edits, Family, HistoryNote, Provenance};
 use crate::layer::LayerDescriptor;
 use crate::registry::{Client, ClientOptions};
 use crate::report::CommitResult;
@@ -28,6 +28,7 @@ pub async fn commit(plan: &CommitPlan) -> Result<CommitResult, CommitError> {
     let client = client?;
     let mut result = with_lease(&ctr, &info, async |lease| {
         let base = leased_base(&ctr, &info, lease).await?;
+        let edits = edits(plan, &info, &base)?;
         let family = Family::for_base(&base.manifest_media_type, plan.source.compress.compression);
         let dest = Destination {
             spool_dir: plan.spool_dir.clone().unwrap_or_else(std::env::temp_dir),
@@ -39,9 +40,10 @@ pub async fn commit(plan: &CommitPlan) -> Result<CommitResult, CommitError> {
             plan: &plan.source,
             media_type: family.layer_media_type(plan.source.compress.compression),
             dest: &dest,
+            squash: squash_target(&base, &edits),
         })
         .await?;
-        let (config, manifest) = build_image(&base, &layer, family, plan)?;
+        let (config, manifest) = build_image(&base, &layer, family, plan, &edits)?;
         let base_ref = base.name.parse().ok();
         push::push(&push::PushJob {
             client: &client,
@@ -82,6 +84,7 @@ pub async fn diff_to_file(
             plan,
             media_type,
             dest: &dest,
+            squash: None,
         })
         .await?;
         let desc = layer.layer.ok_or_else(|| Refusal::EmptyDiff {
@@ -163,20 +166,60 @@ async fn leased_base(
     Ok(base)
 }
 
+/// The config edits of this commit (`--change`, `--author`, the process config, the chain
+/// record, provenance), checked against the base before anything is paused.
+fn edits(plan: &CommitPlan, info: &ContainerInfo, base: &BaseImage) -> Result<Edits, CommitError> {
+    let process = match plan.process_config {
+        true => Some(image::process_config(&info.spec)?),
+        false => None,
+    };
+    let mut provenance = Provenance::from_labels(&info.labels);
+    provenance.container_id = Some(info.id.clone());
+    // The Job sets NODE_NAME from the downward API (spec.nodeName).
+    provenance.node = std::env::var("NODE_NAME").ok().filter(|n| !n.is_empty());
+    let chain = image::BaseConfig::read(base)?.plan(base, plan.chain);
+    if let Some(note) = &chain.note {
+        log::info(note);
+    }
+    let edits = Edits {
+        changes: plan.changes.clone(),
+        process,
+        chain: Some(chain),
+        provenance,
+    };
+    if let Err(Some(e)) = image::check_changes(base, &edits) {
+        return Err(e.into());
+    }
+    Ok(edits)
+}
+
 fn build_image(
     base: &BaseImage,
     layer: &FinishedLayer,
     family: Family,
     plan: &CommitPlan,
+    edits: &Edits,
 ) -> Result<(Blob, Blob), CommitError> {
     let created = now_rfc3339();
     let note = HistoryNote {
         created: &created,
+        created_by: "committer",
         comment: &plan.message,
+        author: plan.author.as_deref(),
     };
-    let config = image::new_config(base, layer.layer.as_ref(), family, &note)?;
-    let manifest = image::new_manifest(base, &config, layer.layer.as_ref(), family)?;
+    let config = image::new_config(base, layer.layer.as_ref(), family, &note, edits)?;
+    let manifest =
+        image::new_manifest(base, &config, layer.layer.as_ref(), family, edits, &created)?;
     Ok((config, manifest))
+}
+
+/// When the chain plan squashes, the layer is the diff against the original base's layers only.
+fn squash_target(base: &BaseImage, edits: &Edits) -> Option<source::SquashTarget> {
+    let plan = edits.chain.as_ref().filter(|p| p.squash)?;
+    Some(source::SquashTarget {
+        plan: plan.clone(),
+        image_layers: base.layers().len(),
+    })
 }
 
 fn layer_blob(blob: &BlobLocation) -> push::LayerBlob<'_> {

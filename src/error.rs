@@ -53,6 +53,12 @@ pub enum CommitError {
     Registry(#[from] RegistryError),
     #[error(transparent)]
     Refused(#[from] Refusal),
+    #[error(transparent)]
+    Change(#[from] crate::image::ChangeError),
+    #[error(transparent)]
+    Process(#[from] crate::image::ProcessError),
+    #[error(transparent)]
+    Squash(#[from] crate::squash::SquashError),
     #[error("{what}")]
     Io {
         what: String,
@@ -88,7 +94,11 @@ impl ExitClass for CommitError {
             CommitError::Diff(e) => e.exit_code(),
             CommitError::Image(e) => e.exit_code(),
             CommitError::Registry(e) => e.exit_code(),
-            CommitError::Refused(_) => exit::REFUSED,
+            CommitError::Refused(_) | CommitError::Process(_) => exit::REFUSED,
+            // A --change the base makes impossible: the user's instruction.
+            CommitError::Change(_) => exit::USAGE,
+            CommitError::Squash(crate::squash::SquashError::Containerd(e)) => e.exit_code(),
+            CommitError::Squash(_) => exit::REFUSED,
             CommitError::Io { .. }
             | CommitError::SpoolCorrupt { .. }
             | CommitError::Task { .. } => exit::INTERNAL,

@@ -22,4 +22,5 @@ pub mod push;
 pub mod registry;
 pub mod report;
 pub mod source;
+pub mod squash;
 pub mod supervise;

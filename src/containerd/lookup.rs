@@ -33,6 +33,10 @@ pub struct ContainerInfo {
     pub runtime_options: Option<(String, String)>,
     /// Mount destinations from the OCI runtime spec (e.g. /etc/hosts); their stubs are left out.
     pub mount_destinations: Vec<String>,
+    /// The container's labels (the CRI's io.kubernetes.* ones name its pod).
+    pub labels: std::collections::HashMap<String, String>,
+    /// The OCI runtime spec as containerd holds it (JSON), for recording the process config.
+    pub spec: Vec<u8>,
 }
 
 /// A pod's container is kept by the kubelet after it exits, and a restart adds a new one with
@@ -314,6 +318,8 @@ fn container_info(c: Container) -> Result<ContainerInfo, ContainerdError> {
             }),
         runtime: c.runtime.map(|r| r.name).unwrap_or_default(),
         mount_destinations,
+        labels: c.labels.into_iter().collect(),
+        spec: c.spec.map(|any| any.value).unwrap_or_default(),
     })
 }
 
@@ -475,6 +481,8 @@ mod tests {
             runtime: runtime.into(),
             runtime_options: options.map(|(t, b)| (t.into(), b.into())),
             mount_destinations: vec![],
+            labels: Default::default(),
+            spec: vec![],
         }
     }
 

@@ -6,11 +6,12 @@
 
 use super::prepare::{prepare, PreparedSource};
 use super::{BlobLocation, DiffSourceChoice, FinishedLayer, LayerFile, LayerRequest};
+use crate::containerd::lookup::SnapshotMount;
 use crate::digest::Digest;
 use crate::error::CommitError;
 use crate::image::Compression;
 use crate::layer::{CompressOptions, LayerDescriptor, LayerWriter};
-use crate::{diff, freeze, log};
+use crate::{diff, freeze, log, squash};
 use std::fs::File;
 use std::io::{BufWriter, Read, Seek, SeekFrom, Write};
 use std::path::Path;
@@ -34,17 +35,48 @@ pub(super) async fn read(req: &LayerRequest<'_>) -> Result<FinishedLayer, Commit
     };
     let mounts = req.ctr.snapshot_mounts(req.info).await?;
     super::spool::check_room(req.ctr, req.info, &mounts, &req.dest.spool_dir).await?;
-    let source = prepare(req.ctr, req.info, &mounts, req.plan.diff_source).await?;
-    let work = capture(req, &mounts, source, file);
-    let ((captured, source), paused) =
-        freeze::while_paused(req.ctr, &req.info.id, req.plan.pause, work).await?;
-    let (kind, reason) = match &source {
-        Some(s) => (s.kind.kind(), s.reason.clone()),
-        None => (super::DiffSourceKind::Walk, String::new()),
+    let (captured, kind, reason, paused) = match &req.squash {
+        None => {
+            let source = prepare(req.ctr, req.info, &mounts, req.plan.diff_source).await?;
+            let work = capture(req, &mounts, source, file);
+            let ((captured, source), paused) =
+                freeze::while_paused(req.ctr, &req.info.id, req.plan.pause, work).await?;
+            let (kind, reason) = match &source {
+                Some(s) => (s.kind.kind(), s.reason.clone()),
+                None => (super::DiffSourceKind::Walk, String::new()),
+            };
+            if let Some(s) = source {
+                s.cleanup().await;
+            }
+            (captured, kind, reason, paused)
+        }
+        Some(target) => {
+            let views = squash::views(
+                req.ctr,
+                req.info,
+                &mounts,
+                target.image_layers,
+                &target.plan,
+            )
+            .await?;
+            let work = tar_blocking(
+                views,
+                diff_options(req, &mounts),
+                req.media_type.into(),
+                file,
+            );
+            let (attempt, paused) =
+                freeze::while_paused(req.ctr, &req.info.id, req.plan.pause, work).await?;
+            let (out, file, views) = attempt?;
+            views.cleanup().await;
+            let reason = format!(
+                "--squash: a walk against the original base's {} layers",
+                target.plan.keep_layers
+            );
+            let captured = out.map(|(d, s)| (file, d, s));
+            (captured, super::DiffSourceKind::Walk, reason, paused)
+        }
     };
-    if let Some(s) = source {
-        s.cleanup().await;
-    }
     let (file, desc, stats) = captured?;
     // --max-layer-bytes bounds the layer itself (the tar with its headers and padding), not only
     // the file content the diff counted while reading.
@@ -85,23 +117,11 @@ type Captured = Result<(File, LayerDescriptor, diff::Stats), CommitError>;
 /// upperdir proves inexact. Hands the source back so it is cleaned up after the resume.
 async fn capture(
     req: &LayerRequest<'_>,
-    mounts: &[crate::containerd::lookup::SnapshotMount],
+    mounts: &[SnapshotMount],
     mut source: PreparedSource,
     file: File,
 ) -> (Captured, Option<PreparedSource>) {
-    let opts = diff::Options {
-        exclude: req.plan.exclude.clone(),
-        skip_mount_stubs: req.info.mount_destinations.clone(),
-        source_date_epoch: req.plan.source_date_epoch,
-        max_files: req.plan.max_files,
-        max_bytes: req.plan.max_layer_bytes,
-        // On a `userxattr` mount, user.overlay.* are overlay's markers; elsewhere they are the
-        // sandbox's own data.
-        userxattr: mounts
-            .iter()
-            .any(|m| m.options.iter().any(|o| o == "userxattr")),
-        ..diff::Options::default()
-    };
+    let opts = diff_options(req, mounts);
     let mut file = file;
     loop {
         let (out, f, src) =
@@ -133,20 +153,49 @@ async fn capture(
     }
 }
 
-type Attempt = (
-    Result<(LayerDescriptor, diff::Stats), CommitError>,
-    File,
-    PreparedSource,
-);
+fn diff_options(req: &LayerRequest<'_>, mounts: &[SnapshotMount]) -> diff::Options {
+    diff::Options {
+        exclude: req.plan.exclude.clone(),
+        skip_mount_stubs: req.info.mount_destinations.clone(),
+        source_date_epoch: req.plan.source_date_epoch,
+        max_files: req.plan.max_files,
+        max_bytes: req.plan.max_layer_bytes,
+        // On a `userxattr` mount, user.overlay.* are overlay's markers; elsewhere they are the
+        // sandbox's own data.
+        userxattr: mounts
+            .iter()
+            .any(|m| m.options.iter().any(|o| o == "userxattr")),
+        ..diff::Options::default()
+    }
+}
+
+/// What a capture reads: a prepared local source, or a squash's two views.
+trait Walkable: Send + 'static {
+    fn diff_source(&self) -> diff::Source<'_>;
+}
+
+impl Walkable for PreparedSource {
+    fn diff_source(&self) -> diff::Source<'_> {
+        self.kind.as_diff_source()
+    }
+}
+
+impl Walkable for squash::SquashViews {
+    fn diff_source(&self) -> diff::Source<'_> {
+        self.as_diff_source()
+    }
+}
+
+type Attempt<S> = (Result<(LayerDescriptor, diff::Stats), CommitError>, File, S);
 
 /// One read of the diff on a blocking thread: tar → diff_id → file. Hands the file and the
 /// source back whatever happened, so the caller can retry or clean up.
-async fn tar_blocking(
-    source: PreparedSource,
+async fn tar_blocking<S: Walkable>(
+    source: S,
     opts: diff::Options,
     media_type: String,
     file: File,
-) -> Result<Attempt, CommitError> {
+) -> Result<Attempt<S>, CommitError> {
     let handle = file
         .try_clone()
         .map_err(CommitError::io("duplicating the spool file handle"))?;
@@ -160,7 +209,7 @@ async fn tar_blocking(
             };
             let sink = BufWriter::with_capacity(BUF, file);
             let w = LayerWriter::new(sink, &plain, &media_type).map_err(CommitError::io(what))?;
-            let (w, stats) = diff::write_layer(&source.kind.as_diff_source(), &opts, w)?;
+            let (w, stats) = diff::write_layer(&source.diff_source(), &opts, w)?;
             let finished = w.finish().map_err(CommitError::io(what))?;
             finished
                 .sink

@@ -142,6 +142,14 @@ pub struct Destination {
     pub output: Option<PathBuf>,
 }
 
+/// A squashing commit: the layer is the diff of the container against the original base's
+/// layers only (the first `plan.keep_layers` of the image's `image_layers`).
+#[derive(Debug, Clone)]
+pub struct SquashTarget {
+    pub plan: crate::image::ChainPlan,
+    pub image_layers: usize,
+}
+
 /// One read of a container's diff.
 pub struct LayerRequest<'a> {
     pub ctr: &'a Containerd,
@@ -150,10 +158,19 @@ pub struct LayerRequest<'a> {
     /// The layer's media type (its compression, in the image's family).
     pub media_type: &'a str,
     pub dest: &'a Destination,
+    /// Squash: diff against the original base rather than the snapshot's parent.
+    pub squash: Option<SquashTarget>,
 }
 
 /// Reads the container's diff as a layer, from the source the plan chose.
 pub async fn read_layer(req: &LayerRequest<'_>) -> Result<FinishedLayer, CommitError> {
+    if req.squash.is_some() {
+        // containerd's differ can only diff against the snapshot's parent.
+        if req.plan.diff_source == DiffSourceChoice::Containerd {
+            return Err(SourceError::NeedsLocalSource { flags: "--squash" }.into());
+        }
+        return local::read(req).await;
+    }
     if req.plan.diff_source == DiffSourceChoice::Containerd {
         return differ::read(req, "--diff-source containerd".into()).await;
     }

@@ -10,7 +10,9 @@ mod lab;
 mod push;
 mod quirks;
 mod safety;
+mod snapshots;
 mod spool;
+mod squash_push;
 mod tree;
 
 use std::path::Path;

@@ -1,0 +1,302 @@
+//! The two read-only trees a squashing commit diffs: the *original base* alone, and the
+//! container as it is now (earlier snapshot layers + its own writes). Their double walk is the
+//! one layer that replaces every snapshot layer: exact with any overlay mode (the views are
+//! mounted by the kernel, so redirects, metacopy and opaque dirs resolve as the sandbox saw
+//! them), and for the native snapshotter through a view of the original base's chain-ID
+//! snapshot. Which lowerdirs belong to the base is a pure function, tested without mounts.
+
+use crate::containerd::lookup::{ContainerInfo, SnapshotMount};
+use crate::containerd::{Containerd, ContainerdError};
+use crate::image::ChainPlan;
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, thiserror::Error)]
+pub enum SquashError {
+    #[error(transparent)]
+    Containerd(#[from] ContainerdError),
+    #[error("container {id:?}: its snapshot has {lowers} lower layers but its image {layers}; cannot tell which are the original base's (commit without squashing)")]
+    LayerMismatch {
+        id: String,
+        lowers: usize,
+        layers: usize,
+    },
+    #[error("container {id:?}: cannot squash a snapshot mounted as {detail}")]
+    Unsupported { id: String, detail: String },
+    #[error("{path} (from the snapshot's mounts) is not visible here: mount the snapshotter root at the same path")]
+    NotVisible { path: PathBuf },
+    #[error("mounting a read-only view at {target}: {source}")]
+    Mount {
+        target: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// The lowerdirs (immediate parent first, as in `lowerdir=`) that hold the image's first
+/// `base_layers` layers: the last ones. containerd gives each image layer its own snapshot, so
+/// a container of an image with `image_layers` layers has exactly that many lowerdirs.
+pub fn base_lowers(
+    lowers: &[PathBuf],
+    image_layers: usize,
+    base_layers: usize,
+) -> Option<&[PathBuf]> {
+    (lowers.len() == image_layers && base_layers <= image_layers)
+        .then(|| &lowers[image_layers - base_layers..])
+}
+
+/// Overlay options the read-only views need to read the container's layers as it does.
+pub fn view_options(mount_options: &[String]) -> Vec<String> {
+    let metacopy = mount_options.iter().any(|o| o == "metacopy=on");
+    let redirect = mount_options
+        .iter()
+        .any(|o| o.starts_with("redirect_dir=") && o != "redirect_dir=off");
+    let mut extra = Vec::new();
+    if metacopy {
+        extra.push("metacopy=on".to_string());
+    }
+    if metacopy || redirect {
+        extra.push("redirect_dir=follow".to_string());
+    }
+    extra
+}
+
+fn option<'a>(m: &'a SnapshotMount, name: &str) -> Option<&'a str> {
+    m.options.iter().find_map(|o| o.strip_prefix(name))
+}
+
+/// The two views; dropping them unmounts, `cleanup` also removes the snapshot view.
+pub struct SquashViews {
+    /// The original base's tree (None: the base has no layers).
+    pub lower: Option<PathBuf>,
+    /// The container's tree.
+    pub upper: PathBuf,
+    mounts: Vec<RoOverlay>,
+    view_key: Option<(Containerd, String, String)>,
+}
+
+impl SquashViews {
+    /// The walk that yields the squashed layer.
+    pub fn as_diff_source(&self) -> crate::diff::Source<'_> {
+        crate::diff::Source::Walk {
+            lower: self.lower.as_deref(),
+            upper: &self.upper,
+        }
+    }
+
+    pub async fn cleanup(mut self) {
+        self.mounts.clear();
+        if let Some((ctr, snapshotter, key)) = self.view_key.take() {
+            let _ = ctr.remove_snapshot(&snapshotter, &key).await;
+        }
+    }
+}
+
+/// Prepares the views for a squashing commit of a container whose image has `image_layers`
+/// layers, `plan.keep_layers` of them the original base's (chain ID `plan.original.chain_id`).
+pub async fn views(
+    ctr: &Containerd,
+    info: &ContainerInfo,
+    mounts: &[SnapshotMount],
+    image_layers: usize,
+    plan: &ChainPlan,
+) -> Result<SquashViews, SquashError> {
+    let unsupported = |detail: String| SquashError::Unsupported {
+        id: info.id.clone(),
+        detail,
+    };
+    let [m] = mounts else {
+        return Err(unsupported(format!("{} mounts", mounts.len())));
+    };
+    match m.kind.as_str() {
+        "overlay" => overlay_views(info, m, image_layers, plan.keep_layers),
+        "bind" | "rbind" => bind_views(ctr, info, m, &plan.original.chain_id).await,
+        other => Err(unsupported(format!("a mount of type {other:?}"))),
+    }
+}
+
+fn overlay_views(
+    info: &ContainerInfo,
+    m: &SnapshotMount,
+    image_layers: usize,
+    base_layers: usize,
+) -> Result<SquashViews, SquashError> {
+    let lowers: Vec<PathBuf> = option(m, "lowerdir=")
+        .map(|l| l.split(':').map(PathBuf::from).collect())
+        .unwrap_or_default();
+    let upper =
+        option(m, "upperdir=")
+            .map(PathBuf::from)
+            .ok_or_else(|| SquashError::Unsupported {
+                id: info.id.clone(),
+                detail: "an overlay without an upperdir (a read-only view)".into(),
+            })?;
+    if !upper.is_dir() {
+        return Err(SquashError::NotVisible { path: upper });
+    }
+    let base =
+        base_lowers(&lowers, image_layers, base_layers).ok_or(SquashError::LayerMismatch {
+            id: info.id.clone(),
+            lowers: lowers.len(),
+            layers: image_layers,
+        })?;
+    let extra = view_options(&m.options);
+    let mut mounts = Vec::new();
+    let lower = match base {
+        [] => None,
+        [one] => Some(one.clone()),
+        many => {
+            let v = RoOverlay::mount(many, &extra)?;
+            let p = v.path().to_path_buf();
+            mounts.push(v);
+            Some(p)
+        }
+    };
+    let mut all = vec![upper];
+    all.extend(lowers);
+    let merged = RoOverlay::mount(&all, &extra)?;
+    let upper = merged.path().to_path_buf();
+    mounts.push(merged);
+    Ok(SquashViews {
+        lower,
+        upper,
+        mounts,
+        view_key: None,
+    })
+}
+
+/// Native snapshotter: the container's tree is the bind source; the original base is a view
+/// of the snapshot containerd committed for its layers, named by their chain ID.
+async fn bind_views(
+    ctr: &Containerd,
+    info: &ContainerInfo,
+    m: &SnapshotMount,
+    base_chain_id: &str,
+) -> Result<SquashViews, SquashError> {
+    let upper = PathBuf::from(&m.source);
+    if !upper.is_dir() {
+        return Err(SquashError::NotVisible { path: upper });
+    }
+    let key = format!("committer-squash-{}-{}", info.id, std::process::id());
+    let view = ctr
+        .view_snapshot(&info.snapshotter, &key, base_chain_id)
+        .await?;
+    let views = SquashViews {
+        lower: None,
+        upper,
+        mounts: vec![],
+        view_key: Some((ctr.clone(), info.snapshotter.clone(), key)),
+    };
+    match view.as_slice() {
+        [v] if (v.kind == "bind" || v.kind == "rbind") && Path::new(&v.source).is_dir() => {
+            Ok(SquashViews {
+                lower: Some(PathBuf::from(&v.source)),
+                ..views
+            })
+        }
+        other => {
+            let detail = format!(
+                "a base view of {} mounts ({:?})",
+                other.len(),
+                other.first().map(|m| &m.kind)
+            );
+            views.cleanup().await;
+            Err(SquashError::Unsupported {
+                id: info.id.clone(),
+                detail,
+            })
+        }
+    }
+}
+
+/// A read-only overlay of `lowers` (no upperdir: nothing can be written through it) on a
+/// private temp dir, unmounted (lazily) and removed on drop.
+struct RoOverlay {
+    dir: tempfile::TempDir,
+}
+
+impl RoOverlay {
+    fn mount(lowers: &[PathBuf], extra: &[String]) -> Result<RoOverlay, SquashError> {
+        let dir = tempfile::Builder::new()
+            .prefix("committer-squash-")
+            .tempdir()
+            .map_err(|source| SquashError::Mount {
+                target: std::env::temp_dir(),
+                source,
+            })?;
+        let err = |source: std::io::Error| SquashError::Mount {
+            target: dir.path().to_path_buf(),
+            source,
+        };
+        let joined: Vec<String> = lowers
+            .iter()
+            .map(|d| d.to_string_lossy().into_owned())
+            .collect();
+        let mut data = format!("lowerdir={}", joined.join(":"));
+        for e in extra {
+            data.push(',');
+            data.push_str(e);
+        }
+        let data = std::ffi::CString::new(data)
+            .map_err(|e| err(std::io::Error::new(std::io::ErrorKind::InvalidInput, e)))?;
+        rustix::mount::mount(
+            "overlay",
+            dir.path(),
+            "overlay",
+            rustix::mount::MountFlags::RDONLY,
+            Some(data.as_c_str()),
+        )
+        .map_err(|e| err(e.into()))?;
+        crate::guard::tell_mounted(dir.path());
+        Ok(RoOverlay { dir })
+    }
+
+    fn path(&self) -> &Path {
+        self.dir.path()
+    }
+}
+
+impl Drop for RoOverlay {
+    fn drop(&mut self) {
+        let _ = rustix::mount::unmount(self.dir.path(), rustix::mount::UnmountFlags::DETACH);
+        crate::guard::tell_unmounted(self.dir.path());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn dirs(n: usize) -> Vec<PathBuf> {
+        // Immediate parent first: the top layer (n-1) comes first.
+        (0..n)
+            .rev()
+            .map(|i| PathBuf::from(format!("/s/{i}")))
+            .collect()
+    }
+
+    #[test]
+    fn the_base_lowers_are_the_last_ones() {
+        let lowers = dirs(5);
+        let base = base_lowers(&lowers, 5, 2).unwrap();
+        assert_eq!(base, [PathBuf::from("/s/1"), PathBuf::from("/s/0")]);
+        assert_eq!(base_lowers(&lowers, 5, 5).unwrap().len(), 5);
+        assert!(base_lowers(&lowers, 5, 0).unwrap().is_empty());
+    }
+
+    #[test]
+    fn lowers_that_do_not_match_the_image_are_refused() {
+        assert!(base_lowers(&dirs(4), 5, 2).is_none());
+        assert!(base_lowers(&dirs(5), 5, 6).is_none());
+    }
+
+    #[test]
+    fn views_follow_redirects_and_metacopy_when_the_container_used_them() {
+        let opts = |o: &[&str]| view_options(&o.iter().map(|s| s.to_string()).collect::<Vec<_>>());
+        assert!(opts(&["index=off", "redirect_dir=off"]).is_empty());
+        assert_eq!(opts(&["redirect_dir=on"]), ["redirect_dir=follow"]);
+        assert_eq!(
+            opts(&["metacopy=on"]),
+            ["metacopy=on", "redirect_dir=follow"]
+        );
+    }
+}

@@ -1,0 +1,148 @@
+//! Squashing commits through the command line (`--squash`, `--max-layers`), pulled by
+//! containerd and run as a new sandbox: the chain stays original base + 1 layer over the cycles,
+//! the restored sandbox equals the one committed, and a deleted random file is in no blob.
+
+use crate::lab::{Lab, RunOpts};
+use crate::tree::{compare_trees, CompareOpts};
+use committer::image::media;
+use serde_json::Value;
+
+/// Commits container `id` to `REGISTRY/snap:TAG` with `extra` flags; returns the image by digest.
+fn commit(lab: &Lab, id: &str, tag: &str, extra: &[&str]) -> String {
+    let target = format!("{}/snap:{tag}", lab.registry);
+    let mut args = vec![
+        "commit",
+        "--container",
+        id,
+        "--image",
+        &target,
+        "--plain-http",
+    ];
+    args.extend_from_slice(extra);
+    let out = lab.committer(&args);
+    assert!(out.status.success(), "{}", crate::lab::describe(&out));
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    v["image"].as_str().unwrap().to_string()
+}
+
+fn manifest(image: &str) -> Value {
+    let raw = crate::lab::check(std::process::Command::new("skopeo").args([
+        "inspect",
+        "--raw",
+        "--tls-verify=false",
+        &format!("docker://{image}"),
+    ]));
+    serde_json::from_str(&raw).unwrap()
+}
+
+fn media_type(docker: bool) -> &'static str {
+    if docker {
+        media::DOCKER_MANIFEST
+    } else {
+        media::OCI_MANIFEST
+    }
+}
+
+/// The manifest's layer sizes.
+fn layer_sizes(image: &str) -> Vec<u64> {
+    manifest(image)["layers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| l["size"].as_u64().unwrap())
+        .collect()
+}
+
+/// Runs `image` as `next` and checks it equals the committed sandbox `prev`.
+fn restore_equals(lab: &Lab, image: &str, prev: &str, next: &str) {
+    lab.ctr(&["images", "pull", "--plain-http", image]);
+    lab.run_container(next, image, &RunOpts::default());
+    let diffs = compare_trees(
+        &lab.rootfs(prev),
+        &lab.rootfs(next),
+        &CompareOpts::container_rootfs(),
+    );
+    assert!(
+        diffs.is_empty(),
+        "{next} differs from {prev}:\n{}",
+        diffs.join("\n")
+    );
+}
+
+#[test]
+fn squashed_snapshots_restore_like_the_sandbox_and_stay_base_plus_one() {
+    squash_cycles(false);
+}
+
+#[test]
+fn squashed_snapshots_of_a_docker_schema2_base_stay_docker_and_base_plus_one() {
+    squash_cycles(true);
+}
+
+fn squash_cycles(docker: bool) {
+    let _defaults = crate::lab::overlay_defaults();
+    let lab = Lab::start();
+    let base = lab.base_image(if docker { "base-docker" } else { "base-oci" }, docker);
+    let base_size: u64 = layer_sizes(&base).iter().sum();
+    lab.run_container("c1", &base, &RunOpts::default());
+    lab.exec("c1", "head -c 4194304 /dev/urandom > /big && echo one > /a");
+    let snap1 = commit(&lab, "c1", "1", &[]);
+    restore_equals(&lab, &snap1, "c1", "c2");
+    lab.exec(
+        "c2",
+        "rm /big && echo two > /a && echo b > /b && rm /bin/true",
+    );
+    assert_eq!(layer_sizes(&snap1).len(), 3);
+
+    let mut prev = "c2".to_string();
+    for cycle in 2..4 {
+        let image = commit(&lab, &prev, &cycle.to_string(), &["--squash"]);
+        let sizes = layer_sizes(&image);
+        let m = manifest(&image);
+        assert_eq!(m["mediaType"], media_type(docker));
+        let top = m["layers"][2]["mediaType"].as_str().unwrap().to_string();
+        assert!(top.contains(if docker { "docker" } else { "oci" }), "{top}");
+        assert_eq!(sizes.len(), 3, "cycle {cycle}: base + 1");
+        let added: u64 = sizes.iter().sum::<u64>() - base_size;
+        assert!(
+            added < 64 * 1024,
+            "cycle {cycle}: the deleted 4 MiB file is in a blob ({added} bytes)"
+        );
+        let next = format!("c{}", cycle + 1);
+        restore_equals(&lab, &image, &prev, &next);
+        lab.exec(
+            &next,
+            &format!("echo {cycle} > /a && echo {cycle} > /cycle-{cycle}"),
+        );
+        prev = next;
+    }
+}
+
+#[test]
+fn max_layers_appends_until_the_bound_then_squashes_and_every_image_restores_exactly() {
+    let _defaults = crate::lab::overlay_defaults();
+    let lab = Lab::start();
+    let base = lab.base_image("base-oci", false);
+    lab.run_container("c0", &base, &RunOpts::default());
+    let mut prev = "c0".to_string();
+    let mut counts = Vec::new();
+    for cycle in 0..6 {
+        // Each cycle rewrites /a, adds /cN and deletes the file added two cycles before.
+        let delete = match cycle {
+            0 | 1 => String::new(),
+            n => format!(" && rm /c{}", n - 2),
+        };
+        lab.exec(
+            &prev,
+            &format!("echo {cycle} > /a && echo x > /c{cycle}{delete}"),
+        );
+        let image = commit(&lab, &prev, &cycle.to_string(), &["--max-layers", "2"]);
+        let layers = layer_sizes(&image).len();
+        assert!(layers <= 2 + 2, "cycle {cycle}: {layers} layers");
+        counts.push(layers);
+        let next = format!("c{}", cycle + 1);
+        restore_equals(&lab, &image, &prev, &next);
+        prev = next;
+    }
+    assert_eq!(counts, [3, 4, 3, 4, 3, 4], "append, append, squash, …");
+}
