@@ -206,7 +206,7 @@ impl BaseLayer<'_> {
         }
     }
 
-    async fn from_registry(&self, offset: u64) -> io::Result<ByteStream> {
+    async fn read_from_registry(&self, offset: u64) -> io::Result<ByteStream> {
         let job = self.job;
         let Some(base) = job.base_ref else {
             return Err(io::Error::other(format!(
@@ -257,7 +257,7 @@ impl BlobSource for BaseLayer<'_> {
                 .await
                 .map_err(io::Error::other)?;
             if !on_node {
-                return self.from_registry(offset).await;
+                return self.read_from_registry(offset).await;
             }
             self.announce(|| {
                 format!(

@@ -698,3 +698,41 @@ pub(crate) fn check_content_digest(
         _ => Ok(()),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retry_after_takes_seconds_and_http_dates() {
+        let now = time::OffsetDateTime::parse(
+            "Wed, 02 Dec 2026 04:00:00 GMT",
+            &time::format_description::well_known::Rfc2822,
+        )
+        .unwrap();
+        let wait = |v| retry_after_value(v, now);
+        assert_eq!(wait("7"), Some(Duration::from_secs(7)));
+        assert_eq!(
+            wait("Wed, 02 Dec 2026 04:00:12 GMT"),
+            Some(Duration::from_secs(12))
+        );
+        assert_eq!(wait("Wed, 02 Dec 2026 03:59:00 GMT"), Some(Duration::ZERO));
+        assert_eq!(wait("3600"), Some(Duration::from_secs(60)), "capped");
+        assert_eq!(wait("soon"), None);
+    }
+
+    #[test]
+    fn loopback_hosts_are_recognised() {
+        for h in [
+            "localhost:5000",
+            "127.0.0.1:5000",
+            "[::1]:5000",
+            "127.1.2.3",
+        ] {
+            assert!(is_loopback(h), "{h}");
+        }
+        for h in ["ghcr.io", "10.0.0.1:5000", "localhost.example.com"] {
+            assert!(!is_loopback(h), "{h}");
+        }
+    }
+}
