@@ -76,6 +76,7 @@ fn every_registry_profile_takes_a_commit_whose_layer_exceeds_its_limits() {
         (Profile::Ecr, "ecr", vec![]),
         (Profile::Ghcr, "ghcr", vec!["--chunk-size", "2097152"]),
         (Profile::Gar, "gar", vec![]),
+        (Profile::Gar, "gar-chunked", vec!["--chunk-size", "1048576"]),
         (Profile::Quay, "quay", vec!["--chunk-size", "1048576"]),
         (Profile::Cloudflare, "cloudflare", vec![]),
         (Profile::H2NoLength, "h2", vec![]),
@@ -93,7 +94,7 @@ fn every_registry_profile_takes_a_commit_whose_layer_exceeds_its_limits() {
         let extra: Vec<&str> = extra.iter().map(String::as_str).collect();
         let (result, stderr) = commit_ok(&lab, "q", &format!("{}/{name}/q:v1", p.addr), &extra);
         let log = p.log();
-        check_profile(profile, &log, &stderr);
+        check_profile(profile, name, &log, &stderr);
         // Read back from the registry itself: it stored and checked the bytes.
         let image = result["image"]
             .as_str()
@@ -122,7 +123,7 @@ fn every_registry_profile_takes_a_commit_whose_layer_exceeds_its_limits() {
 }
 
 /// What each profile must have made the client do (so the quirk was met, not avoided).
-fn check_profile(profile: Profile, log: &[String], stderr: &str) {
+fn check_profile(profile: Profile, name: &str, log: &[String], stderr: &str) {
     let has = |s: &str| log.iter().any(|l| l.contains(s));
     let all = log.join("\n");
     match profile {
@@ -133,6 +134,13 @@ fn check_profile(profile: Profile, log: &[String], stderr: &str) {
             assert!(
                 stderr.contains(&format!("chunks of {LIMIT} bytes")),
                 "{stderr}"
+            );
+        }
+        Profile::Gar if name == "gar-chunked" => {
+            assert!(has("-> 400"), "a second chunk was refused:\n{all}");
+            assert!(
+                stderr.contains("takes no chunks"),
+                "then one PATCH: {stderr}"
             );
         }
         Profile::Gar => assert!(!has("-> 400"), "one PATCH per session:\n{all}"),
