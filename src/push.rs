@@ -56,50 +56,13 @@ pub struct PushJob<'a> {
 
 pub async fn push(job: &PushJob<'_>) -> Result<(), CommitError> {
     let base_registry = BaseRegistry::default();
-    let mut base_layers = Vec::new();
-    for l in job.base.layers() {
-        let digest: Option<Digest> = l
-            .get("digest")
-            .and_then(|d| d.as_str())
-            .and_then(|d| d.parse().ok());
-        let size = l.get("size").and_then(|s| s.as_u64());
-        match (digest, size) {
-            (Some(d), Some(s)) => base_layers.push((d, s)),
-            _ => {
-                return Err(CommitError::Internal(format!(
-                    "base layer without a valid digest and size: {l}"
-                )))
-            }
-        }
-    }
+    let base_layers = base_layers(job.base)?;
     let bases = try_join_all(
         base_layers
             .iter()
             .map(|(d, s)| push_base_layer(job, &base_registry, d, *s)),
     );
-    let new_layer = async {
-        let Some((desc, blob)) = job.layer else {
-            return Ok(());
-        };
-        let source: Box<dyn BlobSource> = match blob {
-            LayerBlob::File(path) => Box::new(FileSource::new(path)),
-            LayerBlob::ContentStore => Box::new(ContentStore {
-                ctr: job.ctr,
-                digest: desc.digest.clone(),
-            }),
-        };
-        let pushed = job
-            .client
-            .push_blob(&desc.digest, desc.size, source.as_ref(), None)
-            .await?;
-        if pushed == BlobPushed::Uploaded {
-            log::info(&format!(
-                "uploaded layer {} ({} bytes)",
-                desc.digest, desc.size
-            ));
-        }
-        Ok::<_, CommitError>(())
-    };
+    let new_layer = push_new_layer(job);
     let config = async {
         let source = BytesSource(job.config.bytes.clone().into());
         let size = job.config.bytes.len() as u64;
@@ -126,6 +89,52 @@ pub async fn push(job: &PushJob<'_>) -> Result<(), CommitError> {
                 job.manifest.bytes.clone().into(),
             )
             .await?;
+    }
+    Ok(())
+}
+
+/// The base manifest's layers as (digest, size).
+fn base_layers(base: &BaseImage) -> Result<Vec<(Digest, u64)>, CommitError> {
+    let mut out = Vec::new();
+    for l in base.layers() {
+        let digest: Option<Digest> = l
+            .get("digest")
+            .and_then(|d| d.as_str())
+            .and_then(|d| d.parse().ok());
+        let size = l.get("size").and_then(|s| s.as_u64());
+        match (digest, size) {
+            (Some(d), Some(s)) => out.push((d, s)),
+            _ => {
+                return Err(CommitError::Internal(format!(
+                    "base layer without a valid digest and size: {l}"
+                )))
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// The new layer, from the spool file or the content store.
+async fn push_new_layer(job: &PushJob<'_>) -> Result<(), CommitError> {
+    let Some((desc, blob)) = job.layer else {
+        return Ok(());
+    };
+    let source: Box<dyn BlobSource> = match blob {
+        LayerBlob::File(path) => Box::new(FileSource::new(path)),
+        LayerBlob::ContentStore => Box::new(ContentStore {
+            ctr: job.ctr,
+            digest: desc.digest.clone(),
+        }),
+    };
+    let pushed = job
+        .client
+        .push_blob(&desc.digest, desc.size, source.as_ref(), None)
+        .await?;
+    if pushed == BlobPushed::Uploaded {
+        log::info(&format!(
+            "uploaded layer {} ({} bytes)",
+            desc.digest, desc.size
+        ));
     }
     Ok(())
 }

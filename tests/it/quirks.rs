@@ -314,6 +314,19 @@ fn relay(mut from: TcpStream, mut to: TcpStream, cut: Option<CutState>) {
     let _ = to.shutdown(std::net::Shutdown::Both);
 }
 
+/// A containerd `certs.d` directory naming `host` as an HTTPS registry with `ca`, as a kind node has.
+fn certs_d_for(dir: &Path, host: &str, ca: &Path) -> std::path::PathBuf {
+    let certs_d = dir.join("certs.d");
+    let host_dir = certs_d.join(host);
+    std::fs::create_dir_all(&host_dir).unwrap();
+    std::fs::copy(ca, host_dir.join("ca.crt")).unwrap();
+    let toml = format!(
+        "server = \"https://{host}\"\n\n[host.\"https://{host}\"]\n  capabilities = [\"pull\", \"resolve\"]\n  ca = \"ca.crt\"\n"
+    );
+    std::fs::write(host_dir.join("hosts.toml"), toml).unwrap();
+    certs_d
+}
+
 #[test]
 fn kind_node_without_base_layers_copies_them_from_a_tls_registry_known_by_certs_d() {
     let lab = Lab::start();
@@ -322,15 +335,7 @@ fn kind_node_without_base_layers_copies_them_from_a_tls_registry_known_by_certs_
     let ca = tls.ca.clone().unwrap();
     // The node reaches the base registry through a relay that will cut one blob download.
     let cutter = Cutter::start(tls.addr.clone(), 400 * 1024);
-    let certs_d = lab.dir.join("certs.d");
-    let host_dir = certs_d.join(&cutter.addr);
-    std::fs::create_dir_all(&host_dir).unwrap();
-    std::fs::copy(&ca, host_dir.join("ca.crt")).unwrap();
-    std::fs::write(
-        host_dir.join("hosts.toml"),
-        format!("server = \"https://{}\"\n\n[host.\"https://{}\"]\n  capabilities = [\"pull\", \"resolve\"]\n  ca = \"ca.crt\"\n", cutter.addr, cutter.addr),
-    )
-    .unwrap();
+    let certs_d = certs_d_for(&lab.dir, &cutter.addr, &ca);
     let named = format!("{}/base/kind:1", cutter.addr);
     let cert_dir = lab.dir.join("skopeo-certs");
     std::fs::create_dir_all(&cert_dir).unwrap();
