@@ -314,6 +314,21 @@ fn relay(mut from: TcpStream, mut to: TcpStream, cut: Option<CutState>) {
     let _ = to.shutdown(std::net::Shutdown::Both);
 }
 
+/// What containerd's `discard_unpacked_layers` leaves of `image`: manifest and config, no layer blobs.
+fn discard_layer_blobs(lab: &Lab, image: &str) {
+    let manifest: Value =
+        serde_json::from_str(&check(std::process::Command::new("skopeo").args([
+            "inspect",
+            "--raw",
+            "--tls-verify=false",
+            &format!("docker://{image}"),
+        ])))
+        .unwrap();
+    for layer in manifest["layers"].as_array().unwrap() {
+        lab.ctr(&["content", "rm", layer["digest"].as_str().unwrap()]);
+    }
+}
+
 /// A containerd `certs.d` directory naming `host` as an HTTPS registry with `ca`, as a kind node has.
 fn certs_d_for(dir: &Path, host: &str, ca: &Path) -> std::path::PathBuf {
     let certs_d = dir.join("certs.d");
@@ -360,18 +375,7 @@ fn kind_node_without_base_layers_copies_them_from_a_tls_registry_known_by_certs_
         certs_d.to_str().unwrap(),
         &named,
     ]);
-    // What discard_unpacked_layers leaves: manifest and config, no layer blobs.
-    let manifest: Value =
-        serde_json::from_str(&check(std::process::Command::new("skopeo").args([
-            "inspect",
-            "--raw",
-            "--tls-verify=false",
-            &format!("docker://{base}"),
-        ])))
-        .unwrap();
-    for layer in manifest["layers"].as_array().unwrap() {
-        lab.ctr(&["content", "rm", layer["digest"].as_str().unwrap()]);
-    }
+    discard_layer_blobs(&lab, &base);
     lab.run_container("k", &named, &RunOpts::default());
     lab.exec("k", "echo kind > /data/k");
     let target = Registry::start(&lab.dir.join("target"), &[]);
