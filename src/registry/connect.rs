@@ -12,7 +12,7 @@ use url::Url;
 use super::auth::Authenticator;
 use super::client::{Client, Inner, Retry};
 use super::credentials::{self, Lookup};
-use super::error::{host_port, RegistryError};
+use super::error::RegistryError;
 use super::hosts::{hosts_for, HostConfig};
 use super::reference::Reference;
 use super::tls::{build_http, HttpSettings};
@@ -179,7 +179,10 @@ impl Client {
         let cred_host = if host.origin.ends_with(reference.api_host()) {
             reference.registry.clone()
         } else {
-            host_port(&base)
+            // As written in config.json: the port only when not the scheme's default.
+            let host = base.host_str().unwrap_or_default();
+            base.port()
+                .map_or(host.to_string(), |p| format!("{host}:{p}"))
         };
         let resolved = credentials::resolve(&cred_host, &lookup).await?;
         let inner = Inner {
