@@ -56,7 +56,7 @@ pub struct PushJob<'a> {
 
 pub async fn push(job: &PushJob<'_>) -> Result<(), CommitError> {
     let base_registry = BaseRegistry::default();
-    let base_layers = base_layers(job.base)?;
+    let base_layers = base_layers(job.base).map_err(CommitError::Internal)?;
     let bases = try_join_all(
         base_layers
             .iter()
@@ -94,7 +94,7 @@ pub async fn push(job: &PushJob<'_>) -> Result<(), CommitError> {
 }
 
 /// The base manifest's layers as (digest, size).
-fn base_layers(base: &BaseImage) -> Result<Vec<(Digest, u64)>, CommitError> {
+fn base_layers(base: &BaseImage) -> Result<Vec<(Digest, u64)>, String> {
     let mut out = Vec::new();
     for l in base.layers() {
         let digest: Option<Digest> = l
@@ -104,11 +104,7 @@ fn base_layers(base: &BaseImage) -> Result<Vec<(Digest, u64)>, CommitError> {
         let size = l.get("size").and_then(|s| s.as_u64());
         match (digest, size) {
             (Some(d), Some(s)) => out.push((d, s)),
-            _ => {
-                return Err(CommitError::Internal(format!(
-                    "base layer without a valid digest and size: {l}"
-                )))
-            }
+            _ => return Err(format!("base layer without a valid digest and size: {l}")),
         }
     }
     Ok(out)
@@ -147,6 +143,18 @@ async fn push_base_layer(
     digest: &Digest,
     size: u64,
 ) -> Result<(), CommitError> {
+    // Without a base reference the node's content store is the only source: say so plainly (exit 4)
+    // rather than as a failed upload.
+    if job.base_ref.is_none()
+        && !job.ctr.has_blob(digest).await?
+        && job.client.blob_exists(digest).await?.is_none()
+    {
+        return Err(CommitError::Refused(format!(
+            "base layer {digest} of {} is neither in the target registry nor in the node's content \
+             store, and the base's name is not a registry reference to fetch it from",
+            job.base.name
+        )));
+    }
     let mount_from = job
         .base_ref
         .filter(|b| b.registry == job.client.registry())
@@ -219,9 +227,8 @@ impl BaseLayer<'_> {
         let job = self.job;
         let Some(base) = job.base_ref else {
             return Err(io::Error::other(format!(
-                "base layer {} of {} is neither in the target registry nor in the node's content \
-                 store, and the base's name is not a registry reference to fetch it from",
-                self.digest, job.base.name
+                "base layer {} left the node's content store during the upload",
+                self.digest
             )));
         };
         self.announce(|| {
