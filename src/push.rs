@@ -66,30 +66,7 @@ pub async fn push(job: &PushJob<'_>) -> Result<(), CommitError> {
             .iter()
             .map(|(d, s)| push_base_layer(job, &base_registry, d, *s)),
     );
-    let new_layer = async {
-        let Some((desc, blob)) = job.layer else {
-            return Ok(());
-        };
-        let source: Box<dyn BlobSource> = match blob {
-            LayerBlob::File(path) => Box::new(FileSource::new(path)),
-            LayerBlob::ContentStore => Box::new(ContentStore {
-                ctr: job.ctr,
-                digest: desc.digest.clone(),
-            }),
-        };
-        crate::progress::begin_upload(desc.size);
-        let pushed = job
-            .client
-            .push_blob(&desc.digest, desc.size, source.as_ref(), None)
-            .await?;
-        if pushed == BlobPushed::Uploaded {
-            log::info(&format!(
-                "uploaded layer {} ({} bytes)",
-                desc.digest, desc.size
-            ));
-        }
-        Ok::<_, CommitError>(())
-    };
+    let new_layer = push_new_layer(job);
     let config = async {
         let source = BytesSource(job.config.bytes.clone().into());
         let size = job.config.bytes.len() as u64;
@@ -120,6 +97,33 @@ pub async fn push(job: &PushJob<'_>) -> Result<(), CommitError> {
     Ok(())
 }
 
+/// The base manifest's layers as (digest, size).
+/// The new layer, from the spool file or the content store.
+async fn push_new_layer(job: &PushJob<'_>) -> Result<(), CommitError> {
+    let Some((desc, blob)) = job.layer else {
+        return Ok(());
+    };
+    let source: Box<dyn BlobSource> = match blob {
+        LayerBlob::File(path) => Box::new(FileSource::new(path)),
+        LayerBlob::ContentStore => Box::new(ContentStore {
+            ctr: job.ctr,
+            digest: desc.digest.clone(),
+        }),
+    };
+    crate::progress::begin_upload(desc.size);
+    let pushed = job
+        .client
+        .push_blob(&desc.digest, desc.size, source.as_ref(), None)
+        .await?;
+    if pushed == BlobPushed::Uploaded {
+        log::info(&format!(
+            "uploaded layer {} ({} bytes)",
+            desc.digest, desc.size
+        ));
+    }
+    Ok(())
+}
+
 /// A base layer: already there, mountable from the base's repository (same registry), or uploaded
 /// from the node's content store or the base's registry.
 async fn push_base_layer(
@@ -128,6 +132,18 @@ async fn push_base_layer(
     digest: &Digest,
     size: u64,
 ) -> Result<(), CommitError> {
+    // Without a base reference the node's content store is the only source: say so plainly (exit 4)
+    // rather than as a failed upload.
+    if job.base_ref.is_none()
+        && !job.ctr.has_blob(digest).await?
+        && job.client.blob_exists(digest).await?.is_none()
+    {
+        return Err(CommitError::Refused(format!(
+            "base layer {digest} of {} is neither in the target registry nor in the node's content \
+             store, and the base's name is not a registry reference to fetch it from",
+            job.base.name
+        )));
+    }
     let mount_from = job
         .base_ref
         .filter(|b| b.registry == job.client.registry())
@@ -196,13 +212,12 @@ impl BaseLayer<'_> {
         }
     }
 
-    async fn from_registry(&self, offset: u64) -> io::Result<ByteStream> {
+    async fn read_from_registry(&self, offset: u64) -> io::Result<ByteStream> {
         let job = self.job;
         let Some(base) = job.base_ref else {
             return Err(io::Error::other(format!(
-                "base layer {} of {} is neither in the target registry nor in the node's content \
-                 store, and the base's name is not a registry reference to fetch it from",
-                self.digest, job.base.name
+                "base layer {} left the node's content store during the upload",
+                self.digest
             )));
         };
         self.announce(|| {
@@ -247,7 +262,7 @@ impl BlobSource for BaseLayer<'_> {
                 .await
                 .map_err(io::Error::other)?;
             if !on_node {
-                return self.from_registry(offset).await;
+                return self.read_from_registry(offset).await;
             }
             self.announce(|| {
                 format!(

@@ -429,6 +429,29 @@ mod tests {
         );
     }
 
+    #[tokio::test]
+    async fn an_https_registry_naming_a_plain_http_realm_is_refused() {
+        let resolved = Resolved {
+            credential: Credential::Anonymous,
+            source: "test".into(),
+        };
+        let registry = Url::parse("https://r.example/v2/").unwrap();
+        let auth = Authenticator::new(
+            reqwest::Client::new(),
+            resolved,
+            Duration::from_secs(1),
+            registry,
+        );
+        let mut headers = HeaderMap::new();
+        let challenge = r#"Bearer realm="http://auth.example/token",service="r""#;
+        headers.insert(WWW_AUTHENTICATE, HeaderValue::from_static(challenge));
+        let e = auth.learn(&headers, &[]).await.unwrap_err();
+        assert!(e.to_string().contains("plain-HTTP token service"), "{e}");
+        let ok = r#"Bearer realm="https://auth.example/token",service="r""#;
+        headers.insert(WWW_AUTHENTICATE, HeaderValue::from_static(ok));
+        assert!(auth.learn(&headers, &[]).await.unwrap());
+    }
+
     #[test]
     fn parses_basic_and_rejects_unknown() {
         assert_eq!(

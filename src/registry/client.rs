@@ -1,11 +1,11 @@
-//! `Client`: one registry repository as a push target (or pull source). Owns the HTTP client, the
-//! authenticator and the request loop every operation goes through: attach credentials, re-authenticate
-//! once on 401, retry transient failures with backoff and jitter, and follow redirects by hand so that
-//! `Authorization` never leaves the registry's own origin (blob GETs redirect to S3/GCS/CDN hosts).
-//! Manifests and blob reads live here; blob uploads are in `upload.rs`.
+//! `Client`: one registry repository as a push target (or pull source; made in `connect.rs`). Owns the
+//! HTTP client, the authenticator and the request loop every operation goes through: attach
+//! credentials, re-authenticate once on 401, retry transient failures with backoff and jitter, per-request
+//! deadlines, and follow redirects by hand so that `Authorization` never leaves the registry's own
+//! origin (blob GETs redirect to S3/GCS/CDN hosts) and HTTPS is never downgraded. Manifests are in
+//! `manifest.rs`, blob reads in `source.rs`, uploads in `upload.rs` and `transfer.rs`.
 
 use std::collections::{HashMap, HashSet};
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -16,65 +16,10 @@ use tokio::sync::Semaphore;
 use url::Url;
 
 use super::auth::{repo_scope, Authenticator};
-use super::credentials::{self, Lookup};
 use super::error::{error_from_response, host_port, redact_url, RegistryError};
-use super::hosts::{hosts_for, HostConfig};
-use super::reference::Reference;
 use super::source::ByteStream;
-use super::tls::{build_http, HttpSettings};
 use super::upload::Session;
 use crate::digest::Digest;
-
-/// How to reach and authenticate to a registry.
-#[derive(Clone, Debug)]
-pub struct ClientOptions {
-    /// Speak `http://` instead of `https://` to the target (test registries only).
-    pub plain_http: bool,
-    /// PEM bundle of extra CAs for the target, trusted in addition to the bundled and system roots.
-    pub ca_file: Option<PathBuf>,
-    /// A docker `config.json` or a `kubernetes.io/dockerconfigjson` file; default `$DOCKER_CONFIG/config.json`,
-    /// then `~/.docker/config.json`.
-    pub registry_config: Option<PathBuf>,
-    /// containerd's registry host directory (`certs.d`): mirrors, CAs, client certificates per host.
-    pub certs_dir: Option<PathBuf>,
-    pub user_agent: String,
-    /// Deadline of a small request (ping, HEAD, POST, token), and the longest a blob transfer may go
-    /// without moving a byte.
-    pub request_timeout: Duration,
-    /// Blob uploads in flight at once through one client (and its clones).
-    pub max_transfers: usize,
-    /// Send uploads as ranged chunks of this size instead of one streamed PATCH.
-    pub chunk_size: Option<u64>,
-}
-
-impl Default for ClientOptions {
-    fn default() -> Self {
-        ClientOptions {
-            plain_http: false,
-            ca_file: None,
-            registry_config: None,
-            certs_dir: None,
-            user_agent: concat!("committer/", env!("CARGO_PKG_VERSION")).to_string(),
-            request_timeout: Duration::from_secs(30),
-            max_transfers: 4,
-            chunk_size: None,
-        }
-    }
-}
-
-impl ClientOptions {
-    /// The options for pulling from a base image's registry: the target's `--plain-http` and
-    /// `--registry-ca` only when it is the same registry (they name the target); the rest (credentials,
-    /// `certs.d`, deadlines) is shared.
-    pub fn for_base(&self, target_registry: &str, base_registry: &str) -> ClientOptions {
-        let same = target_registry == base_registry;
-        ClientOptions {
-            plain_http: self.plain_http && same,
-            ca_file: self.ca_file.clone().filter(|_| same),
-            ..self.clone()
-        }
-    }
-}
 
 /// Media types asked for when reading a manifest.
 pub(crate) const MANIFEST_ACCEPT: &str = "application/vnd.oci.image.manifest.v1+json, \
@@ -211,148 +156,7 @@ impl std::fmt::Debug for Client {
     }
 }
 
-/// Hosts that are plain HTTP unless configured otherwise, as containerd and docker treat them.
-pub(crate) fn is_loopback(registry: &str) -> bool {
-    let host = match registry.rsplit_once(':') {
-        Some((h, p)) if p.chars().all(|c| c.is_ascii_digit()) => h,
-        _ => registry,
-    };
-    let host = host.trim_start_matches('[').trim_end_matches(']');
-    host == "localhost"
-        || host
-            .parse::<std::net::IpAddr>()
-            .is_ok_and(|ip| ip.is_loopback())
-}
-
 impl Client {
-    /// A push target. Resolve credentials, then ping `/v2/` and authenticate once, so that an
-    /// unreachable registry, an untrusted certificate or rejected credentials fail here with a clear
-    /// message.
-    pub async fn new(reference: &Reference, opts: &ClientOptions) -> Result<Client, RegistryError> {
-        let lookup = Lookup {
-            config: opts.registry_config.clone(),
-            helper_path: None,
-        };
-        Client::with_lookup(reference, opts, lookup, Retry::DEFAULT).await
-    }
-
-    pub(crate) async fn with_lookup(
-        reference: &Reference,
-        opts: &ClientOptions,
-        lookup: Lookup,
-        retry: Retry,
-    ) -> Result<Client, RegistryError> {
-        let hosts = hosts_for(
-            &reference.registry,
-            reference.api_host(),
-            opts.certs_dir.as_deref(),
-            !opts.plain_http,
-        )?;
-        let mut host = hosts
-            .last()
-            .cloned()
-            .expect("the upstream is always listed");
-        if opts.plain_http {
-            host.origin = format!("http://{}", reference.api_host());
-        }
-        let ca = opts.ca_file.as_deref();
-        Client::connect(reference, opts, &host, ca, "pull,push", lookup, retry).await
-    }
-
-    /// Pull-only clients for a base image's registry, one per host to try (containerd `certs.d`
-    /// mirrors first, the registry itself last). Plain HTTP only for loopback hosts, as containerd
-    /// does, and where `hosts.toml` says `http://`; `--plain-http`/`--registry-ca` are the target's.
-    /// Hosts that cannot be reached are skipped with a warning; the upstream's failure is the error.
-    pub async fn pull_hosts(
-        reference: &Reference,
-        opts: &ClientOptions,
-    ) -> Result<Vec<Client>, RegistryError> {
-        let default_https = !(opts.plain_http || is_loopback(&reference.registry));
-        let hosts = hosts_for(
-            &reference.registry,
-            reference.api_host(),
-            opts.certs_dir.as_deref(),
-            default_https,
-        )?;
-        let lookup = Lookup {
-            config: opts.registry_config.clone(),
-            helper_path: None,
-        };
-        let mut out = Vec::new();
-        let last = hosts.len() - 1;
-        for (i, host) in hosts.iter().enumerate() {
-            let ca = opts.ca_file.as_deref();
-            let connected = Client::connect(
-                reference,
-                opts,
-                host,
-                ca,
-                "pull",
-                lookup.clone(),
-                Retry::DEFAULT,
-            )
-            .await;
-            match connected {
-                Ok(c) => out.push(c),
-                Err(e) if i == last && out.is_empty() => return Err(e),
-                Err(e) => crate::log::warn(&format!("skipping {}: {e}", host.origin)),
-            }
-        }
-        Ok(out)
-    }
-
-    async fn connect(
-        reference: &Reference,
-        opts: &ClientOptions,
-        host: &HostConfig,
-        ca_file: Option<&std::path::Path>,
-        actions: &'static str,
-        lookup: Lookup,
-        retry: Retry,
-    ) -> Result<Client, RegistryError> {
-        let http = build_http(&HttpSettings {
-            user_agent: &opts.user_agent,
-            ca_file,
-            host,
-        })?;
-        let base = Url::parse(&host.api_root()).map_err(|e| {
-            RegistryError::Config(format!("registry {:?}: {e}", reference.registry))
-        })?;
-        // Credentials are looked up by the host contacted: a mirror has its own.
-        let cred_host = if host.origin.ends_with(reference.api_host()) {
-            reference.registry.clone()
-        } else {
-            host_port(&base)
-        };
-        let resolved = credentials::resolve(&cred_host, &lookup).await?;
-        let inner = Inner {
-            auth: Authenticator::new(http.clone(), resolved, opts.request_timeout, base.clone()),
-            http,
-            base,
-            registry: reference.registry.clone(),
-            repository: reference.repository.clone(),
-            actions,
-            timeout: opts.request_timeout,
-            pending: Default::default(),
-            spare: Default::default(),
-            refused_mounts: Default::default(),
-            mount_turn: Default::default(),
-        };
-        // The first contact retries less: a registry that is down should be reported in about a second.
-        let ping_retry = Retry {
-            attempts: retry.attempts.min(3),
-            ..retry
-        };
-        let client = Client {
-            inner: Arc::new(inner),
-            chunk_size: opts.chunk_size,
-            retry: ping_retry,
-            transfers: Arc::new(Semaphore::new(opts.max_transfers.max(1))),
-        };
-        client.ping().await?;
-        Ok(Client { retry, ..client })
-    }
-
     /// Send uploads in ranged chunks of `bytes` (the registry's `OCI-Chunk-Min-Length` still wins when
     /// larger) instead of one streamed PATCH.
     pub fn with_chunk_size(mut self, bytes: u64) -> Client {
@@ -368,7 +172,7 @@ impl Client {
         &self.inner.registry
     }
 
-    async fn ping(&self) -> Result<(), RegistryError> {
+    pub(crate) async fn ping(&self) -> Result<(), RegistryError> {
         let req = self.req(Method::GET, self.inner.base.clone());
         let resp = self.execute(&req).await?;
         match resp.status() {
@@ -696,5 +500,44 @@ pub(crate) fn check_content_digest(
             found: found.trim().to_string(),
         }),
         _ => Ok(()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retry_after_takes_seconds_and_http_dates() {
+        let now = time::OffsetDateTime::parse(
+            "Wed, 02 Dec 2026 04:00:00 GMT",
+            &time::format_description::well_known::Rfc2822,
+        )
+        .unwrap();
+        let wait = |v| retry_after_value(v, now);
+        assert_eq!(wait("7"), Some(Duration::from_secs(7)));
+        assert_eq!(
+            wait("Wed, 02 Dec 2026 04:00:12 GMT"),
+            Some(Duration::from_secs(12))
+        );
+        assert_eq!(wait("Wed, 02 Dec 2026 03:59:00 GMT"), Some(Duration::ZERO));
+        assert_eq!(wait("3600"), Some(Duration::from_secs(60)), "capped");
+        assert_eq!(wait("soon"), None);
+    }
+
+    #[test]
+    fn loopback_hosts_are_recognised() {
+        use super::super::connect::is_loopback;
+        for h in [
+            "localhost:5000",
+            "127.0.0.1:5000",
+            "[::1]:5000",
+            "127.1.2.3",
+        ] {
+            assert!(is_loopback(h), "{h}");
+        }
+        for h in ["ghcr.io", "10.0.0.1:5000", "localhost.example.com"] {
+            assert!(!is_loopback(h), "{h}");
+        }
     }
 }

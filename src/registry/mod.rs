@@ -4,6 +4,7 @@
 //! - `credentials`: docker `config.json` / Kubernetes dockerconfigjson files and credential helpers.
 //! - `auth`: `WWW-Authenticate` challenges, basic auth, bearer tokens.
 //! - `client`: the `Client`, its request loop (auth, retries, redirects, deadlines).
+//! - `connect`: `ClientOptions` and how a client is made (hosts, credentials, first contact).
 //! - `hosts`, `tls`: which hosts to contact (containerd `certs.d` mirrors), what TLS trusts there.
 //! - `manifest`: manifest PUT and GET.
 //! - `source`: where a blob's bytes come from (`BlobSource`: file, bytes, another registry).
@@ -13,6 +14,7 @@
 
 mod auth;
 mod client;
+mod connect;
 mod credentials;
 mod error;
 mod hosts;
@@ -26,7 +28,8 @@ mod upload;
 #[cfg(test)]
 mod tests;
 
-pub use client::{Client, ClientOptions};
+pub use client::Client;
+pub use connect::ClientOptions;
 pub use error::{redact_url, ErrorKind, OciError, RegistryError, Secret};
 pub use reference::{ParseReferenceError, Reference, DOCKER_HUB, DOCKER_HUB_API};
 pub use source::{BlobSource, BlobStream, ByteStream, BytesSource, FileSource, RegistryBlob};

@@ -242,7 +242,7 @@ impl Reading {
         }
         if let Some(left) = &mut self.left {
             if chunk.len() as u64 > *left {
-                let msg = format!("the blob is longer than its descriptor's size");
+                let msg = "the blob is longer than its descriptor's size".to_string();
                 return Err(io::Error::other(RegistryError::protocol(
                     "GET", &self.url, msg,
                 )));

@@ -183,6 +183,15 @@ impl Client {
             up.chunk = Some(smaller);
             return self.restart(up).await;
         }
+        // GAR and gcr.io refuse a second PATCH in a session: the rest goes as one PATCH, from 0.
+        if e.status() == Some(400) && up.offset > 0 && up.chunk.is_some() {
+            crate::log::warn(&format!(
+                "uploading {}: {e}; the registry takes no chunks, sending it in one request",
+                up.digest
+            ));
+            up.chunk = None;
+            return self.restart(up).await;
+        }
         if !retryable(&e, up.offset) || up.failures + 1 >= self.retry.attempts {
             return Err(e);
         }

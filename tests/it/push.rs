@@ -205,7 +205,7 @@ fn a_base_in_the_same_registry_is_mounted_not_uploaded() {
     );
     assert!(!stderr.contains("uploading base layer"), "{stderr}");
     assert_eq!(
-        stderr.matches("uploading layer").count(),
+        stderr.matches("uploaded layer").count(),
         1,
         "only the new layer is uploaded: {stderr}"
     );

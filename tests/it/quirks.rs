@@ -76,6 +76,7 @@ fn every_registry_profile_takes_a_commit_whose_layer_exceeds_its_limits() {
         (Profile::Ecr, "ecr", vec![]),
         (Profile::Ghcr, "ghcr", vec!["--chunk-size", "2097152"]),
         (Profile::Gar, "gar", vec![]),
+        (Profile::Gar, "gar-chunked", vec!["--chunk-size", "1048576"]),
         (Profile::Quay, "quay", vec!["--chunk-size", "1048576"]),
         (Profile::Cloudflare, "cloudflare", vec![]),
         (Profile::H2NoLength, "h2", vec![]),
@@ -93,7 +94,7 @@ fn every_registry_profile_takes_a_commit_whose_layer_exceeds_its_limits() {
         let extra: Vec<&str> = extra.iter().map(String::as_str).collect();
         let (result, stderr) = commit_ok(&lab, "q", &format!("{}/{name}/q:v1", p.addr), &extra);
         let log = p.log();
-        check_profile(profile, &log, &stderr);
+        check_profile(profile, name, &log, &stderr);
         // Read back from the registry itself: it stored and checked the bytes.
         let image = result["image"]
             .as_str()
@@ -122,7 +123,7 @@ fn every_registry_profile_takes_a_commit_whose_layer_exceeds_its_limits() {
 }
 
 /// What each profile must have made the client do (so the quirk was met, not avoided).
-fn check_profile(profile: Profile, log: &[String], stderr: &str) {
+fn check_profile(profile: Profile, name: &str, log: &[String], stderr: &str) {
     let has = |s: &str| log.iter().any(|l| l.contains(s));
     let all = log.join("\n");
     match profile {
@@ -133,6 +134,13 @@ fn check_profile(profile: Profile, log: &[String], stderr: &str) {
             assert!(
                 stderr.contains(&format!("chunks of {LIMIT} bytes")),
                 "{stderr}"
+            );
+        }
+        Profile::Gar if name == "gar-chunked" => {
+            assert!(has("-> 400"), "a second chunk was refused:\n{all}");
+            assert!(
+                stderr.contains("takes no chunks"),
+                "then one PATCH: {stderr}"
             );
         }
         Profile::Gar => assert!(!has("-> 400"), "one PATCH per session:\n{all}"),
@@ -306,6 +314,34 @@ fn relay(mut from: TcpStream, mut to: TcpStream, cut: Option<CutState>) {
     let _ = to.shutdown(std::net::Shutdown::Both);
 }
 
+/// What containerd's `discard_unpacked_layers` leaves of `image`: manifest and config, no layer blobs.
+fn discard_layer_blobs(lab: &Lab, image: &str) {
+    let manifest: Value =
+        serde_json::from_str(&check(std::process::Command::new("skopeo").args([
+            "inspect",
+            "--raw",
+            "--tls-verify=false",
+            &format!("docker://{image}"),
+        ])))
+        .unwrap();
+    for layer in manifest["layers"].as_array().unwrap() {
+        lab.ctr(&["content", "rm", layer["digest"].as_str().unwrap()]);
+    }
+}
+
+/// A containerd `certs.d` directory naming `host` as an HTTPS registry with `ca`, as a kind node has.
+fn certs_d_for(dir: &Path, host: &str, ca: &Path) -> std::path::PathBuf {
+    let certs_d = dir.join("certs.d");
+    let host_dir = certs_d.join(host);
+    std::fs::create_dir_all(&host_dir).unwrap();
+    std::fs::copy(ca, host_dir.join("ca.crt")).unwrap();
+    let toml = format!(
+        "server = \"https://{host}\"\n\n[host.\"https://{host}\"]\n  capabilities = [\"pull\", \"resolve\"]\n  ca = \"ca.crt\"\n"
+    );
+    std::fs::write(host_dir.join("hosts.toml"), toml).unwrap();
+    certs_d
+}
+
 #[test]
 fn kind_node_without_base_layers_copies_them_from_a_tls_registry_known_by_certs_d() {
     let lab = Lab::start();
@@ -314,15 +350,7 @@ fn kind_node_without_base_layers_copies_them_from_a_tls_registry_known_by_certs_
     let ca = tls.ca.clone().unwrap();
     // The node reaches the base registry through a relay that will cut one blob download.
     let cutter = Cutter::start(tls.addr.clone(), 400 * 1024);
-    let certs_d = lab.dir.join("certs.d");
-    let host_dir = certs_d.join(&cutter.addr);
-    std::fs::create_dir_all(&host_dir).unwrap();
-    std::fs::copy(&ca, host_dir.join("ca.crt")).unwrap();
-    std::fs::write(
-        host_dir.join("hosts.toml"),
-        format!("server = \"https://{}\"\n\n[host.\"https://{}\"]\n  capabilities = [\"pull\", \"resolve\"]\n  ca = \"ca.crt\"\n", cutter.addr, cutter.addr),
-    )
-    .unwrap();
+    let certs_d = certs_d_for(&lab.dir, &cutter.addr, &ca);
     let named = format!("{}/base/kind:1", cutter.addr);
     let cert_dir = lab.dir.join("skopeo-certs");
     std::fs::create_dir_all(&cert_dir).unwrap();
@@ -347,18 +375,7 @@ fn kind_node_without_base_layers_copies_them_from_a_tls_registry_known_by_certs_
         certs_d.to_str().unwrap(),
         &named,
     ]);
-    // What discard_unpacked_layers leaves: manifest and config, no layer blobs.
-    let manifest: Value =
-        serde_json::from_str(&check(std::process::Command::new("skopeo").args([
-            "inspect",
-            "--raw",
-            "--tls-verify=false",
-            &format!("docker://{base}"),
-        ])))
-        .unwrap();
-    for layer in manifest["layers"].as_array().unwrap() {
-        lab.ctr(&["content", "rm", layer["digest"].as_str().unwrap()]);
-    }
+    discard_layer_blobs(&lab, &base);
     lab.run_container("k", &named, &RunOpts::default());
     lab.exec("k", "echo kind > /data/k");
     let target = Registry::start(&lab.dir.join("target"), &[]);

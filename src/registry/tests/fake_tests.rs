@@ -445,3 +445,26 @@ async fn a_mount_the_credentials_cannot_read_is_not_mounted_rather_than_an_error
         .unwrap();
     assert_eq!(outcome, MountOutcome::NotMounted);
 }
+
+#[tokio::test]
+async fn the_session_check_push_opened_carries_the_first_upload() {
+    let dir = tempfile::tempdir().unwrap();
+    let (path, digest) = random_file(dir.path(), 2 * MIB, 13);
+    let fake = Fake::start(Faults::default()).await;
+    let client = connect(&fake.reference("a"), &plain(None), None)
+        .await
+        .unwrap();
+    client.check_push().await.unwrap();
+    client
+        .upload_blob_file(&digest, &path, (2 * MIB) as u64)
+        .await
+        .unwrap();
+    let posts = fake.log().iter().filter(|l| l.method == "POST").count();
+    assert_eq!(posts, 1, "{:#?}", fake.log());
+    assert!(fake
+        .state
+        .lock()
+        .unwrap()
+        .blobs
+        .contains_key(digest.as_str()));
+}

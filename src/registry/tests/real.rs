@@ -384,3 +384,47 @@ async fn a_connection_cut_mid_patch_to_the_real_registry_is_survived() {
     eprintln!("sessions opened: {}", proxy.count("POST /v2/"));
     assert!((1..=2).contains(&proxy.count("POST /v2/")));
 }
+
+/// containerd's `certs.d`: a `hosts.toml` mirror is read from first; an upstream that is down is
+/// skipped with a warning when a mirror answers.
+#[tokio::test]
+async fn a_certs_d_mirror_serves_base_blobs_when_the_upstream_is_down() {
+    use crate::registry::{BlobSource, RegistryBlob};
+    let mirror = Registry::start(&[]);
+    let seed = connect(&mirror.reference("library/base"), &plain(None), None)
+        .await
+        .unwrap();
+    let data = Bytes::from(super::pseudo_random(300_000, 21));
+    let digest = Digest::of(&data);
+    seed.upload_blob_bytes(&digest, data.clone()).await.unwrap();
+
+    let certs = tempfile::tempdir().unwrap();
+    let upstream = "127.0.0.1:1"; // nothing listens on port 1
+    let host_dir = certs.path().join(upstream);
+    std::fs::create_dir(&host_dir).unwrap();
+    let toml = format!(
+        "server = \"http://{upstream}\"\n[host.\"http://{}\"]\n  capabilities = [\"pull\", \"resolve\"]\n",
+        mirror.addr()
+    );
+    std::fs::write(host_dir.join("hosts.toml"), toml).unwrap();
+    let opts = ClientOptions {
+        certs_dir: Some(certs.path().to_path_buf()),
+        ..plain(None)
+    };
+    let reference = format!("{upstream}/library/base").parse().unwrap();
+    let clients = Client::pull_hosts(&reference, &opts).await.unwrap();
+    assert_eq!(clients.len(), 1, "the upstream was skipped");
+    let blob = RegistryBlob {
+        client: clients[0].clone(),
+        digest: digest.clone(),
+        size: data.len() as u64,
+    };
+    let read: Vec<u8> = blob
+        .open_at(1000)
+        .await
+        .unwrap()
+        .map(|c| c.unwrap().to_vec())
+        .concat()
+        .await;
+    assert_eq!(read, data[1000..]);
+}

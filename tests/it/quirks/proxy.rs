@@ -202,7 +202,7 @@ fn before(
     let upload = path.contains("/blobs/uploads/");
     let session = || path.rsplit('/').next().unwrap_or("").to_string();
     match st.profile {
-        Profile::DockerHub => return docker_hub(st, method, path, target, headers),
+        Profile::DockerHub => return docker_hub(st, method, path, headers),
         Profile::Ecr if upload && method == "GET" => {
             return Some(oci_error(404, "BLOB_UPLOAD_UNKNOWN", "upload unknown"))
         }
@@ -251,44 +251,32 @@ fn before(
     None
 }
 
+/// Hub grants what the account may have of the scopes asked for, silently narrowing them.
+fn issue_token(headers: &hyper::HeaderMap) -> Response<Body> {
+    use base64::Engine;
+    let basic = headers
+        .get("authorization")
+        .and_then(|v| v.to_str().ok()?.strip_prefix("Basic "))
+        .and_then(|b| base64::engine::general_purpose::STANDARD.decode(b).ok());
+    let account = match basic.as_deref() {
+        Some(b"writer:pw") => "writer",
+        Some(b"reader:pw") => "reader",
+        _ => return full(401, &[], r#"{"details":"incorrect username or password"}"#),
+    };
+    let body = format!(r#"{{"token":"tok-{account}","expires_in":300}}"#);
+    full(200, &[("content-type", "application/json".into())], body)
+}
+
 /// Docker Hub-like token auth in front of an anonymous registry: tokens are `tok-<account>`.
 fn docker_hub(
     st: &State,
     method: &str,
     path: &str,
-    target: &str,
     headers: &hyper::HeaderMap,
 ) -> Option<Response<Body>> {
-    use base64::Engine;
     if path == "/token" {
-        let basic = headers
-            .get("authorization")?
-            .to_str()
-            .ok()?
-            .strip_prefix("Basic ")?;
-        let raw = base64::engine::general_purpose::STANDARD
-            .decode(basic)
-            .ok()?;
-        let account = match raw.as_slice() {
-            b"writer:pw" => "writer",
-            b"reader:pw" => "reader",
-            _ => {
-                return Some(full(
-                    401,
-                    &[],
-                    r#"{"details":"incorrect username or password"}"#,
-                ))
-            }
-        };
-        // Hub grants what the account may have of the scopes asked for, silently narrowing.
-        let body = format!(r#"{{"token":"tok-{account}","expires_in":300}}"#);
-        return Some(full(
-            200,
-            &[("content-type", "application/json".into())],
-            body,
-        ));
+        return Some(issue_token(headers));
     }
-    let _ = target;
     let token = headers
         .get("authorization")
         .and_then(|v| v.to_str().ok())
