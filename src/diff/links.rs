@@ -268,38 +268,41 @@ fn open_dir_opt(dir: BorrowedFd, name: &[u8]) -> io::Result<Option<OwnedFd>> {
     }
 }
 
+/// No lower group: the path's lower side has a single link, or there is none.
+const NONE: usize = usize::MAX;
+
+/// Group numbers for one side, by inode key, and each group's members in walk order. A path
+/// without a key is a group of its own with `singletons`, else in no group (`NONE`).
+fn number(
+    keys: impl Iterator<Item = Option<(u64, u64)>>,
+    singletons: bool,
+) -> (Vec<usize>, Vec<Vec<usize>>) {
+    let mut of = Vec::new();
+    let mut groups: Vec<Vec<usize>> = Vec::new();
+    let mut by_key = HashMap::new();
+    for (i, key) in keys.enumerate() {
+        let g = match key {
+            Some(k) => *by_key.entry(k).or_insert_with(|| {
+                groups.push(Vec::new());
+                groups.len() - 1
+            }),
+            None if singletons => {
+                groups.push(Vec::new());
+                groups.len() - 1
+            }
+            None => {
+                of.push(NONE);
+                continue;
+            }
+        };
+        groups[g].push(i);
+        of.push(g);
+    }
+    (of, groups)
+}
+
 /// The paths to emit (see the module comment). Linear in the number of entries.
 fn settle(entries: Vec<Entry>) -> HashSet<Vec<u8>> {
-    // Group numbers per side: on the upper side a path with one link is a group of its own;
-    // on the lower side only multi-link inodes form groups (`NONE` otherwise).
-    const NONE: usize = usize::MAX;
-    fn number(
-        keys: impl Iterator<Item = Option<(u64, u64)>>,
-        singletons: bool,
-    ) -> (Vec<usize>, Vec<Vec<usize>>) {
-        let mut of = Vec::new();
-        let mut groups: Vec<Vec<usize>> = Vec::new();
-        let mut by_key = HashMap::new();
-        for (i, key) in keys.enumerate() {
-            let g = match key {
-                Some(k) => *by_key.entry(k).or_insert_with(|| {
-                    groups.push(Vec::new());
-                    groups.len() - 1
-                }),
-                None if singletons => {
-                    groups.push(Vec::new());
-                    groups.len() - 1
-                }
-                None => {
-                    of.push(NONE);
-                    continue;
-                }
-            };
-            groups[g].push(i); // in walk order
-            of.push(g);
-        }
-        (of, groups)
-    }
     let (u_of, ugroups) = number(entries.iter().map(|e| e.up.key()), true);
     let (l_of, lgroups) = number(
         entries.iter().map(|e| e.low.as_ref().and_then(Inode::key)),
