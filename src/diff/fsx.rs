@@ -100,7 +100,10 @@ pub(crate) fn open_file_at(dir: BorrowedFd, name: &[u8]) -> io::Result<File> {
     }
     let proc = format!("/proc/self/fd/{}", path.as_raw_fd());
     let flags = OFlags::RDONLY | OFlags::NONBLOCK | OFlags::NOCTTY | OFlags::CLOEXEC;
-    Ok(File::from(rfs::open(proc.as_str(), flags, Mode::empty())?))
+    // Not NotFound: a missing /proc must fail the read, not pass for a file that vanished.
+    let file = rfs::open(proc.as_str(), flags, Mode::empty())
+        .map_err(|e| io::Error::other(format!("reopening through {proc}: {e}")))?;
+    Ok(File::from(file))
 }
 
 /// The names in a directory, without `.` and `..`, sorted by bytes.

@@ -104,6 +104,8 @@ struct Entry {
     up: Inode,
     /// Its lower non-directory, when there is one with more than one link.
     low: Option<Inode>,
+    /// The lower tree has a non-directory here (else the walk emits the path anyway).
+    in_lower: bool,
 }
 
 struct Scan<'f> {
@@ -116,8 +118,8 @@ struct Scan<'f> {
     bytes: usize,
 }
 
-/// The scan keeps every multi-link path of the upper tree (about 100 bytes each plus the path:
-/// a million links to one file cost ~130 MB); past this it gives up rather than grow further.
+/// The scan keeps every multi-link path of the upper tree (about 120 bytes each plus the path);
+/// past this it gives up rather than grow further.
 const MAX_SCAN_BYTES: usize = 512 << 20;
 
 /// A non-directory the layer can carry (sockets are dropped, as the walk drops them).
@@ -199,15 +201,16 @@ impl Scan<'_> {
             return Frame::open(lsub, sub, path).map(Some);
         }
         if linkable(&st) {
-            let low = match low {
+            let (in_lower, low) = match low {
                 Some(low) => self.lower(low, name, &path)?,
-                None => None,
+                None => (false, None),
             };
             if st.nlink > 1 || low.is_some() {
                 self.track(Entry {
                     path,
                     up: Inode::of(&st),
                     low,
+                    in_lower,
                 })?;
             }
         }
@@ -229,18 +232,25 @@ impl Scan<'_> {
 
     /// The lower side of `name` when it is a multi-link non-directory (overlay whiteouts, which
     /// overlay itself hardlinks to one another, are nothing).
-    fn lower(&self, low: BorrowedFd, name: &[u8], path: &[u8]) -> Result<Option<Inode>, DiffError> {
+    /// Whether the lower tree has a non-directory at `name`, and its inode when that has more
+    /// than one link.
+    fn lower(
+        &self,
+        low: BorrowedFd,
+        name: &[u8],
+        path: &[u8],
+    ) -> Result<(bool, Option<Inode>), DiffError> {
         let Some(st) = fsx::lstat_opt(low, name).map_err(DiffError::io("lstat lower", path))?
         else {
-            return Ok(None);
+            return Ok((false, None));
         };
-        if st.nlink < 2 || !linkable(&st) || is_whiteout_stat(&st) {
-            return Ok(None);
+        if !linkable(&st) || is_whiteout_stat(&st) {
+            return Ok((false, None));
         }
         if is_whiteout_at(low, name, &st, path, self.private)? {
-            return Ok(None);
+            return Ok((false, None));
         }
-        Ok(Some(Inode::of(&st)))
+        Ok((true, (st.nlink > 1).then(|| Inode::of(&st))))
     }
 }
 
@@ -258,32 +268,52 @@ fn open_dir_opt(dir: BorrowedFd, name: &[u8]) -> io::Result<Option<OwnedFd>> {
     }
 }
 
+/// No lower group: the path's lower side has a single link, or there is none.
+const NONE: usize = usize::MAX;
+
+/// Group numbers for one side, by inode key, and each group's members in walk order. A path
+/// without a key is a group of its own with `singletons`, else in no group (`NONE`).
+fn number(
+    keys: impl Iterator<Item = Option<(u64, u64)>>,
+    singletons: bool,
+) -> (Vec<usize>, Vec<Vec<usize>>) {
+    let mut of = Vec::new();
+    let mut groups: Vec<Vec<usize>> = Vec::new();
+    let mut by_key = HashMap::new();
+    for (i, key) in keys.enumerate() {
+        let g = match key {
+            Some(k) => *by_key.entry(k).or_insert_with(|| {
+                groups.push(Vec::new());
+                groups.len() - 1
+            }),
+            None if singletons => {
+                groups.push(Vec::new());
+                groups.len() - 1
+            }
+            None => {
+                of.push(NONE);
+                continue;
+            }
+        };
+        groups[g].push(i);
+        of.push(g);
+    }
+    (of, groups)
+}
+
 /// The paths to emit (see the module comment). Linear in the number of entries.
 fn settle(entries: Vec<Entry>) -> HashSet<Vec<u8>> {
-    // Group numbers per side; a side with one link is a group of its own.
-    fn number(keys: impl Iterator<Item = Option<(u64, u64)>>) -> (Vec<usize>, Vec<Vec<usize>>) {
-        let mut of = Vec::new();
-        let mut groups: Vec<Vec<usize>> = Vec::new();
-        let mut by_key = HashMap::new();
-        for (i, key) in keys.enumerate() {
-            let g = match key {
-                Some(k) => *by_key.entry(k).or_insert_with(|| {
-                    groups.push(Vec::new());
-                    groups.len() - 1
-                }),
-                None => {
-                    groups.push(Vec::new());
-                    groups.len() - 1
-                }
-            };
-            groups[g].push(i); // in walk order
-            of.push(g);
-        }
-        (of, groups)
-    }
-    let (u_of, ugroups) = number(entries.iter().map(|e| e.up.key()));
-    let (l_of, lgroups) = number(entries.iter().map(|e| e.low.as_ref().and_then(Inode::key)));
-    let mut emit = Vec::new();
+    let (u_of, ugroups) = number(entries.iter().map(|e| e.up.key()), true);
+    let (l_of, lgroups) = number(
+        entries.iter().map(|e| e.low.as_ref().and_then(Inode::key)),
+        false,
+    );
+    // A multi-link upper path over a single-link (or no) lower file: H is that path alone and
+    // no upper group of more than one fits in it, so it is emitted, which only needs saying
+    // when the lower tree has it (a new path is emitted anyway).
+    let mut emit: Vec<usize> = (0..entries.len())
+        .filter(|&i| l_of[i] == NONE && entries[i].in_lower)
+        .collect();
     for (g, h) in lgroups.iter().enumerate() {
         let inside = |u: usize| ugroups[u].iter().all(|&m| l_of[m] == g);
         let first = u_of[h[0]];

@@ -270,7 +270,11 @@ impl TempMount {
             "overlay",
             dir.path(),
             "overlay",
-            rustix::mount::MountFlags::RDONLY,
+            // nosuid, nodev: nothing in the sandbox's tree may act as a device or setuid
+            // program through our view, whatever reads it.
+            rustix::mount::MountFlags::RDONLY
+                | rustix::mount::MountFlags::NOSUID
+                | rustix::mount::MountFlags::NODEV,
             Some(data.as_c_str()),
         )
         .map_err(|e| SourceError::Mount {

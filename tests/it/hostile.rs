@@ -167,3 +167,90 @@ fn set_xattr(path: &Path, name: &str, value: &[u8]) {
     rustix::fs::lsetxattr(path, name, value, rustix::fs::XattrFlags::empty())
         .unwrap_or_else(|e| panic!("setxattr {name} on {}: {e}", path.display()));
 }
+
+/// Peak RSS of committer itself (`/usr/bin/time -v`) on a million hardlinks (to 16 files), by
+/// both sources, and on a 4096-deep tree; figures for SECURITY.md:
+/// `cargo test --test it hostile::measure -- --ignored --nocapture`.
+#[test]
+#[ignore]
+fn measure_committer_peak_rss_on_a_million_hardlinks_and_a_deep_tree() {
+    let lab = Lab::start();
+    sandbox(&lab, "links");
+    let root = lab.rootfs("links");
+    std::fs::create_dir(root.join("links")).unwrap();
+    // ext4 caps an inode at 65000 links: 16 files with 62 500 names each.
+    for f in 0..16 {
+        let first = root.join(format!("links/f{f}"));
+        std::fs::write(&first, b"one inode").unwrap();
+        for i in 0..62_500 {
+            std::fs::hard_link(&first, root.join(format!("links/f{f}-{i}"))).unwrap();
+        }
+    }
+    measure(&lab, "links", "1M hardlinks, upperdir", &[]);
+    measure(
+        &lab,
+        "links",
+        "1M hardlinks, walk",
+        &["--diff-source", "walk"],
+    );
+    sandbox(&lab, "deep");
+    deep_tree(&lab.rootfs("deep"), 4096);
+    measure(&lab, "deep", "4096-deep tree, upperdir", &[]);
+    measure(
+        &lab,
+        "deep",
+        "4096-deep tree, walk",
+        &["--diff-source", "walk"],
+    );
+}
+
+fn measure(lab: &Lab, id: &str, what: &str, extra: &[&str]) {
+    let out_file = lab.dir.join(format!("{id}.layer"));
+    let start = Instant::now();
+    let out = std::process::Command::new("/usr/bin/time")
+        .arg("-v")
+        .arg(env!("CARGO_BIN_EXE_committer"))
+        .args([
+            "diff",
+            "--container",
+            id,
+            "--compression",
+            "none",
+            "--output",
+        ])
+        .arg(&out_file)
+        .args(extra)
+        .env("CONTAINERD_ADDRESS", &lab.address)
+        .env("CONTAINERD_NAMESPACE", &lab.namespace)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let rss = stderr
+        .lines()
+        .find(|l| l.contains("Maximum resident set size"))
+        .unwrap_or_default()
+        .trim()
+        .to_string();
+    let last = stderr
+        .lines()
+        .rfind(|l| l.contains("exit") || l.contains("error"))
+        .unwrap_or_default();
+    eprintln!(
+        "{what}: exit {:?} in {:?}, {rss}; {}",
+        out.status.code(),
+        start.elapsed(),
+        last.chars().take(300).collect::<String>()
+    );
+    let _ = std::fs::remove_file(out_file);
+    assert_eq!(lab.task_status(id), "RUNNING");
+}
+
+/// `depth` nested directories named `d` under `root`, one `mkdirat` at a time.
+fn deep_tree(root: &Path, depth: usize) {
+    use rustix::fs::{mkdirat, openat, Mode, OFlags};
+    let mut fd = rustix::fs::open(root, OFlags::DIRECTORY, Mode::empty()).unwrap();
+    for _ in 0..depth {
+        mkdirat(&fd, "d", Mode::from_raw_mode(0o755)).unwrap();
+        fd = openat(&fd, "d", OFlags::DIRECTORY, Mode::empty()).unwrap();
+    }
+}

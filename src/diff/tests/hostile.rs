@@ -294,10 +294,7 @@ fn a_tree_deeper_than_any_path_is_refused_without_recursion() {
             Err(e @ DiffError::PathTooLong { .. }) => {
                 let msg = e.to_string();
                 assert!(msg.len() < 700, "{what}: {} bytes", msg.len());
-                assert!(
-                    msg.contains("over the 4095 an unpacker can create"),
-                    "{msg}"
-                );
+                assert!(msg.contains("over the 3839 a layer may hold"), "{msg}");
             }
             other => panic!("{what}: {:?}", other.map(|_| ())),
         }
@@ -381,44 +378,4 @@ fn a_namespaced_cap_sys_admin_on_a_read_only_root_is_not_taken_for_trusted_acces
         0,
         "1: probe passed, 2: wrong reason, 3: unshare failed"
     );
-}
-
-/// Peak memory on a million hardlinks to one file and on a 1900-deep tree, for SECURITY.md:
-/// `cargo test --lib hostile::measure -- --ignored --nocapture`.
-#[test]
-#[ignore]
-fn measure_peak_rss_for_a_million_hardlinks_and_a_deep_tree() {
-    let mut ov = Overlay::new(1);
-    ov.mount();
-    scenario::mkdir(&ov.merged, b"links");
-    write(&ov.merged, b"links/f", b"one inode");
-    let start = Instant::now();
-    for i in 0..1_000_000 {
-        std::fs::hard_link(
-            ov.merged.join("links/f"),
-            ov.merged.join(format!("links/l{i}")),
-        )
-        .unwrap();
-    }
-    eprintln!("made 1M links in {:?}", start.elapsed());
-    deep_tree(&ov.upper, 1900);
-    for (what, source) in both(&ov) {
-        std::fs::write("/proc/self/clear_refs", "5").unwrap(); // resets VmHWM
-        let rss0 = peak_rss_kib();
-        let start = Instant::now();
-        let (tar, stats) = layer_file(&source, &Options::default(), ov.dir.path());
-        drop(tar);
-        eprintln!(
-            "{what}: {} entries in {:?}, VmHWM {} KiB (was {rss0} KiB)",
-            stats.entries,
-            start.elapsed(),
-            peak_rss_kib()
-        );
-    }
-}
-
-fn peak_rss_kib() -> u64 {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap();
-    let line = status.lines().find(|l| l.starts_with("VmHWM:")).unwrap();
-    line.split_whitespace().nth(1).unwrap().parse().unwrap()
 }
