@@ -141,6 +141,14 @@ pub struct LayerArgs {
     /// Fail (nothing pushed) if the layer would hold more than this many entries.
     #[arg(long)]
     pub max_files: Option<u64>,
+    /// Also keep these xattrs (repeatable; an exact name, or a prefix ending in `*`), beyond
+    /// security.capability and user.*.
+    #[arg(long = "keep-xattrs", value_name = "PATTERN")]
+    pub keep_xattrs: Vec<String>,
+    /// Bytes of holes in sparse files (summed over the layer) that may be written as zeros
+    /// before such a file is refused.
+    #[arg(long, value_name = "BYTES")]
+    pub max_hole_bytes: Option<u64>,
     /// Pause the container while its filesystem is read (docker commit's -p; -p=false, --pause=false).
     #[arg(
         short = 'p',
@@ -250,6 +258,8 @@ pub struct SourcePlan {
     pub source_date_epoch: Option<i64>,
     pub max_layer_bytes: Option<u64>,
     pub max_files: Option<u64>,
+    pub keep_xattrs: Vec<String>,
+    pub max_hole_bytes: Option<u64>,
     pub pause: bool,
 }
 
@@ -438,6 +448,8 @@ impl LayerArgs {
             source_date_epoch: self.source_date_epoch,
             max_layer_bytes: self.max_layer_bytes,
             max_files: self.max_files,
+            keep_xattrs: self.keep_xattrs.clone(),
+            max_hole_bytes: self.max_hole_bytes,
             pause: self.pause && !self.no_pause,
         })
     }

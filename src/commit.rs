@@ -51,6 +51,10 @@ pub async fn commit(plan: &CommitPlan) -> Result<CommitResult, CommitError> {
             base: &base,
             base_ref: base_ref.as_ref(),
             base_opts: &opts,
+            keep_base_layers: edits
+                .chain
+                .as_ref()
+                .map_or(base.layers().len(), |c| c.keep_layers),
             layer: layer.layer.as_ref().map(|d| (d, layer_blob(&layer.blob))),
             config: &config,
             manifest: &manifest,

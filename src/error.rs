@@ -37,6 +37,8 @@ pub enum Refusal {
     NoImage { container: String },
     #[error("container {container:?} has no changes: the layer would be empty")]
     EmptyDiff { container: String },
+    #[error("base layer {digest} of {image} is neither in the target registry nor in the node's content store, and the base's name is not a registry reference to fetch it from")]
+    BaseLayerUnavailable { digest: Digest, image: String },
 }
 
 #[derive(Debug, thiserror::Error)]

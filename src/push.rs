@@ -48,6 +48,8 @@ pub struct PushJob<'a> {
     /// The target's options; the base's registry gets its own derived from them
     /// ([`ClientOptions::for_base`]).
     pub base_opts: &'a ClientOptions,
+    /// How many of the base's layers the new manifest keeps (all, unless squashing).
+    pub keep_base_layers: usize,
     pub layer: Option<(&'a LayerDescriptor, LayerBlob<'a>)>,
     pub config: &'a Blob,
     pub manifest: &'a Blob,
@@ -56,9 +58,12 @@ pub struct PushJob<'a> {
 
 pub async fn push(job: &PushJob<'_>) -> Result<(), CommitError> {
     let base_registry = BaseRegistry::default();
+    // A squashed image keeps only the original base's layers: the snapshot layers it replaces
+    // are not pushed.
     let base_layers: Vec<(Digest, u64)> = crate::descriptor::base_blobs(job.base)?
         .layers
         .into_iter()
+        .take(job.keep_base_layers)
         .map(|l| (l.digest, l.size))
         .collect();
     let bases = try_join_all(
@@ -138,11 +143,11 @@ async fn push_base_layer(
         && !job.ctr.has_blob(digest).await?
         && job.client.blob_exists(digest).await?.is_none()
     {
-        return Err(CommitError::Refused(format!(
-            "base layer {digest} of {} is neither in the target registry nor in the node's content \
-             store, and the base's name is not a registry reference to fetch it from",
-            job.base.name
-        )));
+        return Err(crate::error::Refusal::BaseLayerUnavailable {
+            digest: digest.clone(),
+            image: job.base.name.clone(),
+        }
+        .into());
     }
     let mount_from = job
         .base_ref

@@ -44,21 +44,8 @@ pub fn base_lowers(
         .then(|| &lowers[image_layers - base_layers..])
 }
 
-/// Overlay options the read-only views need to read the container's layers as it does.
-pub fn view_options(mount_options: &[String]) -> Vec<String> {
-    let metacopy = mount_options.iter().any(|o| o == "metacopy=on");
-    let redirect = mount_options
-        .iter()
-        .any(|o| o.starts_with("redirect_dir=") && o != "redirect_dir=off");
-    let mut extra = Vec::new();
-    if metacopy {
-        extra.push("metacopy=on".to_string());
-    }
-    if metacopy || redirect {
-        extra.push("redirect_dir=follow".to_string());
-    }
-    extra
-}
+/// The walk's view options serve the squash views too.
+pub use crate::source::view_options;
 
 fn option<'a>(m: &'a SnapshotMount, name: &str) -> Option<&'a str> {
     m.options.iter().find_map(|o| o.strip_prefix(name))

@@ -165,7 +165,8 @@ fn diff_options(req: &LayerRequest<'_>, mounts: &[SnapshotMount]) -> diff::Optio
         userxattr: mounts
             .iter()
             .any(|m| m.options.iter().any(|o| o == "userxattr")),
-        ..diff::Options::default()
+        keep_xattrs: req.plan.keep_xattrs.clone(),
+        max_hole_bytes: req.plan.max_hole_bytes,
     }
 }
 

@@ -137,16 +137,7 @@ fn overlay_walk(
 ) -> Result<PreparedSource, SourceError> {
     // The lower layers may use redirects and metacopy when the container's mount did.
     let mut extra = vec!["ro".to_string()];
-    if options.iter().any(|o| o == "metacopy=on") {
-        extra.push("metacopy=on".into());
-    }
-    if options
-        .iter()
-        .any(|o| o.starts_with("redirect_dir=") && o != "redirect_dir=off")
-        || options.iter().any(|o| o == "metacopy=on")
-    {
-        extra.push("redirect_dir=follow".into());
-    }
+    extra.extend(view_options(options));
     let join = |dirs: &[&Path]| {
         dirs.iter()
             .map(|d| d.to_string_lossy().into_owned())
@@ -179,6 +170,28 @@ fn overlay_walk(
         mounts,
         view_key: None,
     })
+}
+
+/// Overlay options a read-only view needs to read the container's layers as its own mount
+/// does: the lower layers may hold redirects and metacopy files when the container's mount made
+/// them, and on a `userxattr` mount overlay's markers are `user.overlay.*`.
+pub fn view_options(mount_options: &[String]) -> Vec<String> {
+    let has = |o: &str| mount_options.iter().any(|m| m == o);
+    let metacopy = has("metacopy=on");
+    let redirect = mount_options
+        .iter()
+        .any(|o| o.starts_with("redirect_dir=") && o != "redirect_dir=off");
+    let mut extra = Vec::new();
+    if metacopy {
+        extra.push("metacopy=on".to_string());
+    }
+    if metacopy || redirect {
+        extra.push("redirect_dir=follow".to_string());
+    }
+    if has("userxattr") {
+        extra.push("userxattr".to_string());
+    }
+    extra
 }
 
 /// Native (and other bind-mount) snapshotters: the container's tree is the bind source; the
