@@ -5,8 +5,10 @@ mod e2e;
 mod fidelity;
 mod image;
 mod lab;
+mod lookup;
 mod push;
 mod safety;
+mod supervisor;
 mod tree;
 
 use std::path::Path;
