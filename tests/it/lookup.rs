@@ -219,3 +219,48 @@ fn a_base_tag_moved_after_the_sandbox_started_is_not_used_as_its_base() {
     assert_eq!(lab.task_status("m1"), "RUNNING");
     assert_eq!(lab.tags("snap/m1"), vec!["v1".to_string()]);
 }
+
+#[test]
+fn a_commit_never_deletes_a_lease_another_commit_took_over() {
+    let lab = Lab::start();
+    let base = lab.base_image("base", false);
+    lab.run_container("l2", &base, &RunOpts::default());
+    lab.exec("l2", "head -c 6291456 /dev/urandom > /blob");
+    let proxy = throttling_proxy(lab.registry.clone(), 1 << 20);
+    let mut cmd = lab.committer_command();
+    cmd.env("COMMITTER_LEASE_TTL_SECONDS", "3").args([
+        "commit",
+        "--container",
+        "l2",
+        "--image",
+        &format!("{proxy}/snap/l2:v1"),
+        "--plain-http",
+        "--compression",
+        "none",
+    ]);
+    let first = cmd
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_secs(2));
+    // What a second commit does once the first one's lease has expired: it takes the lease over.
+    lab.ctr(&["leases", "rm", "committer/l2"]);
+    lab.ctr(&[
+        "leases",
+        "create",
+        "--id",
+        "committer/l2",
+        "--expires",
+        "1h",
+        "committer.owner=the-second-commit",
+    ]);
+    let first = first.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&first.stderr);
+    assert!(stderr.contains("belongs to another commit"), "{stderr}");
+    let held = lab.ctr(&["leases", "ls"]);
+    assert!(
+        held.contains("committer/l2") && held.contains("the-second-commit"),
+        "the second commit's lease is left alone: {held}"
+    );
+}
