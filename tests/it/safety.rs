@@ -123,7 +123,7 @@ fn sigterm_while_reading_resumes_the_sandbox_and_pushes_no_tag() {
 }
 
 #[test]
-fn sigkill_while_frozen_is_undone_by_the_guardian_within_two_seconds() {
+fn sigkill_of_the_worker_while_frozen_is_undone_by_the_supervisor_within_two_seconds() {
     let lab = Lab::start();
     big_sandbox(&lab, "s2");
     let child = spawn_commit(&lab, "s2", "snap/s2", &[]);
