@@ -248,3 +248,25 @@ fn containerd_restarting_while_the_sandbox_is_paused_does_not_lose_the_resume() 
     assert!(!leases(&lab).contains("committer/r1"), "{}", leases(&lab));
     assert_eq!(lab.tags("snap/r1"), vec!["v1".to_string()]);
 }
+
+#[test]
+fn as_pid1_a_worker_killed_while_containerd_is_down_is_resumed_once_containerd_is_back() {
+    let lab = Lab::start();
+    big_sandbox(&lab, "p4");
+    let child = spawn_commit_as_pid1(&lab, "p4", "snap/p4", &[]);
+    let supervisor = pid1_of(&child);
+    wait_until("the sandbox to be paused", Duration::from_secs(30), || {
+        lab.task_status("p4") == "PAUSED"
+    });
+    kill_containerd(&lab);
+    signal(worker_of(supervisor), rustix::process::Signal::KILL);
+    std::thread::sleep(Duration::from_secs(2));
+    restart_containerd(&lab);
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(137), "{stderr}");
+    assert!(stderr.contains("retrying to resume"), "{stderr}");
+    assert!(stderr.contains("running again"), "{stderr}");
+    assert_eq!(lab.task_status("p4"), "RUNNING");
+    assert!(!leases(&lab).contains("committer/p4"), "{}", leases(&lab));
+}
