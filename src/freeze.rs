@@ -213,3 +213,31 @@ async fn step(conn: &mut Option<Containerd>, t: &Target) -> Result<bool, Contain
         _ => Ok(true),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_resume_that_cannot_reach_containerd_retries_until_its_deadline_then_fails() {
+        let target = Target {
+            address: "/nonexistent/containerd.sock".into(),
+            namespace: "k8s.io".into(),
+            container: "c".into(),
+        };
+        let started = Instant::now();
+        let err = resume_until_running(&target, None, Duration::from_millis(800))
+            .await
+            .unwrap_err();
+        let took = started.elapsed();
+        // 50 + 100 + 200 + 400 ms of backoff fit in 800 ms: several attempts, then the error.
+        assert!(
+            took >= Duration::from_millis(350) && took < Duration::from_secs(2),
+            "{took:?}"
+        );
+        assert!(
+            err.to_string().contains("/nonexistent/containerd.sock"),
+            "{err}"
+        );
+    }
+}

@@ -51,8 +51,8 @@ fn nanos() -> u128 {
         .unwrap_or(0)
 }
 
-/// Tells the supervisor which sandbox and lease this commit works on. Kept for the pipeline's
-/// call site; "start" because it used to start a separate guardian process.
+/// Tells the supervisor which sandbox and lease this commit works on (once the lease is taken):
+/// from here on a death of the worker is cleaned up.
 pub fn start(address: &Path, namespace: &str, container: &str, lease: &str) -> std::io::Result<()> {
     send(&format!(
         "target\t{}\t{namespace}\t{container}\t{lease}",

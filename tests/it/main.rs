@@ -7,12 +7,14 @@ mod fidelity;
 mod hostile;
 mod image;
 mod lab;
+mod lookup;
 mod push;
 mod quirks;
 mod safety;
 mod snapshots;
 mod spool;
 mod squash_push;
+mod supervisor;
 mod tree;
 
 use std::path::Path;

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 /// A sandbox with a diff big enough that reading it takes a while in a debug build (~96 MiB of
 /// random data: gzip runs at a few MB/s unoptimised).
-fn big_sandbox(lab: &Lab, id: &str) {
+pub(crate) fn big_sandbox(lab: &Lab, id: &str) {
     let base = lab.base_image("base", false);
     lab.run_container(id, &base, &RunOpts::default());
     lab.exec(
@@ -17,7 +17,7 @@ fn big_sandbox(lab: &Lab, id: &str) {
     );
 }
 
-fn spawn_commit(lab: &Lab, id: &str, repo: &str, extra: &[&str]) -> Child {
+pub(crate) fn spawn_commit(lab: &Lab, id: &str, repo: &str, extra: &[&str]) -> Child {
     let target = format!("{}/{repo}:v1", lab.registry);
     let mut cmd = lab.committer_command();
     cmd.args([
@@ -35,7 +35,7 @@ fn spawn_commit(lab: &Lab, id: &str, repo: &str, extra: &[&str]) -> Child {
         .expect("spawning committer")
 }
 
-fn wait_until(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
+pub(crate) fn wait_until(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
     let start = Instant::now();
     while !f() {
         assert!(
@@ -46,12 +46,12 @@ fn wait_until(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
     }
 }
 
-fn leases(lab: &Lab) -> String {
+pub(crate) fn leases(lab: &Lab) -> String {
     lab.ctr(&["leases", "ls"])
 }
 
 /// Pids of `pid`'s descendants, children first.
-fn descendants(pid: u32) -> Vec<u32> {
+pub(crate) fn descendants(pid: u32) -> Vec<u32> {
     let mut out = Vec::new();
     let mut queue = vec![pid];
     while let Some(p) = queue.pop() {
@@ -70,7 +70,7 @@ fn descendants(pid: u32) -> Vec<u32> {
 
 /// The commit worker under the process `pid` started (the supervisor's child: it has the
 /// supervisor channel in its environment).
-fn worker_of(pid: u32) -> u32 {
+pub(crate) fn worker_of(pid: u32) -> u32 {
     let mut found = None;
     wait_until(
         "the commit worker to start",
@@ -90,7 +90,7 @@ fn worker_of(pid: u32) -> u32 {
     found.unwrap()
 }
 
-fn signal(pid: u32, sig: rustix::process::Signal) {
+pub(crate) fn signal(pid: u32, sig: rustix::process::Signal) {
     rustix::process::kill_process(rustix::process::Pid::from_raw(pid as i32).unwrap(), sig)
         .unwrap();
 }
@@ -123,7 +123,7 @@ fn sigterm_while_reading_resumes_the_sandbox_and_pushes_no_tag() {
 }
 
 #[test]
-fn sigkill_while_frozen_is_undone_by_the_guardian_within_two_seconds() {
+fn sigkill_of_the_worker_while_frozen_is_undone_by_the_supervisor_within_two_seconds() {
     let lab = Lab::start();
     big_sandbox(&lab, "s2");
     let child = spawn_commit(&lab, "s2", "snap/s2", &[]);
@@ -262,7 +262,7 @@ fn a_paused_sandbox_is_left_paused() {
 }
 
 /// A TCP proxy to `upstream` that lets at most `bytes_per_sec` through towards the registry.
-fn throttling_proxy(upstream: String, bytes_per_sec: u64) -> String {
+pub(crate) fn throttling_proxy(upstream: String, bytes_per_sec: u64) -> String {
     use std::io::{Read, Write};
     use std::net::{TcpListener, TcpStream};
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
@@ -521,469 +521,4 @@ fn sigkill_during_a_walk_leaves_no_view_mounted() {
     wait_until("the sandbox to run again", Duration::from_secs(2), || {
         lab.task_status("s10") == "RUNNING"
     });
-}
-
-/// `committer commit …` as PID 1 of a new PID namespace, as in the commit Job's container.
-fn spawn_commit_as_pid1(lab: &Lab, id: &str, repo: &str, extra: &[&str]) -> Child {
-    let target = format!("{}/{repo}:v1", lab.registry);
-    let mut cmd = std::process::Command::new("unshare");
-    cmd.args(["--pid", "--fork", "--mount-proc"])
-        .arg(env!("CARGO_BIN_EXE_committer"))
-        .args([
-            "commit",
-            "--container",
-            id,
-            "--image",
-            &target,
-            "--plain-http",
-        ])
-        .args(extra)
-        .env("CONTAINERD_ADDRESS", &lab.address)
-        .env("CONTAINERD_NAMESPACE", &lab.namespace)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawning unshare")
-}
-
-/// The supervisor: PID 1 of the new namespace, unshare's child on the host.
-fn pid1_of(unshare: &Child) -> u32 {
-    let mut pid = None;
-    wait_until("unshare to fork PID 1", Duration::from_secs(10), || {
-        pid = descendants(unshare.id()).first().copied();
-        pid.is_some()
-    });
-    let pid = pid.unwrap();
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    let nspid = status.lines().find(|l| l.starts_with("NSpid:")).unwrap();
-    assert!(
-        nspid.trim_end().ends_with("\t1"),
-        "not PID 1 of its namespace: {nspid}"
-    );
-    pid
-}
-
-#[test]
-fn as_pid1_a_sigkill_of_the_worker_while_paused_is_undone_within_two_seconds() {
-    let lab = Lab::start();
-    big_sandbox(&lab, "p1");
-    let child = spawn_commit_as_pid1(&lab, "p1", "snap/p1", &[]);
-    let supervisor = pid1_of(&child);
-    wait_until("the sandbox to be paused", Duration::from_secs(30), || {
-        lab.task_status("p1") == "PAUSED"
-    });
-    signal(worker_of(supervisor), rustix::process::Signal::KILL);
-    let killed = Instant::now();
-    wait_until("the sandbox to run again", Duration::from_secs(2), || {
-        lab.task_status("p1") == "RUNNING"
-    });
-    eprintln!("resumed {:?} after the worker's SIGKILL", killed.elapsed());
-    let out = child.wait_with_output().unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(137), "{stderr}");
-    assert!(stderr.contains("killed"), "{stderr}");
-    assert!(!leases(&lab).contains("committer/p1"), "{}", leases(&lab));
-    assert!(lab.tags("snap/p1").is_empty());
-}
-
-#[test]
-fn as_pid1_sigterm_exits_130_with_the_sandbox_running_and_no_lease_or_tag() {
-    let lab = Lab::start();
-    big_sandbox(&lab, "p2");
-    let child = spawn_commit_as_pid1(&lab, "p2", "snap/p2", &[]);
-    let supervisor = pid1_of(&child);
-    wait_until("the sandbox to be paused", Duration::from_secs(30), || {
-        lab.task_status("p2") == "PAUSED"
-    });
-    signal(supervisor, rustix::process::Signal::TERM);
-    let out = child.wait_with_output().unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(130), "{stderr}");
-    assert!(stderr.contains("interrupted by SIGTERM"), "{stderr}");
-    // Checked the moment it exits: the lease is released before PID 1 ends, not later.
-    assert_eq!(lab.task_status("p2"), "RUNNING");
-    assert!(!leases(&lab).contains("committer/p2"), "{}", leases(&lab));
-    assert!(lab.tags("snap/p2").is_empty());
-}
-
-/// A memory cgroup (v2, or v1's memory controller) below this process's own, limited to
-/// `limit` bytes; removed on drop.
-struct MemCgroup(std::path::PathBuf);
-
-impl MemCgroup {
-    fn new(name: &str, limit: u64) -> MemCgroup {
-        let own = std::fs::read_to_string("/proc/self/cgroup").unwrap();
-        let (dir, max) = if let Some(p) = own.lines().find_map(|l| l.strip_prefix("0::")) {
-            if std::path::Path::new("/sys/fs/cgroup/cgroup.controllers").exists()
-                && !own.lines().any(|l| l.contains(":memory:"))
-            {
-                (format!("/sys/fs/cgroup{p}"), "memory.max")
-            } else {
-                let v1 = own
-                    .lines()
-                    .find_map(|l| l.split_once(":memory:"))
-                    .unwrap()
-                    .1;
-                (
-                    format!("/sys/fs/cgroup/memory{v1}"),
-                    "memory.limit_in_bytes",
-                )
-            }
-        } else {
-            let v1 = own
-                .lines()
-                .find_map(|l| l.split_once(":memory:"))
-                .unwrap()
-                .1;
-            (
-                format!("/sys/fs/cgroup/memory{v1}"),
-                "memory.limit_in_bytes",
-            )
-        };
-        let path = std::path::Path::new(&dir).join(name);
-        std::fs::create_dir_all(&path).unwrap();
-        std::fs::write(path.join(max), limit.to_string()).unwrap();
-        MemCgroup(path)
-    }
-    fn add(&self, pid: u32) {
-        std::fs::write(self.0.join("cgroup.procs"), pid.to_string()).unwrap();
-    }
-}
-
-impl Drop for MemCgroup {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir(&self.0);
-    }
-}
-
-#[test]
-fn as_pid1_an_oom_kill_of_the_worker_is_undone_and_its_spool_removed() {
-    let lab = Lab::start();
-    big_sandbox(&lab, "p3");
-    // The spool on tmpfs: its pages are charged to the worker's cgroup and cannot be reclaimed.
-    let spool = tempfile::Builder::new()
-        .prefix("committer-oom-spool-")
-        .tempdir_in("/dev/shm")
-        .unwrap();
-    let cgroup = MemCgroup::new(&format!("committer-oom-{}", std::process::id()), 24 << 20);
-    let child = spawn_commit_as_pid1(
-        &lab,
-        "p3",
-        "snap/p3",
-        &["--spool-dir", spool.path().to_str().unwrap()],
-    );
-    let supervisor = pid1_of(&child);
-    cgroup.add(worker_of(supervisor));
-    let out = child.wait_with_output().unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(137), "{stderr}");
-    assert!(stderr.contains("OOM killer"), "{stderr}");
-    assert_eq!(lab.task_status("p3"), "RUNNING");
-    assert!(!leases(&lab).contains("committer/p3"), "{}", leases(&lab));
-    assert!(lab.tags("snap/p3").is_empty());
-    let left: Vec<_> = std::fs::read_dir(spool.path()).unwrap().collect();
-    assert!(left.is_empty(), "spool files left: {left:?}");
-}
-
-/// Kills the lab's containerd with SIGKILL (shims and tasks live on), as a node restart of
-/// containerd does.
-fn kill_containerd(lab: &Lab) {
-    signal(lab.containerd_pid, rustix::process::Signal::KILL);
-    wait_until("containerd to die", Duration::from_secs(5), || {
-        !crate::lab::process_alive(lab.containerd_pid)
-    });
-}
-
-/// Starts the lab's containerd again on the same config and records its pid for `lab.sh stop`.
-fn restart_containerd(lab: &Lab) {
-    use std::os::unix::process::CommandExt;
-    let bindir = lab.ctr_bin.parent().unwrap();
-    let log = std::fs::OpenOptions::new()
-        .append(true)
-        .open(lab.dir.join("containerd.log"))
-        .unwrap();
-    let mut cmd = std::process::Command::new(bindir.join("containerd"));
-    cmd.arg("--config")
-        .arg(lab.dir.join("config.toml"))
-        .env(
-            "PATH",
-            format!("{}:{}", bindir.display(), std::env::var("PATH").unwrap()),
-        )
-        .stdin(Stdio::null())
-        .stdout(log.try_clone().unwrap())
-        .stderr(log);
-    unsafe {
-        cmd.pre_exec(|| {
-            libc::setsid();
-            Ok(())
-        });
-    }
-    let pid = cmd.spawn().unwrap().id();
-    let env = std::fs::read_to_string(lab.dir.join("env")).unwrap();
-    let env: String = env
-        .lines()
-        .map(|l| match l.starts_with("CONTAINERD_PID=") {
-            true => format!("CONTAINERD_PID={pid}\n"),
-            false => format!("{l}\n"),
-        })
-        .collect();
-    std::fs::write(lab.dir.join("env"), env).unwrap();
-    wait_until(
-        "containerd to answer again",
-        Duration::from_secs(10),
-        || lab.try_ctr(&["version"]).status.success(),
-    );
-}
-
-#[test]
-fn containerd_restarting_while_the_sandbox_is_paused_does_not_lose_the_resume() {
-    use std::io::BufRead;
-    let lab = Lab::start();
-    big_sandbox(&lab, "r1");
-    let mut child = spawn_commit(&lab, "r1", "snap/r1", &[]);
-    let stderr = child.stderr.take().unwrap();
-    let lines = std::sync::Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
-    let reader = {
-        let lines = lines.clone();
-        std::thread::spawn(move || {
-            for l in std::io::BufReader::new(stderr)
-                .lines()
-                .map_while(Result::ok)
-            {
-                lines.lock().unwrap().push(l);
-            }
-        })
-    };
-    wait_until("the sandbox to be paused", Duration::from_secs(30), || {
-        lab.task_status("r1") == "PAUSED"
-    });
-    kill_containerd(&lab);
-    // containerd stays down until the commit has tried, and failed, to resume at least once.
-    wait_until("a failed resume", Duration::from_secs(60), || {
-        lines
-            .lock()
-            .unwrap()
-            .iter()
-            .any(|l| l.contains("retrying to resume"))
-    });
-    restart_containerd(&lab);
-    let out = child.wait_with_output().unwrap();
-    reader.join().unwrap();
-    let stderr = lines.lock().unwrap().join("\n");
-    assert_eq!(out.status.code(), Some(0), "{stderr}");
-    assert_eq!(lab.task_status("r1"), "RUNNING");
-    assert!(!leases(&lab).contains("committer/r1"), "{}", leases(&lab));
-    assert_eq!(lab.tags("snap/r1"), vec!["v1".to_string()]);
-}
-
-#[test]
-fn a_runc_container_whose_options_name_another_binary_is_refused() {
-    let lab = Lab::start();
-    let base = lab.base_image("base", false);
-    // runc under the name of gVisor's runtime: what the runc shim's BinaryName option selects.
-    let bin = lab.dir.join("bin");
-    std::fs::create_dir_all(&bin).unwrap();
-    let runc = crate::lab::check(std::process::Command::new("sh").args(["-c", "command -v runc"]));
-    std::os::unix::fs::symlink(runc.trim(), bin.join("runsc")).unwrap();
-    let runsc = bin.join("runsc");
-    lab.ctr(&[
-        "run",
-        "-d",
-        "--runc-binary",
-        runsc.to_str().unwrap(),
-        "--runc-root",
-        lab.runc_root.to_str().unwrap(),
-        "--cgroup",
-        &format!("{}/b1", lab.cgroup_parent),
-        &base,
-        "b1",
-        "sleep",
-        "1000000",
-    ]);
-    lab.wait_status("b1", "RUNNING", Duration::from_secs(20));
-    let out = lab.committer(&[
-        "commit",
-        "--container",
-        "b1",
-        "--image",
-        &format!("{}/snap/b1:v1", lab.registry),
-        "--plain-http",
-    ]);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(4), "{stderr}");
-    assert!(
-        stderr.contains(&format!("BinaryName {:?}", runsc.to_str().unwrap())),
-        "{stderr}"
-    );
-    assert_eq!(lab.task_status("b1"), "RUNNING");
-    assert!(lab.tags("snap/b1").is_empty());
-}
-
-#[test]
-fn pod_commits_the_running_instance_after_a_restart_and_says_when_none_runs() {
-    let lab = Lab::start();
-    let base = lab.base_image("base", false);
-    for (id, attempt) in [("web-0", "0"), ("web-1", "1")] {
-        let opts = RunOpts::cri("shop", "web", "app")
-            .label("io.kubernetes.container.restartCount", attempt);
-        lab.run_container(id, &base, &opts);
-        lab.exec(id, &format!("echo {id} > /instance"));
-    }
-    // The first instance exited; the kubelet keeps it (and its task, STOPPED) until GC.
-    lab.ctr(&["tasks", "kill", "-s", "SIGKILL", "web-0"]);
-    lab.wait_status("web-0", "STOPPED", Duration::from_secs(10));
-    let commit = |tag: &str| {
-        lab.committer(&[
-            "commit",
-            "--pod",
-            "shop/web",
-            "--image",
-            &format!("{}/snap/web:{tag}", lab.registry),
-            "--plain-http",
-        ])
-    };
-    let out = commit("v1");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let result: Value = serde_json::from_slice(&out.stdout).unwrap();
-    assert_eq!(result["container"], "web-1");
-    let tree = lab.pull_unpack(result["image"].as_str().unwrap());
-    assert_eq!(
-        std::fs::read_to_string(tree.join("instance")).unwrap(),
-        "web-1\n"
-    );
-
-    lab.ctr(&["tasks", "kill", "-s", "SIGKILL", "web-1"]);
-    lab.wait_status("web-1", "STOPPED", Duration::from_secs(10));
-    let out = commit("v2");
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(3), "{stderr}");
-    assert!(
-        stderr.contains("no container of pod shop/web is running"),
-        "{stderr}"
-    );
-    assert!(
-        stderr.contains("web-0") && stderr.contains("web-1"),
-        "{stderr}"
-    );
-}
-
-#[test]
-fn a_commit_longer_than_the_lease_ttl_keeps_its_lease() {
-    let lab = Lab::start();
-    let base = lab.base_image("base", false);
-    lab.run_container("l1", &base, &RunOpts::default());
-    lab.exec("l1", "head -c 8388608 /dev/urandom > /blob");
-    // 8 MiB through 1 MiB/s: ~8 s, more than twice the 3 s TTL.
-    let proxy = throttling_proxy(lab.registry.clone(), 1 << 20);
-    let mut cmd = lab.committer_command();
-    cmd.env("COMMITTER_LEASE_TTL_SECONDS", "3").args([
-        "commit",
-        "--container",
-        "l1",
-        "--image",
-        &format!("{proxy}/snap/l1:v1"),
-        "--plain-http",
-        "--compression",
-        "none",
-    ]);
-    let first = cmd
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    std::thread::sleep(Duration::from_secs(5));
-    let second = lab.committer(&[
-        "commit",
-        "--container",
-        "l1",
-        "--image",
-        &format!("{}/snap/l1b:v1", lab.registry),
-        "--plain-http",
-    ]);
-    let stderr = String::from_utf8_lossy(&second.stderr);
-    assert_eq!(
-        second.status.code(),
-        Some(7),
-        "still held after 5 s: {stderr}"
-    );
-    let first = first.wait_with_output().unwrap();
-    assert!(
-        first.status.success(),
-        "{}",
-        String::from_utf8_lossy(&first.stderr)
-    );
-    assert!(!leases(&lab).contains("committer/l1"), "{}", leases(&lab));
-    assert!(lab.tags("snap/l1b").is_empty());
-}
-
-#[test]
-fn a_base_tag_moved_after_the_sandbox_started_is_not_used_as_its_base() {
-    let lab = Lab::start();
-    let base = lab.base_image("base", false);
-    lab.run_container("m1", &base, &RunOpts::default());
-    lab.exec("m1", "echo mine > /m1");
-    // Another image, one layer more, that the name will point to.
-    lab.run_container("o1", &base, &RunOpts::default());
-    lab.exec("o1", "echo planted > /planted");
-    let other = format!("{}/other:v1", lab.registry);
-    let out = lab.committer(&[
-        "commit",
-        "--container",
-        "o1",
-        "--image",
-        &other,
-        "--plain-http",
-    ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    lab.ctr(&["images", "pull", "--plain-http", &other]);
-    // A second record of the original base (the CRI keeps one by digest and one by ID).
-    let keep = format!("{}/base:keep", lab.registry);
-    lab.ctr(&["images", "tag", &base, &keep]);
-    lab.ctr(&["images", "tag", "--force", &other, &base]);
-
-    let commit = |tag: &str| {
-        lab.committer(&[
-            "commit",
-            "--container",
-            "m1",
-            "--image",
-            &format!("{}/snap/m1:{tag}", lab.registry),
-            "--plain-http",
-        ])
-    };
-    let out = commit("v1");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let result: Value = serde_json::from_slice(&out.stdout).unwrap();
-    assert_eq!(result["baseImage"], keep.as_str());
-    let tree = lab.pull_unpack(result["image"].as_str().unwrap());
-    assert_eq!(std::fs::read_to_string(tree.join("m1")).unwrap(), "mine\n");
-    assert!(
-        !tree.join("planted").exists(),
-        "a file of the moved tag's image"
-    );
-    assert!(tree.join("bin/busybox").exists());
-
-    // No image chains to the sandbox's parent any more: refused, naming both.
-    lab.ctr(&["images", "rm", &keep]);
-    let out = commit("v2");
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(4), "{stderr}");
-    assert!(
-        stderr.contains(&base) && stderr.contains("parent is \"sha256:"),
-        "{stderr}"
-    );
-    assert_eq!(lab.task_status("m1"), "RUNNING");
-    assert_eq!(lab.tags("snap/m1"), vec!["v1".to_string()]);
 }
