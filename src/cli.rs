@@ -40,7 +40,7 @@ pub enum Command {
     #[command(
         override_usage = "committer diff [OPTIONS] (CONTAINER | --container ID | --pod NAMESPACE/NAME [--container-name NAME]) --output FILE"
     )]
-    Diff(DiffArgs),
+    Diff(Box<DiffArgs>),
 }
 
 #[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
