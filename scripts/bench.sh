@@ -17,7 +17,7 @@
 #   many    200k files of 100 bytes
 #   mixed   copies of host /usr/share and /usr/bin (bind-mounted read-only at /host-usr) + 300 MiB of random data
 #   upload  2 GiB of random data, committer only (--compression none and zstd): its peak RSS while uploading
-# Wall time (ms), CPU (user+sys) and peak RSS from /usr/bin/time, pause from committer's result (pausedMs).
+# Wall time (ms), CPU (user+sys) and peak RSS from /usr/bin/time, pause from committer's result (paused.ms; pausedMs before result schema 1).
 # Prints markdown tables (medians, ratios, the performance targets) on stdout and saves them with the raw TSV in
 # BENCH_RESULTS_DIR. Progress goes to stderr. Needs root, the lab's packages (scripts/install-deps.sh), buildah,
 # /usr/bin/time, cargo. Everything it starts or mounts is removed on exit, failure or Ctrl-C; kernel parameters

@@ -316,3 +316,30 @@ fn failure(e: CommitError) -> i32 {
     }
     fail_line(&line, e.exit_code())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_clap_error_becomes_one_line_with_its_tip() {
+        let e = Cli::try_parse_from(["committer", "commit", "--bogus"]).unwrap_err();
+        let line = one_line(&e.render().to_string());
+        assert!(!line.contains('\n'), "{line}");
+        assert!(
+            line.starts_with("unexpected argument '--bogus' found"),
+            "{line}"
+        );
+        assert!(line.ends_with("see committer --help"), "{line}");
+    }
+
+    #[test]
+    fn a_panic_is_recorded_as_one_line_asking_for_a_report() {
+        install_panic_hook();
+        let _ = std::panic::catch_unwind(|| panic!("boom\nsecond line"));
+        let _ = std::panic::take_hook();
+        let line = panic_line().expect("the hook recorded the panic");
+        assert!(line.starts_with("internal error: boom"), "{line}");
+        assert!(line.contains("please report"), "{line}");
+    }
+}

@@ -290,14 +290,21 @@ fn docker_commit_habits_push_a_result_that_matches_its_schema() {
     );
     assert_eq!(lab.task_status(id), "RUNNING");
 
-    // Without a pause, the result says why it was skipped.
+    // Without a pause, the result says why it was skipped; --threads is cut to the cores.
     let out = lab.committer(&[
         "commit",
         id,
         &format!("{repo}:v2"),
         "--pause=false",
         "--plain-http",
+        "--threads",
+        "100000",
     ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let result: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(
         result["paused"],
@@ -427,7 +434,7 @@ fn a_terminal_sees_the_bar_move_and_a_summary_before_the_result() {
     lab.exec("t1", "head -c 100000000 /dev/urandom > /data/big");
     let typescript = lab.dir.join("typescript");
     let cmd = format!(
-        "CONTAINERD_ADDRESS={} CONTAINERD_NAMESPACE={} {} commit t1 {}/snap/tty:v1 --plain-http --threads 1",
+        "CONTAINERD_ADDRESS={} CONTAINERD_NAMESPACE={} {} commit t1 {}/snap/tty:v1 --plain-http --compression zstd",
         lab.address.display(),
         lab.namespace,
         env!("CARGO_BIN_EXE_committer"),
@@ -459,4 +466,40 @@ fn a_terminal_sees_the_bar_move_and_a_summary_before_the_result() {
         .expect("a summary line");
     let result = screen.find("{\"schemaVersion\"").expect("the result");
     assert!(summary < result, "the summary comes before the result");
+
+    // Piped: JSON progress events, each stage against its total.
+    let out = lab.committer(&[
+        "commit",
+        "t1",
+        &format!("{}/snap/tty:v2", lab.registry),
+        "--plain-http",
+        "--threads",
+        "1",
+    ]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    let events: Vec<Value> = stderr
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .filter(|v| v["event"] == "progress")
+        .collect();
+    let compressing: Vec<&Value> = events
+        .iter()
+        .filter(|e| e["stage"] == "compressing")
+        .collect();
+    assert!(
+        !compressing.is_empty(),
+        "a progress event while compressing: {stderr}"
+    );
+    for e in &compressing {
+        assert!(e["compressTotal"].as_u64() >= Some(100_000_000), "{e}");
+        assert!(
+            e["compressedBytes"].as_u64() <= e["compressTotal"].as_u64(),
+            "{e}"
+        );
+        assert_eq!(
+            e["readBytes"], e["compressTotal"],
+            "the read is not counted again: {e}"
+        );
+    }
 }
