@@ -146,3 +146,57 @@ fn max_layers_appends_until_the_bound_then_squashes_and_every_image_restores_exa
     }
     assert_eq!(counts, [3, 4, 3, 4, 3, 4], "append, append, squash, …");
 }
+
+/// Bench (run with `--ignored --nocapture`): an append commit against a squash of the same
+/// small change on an original base of 30 000 files. The squash walks the whole tree.
+#[test]
+#[ignore]
+fn bench_squash_walk_against_append_on_a_large_base() {
+    use crate::lab::check;
+    use std::process::Command;
+    let _defaults = crate::lab::overlay_defaults();
+    let lab = Lab::start();
+    let base = lab.base_image("base-oci", false);
+    lab.run_container("c1", &base, &RunOpts::default());
+    lab.exec(
+        "c1",
+        "mkdir /many && cd /many && i=0; while [ $i -lt 30000 ]; do echo $i > f$i; i=$((i+1)); done",
+    );
+    let snap = commit(&lab, "c1", "many");
+    // The same image without committer's record: an original base of 3 layers.
+    let layout = lab.dir.join("big-layout");
+    let oci = |tag: &str| format!("oci:{}:{tag}", layout.display());
+    check(
+        Command::new("skopeo")
+            .args(["copy", "--quiet", "--src-tls-verify=false"])
+            .arg(format!("docker://{snap}"))
+            .arg(oci("x")),
+    );
+    check(
+        Command::new("umoci")
+            .args(["config", "--clear=config.labels", "--image"])
+            .arg(format!("{}:x", layout.display()))
+            .args(["--tag", "big"]),
+    );
+    let big = format!("{}/big:1", lab.registry);
+    check(
+        Command::new("skopeo")
+            .args(["copy", "--quiet", "--dest-tls-verify=false"])
+            .arg(oci("big"))
+            .arg(format!("docker://{big}")),
+    );
+    lab.ctr(&["images", "pull", "--plain-http", &big]);
+    lab.run_container("c2", &big, &RunOpts::default());
+    lab.exec("c2", "echo two > /a");
+    let snap2 = commit(&lab, "c2", "2");
+    restore_equals(&lab, &snap2, "c2", "c3");
+    lab.exec("c3", "echo three > /a");
+    let t = std::time::Instant::now();
+    commit(&lab, "c3", "append");
+    let append = t.elapsed();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let t = std::time::Instant::now();
+    rt.block_on(push_squashed(&lab, "c3", "squash"));
+    let squash = t.elapsed();
+    eprintln!("30000-file base, 1-file change: append commit {append:?}, squash {squash:?}");
+}
