@@ -4,6 +4,7 @@
 mod e2e;
 mod fidelity;
 mod image;
+mod kind;
 mod lab;
 mod push;
 mod safety;
