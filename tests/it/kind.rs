@@ -55,7 +55,11 @@ fn job_filler_puts_each_valid_value_in_its_place() {
     ] {
         assert!(job.contains(line), "{line:?} not in the filled Job:\n{job}");
     }
-    assert!(!job.contains("${"), "a placeholder was left:\n{job}");
+    let yaml: Vec<&str> = job.lines().filter(|l| !l.trim_start().starts_with('#')).collect();
+    assert!(
+        yaml.iter().all(|l| !l.contains("${")),
+        "a placeholder was left:\n{job}"
+    );
 }
 
 #[test]

@@ -3,6 +3,8 @@
 
 mod e2e;
 mod fidelity;
+mod cri;
+mod docker;
 mod image;
 mod kind;
 mod lab;
