@@ -223,7 +223,9 @@ impl Lab {
     /// Pushes the base image as `REGISTRY/NAME:1` (OCI) without pulling it into containerd (a CRI pulls it).
     pub fn base_image_push_only(&self, name: &str) -> String {
         let mut cmd = Command::new(lab_sh());
-        cmd.arg("base-image").arg(&self.dir).args([name, "--no-pull"]);
+        cmd.arg("base-image")
+            .arg(&self.dir)
+            .args([name, "--no-pull"]);
         check(&mut cmd).trim().to_string()
     }
 
@@ -452,7 +454,11 @@ pub struct Registry {
 
 impl Registry {
     pub fn start(dir: &Path) -> Registry {
-        check(Command::new(repo_root().join("scripts/registry.sh")).arg("start").arg(dir));
+        check(
+            Command::new(repo_root().join("scripts/registry.sh"))
+                .arg("start")
+                .arg(dir),
+        );
         let env = parse_env(&std::fs::read_to_string(dir.join("env")).unwrap());
         Registry {
             dir: dir.to_path_buf(),
@@ -463,7 +469,9 @@ impl Registry {
 
 impl Drop for Registry {
     fn drop(&mut self) {
-        let _ = run(Command::new(repo_root().join("scripts/registry.sh")).arg("stop").arg(&self.dir));
+        let _ = run(Command::new(repo_root().join("scripts/registry.sh"))
+            .arg("stop")
+            .arg(&self.dir));
     }
 }
 

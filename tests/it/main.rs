@@ -1,10 +1,10 @@
 //! The one integration-test binary: a lab (real containerd + registry) per test, and the tests that use it.
 //! Needs root, containerd, runc, docker-registry, skopeo, umoci and busybox-static (scripts/test.sh installs them).
 
-mod e2e;
-mod fidelity;
 mod cri;
 mod docker;
+mod e2e;
+mod fidelity;
 mod image;
 mod kind;
 mod lab;
