@@ -290,7 +290,11 @@ fn containerd_pulls_and_runs_each_compression_committer_pushes() {
         );
         let id = format!("copy-{compression}");
         lab.run_container(&id, image, &RunOpts::default());
-        assert_eq!(lab.exec(&id, "cat /data/new/sub/f"), "hi\n");
+        assert_eq!(
+            std::fs::read_to_string(lab.rootfs(&id).join("data/new/sub/f")).unwrap(),
+            "hi\n",
+            "{compression}"
+        );
         let opts = CompareOpts {
             hardlinks: true,
             ..CompareOpts::container_rootfs()
