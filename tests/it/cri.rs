@@ -344,6 +344,51 @@ fn cri_pod_on_a_kind_node_commits_by_pod_to_another_registry_equal_to_the_sandbo
     assert_image_equals_sandbox(&lab, &app, &target);
 }
 
+/// containerd's own CRI defaults (layers kept), a pod with two containers: `--pod` alone is refused naming both,
+/// `--container-name` picks one (never the pause sandbox), read from its upperdir, and the image equals it.
+#[test]
+fn cri_pod_with_two_containers_commits_the_named_one_equal_to_the_sandbox() {
+    let lab = cri_lab("default");
+    let base = push_base(&lab, "sandbox/base");
+    let mut cri = Cri::connect(&lab);
+    cri.pull(&base);
+    let pod = cri.run_pod("shop", "api-0");
+    let app = cri.start_container(&pod, "app", 0, &base, &["sleep", "1000000"]);
+    let sidecar = cri.start_container(&pod, "sidecar", 0, &base, &["sleep", "1000000"]);
+    cri.exec_sync(&app, CHANGES);
+    cri.exec_sync(&sidecar, "echo sidecar > /data/sidecar-only");
+
+    let target = format!("{}/snaps/api-0:1", lab.registry);
+    let alone = lab.committer(&[
+        "commit",
+        "--pod",
+        "shop/api-0",
+        "--image",
+        &target,
+        "--plain-http",
+    ]);
+    let stderr = String::from_utf8_lossy(&alone.stderr);
+    assert_eq!(alone.status.code(), Some(3), "{}", describe(&alone));
+    assert!(
+        stderr.contains("app") && stderr.contains("sidecar"),
+        "{stderr}"
+    );
+
+    let result = run_json(&lab.committer(&[
+        "commit",
+        "--pod",
+        "shop/api-0",
+        "--container-name",
+        "app",
+        "--image",
+        &target,
+        "--plain-http",
+    ]));
+    assert_eq!(result["container"], app.as_str(), "{result}");
+    assert_eq!(result["diffSource"], "upperdir", "{result}");
+    assert_image_equals_sandbox(&lab, &app, &target);
+}
+
 /// containerd's own CRI defaults (layers kept): a restarted container leaves its exited first instance behind, and
 /// `--pod` commits the running second one.
 #[test]
