@@ -1,18 +1,27 @@
 #!/usr/bin/env bash
 # The embedded lab: a private containerd + a private registry, both on this machine only.
 #
-#   scripts/lab.sh start DIR                  start containerd (root DIR/root, state DIR/state) and a registry;
-#                                             writes DIR/env (KEY=VALUE lines, sourceable)
-#   scripts/lab.sh base-image DIR NAME [--docker] [--namespace NS]
+#   scripts/lab.sh start DIR [--cri MODE]     start containerd (root DIR/root, state DIR/state) and a registry;
+#                                             writes DIR/env (KEY=VALUE lines, sourceable). --cri: with the CRI
+#                                             plugin, configured as a Kubernetes node's (below), its sandbox
+#                                             ("pause") image served by the lab registry
+#                                               MODE default: containerd's CRI defaults, certs.d config_path
+#                                               MODE kind:    kind's and EKS AL2023's settings: also
+#                                                             discard_unpacked_layers = true
+#   scripts/lab.sh base-image DIR NAME [--docker] [--namespace NS] [--no-pull]
 #                                             build the two-layer busybox base image offline (cached in DIR/cache),
 #                                             push it as REGISTRY/NAME:1 (OCI, or Docker schema2 with --docker),
-#                                             pull it into containerd; prints the image reference on stdout
+#                                             pull it into containerd (not with --no-pull); prints the image
+#                                             reference on stdout
 #   scripts/lab.sh stop DIR                   kill every task, delete every container, stop containerd and the
 #                                             registry, kill this lab's shims, unmount everything under DIR.
 #                                             Safe twice and after a partial start.
 #   scripts/lab.sh fetch-containerd-1.7 DIR   download Debian trixie's containerd .deb with apt (private apt state
 #                                             in DIR/apt), extract it; prints the bin dir to use as
 #                                             COMMITTER_CONTAINERD_BIN_DIR
+#   scripts/lab.sh fetch-containerd-2 DIR     the same with Debian unstable's containerd 2.x
+#   scripts/lab.sh fetch-docker SUITE DIR     SUITE's docker.io .deb (bookworm: 20.10, sid: 28.x) extracted; prints
+#                                             its bin dir (dockerd, docker)
 #
 # Environment:
 #   COMMITTER_CONTAINERD_BIN_DIR   take containerd, ctr and containerd-shim-runc-v2 from here (default: PATH)
@@ -29,7 +38,7 @@ die() { echo "lab.sh: $*" >&2; exit 1; }
 log() { echo "lab.sh: $*" >&2; }
 
 usage() {
-  sed -n '2,20p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//' >&2
+  sed -n '2,24p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//' >&2
   exit 2
 }
 
@@ -103,8 +112,10 @@ alive() {
 
 # ---------------------------------------------------------------------------------------------------------------
 cmd_start() {
-  local dir sockdir sock bindir
+  local dir sockdir sock bindir cri=""
   dir=$(abs_dir "$1")
+  if [ $# -ge 3 ] && [ "$2" = --cri ]; then cri=$3; fi
+  case "$cri" in "" | default | kind) ;; *) die "start: --cri default|kind, not $cri" ;; esac
   case "$dir" in *[[:space:]\'\"\$\\]*) die "DIR must not contain spaces, quotes, \$ or backslashes: $dir" ;; esac
   need runc docker-registry curl python3 sha256sum
   bindir=$(containerd_bin_dir)
@@ -128,12 +139,49 @@ cmd_start() {
   sock=$sockdir/containerd.sock
   rm -f "$sock" "$sock.ttrpc"
 
+  # The registry first: a CRI config names its pause image on it.
+  "$here/registry.sh" start "$dir/registry" || die "registry did not start (log: $dir/registry/registry.log)"
+  local REGISTRY_ADDR REGISTRY_PID
+  # shellcheck disable=SC1091
+  . "$dir/registry/env"
+  write_containerd_config "$dir" "$sock" "$cri" "$REGISTRY_ADDR"
+
+  local cgparent
+  cgparent="/committer-lab-$(dir_hash "$dir")"
+  # containerd finds containerd-shim-runc-v2 on its PATH; put the chosen bin dir first. setsid: the daemon must not
+  # get the caller's terminal signals; its output goes to a file so that callers capturing our stdout don't hang.
+  PATH="$bindir:$PATH" setsid "$bindir/containerd" --config "$dir/config.toml" \
+    </dev/null >"$dir/containerd.log" 2>&1 &
+  local pid=$!
+  # env is written before waiting, so that `stop` after a failed start finds the pid.
+  write_env "$dir" "$sock" "$pid" "$bindir" "$REGISTRY_ADDR" "$REGISTRY_PID" "$cgparent"
+
+  local ok=0
+  for _ in $(seq 1 200); do
+    if "$bindir/ctr" -a "$sock" version >/dev/null 2>&1; then ok=1; break; fi
+    alive "$pid" || { tail -n 30 "$dir/containerd.log" >&2; die "containerd exited during start (log: $dir/containerd.log)"; }
+    sleep 0.05
+  done
+  [ $ok = 1 ] || { tail -n 30 "$dir/containerd.log" >&2; die "containerd did not answer on $sock within 10 s"; }
+
+  write_env "$dir" "$sock" "$pid" "$bindir" "$REGISTRY_ADDR" "$REGISTRY_PID" "$cgparent"
+  if [ -n "$cri" ]; then
+    push_pause_image "$dir" "$REGISTRY_ADDR/pause:1"
+    echo "LAB_CRI=$cri" >>"$dir/env"
+  fi
+  log "containerd $("$bindir/ctr" -a "$sock" version 2>/dev/null | awk '/Server:/ {s = 1} s && /Version:/ && v == "" {v = $2} END {print v}') on $sock, registry on $REGISTRY_ADDR"
+}
+
+write_containerd_config() {
+  local dir=$1 sock=$2 cri=$3 registry=$4 disabled='"io.containerd.grpc.v1.cri",'
+  [ -z "$cri" ] || disabled=""
   cat >"$dir/config.toml" <<TOML
 version = 2
 root = "$dir/root"
 state = "$dir/state"
 disabled_plugins = [
-  "io.containerd.grpc.v1.cri",
+  $disabled
+  "io.containerd.nri.v1.nri",
   "io.containerd.snapshotter.v1.btrfs",
   "io.containerd.snapshotter.v1.zfs",
   "io.containerd.snapshotter.v1.devmapper",
@@ -153,31 +201,52 @@ disabled_plugins = [
 [plugins."io.containerd.internal.v1.opt"]
   path = "$dir/opt"
 TOML
+  [ -n "$cri" ] || return 0
+  local discard=false
+  [ "$cri" = kind ] && discard=true
+  mkdir -p "$dir/certs.d/$registry" "$dir/cni/bin" "$dir/cni/conf"
+  # The lab registry speaks plain HTTP; the CRI reads that from certs.d, as kind's and EKS's nodes configure it.
+  cat >"$dir/certs.d/$registry/hosts.toml" <<TOML
+server = "http://$registry"
+[host."http://$registry"]
+  capabilities = ["pull", "resolve", "push"]
+TOML
+  # Like kind's node config (kind images/base/files/etc/containerd/config.toml) and EKS AL2023's
+  # (amazon-eks-ami templates/al2023/runtime/config.template.toml), except where this machine differs:
+  # restrict_oom_score_adj (no CAP_SYS_RESOURCE here: runc fails on the pause container's -998), cgroupfs (no
+  # systemd), the lab's own runc root, and a stream server on a free port (10010 would collide between labs).
+  # NRI is disabled above: its socket is machine-wide.
+  cat >>"$dir/config.toml" <<TOML
 
-  local cgparent
-  cgparent="/committer-lab-$(dir_hash "$dir")"
-  # containerd finds containerd-shim-runc-v2 on its PATH; put the chosen bin dir first. setsid: the daemon must not
-  # get the caller's terminal signals; its output goes to a file so that callers capturing our stdout don't hang.
-  PATH="$bindir:$PATH" setsid "$bindir/containerd" --config "$dir/config.toml" \
-    </dev/null >"$dir/containerd.log" 2>&1 &
-  local pid=$!
-  # env is written before waiting, so that `stop` after a failed start finds the pid.
-  write_env "$dir" "$sock" "$pid" "$bindir" "" "" "$cgparent"
+[plugins."io.containerd.grpc.v1.cri"]
+  sandbox_image = "$registry/pause:1"
+  restrict_oom_score_adj = true
+  tolerate_missing_hugetlb_controller = true
+  stream_server_address = "127.0.0.1"
+  stream_server_port = "0"
+  [plugins."io.containerd.grpc.v1.cri".containerd]
+    snapshotter = "overlayfs"
+    default_runtime_name = "runc"
+    discard_unpacked_layers = $discard
+    [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc]
+      runtime_type = "io.containerd.runc.v2"
+      [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc.options]
+        Root = "$dir/runc"
+        SystemdCgroup = false
+  [plugins."io.containerd.grpc.v1.cri".cni]
+    bin_dir = "$dir/cni/bin"
+    conf_dir = "$dir/cni/conf"
+  [plugins."io.containerd.grpc.v1.cri".registry]
+    config_path = "$dir/certs.d"
+TOML
+}
 
-  local ok=0
-  for _ in $(seq 1 200); do
-    if "$bindir/ctr" -a "$sock" version >/dev/null 2>&1; then ok=1; break; fi
-    alive "$pid" || { tail -n 30 "$dir/containerd.log" >&2; die "containerd exited during start (log: $dir/containerd.log)"; }
-    sleep 0.05
-  done
-  [ $ok = 1 ] || { tail -n 30 "$dir/containerd.log" >&2; die "containerd did not answer on $sock within 10 s"; }
-
-  "$here/registry.sh" start "$dir/registry" || die "registry did not start (log: $dir/registry/registry.log)"
-  local REGISTRY_ADDR REGISTRY_PID
-  # shellcheck disable=SC1091
-  . "$dir/registry/env"
-  write_env "$dir" "$sock" "$pid" "$bindir" "$REGISTRY_ADDR" "$REGISTRY_PID" "$cgparent"
-  log "containerd $("$bindir/ctr" -a "$sock" version 2>/dev/null | awk '/Server:/ {s = 1} s && /Version:/ && v == "" {v = $2} END {print v}') on $sock, registry on $REGISTRY_ADDR"
+# push_pause_image DIR REF: the base image with an entrypoint that blocks, as the CRI's sandbox image.
+push_pause_image() {
+  local dir=$1 ref=$2
+  ensure_layout "$dir"
+  skopeo copy --quiet --dest-tls-verify=false "oci:$dir/cache/base-oci:pause" "docker://$ref" >&2 ||
+    die "skopeo could not push $ref"
 }
 
 write_env() {
@@ -280,9 +349,21 @@ build_layout() {
   umoci repack --image "$work/oci:1" --refresh-bundle --history.created "$created" \
     --history.created_by "lab.sh base-image: test files" "$work/bundle" >&2
   umoci gc --layout "$work/oci" >&2
+  umoci config --image "$work/oci:1" --tag pause --no-history --created "$created" \
+    --config.entrypoint /bin/sleep --config.cmd 1000000000 >&2
   rm -rf "$layout"
   mv "$work/oci" "$layout"
   rm -rf "$work"
+}
+
+ensure_layout() {
+  local dir=$1
+  need skopeo flock
+  mkdir -p "$dir/cache"
+  (
+    flock 9
+    [ -f "$dir/cache/base-oci/index.json" ] || build_layout "$dir/cache/base-oci"
+  ) 9>"$dir/cache/lock"
 }
 
 fix_mtimes() { find "$1" -exec touch -h -d "@$2" {} +; }
@@ -295,10 +376,11 @@ file_is_static() {
 
 cmd_base_image() {
   local dir=$1 name=$2; shift 2
-  local docker=0 ns=${CONTAINERD_NAMESPACE:-}
+  local docker=0 ns=${CONTAINERD_NAMESPACE:-} pull=1
   while [ $# -gt 0 ]; do
     case "$1" in
     --docker) docker=1 ;;
+    --no-pull) pull=0 ;;
     --namespace) ns=${2:?--namespace needs a value}; shift ;;
     *) die "base-image: unknown argument $1" ;;
     esac
@@ -309,17 +391,14 @@ cmd_base_image() {
   ns=${ns:-$CONTAINERD_NAMESPACE}
   need skopeo flock
 
-  mkdir -p "$dir/cache"
+  ensure_layout "$dir"
   local layout=$dir/cache/base-oci
-  (
-    flock 9
-    [ -f "$layout/index.json" ] || build_layout "$layout"
-  ) 9>"$dir/cache/lock"
 
   local ref=$REGISTRY/$name:1 fmt=()
   [ $docker = 1 ] && fmt=(--format v2s2)
   skopeo copy --quiet --dest-tls-verify=false "${fmt[@]}" "oci:$layout:1" "docker://$ref" >&2 ||
     die "skopeo could not push $ref"
+  [ $pull = 1 ] || { echo "$ref"; return 0; }
   "$CTR" -a "$CONTAINERD_ADDRESS" -n "$ns" images pull --plain-http "$ref" >"$dir/logs/pull-${name//\//_}.log" 2>&1 ||
     { cat "$dir/logs/pull-${name//\//_}.log" >&2; die "ctr could not pull $ref"; }
   echo "$ref"
@@ -438,15 +517,22 @@ cgroup_dirs() {
   return 0
 }
 
+# Every cgroup below PARENT, deepest first: CRI pods nest their containers one level below the pod's cgroup.
+cgroup_tree() {
+  local d
+  for d in $(cgroup_dirs "$1"); do find "$d" -mindepth 1 -depth -type d 2>/dev/null || true; done
+  return 0
+}
+
 kill_cgroup_procs() {
   local parent=$1 d f p
-  for d in $(cgroup_dirs "$parent"); do
-    for f in "$d"/*/freezer.state; do if [ -f "$f" ]; then echo THAWED >"$f" 2>/dev/null || true; fi; done
-    for f in "$d"/*/cgroup.freeze; do if [ -f "$f" ]; then echo 0 >"$f" 2>/dev/null || true; fi; done
-    for f in "$d"/cgroup.procs "$d"/*/cgroup.procs; do
-      [ -f "$f" ] || continue
-      for p in $(cat "$f" 2>/dev/null); do kill -KILL "$p" 2>/dev/null || true; done
-    done
+  for d in $(cgroup_tree "$parent"); do
+    f=$d/freezer.state; if [ -f "$f" ]; then echo THAWED >"$f" 2>/dev/null || true; fi
+    f=$d/cgroup.freeze; if [ -f "$f" ]; then echo 0 >"$f" 2>/dev/null || true; fi
+  done
+  for d in $(cgroup_dirs "$parent") $(cgroup_tree "$parent"); do
+    [ -f "$d/cgroup.procs" ] || continue
+    for p in $(cat "$d/cgroup.procs" 2>/dev/null); do kill -KILL "$p" 2>/dev/null || true; done
   done
   return 0
 }
@@ -455,7 +541,7 @@ remove_cgroups() {
   local parent=$1 d sub
   for d in $(cgroup_dirs "$parent"); do
     for _ in $(seq 1 50); do
-      for sub in "$d"/*/; do if [ -d "$sub" ]; then rmdir "$sub" 2>/dev/null || true; fi; done
+      for sub in $(cgroup_tree "$parent"); do rmdir "$sub" 2>/dev/null || true; done
       rmdir "$d" 2>/dev/null && break
       sleep 0.1
     done
@@ -465,60 +551,13 @@ remove_cgroups() {
 }
 
 # ---------------------------------------------------------------------------------------------------------------
-# fetch-containerd-1.7: Debian trixie's containerd, through apt with a private state dir (the machine's own apt
-# sources and lists are not touched). The mirror is the one this machine already uses for bookworm.
-cmd_fetch_containerd_17() {
-  local dir
-  dir=$(abs_dir "$1")
-  if [ -x "$dir/root/usr/bin/containerd" ]; then echo "$dir/root/usr/bin"; return 0; fi
-  need apt-get dpkg
-  local uri
-  uri=$(debian_mirror) || die "no Debian mirror found in /etc/apt/sources.list{,.d/*}"
-  local apt=$dir/apt
-  mkdir -p "$apt/lists/partial" "$apt/cache/archives/partial" "$apt/etc/sources.list.d" "$apt/etc/preferences.d"
-  local keyring=/usr/share/keyrings/debian-archive-keyring.gpg
-  [ -f "$keyring" ] || die "$keyring not found (install debian-archive-keyring)"
-  echo "deb [signed-by=$keyring] $uri trixie main" >"$apt/etc/sources.list"
-  local o=(-o "Dir::Etc::SourceList=$apt/etc/sources.list" -o "Dir::Etc::SourceParts=$apt/etc/sources.list.d"
-    -o "Dir::Etc::PreferencesParts=$apt/etc/preferences.d" -o "Dir::State::Lists=$apt/lists"
-    -o "Dir::Cache=$apt/cache" -o "Dir::State::status=/dev/null" -o "APT::Sandbox::User=root" -o "Debug::NoLocking=1")
-  apt-get "${o[@]}" -qq update >&2 || die "apt-get update of trixie's package list failed"
-  local ver
-  # (awk reads to the end: an early exit would SIGPIPE apt-cache, and pipefail would end the script silently)
-  ver=$(apt-cache "${o[@]}" show containerd 2>/dev/null | awk '/^Version:/ && v == "" {v = $2} END {print v}')
-  case "$ver" in 1.7.*) ;; *) die "trixie's containerd is '$ver', not 1.7.x" ;; esac
-  (cd "$apt" && apt-get "${o[@]}" -qq download "containerd=$ver" >&2) || die "apt-get download containerd=$ver failed"
-  rm -rf "$dir/root"
-  dpkg -x "$apt"/containerd_*.deb "$dir/root"
-  [ -x "$dir/root/usr/bin/containerd" ] || die "the .deb has no usr/bin/containerd"
-  "$dir/root/usr/bin/containerd" --version >&2
-  echo "$dir/root/usr/bin"
-}
-
-debian_mirror() {
-  # deb822 stanzas first (the URIs of one whose Suites include bookworm), then one-line sources. Everything is
-  # read to the end and the first line picked in bash: no early-exiting reader in a pipeline (pipefail).
-  local found
-  found=$(awk '
-      FNR == 1 || /^[[:space:]]*$/ { if (u != "" && s ~ / bookworm /) print u; u = ""; s = "" }
-      /^URIs:/ { u = $2 }
-      /^Suites:/ { $1 = ""; s = $0 " " }
-      END { if (u != "" && s ~ / bookworm /) print u }' /dev/null /etc/apt/sources.list.d/*.sources 2>/dev/null || true)
-  if [ -z "$found" ]; then
-    found=$(cat /etc/apt/sources.list /etc/apt/sources.list.d/*.list 2>/dev/null |
-      awk '$1 == "deb" { for (i = 2; i <= NF; i++) if ($i !~ /^\[/ && $i !~ /\]$/) { if ($(i + 1) == "bookworm") print $i; break } }' || true)
-  fi
-  [ -n "$found" ] || return 1
-  echo "${found%%$'\n'*}"
-}
-
 # ---------------------------------------------------------------------------------------------------------------
 [ $# -ge 2 ] || usage
 cmd=$1; shift
 case "$cmd" in
-start) cmd_start "$1" ;;
+start) cmd_start "$@" ;;
 stop) cmd_stop "$1" ;;
 base-image) [ $# -ge 2 ] || usage; cmd_base_image "$@" ;;
-fetch-containerd-1.7) cmd_fetch_containerd_17 "$1" ;;
+fetch-containerd-1.7 | fetch-containerd-2 | fetch-docker) exec "$here/debian-fetch.sh" "$cmd" "$@" ;;
 *) usage ;;
 esac

@@ -156,6 +156,11 @@ fn parse_env(text: &str) -> HashMap<String, String> {
 impl Lab {
     /// Starts containerd and a registry in a new tempdir. Needs root.
     pub fn start() -> Lab {
+        Lab::start_with(&[])
+    }
+
+    /// `Lab::start` with more `scripts/lab.sh start` arguments (e.g. `--cri kind`).
+    pub fn start_with(args: &[&str]) -> Lab {
         assert!(
             rustix::process::geteuid().is_root(),
             "the lab needs root (containerd, runc, mounts)"
@@ -165,7 +170,7 @@ impl Lab {
             .tempdir()
             .expect("creating the lab tempdir");
         let dir = tmp.keep();
-        let out = run(Command::new(lab_sh()).arg("start").arg(&dir));
+        let out = run(Command::new(lab_sh()).arg("start").arg(&dir).args(args));
         if !out.status.success() {
             let _ = run(Command::new(lab_sh()).arg("stop").arg(&dir));
             panic!(
@@ -212,6 +217,15 @@ impl Lab {
         if docker {
             cmd.arg("--docker");
         }
+        check(&mut cmd).trim().to_string()
+    }
+
+    /// Pushes the base image as `REGISTRY/NAME:1` (OCI) without pulling it into containerd (a CRI pulls it).
+    pub fn base_image_push_only(&self, name: &str) -> String {
+        let mut cmd = Command::new(lab_sh());
+        cmd.arg("base-image")
+            .arg(&self.dir)
+            .args([name, "--no-pull"]);
         check(&mut cmd).trim().to_string()
     }
 
@@ -428,6 +442,36 @@ impl Drop for Lab {
         if let Err(e) = std::fs::remove_dir_all(&self.dir) {
             eprintln!("removing the lab dir {}: {e}", self.dir.display());
         }
+    }
+}
+
+/// A plain-HTTP registry besides the lab's (scripts/registry.sh), stopped on drop.
+pub struct Registry {
+    pub dir: PathBuf,
+    /// `127.0.0.1:PORT`
+    pub address: String,
+}
+
+impl Registry {
+    pub fn start(dir: &Path) -> Registry {
+        check(
+            Command::new(repo_root().join("scripts/registry.sh"))
+                .arg("start")
+                .arg(dir),
+        );
+        let env = parse_env(&std::fs::read_to_string(dir.join("env")).unwrap());
+        Registry {
+            dir: dir.to_path_buf(),
+            address: env["REGISTRY_ADDR"].clone(),
+        }
+    }
+}
+
+impl Drop for Registry {
+    fn drop(&mut self) {
+        let _ = run(Command::new(repo_root().join("scripts/registry.sh"))
+            .arg("stop")
+            .arg(&self.dir));
     }
 }
 

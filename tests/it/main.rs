@@ -2,10 +2,13 @@
 //! Needs root, containerd, runc, docker-registry, skopeo, umoci and busybox-static (scripts/test.sh installs them).
 
 mod cli;
+mod cri;
+mod docker;
 mod e2e;
 mod fidelity;
 mod hostile;
 mod image;
+mod kind;
 mod lab;
 mod lookup;
 mod push;

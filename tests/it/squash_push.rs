@@ -162,7 +162,7 @@ fn bench_squash_walk_against_append_on_a_large_base() {
         "c1",
         "mkdir /many && cd /many && i=0; while [ $i -lt 30000 ]; do echo $i > f$i; i=$((i+1)); done",
     );
-    let snap = commit(&lab, "c1", "many");
+    let snap = commit(&lab, "c1", "many", &[]);
     // The same image without committer's record: an original base of 3 layers.
     let layout = lab.dir.join("big-layout");
     let oci = |tag: &str| format!("oci:{}:{tag}", layout.display());
@@ -188,15 +188,14 @@ fn bench_squash_walk_against_append_on_a_large_base() {
     lab.ctr(&["images", "pull", "--plain-http", &big]);
     lab.run_container("c2", &big, &RunOpts::default());
     lab.exec("c2", "echo two > /a");
-    let snap2 = commit(&lab, "c2", "2");
+    let snap2 = commit(&lab, "c2", "2", &[]);
     restore_equals(&lab, &snap2, "c2", "c3");
     lab.exec("c3", "echo three > /a");
     let t = std::time::Instant::now();
-    commit(&lab, "c3", "append");
+    commit(&lab, "c3", "append", &[]);
     let append = t.elapsed();
-    let rt = tokio::runtime::Runtime::new().unwrap();
     let t = std::time::Instant::now();
-    rt.block_on(push_squashed(&lab, "c3", "squash"));
+    commit(&lab, "c3", "squash", &["--squash"]);
     let squash = t.elapsed();
     eprintln!("30000-file base, 1-file change: append commit {append:?}, squash {squash:?}");
 }
