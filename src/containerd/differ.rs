@@ -29,16 +29,6 @@ impl Containerd {
         reference: &str,
     ) -> Result<StoredLayer, ContainerdError> {
         let what = "building the layer with containerd's diff service";
-        let to_proto = |ms: &[SnapshotMount]| -> Vec<Mount> {
-            ms.iter()
-                .map(|m| Mount {
-                    r#type: m.kind.clone(),
-                    source: m.source.clone(),
-                    target: String::new(),
-                    options: m.options.clone(),
-                })
-                .collect()
-        };
         let desc =
             containerd_client::services::v1::diff_client::DiffClient::new(self.intercepted())
                 .diff(DiffRequest {
@@ -61,6 +51,17 @@ impl Containerd {
             what: what.into(),
             detail: format!("{e}"),
         })?;
+        let diff_id = self.uncompressed_digest(&digest).await?;
+        Ok(StoredLayer {
+            digest,
+            diff_id,
+            size: desc.size.max(0) as u64,
+        })
+    }
+
+    /// The diff_id of a layer the differ wrote: containerd records it as a label; an
+    /// uncompressed layer is its own.
+    async fn uncompressed_digest(&self, digest: &Digest) -> Result<Digest, ContainerdError> {
         let info = super::timed(self.content().info(InfoRequest {
             digest: digest.to_string(),
         }))
@@ -69,18 +70,23 @@ impl Containerd {
         .into_inner()
         .info
         .unwrap_or_default();
-        let diff_id = match info.labels.get(UNCOMPRESSED_LABEL) {
+        match info.labels.get(UNCOMPRESSED_LABEL) {
             Some(d) => d.parse().map_err(|e| ContainerdError::Invalid {
-                what: what.into(),
+                what: format!("the {UNCOMPRESSED_LABEL} label of {digest}"),
                 detail: format!("{e}"),
-            })?,
-            // An uncompressed layer is its own diff_id.
-            None => digest.clone(),
-        };
-        Ok(StoredLayer {
-            digest,
-            diff_id,
-            size: desc.size.max(0) as u64,
-        })
+            }),
+            None => Ok(digest.clone()),
+        }
     }
+}
+
+fn to_proto(ms: &[SnapshotMount]) -> Vec<Mount> {
+    ms.iter()
+        .map(|m| Mount {
+            r#type: m.kind.clone(),
+            source: m.source.clone(),
+            target: String::new(),
+            options: m.options.clone(),
+        })
+        .collect()
 }

@@ -282,28 +282,39 @@ impl Authenticator {
             };
             return Err(error_from_response(method, &url, resp, Some(hint)).await);
         }
-        let reply: TokenReply = resp.json().await.map_err(|_| {
-            RegistryError::protocol(
-                method,
-                &url,
-                "the token service answered without a JSON token",
-            )
-        })?;
-        let value = reply.token.or(reply.access_token).filter(|t| !t.is_empty());
-        let value = value.ok_or_else(|| {
-            RegistryError::protocol(method, &url, "the token service answered without a token")
-        })?;
-        let life = reply
-            .expires_in
-            .map(Duration::from_secs)
-            .unwrap_or(DEFAULT_TOKEN_LIFETIME);
-        let margin = EXPIRY_MARGIN.min(life / 2);
-        Ok(Token {
-            value: Secret::new(value),
-            refresh_at: Instant::now() + life - margin,
-        })
+        token_from(method, &url, resp).await
     }
+}
 
+/// The token in a token service's successful answer, valid until a margin before it expires.
+async fn token_from(
+    method: &str,
+    url: &Url,
+    resp: reqwest::Response,
+) -> Result<Token, RegistryError> {
+    let reply: TokenReply = resp.json().await.map_err(|_| {
+        RegistryError::protocol(
+            method,
+            url,
+            "the token service answered without a JSON token",
+        )
+    })?;
+    let value = reply.token.or(reply.access_token).filter(|t| !t.is_empty());
+    let value = value.ok_or_else(|| {
+        RegistryError::protocol(method, url, "the token service answered without a token")
+    })?;
+    let life = reply
+        .expires_in
+        .map(Duration::from_secs)
+        .unwrap_or(DEFAULT_TOKEN_LIFETIME);
+    let margin = EXPIRY_MARGIN.min(life / 2);
+    Ok(Token {
+        value: Secret::new(value),
+        refresh_at: Instant::now() + life - margin,
+    })
+}
+
+impl Authenticator {
     pub(crate) fn rejected_hint(&self, at: &Url) -> String {
         let host = super::error::host_port(at);
         if self.is_anonymous() {

@@ -36,46 +36,8 @@ pub(super) async fn read(req: &LayerRequest<'_>) -> Result<FinishedLayer, Commit
     let mounts = req.ctr.snapshot_mounts(req.info).await?;
     super::spool::check_room(req.ctr, req.info, &mounts, &req.dest.spool_dir).await?;
     let (captured, kind, reason, paused) = match &req.squash {
-        None => {
-            let source = prepare(req.ctr, req.info, &mounts, req.plan.diff_source).await?;
-            let work = capture(req, &mounts, source, file);
-            let ((captured, source), paused) =
-                freeze::while_paused(req.ctr, &req.info.id, req.plan.pause, work).await?;
-            let (kind, reason) = match &source {
-                Some(s) => (s.kind.kind(), s.reason.clone()),
-                None => (super::DiffSourceKind::Walk, String::new()),
-            };
-            if let Some(s) = source {
-                s.cleanup().await;
-            }
-            (captured, kind, reason, paused)
-        }
-        Some(target) => {
-            let views = squash::views(
-                req.ctr,
-                req.info,
-                &mounts,
-                target.image_layers,
-                &target.plan,
-            )
-            .await?;
-            let work = tar_blocking(
-                views,
-                diff_options(req, &mounts),
-                req.media_type.into(),
-                file,
-            );
-            let (attempt, paused) =
-                freeze::while_paused(req.ctr, &req.info.id, req.plan.pause, work).await?;
-            let (out, file, views) = attempt?;
-            views.cleanup().await;
-            let reason = format!(
-                "--squash: a walk against the original base's {} layers",
-                target.plan.keep_layers
-            );
-            let captured = out.map(|(d, s)| (file, d, s));
-            (captured, super::DiffSourceKind::Walk, reason, paused)
-        }
+        None => capture_paused(req, &mounts, file).await?,
+        Some(target) => capture_squash(req, target, &mounts, file).await?,
     };
     let (file, desc, stats) = captured?;
     // --max-layer-bytes bounds the layer itself (the tar with its headers and padding), not only
@@ -112,6 +74,53 @@ pub(super) async fn read(req: &LayerRequest<'_>) -> Result<FinishedLayer, Commit
 }
 
 type Captured = Result<(File, LayerDescriptor, diff::Stats), CommitError>;
+
+/// A capture, which source made it and why, and how the sandbox was held meanwhile.
+type Held = (Captured, super::DiffSourceKind, String, freeze::PauseReport);
+
+/// The diff against the snapshot's parent, captured while paused; the source is cleaned up
+/// after the resume.
+async fn capture_paused(
+    req: &LayerRequest<'_>,
+    mounts: &[SnapshotMount],
+    file: File,
+) -> Result<Held, CommitError> {
+    let source = prepare(req.ctr, req.info, mounts, req.plan.diff_source).await?;
+    let work = capture(req, mounts, source, file);
+    let ((captured, source), paused) =
+        freeze::while_paused(req.ctr, &req.info.id, req.plan.pause, work).await?;
+    let (kind, reason) = match &source {
+        Some(s) => (s.kind.kind(), s.reason.clone()),
+        None => (super::DiffSourceKind::Walk, String::new()),
+    };
+    if let Some(s) = source {
+        s.cleanup().await;
+    }
+    Ok((captured, kind, reason, paused))
+}
+
+/// `--squash`: the container against the original base's layers only, by a walk of two
+/// read-only views, captured while paused.
+async fn capture_squash(
+    req: &LayerRequest<'_>,
+    target: &super::SquashTarget,
+    mounts: &[SnapshotMount],
+    file: File,
+) -> Result<Held, CommitError> {
+    let (ctr, info) = (req.ctr, req.info);
+    let views = squash::views(ctr, info, mounts, target.image_layers, &target.plan).await?;
+    let opts = diff_options(req, mounts);
+    let work = tar_blocking(views, opts, req.media_type.into(), file);
+    let (attempt, paused) = freeze::while_paused(ctr, &info.id, req.plan.pause, work).await?;
+    let (out, file, views) = attempt?;
+    views.cleanup().await;
+    let reason = format!(
+        "--squash: a walk against the original base's {} layers",
+        target.plan.keep_layers
+    );
+    let captured = out.map(|(d, s)| (file, d, s));
+    Ok((captured, super::DiffSourceKind::Walk, reason, paused))
+}
 
 /// The paused part: tar the diff into `file`, falling back from the upperdir to a walk when the
 /// upperdir proves inexact. Hands the source back so it is cleaned up after the resume.
