@@ -23,6 +23,19 @@ pub fn error_lines(stderr: &str) -> Vec<String> {
         .collect()
 }
 
+/// A run's stderr as text: JSON log lines are read back as their message, so a test can look
+/// for a quoted name whatever the log format (piped stderr is JSON lines).
+pub fn stderr_text(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr)
+        .lines()
+        .map(|l| match serde_json::from_str::<Value>(l) {
+            Ok(v) => v["msg"].as_str().unwrap_or(l).to_string(),
+            Err(_) => l.to_string(),
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
 /// Exactly one stderr line: `committer: …` without raw control characters in text mode, one
 /// JSON object with level "error" and the exit code in JSON mode.
 fn assert_one_line(out: &Output, json: bool, code: i32, case: &str) {

@@ -41,7 +41,7 @@ fn a_runc_container_whose_options_name_another_binary_is_refused() {
         &format!("{}/snap/b1:v1", lab.registry),
         "--plain-http",
     ]);
-    let stderr = String::from_utf8_lossy(&out.stderr);
+    let stderr = crate::cli::stderr_text(&out);
     assert_eq!(out.status.code(), Some(4), "{stderr}");
     assert!(
         stderr.contains(&format!("BinaryName {:?}", runsc.to_str().unwrap())),
@@ -91,7 +91,7 @@ fn pod_commits_the_running_instance_after_a_restart_and_says_when_none_runs() {
     lab.ctr(&["tasks", "kill", "-s", "SIGKILL", "web-1"]);
     lab.wait_status("web-1", "STOPPED", Duration::from_secs(10));
     let out = commit("v2");
-    let stderr = String::from_utf8_lossy(&out.stderr);
+    let stderr = crate::cli::stderr_text(&out);
     assert_eq!(out.status.code(), Some(3), "{stderr}");
     assert!(
         stderr.contains("no container of pod shop/web is running"),
@@ -136,7 +136,7 @@ fn a_commit_longer_than_the_lease_ttl_keeps_its_lease() {
         &format!("{}/snap/l1b:v1", lab.registry),
         "--plain-http",
     ]);
-    let stderr = String::from_utf8_lossy(&second.stderr);
+    let stderr = crate::cli::stderr_text(&second);
     assert_eq!(
         second.status.code(),
         Some(7),
@@ -210,7 +210,7 @@ fn a_base_tag_moved_after_the_sandbox_started_is_not_used_as_its_base() {
     // No image chains to the sandbox's parent any more: refused, naming both.
     lab.ctr(&["images", "rm", &keep]);
     let out = commit("v2");
-    let stderr = String::from_utf8_lossy(&out.stderr);
+    let stderr = crate::cli::stderr_text(&out);
     assert_eq!(out.status.code(), Some(4), "{stderr}");
     assert!(
         stderr.contains(&base) && stderr.contains("parent is \"sha256:"),
@@ -256,7 +256,7 @@ fn a_commit_never_deletes_a_lease_another_commit_took_over() {
         "committer.owner=the-second-commit",
     ]);
     let first = first.wait_with_output().unwrap();
-    let stderr = String::from_utf8_lossy(&first.stderr);
+    let stderr = crate::cli::stderr_text(&first);
     assert!(stderr.contains("belongs to another commit"), "{stderr}");
     let held = lab.ctr(&["leases", "ls"]);
     assert!(
