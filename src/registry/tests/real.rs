@@ -428,3 +428,37 @@ async fn a_certs_d_mirror_serves_base_blobs_when_the_upstream_is_down() {
         .await;
     assert_eq!(read, data[1000..]);
 }
+
+/// Artifactory and ACR have no OAuth2 POST (they answer 400 or 401): the identity token then goes as
+/// a password on the classic GET.
+#[tokio::test]
+async fn an_identity_token_refused_on_post_is_sent_on_the_get() {
+    for status in [400, 401] {
+        let tokens = TokenService::start_with(Some(status)).await;
+        let reg = Registry::start(&["--token", &tokens.realm, tokens.cert.to_str().unwrap()]);
+        let dir = tempfile::tempdir().unwrap();
+        let config = write_json(
+            dir.path(),
+            "id.json",
+            &serde_json::json!({"auths": {reg.addr(): {"identitytoken": IDENTITY_TOKEN}}}),
+        );
+        let client = connect(&reg.reference("a"), &plain(Some(config)), None)
+            .await
+            .unwrap();
+        client
+            .upload_blob_bytes(&Digest::of(b"g"), Bytes::from_static(b"g"))
+            .await
+            .unwrap();
+        let methods: Vec<String> = tokens
+            .requests
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|r| r.method.clone())
+            .collect();
+        assert!(
+            !methods.is_empty() && methods.iter().all(|m| m == "GET"),
+            "{status}: {methods:?}"
+        );
+    }
+}

@@ -41,6 +41,12 @@ pub struct TokenService {
 
 impl TokenService {
     pub async fn start() -> TokenService {
+        TokenService::start_with(None).await
+    }
+
+    /// `refuse_post`: answer the OAuth2 POST with this status and take the identity token as a
+    /// password on the GET instead, as Artifactory and ACR do.
+    pub async fn start_with(refuse_post: Option<u16>) -> TokenService {
         let dir = tempfile::tempdir().unwrap();
         let (key, cert) = (dir.path().join("token.key"), dir.path().join("token.crt"));
         let ok = Command::new("openssl")
@@ -86,7 +92,10 @@ impl TokenService {
                         let Ok(body) = read_body(&mut conn, &head).await else {
                             return;
                         };
-                        let resp = answer(&head, &body, &keys, &reqs).await;
+                        let resp = match refuse_post {
+                            Some(status) if head.method == "POST" => Resp::new(status),
+                            _ => answer(&head, &body, &keys, &reqs).await,
+                        };
                         if write_resp(&mut conn, &resp, false).await.is_err() {
                             return;
                         }
@@ -156,7 +165,8 @@ fn basic_user(head: &Head) -> Option<String> {
     let raw = base64::engine::general_purpose::STANDARD.decode(b64).ok()?;
     let text = String::from_utf8(raw).ok()?;
     let (u, p) = text.split_once(':')?;
-    (u == USER && p == PASSWORD).then(|| u.to_string())
+    (u == USER && (p == PASSWORD || p == IDENTITY_TOKEN) || u == "<token>" && p == IDENTITY_TOKEN)
+        .then(|| USER.to_string())
 }
 
 /// Grant every action asked for on `repository:` scopes.
