@@ -392,9 +392,6 @@ fn cri_pod_with_two_containers_commits_the_named_one_equal_to_the_sandbox() {
 /// containerd's own CRI defaults (layers kept): a restarted container leaves its exited first instance behind, and
 /// `--pod` commits the running second one.
 #[test]
-#[ignore = "bug in src/containerd lookup: --pod counts the exited first instance of a restarted container and \
-            refuses ('has 2 containers (app …, app …): pass --container-name'), which cannot disambiguate two \
-            instances of one name"]
 fn cri_restarted_container_commits_the_running_instance_not_the_exited_one() {
     let lab = cri_lab("default");
     let base = push_base(&lab, "sandbox/base");
