@@ -189,7 +189,8 @@ impl OomWatch {
                         baseline_known = true;
                     }
                 }
-                std::thread::sleep(Duration::from_millis(100));
+                // Often enough to see the worker moved into a cgroup before it can fill it.
+                std::thread::sleep(Duration::from_millis(10));
             }
         });
         watch

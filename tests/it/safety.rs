@@ -426,7 +426,7 @@ fn symlink_swaps_racing_a_no_pause_commit_never_leak_host_files() {
             failed += 1;
             let stderr = String::from_utf8_lossy(&out.stderr);
             assert_eq!(
-                stderr.lines().filter(|l| !l.starts_with('{')).count(),
+                crate::cli::error_lines(&stderr).len(),
                 1,
                 "one clear error line: {stderr}"
             );
