@@ -256,20 +256,7 @@ impl Containerd {
         impl futures_util::Stream<Item = std::io::Result<bytes::Bytes>> + Send + 'static,
         ContainerdError,
     > {
-        use futures_util::StreamExt;
-        let what = format!("reading {digest} from the content store");
-        let stream = super::timed(self.content().read(ReadContentRequest {
-            digest: digest.to_string(),
-            offset: 0,
-            size: 0,
-        }))
-        .await
-        .map_err(|s| ContainerdError::rpc(what.clone(), s))?
-        .into_inner();
-        Ok(stream.map(move |msg| {
-            msg.map(|m| bytes::Bytes::from(m.data))
-                .map_err(|s| std::io::Error::other(format!("{what}: {}", s.message())))
-        }))
+        self.blob_stream_at(digest, 0).await
     }
 
     /// True when the content store holds this blob.
@@ -300,17 +287,19 @@ impl Containerd {
         ContainerdError,
     > {
         use futures_util::StreamExt;
-        let what = format!("reading {digest} at byte {offset} from the content store");
-        let stream = self
-            .content()
-            .read(ReadContentRequest {
-                digest: digest.to_string(),
-                offset: offset as i64,
-                size: 0,
-            })
-            .await
-            .map_err(|s| ContainerdError::rpc(what.clone(), s))?
-            .into_inner();
+        let what = match offset {
+            0 => format!("reading {digest} from the content store"),
+            n => format!("reading {digest} at byte {n} from the content store"),
+        };
+        // Only opening the stream is under the deadline: the bytes take as long as they take.
+        let stream = super::timed(self.content().read(ReadContentRequest {
+            digest: digest.to_string(),
+            offset: offset as i64,
+            size: 0,
+        }))
+        .await
+        .map_err(|s| ContainerdError::rpc(what.clone(), s))?
+        .into_inner();
         Ok(stream.map(move |msg| {
             msg.map(|m| bytes::Bytes::from(m.data))
                 .map_err(|s| std::io::Error::other(format!("{what}: {}", s.message())))

@@ -66,18 +66,23 @@ struct Walk<'o, W: Write> {
     buf: Vec<u8>,
 }
 
-/// One directory on both sides, its sorted listings being merged. The walk keeps these on an
-/// explicit stack: a deep tree costs heap (one frame per level), never the thread's stack.
-struct Frame {
-    low: Option<OwnedFd>,
-    up: OwnedFd,
-    rel: Vec<u8>,
-    unames: std::vec::IntoIter<Vec<u8>>,
-    lnames: Peekable<std::vec::IntoIter<Vec<u8>>>,
+/// One directory on both sides, its sorted listings being merged. The walk (and the hardlink
+/// scan in `links`, which must see paths in the same order) keep these on an explicit stack: a
+/// deep tree costs heap (one frame per level), never the thread's stack.
+pub(super) struct Frame {
+    pub(super) low: Option<OwnedFd>,
+    pub(super) up: OwnedFd,
+    pub(super) rel: Vec<u8>,
+    pub(super) unames: std::vec::IntoIter<Vec<u8>>,
+    pub(super) lnames: Peekable<std::vec::IntoIter<Vec<u8>>>,
 }
 
 impl Frame {
-    fn open(low: Option<OwnedFd>, up: OwnedFd, rel: Vec<u8>) -> Result<Frame, DiffError> {
+    pub(super) fn open(
+        low: Option<OwnedFd>,
+        up: OwnedFd,
+        rel: Vec<u8>,
+    ) -> Result<Frame, DiffError> {
         check_depth(&rel)?;
         let unames = fsx::list_names(up.as_fd()).map_err(DiffError::io("listing", &rel))?;
         let lnames = match &low {

@@ -23,16 +23,15 @@
 //! `overlay.whiteout` probe on empty multi-link lower files). Like the walk it only opens
 //! directories, relative to their parent and without following symlinks.
 
+use super::double_walk::Frame;
 use super::emit::join_path;
 use super::filter::Filter;
 use super::fsx::{self, St};
 use super::meta::{is_whiteout_at, is_whiteout_stat};
-use super::upper::check_depth;
 use super::DiffError;
 use rustix::fs::FileType;
 use std::collections::{HashMap, HashSet};
 use std::io;
-use std::iter::Peekable;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 
 /// The paths the walk must emit because their hardlink group changed.
@@ -125,35 +124,6 @@ const MAX_SCAN_BYTES: usize = 512 << 20;
 /// A non-directory the layer can carry (sockets are dropped, as the walk drops them).
 fn linkable(st: &St) -> bool {
     !matches!(st.ftype, FileType::Directory | FileType::Socket)
-}
-
-/// One directory on both sides; kept on an explicit stack (a deep tree costs heap, not stack).
-struct Frame {
-    low: Option<OwnedFd>,
-    up: OwnedFd,
-    rel: Vec<u8>,
-    unames: std::vec::IntoIter<Vec<u8>>,
-    lnames: Peekable<std::vec::IntoIter<Vec<u8>>>,
-}
-
-impl Frame {
-    fn open(low: Option<OwnedFd>, up: OwnedFd, rel: Vec<u8>) -> Result<Frame, DiffError> {
-        check_depth(&rel)?;
-        let unames = fsx::list_names(up.as_fd()).map_err(DiffError::io("listing", &rel))?;
-        let lnames = match &low {
-            Some(fd) => {
-                fsx::list_names(fd.as_fd()).map_err(DiffError::io("listing lower", &rel))?
-            }
-            None => Vec::new(),
-        };
-        Ok(Frame {
-            low,
-            up,
-            rel,
-            unames: unames.into_iter(),
-            lnames: lnames.into_iter().peekable(),
-        })
-    }
 }
 
 impl Scan<'_> {
