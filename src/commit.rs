@@ -122,8 +122,9 @@ pub async fn locate(ctr: &Containerd, plan: &SourcePlan) -> Result<ContainerInfo
 }
 
 /// Holds the container's lease (the per-container lock, and what keeps the snapshot and base
-/// content from the GC) while `work` runs, with the guardian watching. On every way out the
-/// sandbox is resumed if an error left it paused, the lease is released and the guardian told.
+/// content from the GC) while `work` runs, with the supervisor told (it cleans up if this
+/// process dies). On every way out the sandbox is resumed if an error left it paused, the lease
+/// is released and the supervisor told.
 async fn with_lease<T>(
     ctr: &Containerd,
     info: &ContainerInfo,
@@ -131,7 +132,9 @@ async fn with_lease<T>(
 ) -> Result<T, CommitError> {
     let lease = ctr.take_lease(&info.id).await?;
     if let Err(e) = crate::guard::start(&ctr.address, &ctr.namespace, &info.id, &lease.id) {
-        log::warn(&format!("could not start the guardian process ({e}); a SIGKILL could leave the container paused"));
+        log::warn(&format!(
+            "could not reach the supervisor ({e}); a SIGKILL could leave the container paused"
+        ));
     }
     let out = work(&lease).await;
     if out.is_err() {

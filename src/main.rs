@@ -180,7 +180,7 @@ async fn run(cli: Cli) -> i32 {
         },
         sig = interrupted() => {
             // Stop the commit at its next await: no blob, manifest or tag goes out after this.
-            // Its lease is left to the guardian, which deletes it once this process is gone.
+            // Its lease is left to the supervisor, which deletes it as soon as this process is gone.
             work.abort();
             let _ = work.await;
             progress::stop();
