@@ -132,6 +132,10 @@ pub struct LayerArgs {
     /// Leave this path out of the layer (repeatable); what the base has there stays as it was.
     #[arg(long = "exclude", value_name = "PATH")]
     pub exclude: Vec<String>,
+    /// Commit only the changes under this path (repeatable); everything else keeps the base's
+    /// version.
+    #[arg(long = "include", value_name = "PATH")]
+    pub include: Vec<String>,
     /// Clamp file mtimes newer than this Unix time (reproducible layers); empty means unset.
     #[arg(long, env = "SOURCE_DATE_EPOCH")]
     pub source_date_epoch: Option<i64>,
@@ -255,6 +259,7 @@ pub struct SourcePlan {
     pub compress: CompressOptions,
     pub diff_source: DiffSourceChoice,
     pub exclude: Vec<String>,
+    pub include: Vec<String>,
     pub source_date_epoch: Option<i64>,
     pub max_layer_bytes: Option<u64>,
     pub max_files: Option<u64>,
@@ -359,9 +364,14 @@ fn dns_name(s: &str, max: usize) -> bool {
 /// `--exclude` as the absolute, normalised path the diff compares against (`/a/./b/../c/` →
 /// `/a/c`); a path that climbs above `/` is refused rather than silently matching nothing.
 pub fn normalise_exclude(path: &str) -> Result<String, UsageError> {
+    normalise_container_path("--exclude", path)
+}
+
+/// A container path given to `flag` (`--exclude`, `--include`), normalised the same way.
+fn normalise_container_path(flag: &str, path: &str) -> Result<String, UsageError> {
     if !path.starts_with('/') {
         return Err(UsageError(format!(
-            "--exclude {path:?}: give an absolute path inside the container, like /tmp/cache"
+            "{flag} {path:?}: give an absolute path inside the container, like /tmp/cache"
         )));
     }
     let mut parts: Vec<&str> = Vec::new();
@@ -371,7 +381,7 @@ pub fn normalise_exclude(path: &str) -> Result<String, UsageError> {
             ".." => {
                 if parts.pop().is_none() {
                     return Err(UsageError(format!(
-                        "--exclude {path:?}: climbs above / of the container"
+                        "{flag} {path:?}: climbs above / of the container"
                     )));
                 }
             }
@@ -380,7 +390,7 @@ pub fn normalise_exclude(path: &str) -> Result<String, UsageError> {
     }
     if parts.is_empty() {
         return Err(UsageError(format!(
-            "--exclude {path:?}: that is the whole filesystem; nothing would be committed"
+            "{flag} {path:?}: that is the whole filesystem; leave the flag out"
         )));
     }
     Ok(format!("/{}", parts.join("/")))
@@ -434,6 +444,11 @@ impl LayerArgs {
             .iter()
             .map(|e| normalise_exclude(e))
             .collect::<Result<Vec<_>, _>>()?;
+        let include = self
+            .include
+            .iter()
+            .map(|p| normalise_container_path("--include", p))
+            .collect::<Result<Vec<_>, _>>()?;
         Ok(SourcePlan {
             address,
             namespace: target.namespace.clone(),
@@ -445,6 +460,7 @@ impl LayerArgs {
             },
             diff_source: self.diff_source.into(),
             exclude,
+            include,
             source_date_epoch: self.source_date_epoch,
             max_layer_bytes: self.max_layer_bytes,
             max_files: self.max_files,

@@ -39,7 +39,7 @@ pub(crate) fn write<W: Write>(
     let open = |p: &Path| fsx::open_root(p).map_err(DiffError::io_host("opening", p));
     let up = open(upper)?;
     let low = lower.map(open).transpose()?;
-    let filter = Filter::new(&opts.exclude, &opts.skip_mount_stubs);
+    let filter = Filter::new(&opts.exclude, &opts.include, &opts.skip_mount_stubs);
     let policy = XattrPolicy::new(opts.userxattr, &opts.keep_xattrs);
     // Without a parent everything is new: every group is emitted whole anyway.
     let relinks = match &low {

@@ -1,9 +1,16 @@
-//! The user's exclusions and the spec's mount stubs, matched against relative paths
-//! component by component (so `/tmp/cache` excludes `/tmp/cache/x` but not `/tmp/cachex`).
+//! The user's exclusions and inclusions and the spec's mount stubs, matched against relative
+//! paths component by component (so `/tmp/cache` excludes `/tmp/cache/x` but not `/tmp/cachex`).
+//!
+//! Inclusions are exclusions of everything else: with `--include /workspace`, a path that is
+//! neither under `/workspace` nor one of its ancestors keeps the base's version. The ancestors
+//! themselves are walked (and emitted as the sandbox has them, so a new `/workspace` exists), and
+//! count as having exclusions below them, so an opaque ancestor is written as explicit
+//! whiteouts and the base's other paths survive.
 
-/// Compiled `Options::exclude` and `Options::skip_mount_stubs`.
+/// Compiled `Options::exclude`, `Options::include` and `Options::skip_mount_stubs`.
 pub(crate) struct Filter {
     excludes: Vec<Vec<Vec<u8>>>,
+    includes: Vec<Vec<Vec<u8>>>,
     stubs: Vec<Vec<Vec<u8>>>,
 }
 
@@ -15,9 +22,10 @@ fn components(path: &[u8]) -> Vec<Vec<u8>> {
 }
 
 impl Filter {
-    pub fn new(exclude: &[String], stubs: &[String]) -> Filter {
+    pub fn new(exclude: &[String], include: &[String], stubs: &[String]) -> Filter {
         Filter {
             excludes: exclude.iter().map(|p| components(p.as_bytes())).collect(),
+            includes: include.iter().map(|p| components(p.as_bytes())).collect(),
             stubs: stubs
                 .iter()
                 .map(|p| components(p.as_bytes()))
@@ -26,20 +34,42 @@ impl Filter {
         }
     }
 
-    /// `rel` (or a directory above it) matches an exclusion.
+    /// `rel` (or a directory above it) matches an exclusion, or inclusions are given and `rel`
+    /// is neither under one nor above one.
     pub fn excluded(&self, rel: &[u8]) -> bool {
         let path = components(rel);
-        self.excludes
+        let excluded = self
+            .excludes
             .iter()
-            .any(|pat| pat.len() <= path.len() && prefix_matches(pat, &path))
+            .any(|pat| pat.len() <= path.len() && prefix_matches(pat, &path));
+        excluded
+            || (!self.includes.is_empty()
+                && !self.under_include(&path)
+                && !self.above_include(&path))
     }
 
-    /// Some exclusion could match a path strictly below the directory `rel`.
+    /// Some exclusion could match a path strictly below the directory `rel`: an exclusion
+    /// reaching below it, or `rel` is above an inclusion (its other children are left out).
     pub fn excludes_below(&self, rel: &[u8]) -> bool {
         let path = components(rel);
-        self.excludes
+        let reaching = self
+            .excludes
             .iter()
-            .any(|pat| pat.len() > path.len() && prefix_matches(&pat[..path.len()], &path))
+            .any(|pat| pat.len() > path.len() && prefix_matches(&pat[..path.len()], &path));
+        reaching || (!self.under_include(&path) && self.above_include(&path))
+    }
+
+    fn under_include(&self, path: &[Vec<u8>]) -> bool {
+        self.includes
+            .iter()
+            .any(|inc| inc.len() <= path.len() && prefix_matches(inc, path))
+    }
+
+    /// `path` is a directory strictly above some inclusion.
+    fn above_include(&self, path: &[Vec<u8>]) -> bool {
+        self.includes
+            .iter()
+            .any(|inc| inc.len() > path.len() && prefix_matches(&inc[..path.len()], path))
     }
 
     /// `rel` is a mount destination.
@@ -89,7 +119,7 @@ mod tests {
 
     #[test]
     fn exclusion_matches_path_and_below_but_not_siblings_with_same_prefix() {
-        let f = Filter::new(&["/tmp/cache".into(), "/var/log/*.log".into()], &[]);
+        let f = Filter::new(&["/tmp/cache".into(), "/var/log/*.log".into()], &[], &[]);
         assert!(f.excluded(b"tmp/cache"));
         assert!(f.excluded(b"tmp/cache/a/b"));
         assert!(!f.excluded(b"tmp/cachex"));
@@ -99,6 +129,34 @@ mod tests {
         assert!(f.excluded(b"var/log/a.log"));
         assert!(!f.excluded(b"var/log/a.txt"));
         assert!(f.excludes_below(b"var/log"));
+    }
+
+    #[test]
+    fn an_inclusion_leaves_out_everything_but_its_subtree_and_its_ancestors() {
+        let f = Filter::new(&["/home/u/ws/cache".into()], &["/home/u/ws".into()], &[]);
+        // The included subtree, minus an exclusion inside it.
+        assert!(!f.excluded(b"home/u/ws"));
+        assert!(!f.excluded(b"home/u/ws/src/main.rs"));
+        assert!(f.excluded(b"home/u/ws/cache/x"));
+        // Ancestors are walked, and everything else below them keeps the base's version.
+        assert!(!f.excluded(b"home"));
+        assert!(!f.excluded(b"home/u"));
+        assert!(f.excluded(b"home/u/.bashrc"));
+        assert!(f.excludes_below(b"home") && f.excludes_below(b"home/u"));
+        // Elsewhere: left out.
+        assert!(f.excluded(b"etc/passwd") && f.excluded(b"etc"));
+        assert!(
+            f.excludes_below(b"home/u/ws"),
+            "the exclusion inside it still counts"
+        );
+        assert!(!f.excludes_below(b"home/u/ws/src"));
+    }
+
+    #[test]
+    fn without_inclusions_nothing_is_left_out_but_exclusions() {
+        let f = Filter::new(&[], &[], &[]);
+        assert!(!f.excluded(b"etc/passwd"));
+        assert!(!f.excludes_below(b""));
     }
 
     #[test]
@@ -113,6 +171,7 @@ mod tests {
     #[test]
     fn stubs_and_their_parents() {
         let f = Filter::new(
+            &[],
             &[],
             &[
                 "/run/secrets/kubernetes.io/serviceaccount".into(),

@@ -79,6 +79,9 @@ pub struct Options {
     /// Absolute paths (`/tmp/cache`) left out together with everything below them; `*` and `?`
     /// glob within one component (`/var/log/*.log`). What they match keeps its lower content.
     pub exclude: Vec<String>,
+    /// When not empty, only changes under these absolute paths go in; everything else keeps its
+    /// lower version (the paths above them are walked and written as they are).
+    pub include: Vec<String>,
     /// Mount destinations of the container's OCI spec: left out when the diff holds only an empty
     /// stub there (empty regular file, or a directory with nothing else to emit beneath it).
     pub skip_mount_stubs: Vec<String>,

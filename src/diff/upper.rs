@@ -29,7 +29,7 @@ pub(crate) fn write<W: Write>(
     let lower = LowerView::root(lowers, &policy)?;
     let mut walk = UpperWalk {
         sink: Sink::new(out, opts, "upperdir"),
-        filter: Filter::new(&opts.exclude, &opts.skip_mount_stubs),
+        filter: Filter::new(&opts.exclude, &opts.include, &opts.skip_mount_stubs),
         policy,
         buf: Vec::new(),
     };

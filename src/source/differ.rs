@@ -18,9 +18,12 @@ pub(super) async fn read(
     req: &LayerRequest<'_>,
     reason: String,
 ) -> Result<FinishedLayer, CommitError> {
-    if !req.plan.exclude.is_empty() || req.plan.source_date_epoch.is_some() {
+    if !req.plan.exclude.is_empty()
+        || !req.plan.include.is_empty()
+        || req.plan.source_date_epoch.is_some()
+    {
         return Err(SourceError::NeedsLocalSource {
-            flags: "--exclude and --source-date-epoch",
+            flags: "--exclude, --include and --source-date-epoch",
         }
         .into());
     }

@@ -165,6 +165,7 @@ async fn capture(
 fn diff_options(req: &LayerRequest<'_>, mounts: &[SnapshotMount]) -> diff::Options {
     diff::Options {
         exclude: req.plan.exclude.clone(),
+        include: req.plan.include.clone(),
         skip_mount_stubs: req.info.mount_destinations.clone(),
         source_date_epoch: req.plan.source_date_epoch,
         max_files: req.plan.max_files,

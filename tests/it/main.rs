@@ -8,6 +8,7 @@ mod e2e;
 mod fidelity;
 mod hostile;
 mod image;
+mod include;
 mod kind;
 mod lab;
 mod lookup;
