@@ -224,17 +224,7 @@ impl Client {
         next: &Url,
         what: &str,
     ) -> Result<(), RegistryError> {
-        if self.inner.base.scheme() == "https" && next.scheme() != "https" {
-            return Err(RegistryError::protocol(
-                method,
-                next,
-                format!(
-                    "{} sent a plain-HTTP {what} from HTTPS; refusing to send data or credentials unencrypted",
-                    host_port(&self.inner.base)
-                ),
-            ));
-        }
-        Ok(())
+        downgrade_check(&self.inner.base, method, next, what)
     }
 
     /// [`Client::execute`] for a request with a streamed body and no overall deadline: it fails when
@@ -539,5 +529,60 @@ mod tests {
         for h in ["ghcr.io", "10.0.0.1:5000", "localhost.example.com"] {
             assert!(!is_loopback(h), "{h}");
         }
+    }
+}
+
+/// An HTTPS registry's URL for the next request (`what`: an upload Location, a redirect) must
+/// not be plain HTTP: layer data and credentials would travel unencrypted.
+fn downgrade_check(base: &Url, method: &str, next: &Url, what: &str) -> Result<(), RegistryError> {
+    if base.scheme() == "https" && next.scheme() != "https" {
+        return Err(RegistryError::protocol(
+            method,
+            next,
+            format!(
+                "{} sent a plain-HTTP {what} from HTTPS; refusing to send data or credentials unencrypted",
+                host_port(base)
+            ),
+        ));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod downgrade_tests {
+    use super::*;
+
+    #[test]
+    fn an_http_upload_location_or_redirect_from_an_https_registry_is_refused() {
+        let base: Url = "https://reg.example:5000/v2/".parse().unwrap();
+        for (method, next, what) in [
+            (
+                "PATCH",
+                "http://reg.example:5000/v2/r/blobs/uploads/1",
+                "upload Location",
+            ),
+            ("GET", "http://cdn.example/blob?sig=secret", "redirect"),
+        ] {
+            let next: Url = next.parse().unwrap();
+            let e = downgrade_check(&base, method, &next, what)
+                .unwrap_err()
+                .to_string();
+            assert!(
+                e.contains(&format!(
+                    "reg.example:5000 sent a plain-HTTP {what} from HTTPS"
+                )),
+                "{e}"
+            );
+            assert!(!e.contains("sig=secret"), "the URL is redacted: {e}");
+        }
+    }
+
+    #[test]
+    fn https_to_https_and_a_plain_http_registry_pass() {
+        let https: Url = "https://reg.example/v2/".parse().unwrap();
+        let http: Url = "http://127.0.0.1:5000/v2/".parse().unwrap();
+        let s3: Url = "https://bucket.s3.example/blob".parse().unwrap();
+        assert!(downgrade_check(&https, "GET", &s3, "redirect").is_ok());
+        assert!(downgrade_check(&http, "PATCH", &http, "upload Location").is_ok());
     }
 }

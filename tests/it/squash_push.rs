@@ -199,3 +199,51 @@ fn bench_squash_walk_against_append_on_a_large_base() {
     let squash = t.elapsed();
     eprintln!("30000-file base, 1-file change: append commit {append:?}, squash {squash:?}");
 }
+
+/// Bench (run with `--ignored --nocapture`): 20 cycles of commit → restore as a new sandbox →
+/// change (rewrite a file, add 1 MiB, delete what was added two cycles before, and in cycle 1 a
+/// 16 MiB file deleted in cycle 3), append against squash. Prints commit time, layer count and
+/// the image's total blob size per cycle; every restore is checked against the sandbox.
+#[test]
+#[ignore]
+fn bench_twenty_cycles_append_against_squash() {
+    let _defaults = crate::lab::overlay_defaults();
+    let lab = Lab::start();
+    let base = lab.base_image("base-oci", false);
+    let mut rows = Vec::new();
+    for (mode, flags) in [("append", vec![]), ("squash", vec!["--squash"])] {
+        let mut prev = format!("{mode}-0");
+        lab.run_container(&prev, &base, &RunOpts::default());
+        for cycle in 1..=20 {
+            let mut script =
+                format!("echo {cycle} > /a && head -c 1048576 /dev/urandom > /f{cycle}");
+            if cycle > 2 {
+                script.push_str(&format!(" && rm /f{}", cycle - 2));
+            }
+            if cycle == 1 {
+                script.push_str(" && head -c 16777216 /dev/urandom > /big");
+            }
+            if cycle == 3 {
+                script.push_str(" && rm /big");
+            }
+            lab.exec(&prev, &script);
+            let t = std::time::Instant::now();
+            let image = commit(&lab, &prev, &format!("{mode}-{cycle}"), &flags);
+            let ms = t.elapsed().as_millis();
+            let sizes = layer_sizes(&image);
+            rows.push((mode, cycle, ms, sizes.len(), sizes.iter().sum::<u64>()));
+            let next = format!("{mode}-{cycle}r");
+            restore_equals(&lab, &image, &prev, &next);
+            prev = next;
+        }
+    }
+    eprintln!("| cycle | append: commit ms, layers, MiB | squash: commit ms, layers, MiB |");
+    eprintln!("|---|---|---|");
+    for cycle in 1..=20 {
+        let row = |m: &str| {
+            let r = rows.iter().find(|r| r.0 == m && r.1 == cycle).unwrap();
+            format!("{} ms, {}, {:.1}", r.2, r.3, r.4 as f64 / 1048576.0)
+        };
+        eprintln!("| {cycle} | {} | {} |", row("append"), row("squash"));
+    }
+}
