@@ -300,6 +300,8 @@ fn assert_image_equals_sandbox(lab: &Lab, container: &str, image: &str) {
 /// registry to push them to another one; found by `--pod`, read from the upperdir, equal to the sandbox.
 #[test]
 fn cri_pod_on_a_kind_node_commits_by_pod_to_another_registry_equal_to_the_sandbox() {
+    // It asserts the upperdir source: no other test may flip redirect_dir/metacopy meanwhile.
+    let _defaults = crate::lab::overlay_defaults();
     let lab = cri_lab("kind");
     let base = push_base(&lab, "sandbox/base");
     let mut cri = Cri::connect(&lab);
@@ -348,6 +350,8 @@ fn cri_pod_on_a_kind_node_commits_by_pod_to_another_registry_equal_to_the_sandbo
 /// `--container-name` picks one (never the pause sandbox), read from its upperdir, and the image equals it.
 #[test]
 fn cri_pod_with_two_containers_commits_the_named_one_equal_to_the_sandbox() {
+    // It asserts the upperdir source: no other test may flip redirect_dir/metacopy meanwhile.
+    let _defaults = crate::lab::overlay_defaults();
     let lab = cri_lab("default");
     let base = push_base(&lab, "sandbox/base");
     let mut cri = Cri::connect(&lab);

@@ -54,6 +54,8 @@ fn a_file_named_like_a_whiteout_is_refused_with_exit_4() {
 
 #[test]
 fn a_forged_user_overlay_opaque_dir_is_restored_as_the_sandbox_has_it() {
+    // It asserts the upperdir source: no other test may flip redirect_dir/metacopy meanwhile.
+    let _defaults = crate::lab::overlay_defaults();
     let lab = Lab::start();
     sandbox(&lab, "forge");
     // What the sandbox does with setfattr: user.* xattrs pass through the overlay mount.
