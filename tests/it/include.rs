@@ -4,7 +4,6 @@
 
 use crate::lab::{Lab, RunOpts};
 use crate::tree::{compare_trees, CompareOpts};
-use serde_json::Value;
 use std::path::Path;
 
 /// /data is deleted and recreated (opaque in the upperdir) with a new /data/sub; /etc changes
@@ -14,20 +13,8 @@ const CHANGES: &str = "rm -rf /data && mkdir -p /data/sub/deep /data/sub/new \
     && echo outside > /etc/outside && echo x >> /etc/passwd";
 
 fn commit(lab: &Lab, id: &str, extra: &[&str]) -> std::path::PathBuf {
-    let target = format!("{}/inc/{id}:v1", lab.registry);
-    let mut args = vec![
-        "commit",
-        "--container",
-        id,
-        "--image",
-        &target,
-        "--plain-http",
-    ];
-    args.extend_from_slice(extra);
-    let out = lab.committer(&args);
-    assert!(out.status.success(), "{}", crate::lab::describe(&out));
-    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
-    lab.pull_unpack(v["image"].as_str().unwrap())
+    let result = lab.commit_json(id, &format!("inc/{id}:v1"), extra);
+    lab.pull_unpack(result["image"].as_str().unwrap())
 }
 
 /// The image equals the sandbox under /data/sub and the base everywhere else.

@@ -355,6 +355,30 @@ impl Lab {
         run(self.committer_command().args(args))
     }
 
+    /// `committer commit --container ID --image REGISTRY/REPO_TAG --plain-http EXTRA…` to this lab's
+    /// registry; panics with the output unless it succeeds; returns the result JSON.
+    pub fn commit_json(
+        &self,
+        container: &str,
+        repo_tag: &str,
+        extra: &[&str],
+    ) -> serde_json::Value {
+        let target = format!("{}/{repo_tag}", self.registry);
+        let mut args = vec![
+            "commit",
+            "--container",
+            container,
+            "--image",
+            &target,
+            "--plain-http",
+        ];
+        args.extend_from_slice(extra);
+        let out = self.committer(&args);
+        assert!(out.status.success(), "{}", describe(&out));
+        serde_json::from_slice(&out.stdout)
+            .unwrap_or_else(|e| panic!("the result is not JSON ({e}):\n{}", describe(&out)))
+    }
+
     /// The committer binary as a `Command` (environment set), for tests that need to add more.
     pub fn committer_command(&self) -> Command {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_committer"));

@@ -9,20 +9,8 @@ use serde_json::Value;
 
 /// Commits container `id` to `REGISTRY/snap:TAG` with `extra` flags; returns the image by digest.
 fn commit(lab: &Lab, id: &str, tag: &str, extra: &[&str]) -> String {
-    let target = format!("{}/snap:{tag}", lab.registry);
-    let mut args = vec![
-        "commit",
-        "--container",
-        id,
-        "--image",
-        &target,
-        "--plain-http",
-    ];
-    args.extend_from_slice(extra);
-    let out = lab.committer(&args);
-    assert!(out.status.success(), "{}", crate::lab::describe(&out));
-    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
-    v["image"].as_str().unwrap().to_string()
+    let result = lab.commit_json(id, &format!("snap:{tag}"), extra);
+    result["image"].as_str().unwrap().to_string()
 }
 
 fn manifest(image: &str) -> Value {
