@@ -45,10 +45,21 @@ die() { echo "bench.sh: $*" >&2; exit 1; }
 say() { echo "bench.sh: $(date +%T) $*" >&2; }
 
 [ "$(id -u)" = 0 ] || die "run as root (containerd, runc, overlay mounts)"
-for b in buildah umoci skopeo curl python3 sha256sum unshare tar; do
-  command -v "$b" >/dev/null 2>&1 || die "'$b' not found (scripts/install-deps.sh; apt-get install buildah)"
+"$root/scripts/install-deps.sh"
+# The peers and the timer, beyond the lab's packages: installed when missing, as the lab's are.
+peers=()
+command -v buildah >/dev/null 2>&1 || peers+=(buildah)
+[ -x /usr/bin/time ] || peers+=(time)
+if [ ${#peers[@]} -gt 0 ]; then
+  say "installing ${peers[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get install -y -qq --no-install-recommends "${peers[@]}" </dev/null >/dev/null ||
+    { apt-get update -qq </dev/null && apt-get install -y -qq --no-install-recommends "${peers[@]}" </dev/null >/dev/null; } ||
+    die "apt-get install ${peers[*]} failed"
+fi
+for b in buildah umoci skopeo curl python3 sha256sum unshare tar /usr/bin/time; do
+  command -v "$b" >/dev/null 2>&1 || die "'$b' not found after installing"
 done
-[ -x /usr/bin/time ] || die "/usr/bin/time not found (apt-get install time)"
 
 if [ "${BENCH_QUICK:-0}" = 1 ]; then
   RUNS_TINY=${BENCH_RUNS_TINY:-2} RUNS_BIG=${BENCH_RUNS_BIG:-1}
