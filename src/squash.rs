@@ -8,6 +8,7 @@
 use crate::containerd::lookup::{ContainerInfo, SnapshotMount};
 use crate::containerd::{Containerd, ContainerdError};
 use crate::image::ChainPlan;
+use crate::source::{SourceError, TempMount};
 use std::path::{Path, PathBuf};
 
 #[derive(Debug, thiserror::Error)]
@@ -57,7 +58,7 @@ pub struct SquashViews {
     pub lower: Option<PathBuf>,
     /// The container's tree.
     pub upper: PathBuf,
-    mounts: Vec<RoOverlay>,
+    mounts: Vec<TempMount>,
     view_key: Option<(Containerd, String, String)>,
 }
 
@@ -132,7 +133,7 @@ fn overlay_views(
         [] => None,
         [one] => Some(one.clone()),
         many => {
-            let v = RoOverlay::mount(many, &extra)?;
+            let v = TempMount::overlay_of(many, &extra).map_err(mount_error)?;
             let p = v.path().to_path_buf();
             mounts.push(v);
             Some(p)
@@ -140,7 +141,7 @@ fn overlay_views(
     };
     let mut all = vec![upper];
     all.extend(lowers);
-    let merged = RoOverlay::mount(&all, &extra)?;
+    let merged = TempMount::overlay_of(&all, &extra).map_err(mount_error)?;
     let upper = merged.path().to_path_buf();
     mounts.push(merged);
     Ok(SquashViews {
@@ -195,57 +196,14 @@ async fn bind_views(
     }
 }
 
-/// A read-only overlay of `lowers` (no upperdir: nothing can be written through it) on a
-/// private temp dir, unmounted (lazily) and removed on drop.
-struct RoOverlay {
-    dir: tempfile::TempDir,
-}
-
-impl RoOverlay {
-    fn mount(lowers: &[PathBuf], extra: &[String]) -> Result<RoOverlay, SquashError> {
-        let dir = tempfile::Builder::new()
-            .prefix("committer-squash-")
-            .tempdir()
-            .map_err(|source| SquashError::Mount {
-                target: std::env::temp_dir(),
-                source,
-            })?;
-        let err = |source: std::io::Error| SquashError::Mount {
-            target: dir.path().to_path_buf(),
-            source,
-        };
-        let joined: Vec<String> = lowers
-            .iter()
-            .map(|d| d.to_string_lossy().into_owned())
-            .collect();
-        let mut data = format!("lowerdir={}", joined.join(":"));
-        for e in extra {
-            data.push(',');
-            data.push_str(e);
-        }
-        let data = std::ffi::CString::new(data)
-            .map_err(|e| err(std::io::Error::new(std::io::ErrorKind::InvalidInput, e)))?;
-        rustix::mount::mount(
-            "overlay",
-            dir.path(),
-            "overlay",
-            rustix::mount::MountFlags::RDONLY,
-            Some(data.as_c_str()),
-        )
-        .map_err(|e| err(e.into()))?;
-        crate::guard::tell_mounted(dir.path());
-        Ok(RoOverlay { dir })
-    }
-
-    fn path(&self) -> &Path {
-        self.dir.path()
-    }
-}
-
-impl Drop for RoOverlay {
-    fn drop(&mut self) {
-        let _ = rustix::mount::unmount(self.dir.path(), rustix::mount::UnmountFlags::DETACH);
-        crate::guard::tell_unmounted(self.dir.path());
+/// The views are mounted by the walk's mount type; its errors name the mount point.
+fn mount_error(e: SourceError) -> SquashError {
+    match e {
+        SourceError::Mount { target, source } => SquashError::Mount { target, source },
+        other => SquashError::Mount {
+            target: std::env::temp_dir(),
+            source: std::io::Error::other(other.to_string()),
+        },
     }
 }
 

@@ -16,7 +16,7 @@ mod prepare;
 mod spool;
 
 pub use differ::copy_stored_blob;
-pub use prepare::{view_options, PreparedSource, SourceKind};
+pub use prepare::{view_options, PreparedSource, SourceKind, TempMount};
 
 use crate::cli::SourcePlan;
 use crate::containerd::lookup::ContainerInfo;

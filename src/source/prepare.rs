@@ -256,12 +256,22 @@ async fn bind_source(
     }
 }
 
-/// A read-only mount on a private temp dir, unmounted (lazily) and removed on drop.
-struct TempMount {
+/// A read-only mount on a private temp dir, unmounted (lazily) and removed on drop. The walk's
+/// views and the squash's views are both these.
+pub struct TempMount {
     dir: tempfile::TempDir,
 }
 
 impl TempMount {
+    /// A read-only overlay of `lowers` (topmost first), nosuid and nodev.
+    pub fn overlay_of(lowers: &[PathBuf], extra: &[String]) -> Result<TempMount, SourceError> {
+        let joined: Vec<String> = lowers
+            .iter()
+            .map(|d| d.to_string_lossy().into_owned())
+            .collect();
+        TempMount::overlay(&joined.join(":"), extra)
+    }
+
     fn overlay(lowerdir: &str, extra: &[String]) -> Result<TempMount, SourceError> {
         let dir = tempfile::Builder::new()
             .prefix("committer-view-")
@@ -298,7 +308,7 @@ impl TempMount {
         Ok(TempMount { dir })
     }
 
-    fn path(&self) -> &Path {
+    pub fn path(&self) -> &Path {
         self.dir.path()
     }
 }
