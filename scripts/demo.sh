@@ -30,7 +30,7 @@ base=$("$here/lab.sh" base-image "$lab" demo/base)
 echo "== base image: $base"
 
 echo "== running sandbox 'agent-1' (pod team-a/agent-1) and changing its files"
-ctr run -d --label io.kubernetes.pod.namespace=team-a --label io.kubernetes.pod.name=agent-1 \
+ctr run -d --runc-root "$LAB_RUNC_ROOT" --cgroup "$LAB_CGROUP_PARENT/agent-1" --label io.kubernetes.pod.namespace=team-a --label io.kubernetes.pod.name=agent-1 \
   --label io.kubernetes.container.name=work "$base" agent-1 sleep 100000 >/dev/null
 ctr tasks exec --exec-id change agent-1 sh -c '
   echo "notes written in the cloud sandbox" > /root/notes.txt
@@ -44,5 +44,5 @@ image=$(printf '%s' "$result" | python3 -c 'import json,sys; print(json.load(sys
 
 echo "== pulling $image back and running it as a new sandbox"
 ctr images pull --plain-http "$image" >/dev/null
-ctr run --rm "$image" restored sh -c 'cat /root/notes.txt; ls /data; test ! -e /data/dir-to-delete && echo "dir-to-delete: gone"'
+ctr run --rm --runc-root "$LAB_RUNC_ROOT" --cgroup "$LAB_CGROUP_PARENT/restored" "$image" restored sh -c 'cat /root/notes.txt; ls /data; test ! -e /data/dir-to-delete && echo "dir-to-delete: gone"'
 echo "== done: the change survived the round trip"

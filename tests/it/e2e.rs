@@ -126,10 +126,11 @@ fn commit_pushes_an_image_equal_to_the_container_rootfs_and_it_runs() {
     // containerd pulls it by digest and runs it as a new sandbox that sees the changes.
     let by_digest = result["image"].as_str().unwrap();
     lab.ctr(&["images", "pull", "--plain-http", by_digest]);
-    let seen = lab.ctr(&[
-        "run", "--rm", by_digest, "restored",
-        "sh", "-c", "cat /data/new.txt /data/dir-to-replace/fresh.txt; test ! -e /data/delete.txt && test ! -e /data/dir-to-delete && echo gone",
-    ]);
+    let seen = lab.run_once(
+        by_digest,
+        "restored",
+        "cat /data/new.txt /data/dir-to-replace/fresh.txt; test ! -e /data/delete.txt && test ! -e /data/dir-to-delete && echo gone",
+    );
     assert_eq!(seen.trim(), "added\nfresh\ngone");
 }
 

@@ -278,6 +278,18 @@ impl Lab {
         self.wait_status(id, "RUNNING", Duration::from_secs(20));
     }
 
+    /// `ctr run --rm IMAGE ID sh -c SCRIPT` in the foreground with this lab's runc root and cgroup parent (runc
+    /// state otherwise lands in /run/containerd/runc/NS/ID, shared by labs running side by side); returns stdout.
+    pub fn run_once(&self, image: &str, id: &str, script: &str) -> String {
+        let mut cmd = self.ctr_command();
+        cmd.args(["run", "--rm"]);
+        cmd.arg("--runc-root").arg(&self.runc_root);
+        cmd.arg("--cgroup")
+            .arg(format!("{}/{id}", self.cgroup_parent));
+        cmd.args([image, id, "sh", "-c", script]);
+        check(&mut cmd)
+    }
+
     /// Waits until the task's status is `want`; panics after `timeout`.
     pub fn wait_status(&self, id: &str, want: &str, timeout: Duration) {
         let start = Instant::now();
