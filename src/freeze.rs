@@ -185,16 +185,8 @@ async fn step(conn: &mut Option<Containerd>, t: &Target) -> Result<bool, Contain
     let ctr = match conn {
         Some(c) => c.clone(),
         None => {
-            let connect = Containerd::connect(&t.address, &t.namespace);
-            let c = match tokio::time::timeout(crate::containerd::RPC_DEADLINE, connect).await {
-                Ok(c) => c?,
-                Err(_) => {
-                    return Err(ContainerdError::Invalid {
-                        what: format!("connecting to containerd at {}", t.address.display()),
-                        detail: format!("no answer within {:?}", crate::containerd::RPC_DEADLINE),
-                    })
-                }
-            };
+            // Bounded by the connect deadline (containerd::deadline).
+            let c = Containerd::connect(&t.address, &t.namespace).await?;
             *conn = Some(c.clone());
             c
         }

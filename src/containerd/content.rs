@@ -55,20 +55,22 @@ impl BaseImage {
 impl Containerd {
     /// Reads the named image's manifest and config from the content store.
     pub async fn base_image(&self, name: &str) -> Result<BaseImage, ContainerdError> {
-        let image = super::timed(self.images().get(GetImageRequest {
-            name: name.to_string(),
-        }))
-        .await
-        .map_err(|s| {
-            ContainerdError::rpc(
-                format!("reading image {name:?} the container was created from"),
-                s,
-            )
-        })?
-        .into_inner()
-        .image
-        .and_then(|i| i.target)
-        .ok_or_else(|| invalid(name, "the image record has no target"))?;
+        let image = self
+            .images()
+            .get(GetImageRequest {
+                name: name.to_string(),
+            })
+            .await
+            .map_err(|s| {
+                ContainerdError::rpc(
+                    format!("reading image {name:?} the container was created from"),
+                    s,
+                )
+            })?
+            .into_inner()
+            .image
+            .and_then(|i| i.target)
+            .ok_or_else(|| invalid(name, "the image record has no target"))?;
         let mut media_type = image.media_type;
         let mut digest = parse_digest(name, &image.digest)?;
         let mut bytes = self.read_small_blob(&digest).await?;
@@ -159,7 +161,9 @@ impl Containerd {
         if named_chain == parent {
             return named;
         }
-        let names = super::timed(self.images().list(ListImagesRequest { filters: vec![] }))
+        let names = self
+            .images()
+            .list(ListImagesRequest { filters: vec![] })
             .await
             .map_err(|s| super::ContainerdError::rpc("listing images", s))?
             .into_inner()
@@ -262,10 +266,12 @@ impl Containerd {
     /// True when the content store holds this blob.
     pub async fn has_blob(&self, digest: &Digest) -> Result<bool, ContainerdError> {
         use containerd_client::services::v1::InfoRequest;
-        match super::timed(self.content().info(InfoRequest {
-            digest: digest.to_string(),
-        }))
-        .await
+        match self
+            .content()
+            .info(InfoRequest {
+                digest: digest.to_string(),
+            })
+            .await
         {
             Ok(_) => Ok(true),
             Err(s) if s.code() == tonic::Code::NotFound => Ok(false),
@@ -292,14 +298,16 @@ impl Containerd {
             n => format!("reading {digest} at byte {n} from the content store"),
         };
         // Only opening the stream is under the deadline: the bytes take as long as they take.
-        let stream = super::timed(self.content().read(ReadContentRequest {
-            digest: digest.to_string(),
-            offset: offset as i64,
-            size: 0,
-        }))
-        .await
-        .map_err(|s| ContainerdError::rpc(what.clone(), s))?
-        .into_inner();
+        let stream = self
+            .content()
+            .read(ReadContentRequest {
+                digest: digest.to_string(),
+                offset: offset as i64,
+                size: 0,
+            })
+            .await
+            .map_err(|s| ContainerdError::rpc(what.clone(), s))?
+            .into_inner();
         Ok(stream.map(move |msg| {
             msg.map(|m| bytes::Bytes::from(m.data))
                 .map_err(|s| std::io::Error::other(format!("{what}: {}", s.message())))

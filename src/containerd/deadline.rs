@@ -22,19 +22,25 @@ use std::time::Duration;
 /// Connecting and the first call; the default deadline of a call.
 pub const CONNECT: Duration = Duration::from_secs(10);
 /// Calls whose cost grows with the container: creating or removing a view (the native
-/// snapshotter copies the parent), freezing a cgroup whose processes sit in disk waits.
+/// snapshotter copies the parent).
 const SLOW: Duration = Duration::from_secs(600);
+/// Freezing or thawing the sandbox's cgroup: slower than a lookup when its processes sit in disk
+/// waits, but a commit must not hold a sandbox frozen for minutes on a stuck runtime.
+const FREEZE: Duration = Duration::from_secs(30);
 
-/// The deadline of one call, by its path `/containerd.services.NAME.v1.SERVICE/METHOD`. `None`:
-/// containerd's diff service compares the whole filesystem (a minute per GiB measured here).
+/// The deadline of one call, by its path `/containerd.services.NAME.v1.SERVICE/METHOD`: the one
+/// table of containerd deadlines. `None`: containerd's diff service compares the whole
+/// filesystem (a minute per GiB measured here).
 fn for_method(path: &str) -> Option<Duration> {
     let method = path.rsplit('/').next().unwrap_or_default();
     if path.contains(".diff.v1.Diff/") {
         return None;
     }
-    let slow = (path.contains(".snapshots.v1.Snapshots/")
-        && matches!(method, "Prepare" | "View" | "Remove" | "Commit"))
-        || (path.contains(".tasks.v1.Tasks/") && matches!(method, "Pause" | "Resume"));
+    if path.contains(".tasks.v1.Tasks/") && matches!(method, "Pause" | "Resume") {
+        return Some(FREEZE);
+    }
+    let slow = path.contains(".snapshots.v1.Snapshots/")
+        && matches!(method, "Prepare" | "View" | "Remove" | "Commit");
     Some(if slow { SLOW } else { CONNECT })
 }
 
@@ -146,7 +152,7 @@ mod tests {
         );
         assert_eq!(
             for_method("/containerd.services.tasks.v1.Tasks/Pause"),
-            Some(SLOW)
+            Some(FREEZE)
         );
         assert_eq!(
             for_method("/containerd.services.containers.v1.Containers/Get"),

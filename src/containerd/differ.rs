@@ -62,14 +62,16 @@ impl Containerd {
     /// The diff_id of a layer the differ wrote: containerd records it as a label; an
     /// uncompressed layer is its own.
     async fn uncompressed_digest(&self, digest: &Digest) -> Result<Digest, ContainerdError> {
-        let info = super::timed(self.content().info(InfoRequest {
-            digest: digest.to_string(),
-        }))
-        .await
-        .map_err(|s| ContainerdError::rpc(format!("reading the labels of {digest}"), s))?
-        .into_inner()
-        .info
-        .unwrap_or_default();
+        let info = self
+            .content()
+            .info(InfoRequest {
+                digest: digest.to_string(),
+            })
+            .await
+            .map_err(|s| ContainerdError::rpc(format!("reading the labels of {digest}"), s))?
+            .into_inner()
+            .info
+            .unwrap_or_default();
         match info.labels.get(UNCOMPRESSED_LABEL) {
             Some(d) => d.parse().map_err(|e| ContainerdError::Invalid {
                 what: format!("the {UNCOMPRESSED_LABEL} label of {digest}"),

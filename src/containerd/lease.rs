@@ -10,7 +10,7 @@
 //! (`ID.handover`), re-creates the lease with a later expiry, and drops the handover: garbage
 //! collection never sees the resources unleased.
 
-use super::{timed, Containerd, ContainerdError};
+use super::{Containerd, ContainerdError};
 use containerd_client::services::v1::{
     AddResourceRequest, CreateRequest, DeleteRequest, ListRequest, ListResourcesRequest, Resource,
 };
@@ -66,7 +66,7 @@ impl Containerd {
     pub async fn take_lease(&self, container_id: &str) -> Result<Lease, ContainerdError> {
         let id = lease_id(container_id);
         let owner = crate::guard::owner_token();
-        match timed(self.leases().create(create_request(&id, &owner))).await {
+        match self.leases().create(create_request(&id, &owner)).await {
             Ok(_) => {}
             Err(s) if s.code() == tonic::Code::AlreadyExists => {
                 let now = time::OffsetDateTime::now_utc();
@@ -80,12 +80,15 @@ impl Containerd {
                     }
                 }
                 // Expired: its committer died and nobody cleaned up. Take it over.
-                let _ = timed(self.leases().delete(DeleteRequest {
-                    id: id.clone(),
-                    sync: false,
-                }))
-                .await;
-                timed(self.leases().create(create_request(&id, &owner)))
+                let _ = self
+                    .leases()
+                    .delete(DeleteRequest {
+                        id: id.clone(),
+                        sync: false,
+                    })
+                    .await;
+                self.leases()
+                    .create(create_request(&id, &owner))
                     .await
                     .map_err(|s| ContainerdError::rpc("creating a lease", s))?;
             }
@@ -101,13 +104,15 @@ impl Containerd {
         &self,
         id: &str,
     ) -> Result<Option<HashMap<String, String>>, ContainerdError> {
-        let leases = timed(self.leases().list(ListRequest {
-            filters: vec![format!("id=={id}")],
-        }))
-        .await
-        .map_err(|s| ContainerdError::rpc("listing leases", s))?
-        .into_inner()
-        .leases;
+        let leases = self
+            .leases()
+            .list(ListRequest {
+                filters: vec![format!("id=={id}")],
+            })
+            .await
+            .map_err(|s| ContainerdError::rpc("listing leases", s))?
+            .into_inner()
+            .leases;
         Ok(leases.into_iter().find(|l| l.id == id).map(|l| l.labels))
     }
 
@@ -122,16 +127,17 @@ impl Containerd {
     }
 
     async fn add_resource(&self, lease: &str, id: &str, kind: &str) -> Result<(), ContainerdError> {
-        timed(self.leases().add_resource(AddResourceRequest {
-            id: lease.to_string(),
-            resource: Some(Resource {
-                id: id.to_string(),
-                r#type: kind.to_string(),
-            }),
-        }))
-        .await
-        .map(|_| ())
-        .map_err(|s| ContainerdError::rpc(format!("adding {kind} {id} to lease {lease}"), s))
+        self.leases()
+            .add_resource(AddResourceRequest {
+                id: lease.to_string(),
+                resource: Some(Resource {
+                    id: id.to_string(),
+                    r#type: kind.to_string(),
+                }),
+            })
+            .await
+            .map(|_| ())
+            .map_err(|s| ContainerdError::rpc(format!("adding {kind} {id} to lease {lease}"), s))
     }
 
     /// Stops renewing and deletes the lease if it is still ours.
@@ -160,11 +166,13 @@ impl Containerd {
             }
             None => return Ok(()),
         }
-        match timed(self.leases().delete(DeleteRequest {
-            id: id.to_string(),
-            sync: false,
-        }))
-        .await
+        match self
+            .leases()
+            .delete(DeleteRequest {
+                id: id.to_string(),
+                sync: false,
+            })
+            .await
         {
             Ok(_) => Ok(()),
             Err(s) if s.code() == tonic::Code::NotFound => Ok(()),
@@ -175,16 +183,16 @@ impl Containerd {
     /// Moves the lease's expiry `ttl` ahead (see the module header for how).
     async fn renew(&self, id: &str, owner: &str) -> Result<(), ContainerdError> {
         let handover = format!("{id}.handover");
-        let resources = timed(
-            self.leases()
-                .list_resources(ListResourcesRequest { id: id.to_string() }),
-        )
-        .await
-        .map_err(|s| ContainerdError::rpc(format!("listing the resources of lease {id}"), s))?
-        .into_inner()
-        .resources;
+        let resources = self
+            .leases()
+            .list_resources(ListResourcesRequest { id: id.to_string() })
+            .await
+            .map_err(|s| ContainerdError::rpc(format!("listing the resources of lease {id}"), s))?
+            .into_inner()
+            .resources;
         let _ = self.delete_lease_if_owned(&handover, owner).await;
-        timed(self.leases().create(create_request(&handover, owner)))
+        self.leases()
+            .create(create_request(&handover, owner))
             .await
             .map_err(|s| ContainerdError::rpc(format!("creating lease {handover}"), s))?;
         for r in &resources {
@@ -192,7 +200,8 @@ impl Containerd {
         }
         self.set_lease(Some(&handover));
         self.delete_lease_if_owned(id, owner).await?;
-        timed(self.leases().create(create_request(id, owner)))
+        self.leases()
+            .create(create_request(id, owner))
             .await
             .map_err(|s| match s.code() {
                 tonic::Code::AlreadyExists => ContainerdError::Invalid {

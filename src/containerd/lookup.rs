@@ -154,11 +154,10 @@ impl Containerd {
     }
 
     async fn get_container(&self, id: &str) -> Result<Container, ContainerdError> {
-        let resp = super::timed(
-            self.containers()
-                .get(GetContainerRequest { id: id.to_string() }),
-        )
-        .await;
+        let resp = self
+            .containers()
+            .get(GetContainerRequest { id: id.to_string() })
+            .await;
         match resp {
             Ok(r) => r
                 .into_inner()
@@ -216,13 +215,15 @@ impl Containerd {
             filter.push_str(&format!(",labels.\"{LABEL_CONTAINER_NAME}\"=={c}"));
         }
         let pod = format!("{pod_ns}/{pod_name}");
-        let list = super::timed(self.containers().list(ListContainersRequest {
-            filters: vec![filter],
-        }))
-        .await
-        .map_err(|s| ContainerdError::rpc(format!("listing containers of pod {pod}"), s))?
-        .into_inner()
-        .containers;
+        let list = self
+            .containers()
+            .list(ListContainersRequest {
+                filters: vec![filter],
+            })
+            .await
+            .map_err(|s| ContainerdError::rpc(format!("listing containers of pod {pod}"), s))?
+            .into_inner()
+            .containers;
         // The CRI also creates a sandbox ("pause") container per pod; it carries the pod labels
         // but no container name, and is never what a user wants to commit.
         let candidates: Vec<Container> = list
@@ -252,17 +253,19 @@ impl Containerd {
         &self,
         info: &ContainerInfo,
     ) -> Result<Vec<SnapshotMount>, ContainerdError> {
-        let resp = super::timed(self.snapshots().mounts(MountsRequest {
-            snapshotter: info.snapshotter.clone(),
-            key: info.snapshot_key.clone(),
-        }))
-        .await
-        .map_err(|s| {
-            ContainerdError::rpc(
-                format!("reading mounts of snapshot {:?}", info.snapshot_key),
-                s,
-            )
-        })?;
+        let resp = self
+            .snapshots()
+            .mounts(MountsRequest {
+                snapshotter: info.snapshotter.clone(),
+                key: info.snapshot_key.clone(),
+            })
+            .await
+            .map_err(|s| {
+                ContainerdError::rpc(
+                    format!("reading mounts of snapshot {:?}", info.snapshot_key),
+                    s,
+                )
+            })?;
         Ok(resp
             .into_inner()
             .mounts
@@ -331,14 +334,16 @@ impl Containerd {
         key: &str,
     ) -> Result<Option<String>, ContainerdError> {
         use containerd_client::services::v1::snapshots::StatSnapshotRequest;
-        let info = super::timed(self.snapshots().stat(StatSnapshotRequest {
-            snapshotter: snapshotter.to_string(),
-            key: key.to_string(),
-        }))
-        .await
-        .map_err(|s| ContainerdError::rpc(format!("reading snapshot {key:?}"), s))?
-        .into_inner()
-        .info;
+        let info = self
+            .snapshots()
+            .stat(StatSnapshotRequest {
+                snapshotter: snapshotter.to_string(),
+                key: key.to_string(),
+            })
+            .await
+            .map_err(|s| ContainerdError::rpc(format!("reading snapshot {key:?}"), s))?
+            .into_inner()
+            .info;
         Ok(info.map(|i| i.parent).filter(|p| !p.is_empty()))
     }
 
@@ -350,14 +355,18 @@ impl Containerd {
         parent: &str,
     ) -> Result<Vec<SnapshotMount>, ContainerdError> {
         use containerd_client::services::v1::snapshots::ViewSnapshotRequest;
-        let resp = super::timed(self.snapshots().view(ViewSnapshotRequest {
-            snapshotter: snapshotter.to_string(),
-            key: key.to_string(),
-            parent: parent.to_string(),
-            labels: Default::default(),
-        }))
-        .await
-        .map_err(|s| ContainerdError::rpc(format!("creating a view of snapshot {parent:?}"), s))?;
+        let resp = self
+            .snapshots()
+            .view(ViewSnapshotRequest {
+                snapshotter: snapshotter.to_string(),
+                key: key.to_string(),
+                parent: parent.to_string(),
+                labels: Default::default(),
+            })
+            .await
+            .map_err(|s| {
+                ContainerdError::rpc(format!("creating a view of snapshot {parent:?}"), s)
+            })?;
         Ok(resp
             .into_inner()
             .mounts
@@ -372,13 +381,14 @@ impl Containerd {
         key: &str,
     ) -> Result<(), ContainerdError> {
         use containerd_client::services::v1::snapshots::RemoveSnapshotRequest;
-        super::timed(self.snapshots().remove(RemoveSnapshotRequest {
-            snapshotter: snapshotter.to_string(),
-            key: key.to_string(),
-        }))
-        .await
-        .map(|_| ())
-        .map_err(|s| ContainerdError::rpc(format!("removing snapshot view {key:?}"), s))
+        self.snapshots()
+            .remove(RemoveSnapshotRequest {
+                snapshotter: snapshotter.to_string(),
+                key: key.to_string(),
+            })
+            .await
+            .map(|_| ())
+            .map_err(|s| ContainerdError::rpc(format!("removing snapshot view {key:?}"), s))
     }
 }
 

@@ -15,25 +15,6 @@ pub mod task;
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
-use std::time::Duration;
-
-/// The deadline of every unary containerd call we make: a containerd that hangs (or restarts
-/// under us) becomes an error naming the call instead of a commit that never ends — and, when
-/// the sandbox is paused, a sandbox that never resumes.
-pub const RPC_DEADLINE: Duration = Duration::from_secs(30);
-
-/// Runs one containerd call under `RPC_DEADLINE`; a timeout reads as DEADLINE_EXCEEDED.
-pub(crate) async fn timed<T>(
-    call: impl std::future::Future<Output = Result<T, tonic::Status>>,
-) -> Result<T, tonic::Status> {
-    match tokio::time::timeout(RPC_DEADLINE, call).await {
-        Ok(r) => r,
-        Err(_) => Err(tonic::Status::deadline_exceeded(format!(
-            "no answer within {} s",
-            RPC_DEADLINE.as_secs()
-        ))),
-    }
-}
 
 use containerd_client::tonic::{self, metadata::MetadataValue, service::Interceptor};
 

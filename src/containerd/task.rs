@@ -31,11 +31,13 @@ impl TaskStatus {
 
 impl Containerd {
     pub async fn task_status(&self, id: &str) -> Result<TaskStatus, ContainerdError> {
-        match super::timed(self.tasks().get(GetRequest {
-            container_id: id.to_string(),
-            exec_id: String::new(),
-        }))
-        .await
+        match self
+            .tasks()
+            .get(GetRequest {
+                container_id: id.to_string(),
+                exec_id: String::new(),
+            })
+            .await
         {
             Ok(r) => Ok(r
                 .into_inner()
@@ -51,20 +53,22 @@ impl Containerd {
     }
 
     pub async fn pause(&self, id: &str) -> Result<(), ContainerdError> {
-        super::timed(self.tasks().pause(PauseTaskRequest {
-            container_id: id.to_string(),
-        }))
-        .await
-        .map(|_| ())
-        .map_err(|s| ContainerdError::rpc(format!("pausing {id:?}"), s))
+        self.tasks()
+            .pause(PauseTaskRequest {
+                container_id: id.to_string(),
+            })
+            .await
+            .map(|_| ())
+            .map_err(|s| ContainerdError::rpc(format!("pausing {id:?}"), s))
     }
 
     pub async fn resume(&self, id: &str) -> Result<(), ContainerdError> {
-        super::timed(self.tasks().resume(ResumeTaskRequest {
-            container_id: id.to_string(),
-        }))
-        .await
-        .map(|_| ())
-        .map_err(|s| ContainerdError::rpc(format!("resuming {id:?}"), s))
+        self.tasks()
+            .resume(ResumeTaskRequest {
+                container_id: id.to_string(),
+            })
+            .await
+            .map(|_| ())
+            .map_err(|s| ContainerdError::rpc(format!("resuming {id:?}"), s))
     }
 }
