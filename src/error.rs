@@ -51,8 +51,9 @@ pub enum CommitError {
     Diff(#[from] DiffError),
     #[error(transparent)]
     Image(#[from] ImageError),
+    /// Boxed: the registry's errors are the largest, and every `Result` carries the enum.
     #[error(transparent)]
-    Registry(#[from] RegistryError),
+    Registry(Box<RegistryError>),
     #[error(transparent)]
     Refused(#[from] Refusal),
     #[error(transparent)]
@@ -75,6 +76,12 @@ pub enum CommitError {
     Interrupted(&'static str),
     #[error("internal error: {what} stopped: {detail}")]
     Task { what: &'static str, detail: String },
+}
+
+impl From<RegistryError> for CommitError {
+    fn from(e: RegistryError) -> Self {
+        CommitError::Registry(Box::new(e))
+    }
 }
 
 impl CommitError {

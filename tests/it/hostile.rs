@@ -23,7 +23,7 @@ fn commit(lab: &Lab, id: &str, repo: &str) -> Output {
 
 /// Exit 4, one stderr line naming `path` and saying `what`, sandbox RUNNING, no tag.
 fn assert_refused(lab: &Lab, id: &str, repo: &str, out: &Output, path: &str, what: &str) {
-    let stderr = crate::cli::stderr_text(&out);
+    let stderr = crate::cli::stderr_text(out);
     assert_eq!(out.status.code(), Some(4), "{}", describe(out));
     let last = stderr.lines().last().unwrap_or_default();
     assert!(last.contains(path) && last.contains(what), "{stderr}");
