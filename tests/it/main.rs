@@ -4,6 +4,7 @@
 mod cli;
 mod cri;
 mod docker;
+mod docker_change;
 mod e2e;
 mod fidelity;
 mod hostile;
