@@ -13,6 +13,7 @@ mod include;
 mod kind;
 mod lab;
 mod lookup;
+mod process_run;
 mod push;
 mod quirks;
 mod safety;
