@@ -130,6 +130,12 @@ pub async fn source(
     Ok((Squash::Views(Box::new(views)), walk_reason(keep, &why_not)))
 }
 
+/// The snapshotter copies trees (native: a bind mount of a directory that containerd filled by
+/// copying its parent), so directory mtimes say when it copied them.
+pub fn copies_trees(mounts: &[SnapshotMount]) -> bool {
+    mounts.iter().any(|m| m.kind == "bind" || m.kind == "rbind")
+}
+
 /// Why the views were read instead of the stack.
 pub fn walk_reason(keep_layers: usize, why_not: &str) -> String {
     format!("--squash: a walk against the original base's {keep_layers} layers ({why_not})")

@@ -99,6 +99,11 @@ pub struct Options {
     /// xattr names kept on top of `security.capability` and `user.*` (exact, or a prefix
     /// ending in `*`: `security.selinux`, `security.*`).
     pub keep_xattrs: Vec<String>,
+    /// The walk's trees come from a snapshotter that copies them (native): a directory's mtime
+    /// says when it was copied, so directories are compared without it (containerd's differ
+    /// never compares directory mtimes). A directory with nothing else changed is then written
+    /// only before a changed entry beneath it.
+    pub copied_dir_mtimes: bool,
     /// How many bytes of holes (apparent size minus allocated bytes, summed over the layer) may
     /// be written out as zeros before a sparse file is refused with [`DiffError::Sparse`].
     /// `None` is [`DEFAULT_MAX_HOLE_BYTES`].

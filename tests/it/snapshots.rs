@@ -73,6 +73,7 @@ async fn squash_layer(lab: &Lab, id: &str, base_rootfs: &Path, expect: &str) -> 
     let file = std::fs::File::create(&tar_path).unwrap();
     let opts = committer::diff::Options {
         skip_mount_stubs: info.mount_destinations.clone(),
+        copied_dir_mtimes: committer::squash::copies_trees(&mounts),
         ..Default::default()
     };
     views.cleanup().await;
@@ -227,6 +228,9 @@ fn cycles_squash_to_changes_since_the_original_base(
         has("data/.wh.sub") || has("data/sub/.wh..wh..opq"),
         "{names:?}"
     );
+    for n in ["etc", "usr", "usr/bin", "home", "var", "data/dir-to-delete"] {
+        assert!(!has(n), "{n} is unchanged since the base: {names:?}");
+    }
     assert!(
         !names.iter().any(|e| e.contains("big")),
         "a file created and deleted after the base is in no layer: {names:?}"

@@ -360,3 +360,40 @@ fn squash_over_deletions_across_cycles_whiteouts_only_what_the_base_had() {
         assert!(!has(n), "{n} in {names:?}");
     }
 }
+
+/// The native snapshotter copies trees, so every directory's mtime in a sandbox is the copy's:
+/// a squash writes only what the sandbox changed (directories only above a changed entry), by a
+/// walk, and restores like the sandbox.
+#[test]
+fn native_squash_writes_only_what_changed() {
+    let lab = Lab::start();
+    let base = lab.base_image("base-oci", false);
+    let native = RunOpts::default().snapshotter("native");
+    lab.run_container("n1", &base, &native);
+    lab.exec("n1", "echo one > /a && rm /data/delete.txt");
+    let s1 = lab.commit_json("n1", "snap:n1", &[])["image"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    lab.ctr(&[
+        "images",
+        "pull",
+        "--plain-http",
+        "--snapshotter",
+        "native",
+        &s1,
+    ]);
+    lab.run_container("n2", &s1, &native);
+    lab.exec("n2", "echo two > /a && echo b > /etc/b");
+    let result = lab.commit_json("n2", "snap:n2", &["--squash", "--compression", "none"]);
+    assert_eq!(result["diffSource"], "walk", "{result}");
+    let image = result["image"].as_str().unwrap();
+    let mut names = top_layer_names(&lab, image);
+    names.sort();
+    assert_eq!(
+        names,
+        ["a", "data", "data/.wh.delete.txt", "etc", "etc/b"],
+        "{result}"
+    );
+    restore_equals(&lab, image, "n2", "n3");
+}
