@@ -275,3 +275,74 @@ fn process_config_reads_the_spec_containerd_wrote() {
     assert_eq!((p.cwd.as_str(), p.user.as_str()), ("/", "0:0"));
     assert!(p.env.iter().any(|e| e.starts_with("PATH=")), "{:?}", p.env);
 }
+
+/// A redirect the stack's walk meets only as it reads (planted in a snapshot layer's directory
+/// after the options and the upperdir were found exact): the squash is read again by the walk
+/// of the two views, in the same pause, and says why; the restore equals the sandbox.
+#[test]
+fn squash_stack_meeting_a_redirect_falls_back_to_the_views() {
+    let _defaults = crate::lab::overlay_defaults();
+    let lab = Lab::start();
+    let base = lab.base_image("base-oci", false);
+    lab.run_container("r1", &base, &RunOpts::default());
+    lab.exec("r1", "mkdir /made && echo x > /made/x");
+    let snap1 = commit(&lab, "r1", "1");
+    lab.ctr(&["images", "pull", "--plain-http", &snap1]);
+    lab.run_container("r2", &snap1, &RunOpts::default());
+    lab.exec("r2", "echo y > /made/y");
+    // The snapshot layer of snap1 is the container's first lowerdir.
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let layer = rt.block_on(async {
+        let ctr = Containerd::connect(&lab.address, &lab.namespace)
+            .await
+            .unwrap();
+        let info = ctr
+            .find_container(&Selector::Id("r2".into()))
+            .await
+            .unwrap();
+        let mounts = ctr.snapshot_mounts(&info).await.unwrap();
+        let lowers = mounts[0]
+            .options
+            .iter()
+            .find_map(|o| o.strip_prefix("lowerdir="))
+            .unwrap()
+            .to_string();
+        std::path::PathBuf::from(lowers.split(':').next().unwrap())
+    });
+    // A redirect to its own name: what overlay shows does not change.
+    rustix::fs::lsetxattr(
+        layer.join("made"),
+        "trusted.overlay.redirect",
+        b"made",
+        rustix::fs::XattrFlags::empty(),
+    )
+    .unwrap();
+    let target = format!("{}/snap:2", lab.registry);
+    let out = lab.committer(&[
+        "commit",
+        "--container",
+        "r2",
+        "--image",
+        &target,
+        "--plain-http",
+        "--squash",
+    ]);
+    assert!(out.status.success(), "{}", crate::lab::describe(&out));
+    let result: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(result["diffSource"], "walk", "{result}");
+    let reason = result["diffSourceReason"].as_str().unwrap();
+    assert!(reason.contains("renamed directory"), "{result}");
+    let image = result["image"].as_str().unwrap();
+    lab.ctr(&["images", "pull", "--plain-http", image]);
+    lab.run_container("r3", image, &RunOpts::default());
+    let diffs = compare_trees(
+        &lab.rootfs("r2"),
+        &lab.rootfs("r3"),
+        &CompareOpts::container_rootfs(),
+    );
+    assert!(
+        diffs.is_empty(),
+        "r3 differs from r2:\n{}",
+        diffs.join("\n")
+    );
+}
