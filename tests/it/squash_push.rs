@@ -8,12 +8,20 @@ use committer::image::media;
 use serde_json::Value;
 
 /// Commits container `id` to `REGISTRY/snap:TAG` with `extra` flags; returns the image by digest.
-/// A squash on overlay must have read the stack of upperdirs, not walked the whole tree.
+/// On overlay, a squash reads upperdirs: the stack of them, or, when the image is its own
+/// original base (nothing to merge), the container's upperdir as an append does.
 fn commit(lab: &Lab, id: &str, tag: &str, extra: &[&str]) -> String {
     let result = lab.commit_json(id, &format!("snap:{tag}"), extra);
-    if extra.contains(&"--squash") {
+    if extra.contains(&"--squash") && result["diffSourceReason"] != "overlay upperdir is exact" {
         assert_squashed_from_the_uppers(&result);
     }
+    result["image"].as_str().unwrap().to_string()
+}
+
+/// A squash of a snapshot image: must have merged the stack of upperdirs.
+fn commit_squash(lab: &Lab, id: &str, tag: &str, extra: &[&str]) -> String {
+    let result = lab.commit_json(id, &format!("snap:{tag}"), &[&["--squash"], extra].concat());
+    assert_squashed_from_the_uppers(&result);
     result["image"].as_str().unwrap().to_string()
 }
 
@@ -97,7 +105,7 @@ fn squash_cycles(docker: bool) {
 
     let mut prev = "c2".to_string();
     for cycle in 2..4 {
-        let image = commit(&lab, &prev, &cycle.to_string(), &["--squash"]);
+        let image = commit_squash(&lab, &prev, &cycle.to_string(), &[]);
         let sizes = layer_sizes(&image);
         let m = manifest(&image);
         assert_eq!(m["mediaType"], media_type(docker));
@@ -200,7 +208,7 @@ fn bench_squash_walk_against_append_on_a_large_base() {
     commit(&lab, "c3", "append", &[]);
     let append = t.elapsed();
     let t = std::time::Instant::now();
-    commit(&lab, "c3", "squash", &["--squash"]);
+    commit_squash(&lab, "c3", "squash", &[]);
     let squash = t.elapsed();
     eprintln!("30000-file base, 1-file change: append commit {append:?}, squash {squash:?}");
 }
@@ -326,7 +334,7 @@ fn squash_over_deletions_across_cycles_whiteouts_only_what_the_base_had() {
         "mkdir /newdir && echo again > /newdir/g && rm /data/sub/a && echo m3 > /data/modify.txt \
          && echo k > /data/keep.txt && rm /data/hardlink-a",
     );
-    let s3 = commit(&lab, "d3", "sq", &["--squash", "--compression", "none"]);
+    let s3 = commit_squash(&lab, "d3", "sq", &["--compression", "none"]);
     assert_eq!(layer_sizes(&s3).len(), 3, "base + 1");
     restore_equals(&lab, &s3, "d3", "d4");
 
