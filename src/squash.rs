@@ -1,14 +1,24 @@
-//! The two read-only trees a squashing commit diffs: the *original base* alone, and the
-//! container as it is now (earlier snapshot layers + its own writes). Their double walk is the
-//! one layer that replaces every snapshot layer: exact with any overlay mode (the views are
-//! mounted by the kernel, so redirects, metacopy and opaque dirs resolve as the sandbox saw
-//! them), and for the native snapshotter through a view of the original base's chain-ID
-//! snapshot. Which lowerdirs belong to the base is a pure function, tested without mounts.
+//! Where a squashing commit reads the one layer that replaces every snapshot layer since the
+//! *original base*.
+//!
+//! - On overlayfs with exact upperdirs: the **stack** of the container's upperdir over the
+//!   lowerdirs of the snapshot layers committed since the base, merged as overlay merges them
+//!   and diffed against the base's lowerdirs by name lookups (cost ∝ the stack, see
+//!   `diff::Source::Uppers`).
+//! - Otherwise (redirect_dir, metacopy, index=on, an option we do not know, the native
+//!   snapshotter, or `--diff-source walk`): two read-only **views**, the original base alone and
+//!   the container as it is now, walked side by side (cost ∝ the whole tree). They are exact
+//!   with any overlay mode (the kernel resolves redirects, metacopy and opaque dirs as the
+//!   sandbox saw them), and for the native snapshotter the base is a view of its chain-ID
+//!   snapshot. The stack's walk also stops with `NotExact` on a redirect or metacopy xattr it
+//!   meets; the caller then reads the views instead, in the same pause.
+//!
+//! Which lowerdirs belong to the base is a pure function, tested without mounts.
 
 use crate::containerd::lookup::{ContainerInfo, SnapshotMount};
 use crate::containerd::{Containerd, ContainerdError};
 use crate::image::ChainPlan;
-use crate::source::{SourceError, TempMount};
+use crate::source::{DiffSourceChoice, DiffSourceKind, SourceError, TempMount};
 use std::path::{Path, PathBuf};
 
 #[derive(Debug, thiserror::Error)]
@@ -43,6 +53,116 @@ pub fn base_lowers(
 ) -> Option<&[PathBuf]> {
     (lowers.len() == image_layers && base_layers <= image_layers)
         .then(|| &lowers[image_layers - base_layers..])
+}
+
+/// The squash's source: the stack of upperdirs, or the two views.
+pub enum Squash {
+    Stack(SquashStack),
+    Views(Box<SquashViews>),
+}
+
+/// The container's upperdir over the snapshot layers above the original base (topmost first),
+/// and the base's lowerdirs.
+pub struct SquashStack {
+    pub uppers: Vec<PathBuf>,
+    pub lowers: Vec<PathBuf>,
+}
+
+impl Squash {
+    pub fn as_diff_source(&self) -> crate::diff::Source<'_> {
+        match self {
+            Squash::Stack(s) => crate::diff::Source::Uppers {
+                uppers: &s.uppers,
+                lowers: &s.lowers,
+            },
+            Squash::Views(v) => v.as_diff_source(),
+        }
+    }
+
+    pub fn kind(&self) -> DiffSourceKind {
+        match self {
+            Squash::Stack(_) => DiffSourceKind::Upperdir,
+            Squash::Views(_) => DiffSourceKind::Walk,
+        }
+    }
+
+    pub async fn cleanup(self) {
+        if let Squash::Views(v) = self {
+            v.cleanup().await;
+        }
+    }
+}
+
+/// The fastest exact squash source for this container, and why it was picked. `choice` is
+/// `--diff-source`: `walk` always reads the views, `upperdir` refuses inexact upperdirs.
+pub async fn source(
+    ctr: &Containerd,
+    info: &ContainerInfo,
+    mounts: &[SnapshotMount],
+    image_layers: usize,
+    plan: &ChainPlan,
+    choice: DiffSourceChoice,
+) -> Result<(Squash, String), SquashError> {
+    let keep = plan.keep_layers;
+    let why_not = match (choice, mounts) {
+        (DiffSourceChoice::Walk, _) => "--diff-source walk".to_string(),
+        (_, [m]) if m.kind == "overlay" => match stack(m, image_layers, keep) {
+            Ok(s) => {
+                let reason = format!(
+                    "--squash: the upperdir and {} snapshot layers merged against the original base's {keep} layers",
+                    s.uppers.len() - 1
+                );
+                return Ok((Squash::Stack(s), reason));
+            }
+            Err(why) if choice == DiffSourceChoice::Upperdir => {
+                return Err(SquashError::Unsupported {
+                    id: info.id.clone(),
+                    detail: format!(
+                        "an upperdir that is not exact ({why}) with --diff-source upperdir"
+                    ),
+                })
+            }
+            Err(why) => why,
+        },
+        _ => "not an overlay snapshot".to_string(),
+    };
+    let views = views(ctr, info, mounts, image_layers, plan).await?;
+    Ok((Squash::Views(Box::new(views)), walk_reason(keep, &why_not)))
+}
+
+/// The snapshotter copies trees (native: a bind mount of a directory that containerd filled by
+/// copying its parent), so directory mtimes say when it copied them.
+pub fn copies_trees(mounts: &[SnapshotMount]) -> bool {
+    mounts.iter().any(|m| m.kind == "bind" || m.kind == "rbind")
+}
+
+/// Why the views were read instead of the stack.
+pub fn walk_reason(keep_layers: usize, why_not: &str) -> String {
+    format!("--squash: a walk against the original base's {keep_layers} layers ({why_not})")
+}
+
+/// The stack for an overlay mount whose upperdirs are exact, or why not (a mount the views
+/// cannot read either fails there, with its own error).
+fn stack(m: &SnapshotMount, image_layers: usize, keep: usize) -> Result<SquashStack, String> {
+    let lowers: Vec<PathBuf> = option(m, "lowerdir=")
+        .map(|l| l.split(':').map(PathBuf::from).collect())
+        .unwrap_or_default();
+    let upper = option(m, "upperdir=")
+        .map(PathBuf::from)
+        .ok_or("an overlay without an upperdir")?;
+    let base = base_lowers(&lowers, image_layers, keep)
+        .ok_or("the lowerdirs do not match the image's layers")?;
+    // index=on lets a copied-up lower hardlink be seen through names the uppers do not show.
+    if m.options.iter().any(|o| o == "index=on") {
+        return Err("mount option \"index=on\"".into());
+    }
+    crate::diff::upperdir_is_exact(&upper, &m.options).map_err(|why| why.to_string())?;
+    let mut uppers = vec![upper];
+    uppers.extend_from_slice(&lowers[..lowers.len() - base.len()]);
+    Ok(SquashStack {
+        uppers,
+        lowers: base.to_vec(),
+    })
 }
 
 /// The walk's view options serve the squash views too.

@@ -226,7 +226,10 @@ impl<W: Write> Walk<'_, W> {
         // An unchanged directory is still written before anything beneath it, as containerd's
         // differ does: unpackers replace a changed child by unlink + create, which touches the
         // parent's mtime, and only a directory entry in the layer puts it back.
-        let changed = lm.is_none_or(|l| !l.same_attrs(m));
+        let changed = lm.is_none_or(|l| match self.sink.options().copied_dir_mtimes {
+            true => !l.same_attrs_but_mtime(m),
+            false => !l.same_attrs(m),
+        });
         let stub = self.filter.is_stub(&path) || (lm.is_none() && self.filter.holds_stub(&path));
         if stub || !changed {
             self.sink.defer_dir(&path, m);

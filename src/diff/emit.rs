@@ -62,6 +62,10 @@ impl<'o, W: Write> Sink<'o, W> {
         }
     }
 
+    pub fn options(&self) -> &'o Options {
+        self.opts
+    }
+
     /// Ends the archive and returns the caller's writer.
     pub fn finish(self) -> Result<(W, Stats), DiffError> {
         let buffered = self.tar.finish().map_err(DiffError::Write)?;

@@ -117,12 +117,17 @@ impl Meta {
     /// Equal as far as the layer (and the unpacked tree) can tell, content aside: type, mode,
     /// owner, size, mtime to the nanosecond, xattrs, link target, device numbers.
     pub fn same_attrs(&self, o: &Meta) -> bool {
+        self.st.mtime == o.st.mtime && self.same_attrs_but_mtime(o)
+    }
+
+    /// `same_attrs` without the mtime: for directories of a snapshotter that copies trees, where
+    /// a directory's mtime tells when it was copied, not that the sandbox changed it.
+    pub fn same_attrs_but_mtime(&self, o: &Meta) -> bool {
         let (a, b) = (&self.st, &o.st);
         a.ftype == b.ftype
             && a.mode == b.mode
             && a.uid == b.uid
             && a.gid == b.gid
-            && a.mtime == b.mtime
             && (self.is_dir() || a.size == b.size)
             && a.rdev == b.rdev
             && self.xattrs == o.xattrs

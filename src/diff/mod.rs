@@ -6,7 +6,8 @@
 //!   end-of-archive blocks included) and hands the writer back.
 //! - [`Source::Upperdir`] reads the overlay upperdir (cost ∝ the diff), looking into the lowerdirs
 //!   only to skip whiteouts with nothing below and to drop no-op copy-ups. [`Source::Walk`]
-//!   compares two mounted trees (cost ∝ the whole rootfs).
+//!   compares two mounted trees (cost ∝ the whole rootfs). [`Source::Uppers`] merges a stack
+//!   of upperdirs against a squash's original base (cost ∝ the stack).
 //! - [`upperdir_is_exact`]`(upper, mount_options)` says whether the upperdir alone tells the
 //!   whole story. It checks the mount options against a whitelist, probes that this thread can
 //!   read `trusted.*` xattrs, and scans the upperdir (metadata only) for
@@ -40,7 +41,8 @@
 //!   the walk writes a directory whose metadata changed, and an unchanged one just before the
 //!   first entry beneath it (unpackers touch a parent's mtime when they replace a child).
 //! - A directory replaced by a non-directory (or the reverse) gets a whiteout first; a
-//!   directory deleted and recreated is, from the upperdir, the directory plus an opaque marker,
+//!   directory deleted and recreated is, from the upperdir, the directory plus an opaque marker
+//!   (only when the lower layers have something in it to hide),
 //!   from the walk, the directory plus a whiteout per vanished child (containerd's form).
 //! - Sockets are not carried. Files that vanish between listing and reading are skipped; a file
 //!   swapped for another object, or shorter than its header at EOF, is [`DiffError::FileChanged`];
@@ -97,6 +99,11 @@ pub struct Options {
     /// xattr names kept on top of `security.capability` and `user.*` (exact, or a prefix
     /// ending in `*`: `security.selinux`, `security.*`).
     pub keep_xattrs: Vec<String>,
+    /// The walk's trees come from a snapshotter that copies them (native): a directory's mtime
+    /// says when it was copied, so directories are compared without it (containerd's differ
+    /// never compares directory mtimes). A directory with nothing else changed is then written
+    /// only before a changed entry beneath it.
+    pub copied_dir_mtimes: bool,
     /// How many bytes of holes (apparent size minus allocated bytes, summed over the layer) may
     /// be written out as zeros before a sparse file is refused with [`DiffError::Sparse`].
     /// `None` is [`DEFAULT_MAX_HOLE_BYTES`].
@@ -120,6 +127,13 @@ pub enum Source<'a> {
     /// Overlay upperdir + the lowerdirs (immediate parent first, as in the mount's `lowerdir=`).
     Upperdir {
         upper: &'a Path,
+        lowers: &'a [PathBuf],
+    },
+    /// A stack of upperdirs (topmost first: a container's upperdir over the snapshot layers
+    /// above `lowers`) merged as overlay merges them, against `lowers` (a squash's original
+    /// base, immediate parent first). Cost ∝ the stack.
+    Uppers {
+        uppers: &'a [PathBuf],
         lowers: &'a [PathBuf],
     },
     /// Double walk: the lower view (read-only tree of the parent snapshot) vs the container's
@@ -236,7 +250,10 @@ pub fn write_layer<W: Write>(
     out: W,
 ) -> Result<(W, Stats), DiffError> {
     match *source {
-        Source::Upperdir { upper, lowers } => upper::write(upper, lowers, opts, out),
+        Source::Upperdir { upper, lowers } => {
+            upper::write(&[upper.to_path_buf()], lowers, opts, out)
+        }
+        Source::Uppers { uppers, lowers } => upper::write(uppers, lowers, opts, out),
         Source::Walk { lower, upper } => double_walk::write(lower, upper, opts, out),
     }
 }

@@ -4,26 +4,38 @@
 //! whiteouts with nothing below them and to drop copy-ups that changed nothing (a `chown` to the
 //! same owner, an open for writing that wrote nothing). A redirect or metacopy xattr means the
 //! upperdir is not the whole story: we stop with `NotExact` and the caller walks instead.
+//!
+//! A squash reads a *stack* of upperdirs (the container's upperdir over the snapshot layers
+//! committed since the original base, topmost first) against the original base's lowerdirs. The
+//! stack is merged as overlay merges it: at each name the topmost layer that has it wins; a
+//! directory continues into the layers below until one is opaque or holds a whiteout or a
+//! non-directory there, which then hides the base's directory too. A whiteout is written only
+//! where the base has the name, an opaque marker only where the base has the directory with
+//! something in it. Cost ∝ the stack, never the base (the base is only looked up by name).
 
 use super::emit::{join_path, Sink};
 use super::filter::Filter;
 use super::fsx::{self, St};
 use super::lower::{Below, LowerView};
-use super::meta::{read_meta_at, read_node, Handle, Meta, Node, XattrPolicy};
+use super::meta::{read_meta_at, read_meta_fd, read_node, Handle, Meta, Node, XattrPolicy};
 use super::{display, DiffError, NotExact, Options, Stats};
 use std::fs::File;
 use std::io::{Seek, SeekFrom, Write};
 use std::iter::Peekable;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
+/// `uppers`: topmost first (one for a plain commit); `lowers`: as in `lowerdir=`.
 pub(crate) fn write<W: Write>(
-    upper: &Path,
+    uppers: &[PathBuf],
     lowers: &[PathBuf],
     opts: &Options,
     out: W,
 ) -> Result<(W, Stats), DiffError> {
-    let root = fsx::open_root(upper).map_err(DiffError::io_host("opening upperdir", upper))?;
+    let mut root = Vec::with_capacity(uppers.len());
+    for upper in uppers {
+        root.push(fsx::open_root(upper).map_err(DiffError::io_host("opening upperdir", upper))?);
+    }
     raise_fd_limit();
     let policy = XattrPolicy::new(opts.userxattr, &opts.keep_xattrs);
     let lower = LowerView::root(lowers, &policy)?;
@@ -51,6 +63,13 @@ fn raise_fd_limit() {
     }
 }
 
+/// What the upper layers below the winning one add to a directory.
+struct Stack {
+    below_layers: Vec<OwnedFd>,
+    /// The stack hides the base's directory (opaque, or stopped by a whiteout or a file).
+    hides: bool,
+}
+
 struct UpperWalk<'o, W: Write> {
     sink: Sink<'o, W>,
     filter: Filter,
@@ -64,9 +83,11 @@ struct UpperWalk<'o, W: Write> {
 /// opaque marker, every lower name missing from the upperdir gets its own whiteout (`hidden`),
 /// so excluded lower paths survive.
 struct Frame {
-    fd: OwnedFd,
+    /// This directory in each upper layer where it is visible, topmost first.
+    layers: Vec<OwnedFd>,
     rel: Vec<u8>,
-    names: std::vec::IntoIter<Vec<u8>>,
+    /// The merged names, each with the topmost layer that has it.
+    names: std::vec::IntoIter<(Vec<u8>, usize)>,
     hidden: Peekable<std::vec::IntoIter<Vec<u8>>>,
     lower: LowerView,
     explicit: bool,
@@ -74,20 +95,28 @@ struct Frame {
 
 impl Frame {
     fn open(
-        fd: OwnedFd,
+        layers: Vec<OwnedFd>,
         rel: Vec<u8>,
         lower: LowerView,
         explicit: bool,
     ) -> Result<Frame, DiffError> {
         check_depth(&rel)?;
-        let names = fsx::list_names(fd.as_fd()).map_err(DiffError::io("listing", &rel))?;
+        let mut names = Vec::new();
+        for (i, fd) in layers.iter().enumerate() {
+            let listed = fsx::list_names(fd.as_fd()).map_err(DiffError::io("listing", &rel))?;
+            names.extend(listed.into_iter().map(|n| (n, i)));
+        }
+        if layers.len() > 1 {
+            names.sort_unstable(); // by name, then topmost layer first
+            names.dedup_by(|b, a| a.0 == b.0);
+        }
         let hidden = if explicit {
             lower.names(&rel)?
         } else {
             Vec::new()
         };
         Ok(Frame {
-            fd,
+            layers,
             rel,
             names: names.into_iter(),
             hidden: hidden.into_iter().peekable(),
@@ -115,7 +144,7 @@ impl<W: Write> UpperWalk<'_, W> {
     fn run(&mut self, root: Frame) -> Result<(), DiffError> {
         let mut stack = vec![root];
         while let Some(top) = stack.last_mut() {
-            let Some(name) = top.names.next() else {
+            let Some((name, layer)) = top.names.next() else {
                 let done = stack.pop().expect("the stack is not empty");
                 for h in done.hidden {
                     self.explicit_whiteout(&done.rel, &h)?;
@@ -127,7 +156,7 @@ impl<W: Write> UpperWalk<'_, W> {
                 self.explicit_whiteout(&top.rel, &h)?;
             }
             top.hidden.next_if(|h| h == &name);
-            if let Some(child) = self.entry(top, &name)? {
+            if let Some(child) = self.entry(top, &name, layer)? {
                 stack.push(child);
             }
         }
@@ -141,14 +170,15 @@ impl<W: Write> UpperWalk<'_, W> {
         self.sink.whiteout(rel, name)
     }
 
-    /// Emits `name` of directory `at`; a subdirectory comes back as the frame to walk next.
-    fn entry(&mut self, at: &Frame, name: &[u8]) -> Result<Option<Frame>, DiffError> {
+    /// Emits `name` of directory `at` (topmost in upper layer `layer`); a subdirectory comes
+    /// back as the frame to walk next.
+    fn entry(&mut self, at: &Frame, name: &[u8], layer: usize) -> Result<Option<Frame>, DiffError> {
         let (rel, lower) = (&at.rel[..], &at.lower);
         let path = join_path(rel, name);
         if self.filter.excluded(&path) {
             return Ok(None);
         }
-        let Some(mut node) = read_node(at.fd.as_fd(), name, &path, &self.policy)? else {
+        let Some(mut node) = read_node(at.layers[layer].as_fd(), name, &path, &self.policy)? else {
             return Ok(None);
         };
         let m = &node.meta;
@@ -174,8 +204,14 @@ impl<W: Write> UpperWalk<'_, W> {
             }
         }
         if m.is_dir() {
+            let (below_layers, hides) =
+                self.dir_below(&at.layers[layer + 1..], name, &path, m.marks.opaque)?;
+            let stack = Stack {
+                below_layers,
+                hides,
+            };
             return self
-                .subdir(name, path, node, &below, lower, at.explicit)
+                .subdir(name, path, node, stack, &below, lower, at.explicit)
                 .map(Some);
         }
         if self.filter.is_stub(&path) && m.is_reg() && m.st.size == 0 {
@@ -191,11 +227,72 @@ impl<W: Write> UpperWalk<'_, W> {
         self.sink.node(&path, &node.meta, file).map(|()| None)
     }
 
+    /// The directory `name` in the upper layers below the one where it was found (`rest`),
+    /// as overlay merges them: down to the first opaque one, or up to a layer holding a
+    /// whiteout or a non-directory there. Also says whether the stack hides the base's
+    /// directory (it does when it stopped at such a layer or on an opaque directory).
+    fn dir_below(
+        &self,
+        rest: &[OwnedFd],
+        name: &[u8],
+        path: &[u8],
+        opaque: bool,
+    ) -> Result<(Vec<OwnedFd>, bool), DiffError> {
+        let mut found = Vec::new();
+        if opaque {
+            return Ok((found, true));
+        }
+        for fd in rest {
+            let Some(st) =
+                fsx::lstat_opt(fd.as_fd(), name).map_err(DiffError::io("lstat in upper", path))?
+            else {
+                continue;
+            };
+            if st.ftype != rustix::fs::FileType::Directory {
+                return Ok((found, true)); // a whiteout or a file hides every layer below
+            }
+            let sub = fsx::open_dir_at(fd.as_fd(), name)
+                .map_err(DiffError::io("opening upper directory", path))?;
+            let st = fsx::fstat(sub.as_fd()).map_err(DiffError::io("fstat", path))?;
+            let marks = read_meta_fd(sub.as_fd(), st, path, &self.policy.markers())?.marks;
+            if marks.redirect {
+                return Err(NotExact::Redirect(display(path)).into());
+            }
+            found.push(sub);
+            if marks.opaque {
+                return Ok((found, true));
+            }
+        }
+        Ok((found, false))
+    }
+
+    /// Whether the base has something in directory `path` for an opaque marker to hide.
+    fn base_has_content(
+        &self,
+        below: &Below,
+        lower: &LowerView,
+        name: &[u8],
+        path: &[u8],
+    ) -> Result<bool, DiffError> {
+        Ok(match below {
+            Below::Absent => false,
+            Below::Unknown => true,
+            Below::Present { st, .. } if st.ftype != rustix::fs::FileType::Directory => false,
+            Below::Present { .. } => match lower.child(name, path)?.names(path) {
+                Ok(names) => !names.is_empty(),
+                Err(DiffError::NotExact(_)) => true,
+                Err(e) => return Err(e),
+            },
+        })
+    }
+
+    #[allow(clippy::too_many_arguments)]
     fn subdir(
         &mut self,
         name: &[u8],
         path: Vec<u8>,
         node: Node,
+        stack: Stack,
         below: &Below,
         lower: &LowerView,
         explicit: bool,
@@ -204,18 +301,22 @@ impl<W: Write> UpperWalk<'_, W> {
             unreachable!("read_node opens directories")
         };
         let m = node.meta;
+        let mut layers = vec![sub];
+        layers.extend(stack.below_layers);
         let lower_is_dir = matches!(below, Below::Present { st, .. } if st.ftype == rustix::fs::FileType::Directory)
             || matches!(below, Below::Unknown);
         let new = !lower_is_dir;
         let child_view;
         let mut child_explicit = explicit;
-        if m.marks.opaque && !self.filter.excludes_below(&path) {
+        if stack.hides && !self.filter.excludes_below(&path) {
             self.sink.dir(&path, &m)?;
-            self.sink.opaque(&path)?;
+            if self.base_has_content(below, lower, name, &path)? {
+                self.sink.opaque(&path)?;
+            }
             child_view = LowerView::empty(&self.policy);
             child_explicit = false;
         } else {
-            if m.marks.opaque {
+            if stack.hides {
                 child_explicit = true; // an exclusion reaches in: spell out the deletions
             }
             if self.filter.is_stub(&path) || (new && self.filter.holds_stub(&path)) {
@@ -229,7 +330,7 @@ impl<W: Write> UpperWalk<'_, W> {
                 LowerView::empty(&self.policy)
             };
         }
-        Frame::open(sub, path, child_view, child_explicit)
+        Frame::open(layers, path, child_view, child_explicit)
     }
 
     /// An upper non-directory identical to what it shadows: same type, mode, owner, size, mtime,

@@ -6,10 +6,9 @@
 use super::shlex::{process_word, process_words, split_words};
 use serde_json::{Map, Value};
 
-/// The instructions `docker commit --change` accepts (moby `validCommitCommands`, minus
-/// HEALTHCHECK, which committer does not implement yet).
+/// The instructions `docker commit --change` accepts (moby `validCommitCommands`).
 const ACCEPTED: &str =
-    "CMD, ENTRYPOINT, ENV, EXPOSE, LABEL, USER, VOLUME, WORKDIR, STOPSIGNAL, ONBUILD";
+    "CMD, ENTRYPOINT, ENV, EXPOSE, LABEL, USER, VOLUME, WORKDIR, STOPSIGNAL, ONBUILD, HEALTHCHECK";
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 #[error("--change {instruction:?}: {detail}")]

@@ -99,8 +99,9 @@ async fn capture_paused(
     Ok((captured, kind, reason, paused))
 }
 
-/// `--squash`: the container against the original base's layers only, by a walk of two
-/// read-only views, captured while paused.
+/// `--squash`: the container against the original base's layers only, captured while paused:
+/// from the stack of upperdirs when they are exact, else (or when the stack's walk meets a
+/// redirect or metacopy) from a walk of two read-only views.
 async fn capture_squash(
     req: &LayerRequest<'_>,
     target: &super::SquashTarget,
@@ -108,18 +109,44 @@ async fn capture_squash(
     file: File,
 ) -> Result<Held, CommitError> {
     let (ctr, info) = (req.ctr, req.info);
-    let views = squash::views(ctr, info, mounts, target.image_layers, &target.plan).await?;
-    let opts = diff_options(req, mounts);
-    let work = tar_blocking(views, opts, req.media_type.into(), file);
+    let (layers, plan) = (target.image_layers, &target.plan);
+    let choice = req.plan.diff_source;
+    let (source, reason) = squash::source(ctr, info, mounts, layers, plan, choice).await?;
+    let opts = diff::Options {
+        copied_dir_mtimes: squash::copies_trees(mounts),
+        ..diff_options(req, mounts)
+    };
+    let work = async {
+        let (out, file, source) =
+            tar_blocking(source, opts.clone(), req.media_type.into(), file).await?;
+        let why = match out {
+            Err(CommitError::Diff(diff::DiffError::NotExact(why)))
+                if matches!(source, squash::Squash::Stack(_)) =>
+            {
+                why
+            }
+            out => return Ok((out.map(|(d, s)| (file, d, s)), source, reason)),
+        };
+        log::info(&format!(
+            "upperdir is not exact ({why}); reading the squash by a walk"
+        ));
+        rewind(&file)?;
+        let views = squash::views(ctr, info, mounts, layers, plan).await?;
+        let (out, file, views) = tar_blocking(
+            squash::Squash::Views(Box::new(views)),
+            opts,
+            req.media_type.into(),
+            file,
+        )
+        .await?;
+        let reason = squash::walk_reason(plan.keep_layers, &why.to_string());
+        Ok::<_, CommitError>((out.map(|(d, s)| (file, d, s)), views, reason))
+    };
     let (attempt, paused) = freeze::while_paused(ctr, &info.id, req.plan.pause, work).await?;
-    let (out, file, views) = attempt?;
-    views.cleanup().await;
-    let reason = format!(
-        "--squash: a walk against the original base's {} layers",
-        target.plan.keep_layers
-    );
-    let captured = out.map(|(d, s)| (file, d, s));
-    Ok((captured, super::DiffSourceKind::Walk, reason, paused))
+    let (captured, source, reason) = attempt?;
+    let kind = source.kind();
+    source.cleanup().await;
+    Ok((captured, kind, reason, paused))
 }
 
 /// The paused part: tar the diff into `file`, falling back from the upperdir to a walk when the
@@ -177,6 +204,7 @@ fn diff_options(req: &LayerRequest<'_>, mounts: &[SnapshotMount]) -> diff::Optio
             .any(|m| m.options.iter().any(|o| o == "userxattr")),
         keep_xattrs: req.plan.keep_xattrs.clone(),
         max_hole_bytes: req.plan.max_hole_bytes,
+        copied_dir_mtimes: false,
     }
 }
 
@@ -191,7 +219,7 @@ impl Walkable for PreparedSource {
     }
 }
 
-impl Walkable for squash::SquashViews {
+impl Walkable for squash::Squash {
     fn diff_source(&self) -> diff::Source<'_> {
         self.as_diff_source()
     }

@@ -33,7 +33,7 @@ pub struct Cri {
 /// A pod sandbox made by `Cri::run_pod`: its ID and the config every CreateContainer of the pod repeats.
 pub struct Pod {
     pub id: String,
-    config: cri::PodSandboxConfig,
+    pub config: cri::PodSandboxConfig,
 }
 
 impl Cri {
@@ -156,6 +156,16 @@ impl Cri {
             linux: Some(cri::LinuxContainerConfig::default()),
             ..Default::default()
         };
+        self.create_and_start(pod, config)
+    }
+
+    /// CreateContainer + StartContainer of a container made as the kubelet makes `config`.
+    pub fn create_and_start(&mut self, pod: &Pod, config: cri::ContainerConfig) -> String {
+        let name = config
+            .metadata
+            .as_ref()
+            .map(|m| m.name.clone())
+            .unwrap_or_default();
         let req = cri::CreateContainerRequest {
             pod_sandbox_id: pod.id.clone(),
             config: Some(config),
@@ -223,7 +233,10 @@ impl Cri {
 }
 
 /// The kubelet's container labels (labels.go, newContainerLabels): the pod's identity and the container's name.
-fn kubelet_container_labels(pod: &cri::PodSandboxConfig, name: &str) -> HashMap<String, String> {
+pub fn kubelet_container_labels(
+    pod: &cri::PodSandboxConfig,
+    name: &str,
+) -> HashMap<String, String> {
     let m = pod.metadata.as_ref().expect("pod metadata");
     HashMap::from([
         ("io.kubernetes.container.name".to_string(), name.to_string()),

@@ -4,6 +4,7 @@
 mod cli;
 mod cri;
 mod docker;
+mod docker_change;
 mod e2e;
 mod fidelity;
 mod hostile;
@@ -12,6 +13,7 @@ mod include;
 mod kind;
 mod lab;
 mod lookup;
+mod process_run;
 mod push;
 mod quirks;
 mod safety;

@@ -32,9 +32,10 @@ fn commit(lab: &Lab, id: &str, tag: &str) -> String {
     v["image"].as_str().unwrap().to_string()
 }
 
-/// The tar entry names of the squashed layer of container `id`, and its two views compared with
-/// the base image and the container's rootfs.
-async fn squash_layer(lab: &Lab, id: &str, base_rootfs: &Path) -> BTreeSet<String> {
+/// The tar entry names of the squashed layer of container `id`, read from the source committer
+/// picks (`expect`: "upperdir" for the stack of upperdirs, "walk" for the views); the two walk
+/// views are also compared with the base image and the container's rootfs.
+async fn squash_layer(lab: &Lab, id: &str, base_rootfs: &Path, expect: &str) -> BTreeSet<String> {
     let ctr = Containerd::connect(&lab.address, &lab.namespace)
         .await
         .unwrap();
@@ -72,10 +73,23 @@ async fn squash_layer(lab: &Lab, id: &str, base_rootfs: &Path) -> BTreeSet<Strin
     let file = std::fs::File::create(&tar_path).unwrap();
     let opts = committer::diff::Options {
         skip_mount_stubs: info.mount_destinations.clone(),
+        copied_dir_mtimes: committer::squash::copies_trees(&mounts),
         ..Default::default()
     };
-    committer::diff::write_layer(&views.as_diff_source(), &opts, file).unwrap();
     views.cleanup().await;
+    let (source, reason) = committer::squash::source(
+        &ctr,
+        &info,
+        &mounts,
+        image.layers().len(),
+        &plan,
+        committer::source::DiffSourceChoice::Auto,
+    )
+    .await
+    .unwrap();
+    assert_eq!(source.kind().as_str(), expect, "{reason}");
+    committer::diff::write_layer(&source.as_diff_source(), &opts, file).unwrap();
+    source.cleanup().await;
     let mut archive = tar::Archive::new(std::fs::File::open(&tar_path).unwrap());
     archive
         .entries()
@@ -156,7 +170,11 @@ impl Drop for ParamGuard {
 
 /// Two appended snapshots, then a third sandbox (started with the overlay `params`) whose squash
 /// layer must hold every change since the original base and nothing that was deleted.
-fn cycles_squash_to_changes_since_the_original_base(snapshotter: &str, params: &[&str]) {
+fn cycles_squash_to_changes_since_the_original_base(
+    snapshotter: &str,
+    params: &[&str],
+    expect: &str,
+) {
     let lab = Lab::start();
     let base = lab.base_image("base-oci", false);
     let base_rootfs = lab.pull_unpack(&base);
@@ -181,7 +199,7 @@ fn cycles_squash_to_changes_since_the_original_base(snapshotter: &str, params: &
         "mv /data/sub /data/sub-moved && chmod 0600 /data/keep.txt && echo three > /a && echo b > /b",
     );
     let rt = tokio::runtime::Runtime::new().unwrap();
-    let names = rt.block_on(squash_layer(&lab, "c3", &base_rootfs));
+    let names = rt.block_on(squash_layer(&lab, "c3", &base_rootfs, expect));
     let restored = base_plus_layer(&lab, &base, &lab.dir.join("squash-c3.tar"));
     let same = CompareOpts {
         hardlinks: true,
@@ -210,6 +228,9 @@ fn cycles_squash_to_changes_since_the_original_base(snapshotter: &str, params: &
         has("data/.wh.sub") || has("data/sub/.wh..wh..opq"),
         "{names:?}"
     );
+    for n in ["etc", "usr", "usr/bin", "home", "var", "data/dir-to-delete"] {
+        assert!(!has(n), "{n} is unchanged since the base: {names:?}");
+    }
     assert!(
         !names.iter().any(|e| e.contains("big")),
         "a file created and deleted after the base is in no layer: {names:?}"
@@ -219,18 +240,23 @@ fn cycles_squash_to_changes_since_the_original_base(snapshotter: &str, params: &
 #[test]
 fn squash_views_overlayfs_hold_every_change_since_the_original_base_and_nothing_deleted() {
     let _defaults = crate::lab::overlay_defaults();
-    cycles_squash_to_changes_since_the_original_base("overlayfs", &[]);
+    cycles_squash_to_changes_since_the_original_base("overlayfs", &[], "upperdir");
 }
 
 #[test]
 fn squash_views_overlayfs_redirect_dir_and_metacopy_are_exact() {
     let _turn = crate::lab::overlay_params_changing();
-    cycles_squash_to_changes_since_the_original_base("overlayfs", &["redirect_dir", "metacopy"]);
+    // The module defaults turn redirects and metacopy on: the uppers are not exact, the views are.
+    cycles_squash_to_changes_since_the_original_base(
+        "overlayfs",
+        &["redirect_dir", "metacopy"],
+        "walk",
+    );
 }
 
 #[test]
 fn squash_views_native_hold_every_change_since_the_original_base_and_nothing_deleted() {
-    cycles_squash_to_changes_since_the_original_base("native", &[]);
+    cycles_squash_to_changes_since_the_original_base("native", &[], "walk");
 }
 
 #[test]
@@ -248,4 +274,75 @@ fn process_config_reads_the_spec_containerd_wrote() {
     assert_eq!(p.args, ["sh", "-c", "sleep 1000000"]);
     assert_eq!((p.cwd.as_str(), p.user.as_str()), ("/", "0:0"));
     assert!(p.env.iter().any(|e| e.starts_with("PATH=")), "{:?}", p.env);
+}
+
+/// A redirect the stack's walk meets only as it reads (planted in a snapshot layer's directory
+/// after the options and the upperdir were found exact): the squash is read again by the walk
+/// of the two views, in the same pause, and says why; the restore equals the sandbox.
+#[test]
+fn squash_stack_meeting_a_redirect_falls_back_to_the_views() {
+    let _defaults = crate::lab::overlay_defaults();
+    let lab = Lab::start();
+    let base = lab.base_image("base-oci", false);
+    lab.run_container("r1", &base, &RunOpts::default());
+    lab.exec("r1", "mkdir /made && echo x > /made/x");
+    let snap1 = commit(&lab, "r1", "1");
+    lab.ctr(&["images", "pull", "--plain-http", &snap1]);
+    lab.run_container("r2", &snap1, &RunOpts::default());
+    lab.exec("r2", "echo y > /made/y");
+    // The snapshot layer of snap1 is the container's first lowerdir.
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let layer = rt.block_on(async {
+        let ctr = Containerd::connect(&lab.address, &lab.namespace)
+            .await
+            .unwrap();
+        let info = ctr
+            .find_container(&Selector::Id("r2".into()))
+            .await
+            .unwrap();
+        let mounts = ctr.snapshot_mounts(&info).await.unwrap();
+        let lowers = mounts[0]
+            .options
+            .iter()
+            .find_map(|o| o.strip_prefix("lowerdir="))
+            .unwrap()
+            .to_string();
+        std::path::PathBuf::from(lowers.split(':').next().unwrap())
+    });
+    // A redirect to its own name: what overlay shows does not change.
+    rustix::fs::lsetxattr(
+        layer.join("made"),
+        "trusted.overlay.redirect",
+        b"made",
+        rustix::fs::XattrFlags::empty(),
+    )
+    .unwrap();
+    let target = format!("{}/snap:2", lab.registry);
+    let out = lab.committer(&[
+        "commit",
+        "--container",
+        "r2",
+        "--image",
+        &target,
+        "--plain-http",
+        "--squash",
+    ]);
+    assert!(out.status.success(), "{}", crate::lab::describe(&out));
+    let result: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(result["diffSource"], "walk", "{result}");
+    let reason = result["diffSourceReason"].as_str().unwrap();
+    assert!(reason.contains("renamed directory"), "{result}");
+    let image = result["image"].as_str().unwrap();
+    lab.ctr(&["images", "pull", "--plain-http", image]);
+    lab.run_container("r3", image, &RunOpts::default());
+    let diffs = compare_trees(
+        &lab.rootfs("r2"),
+        &lab.rootfs("r3"),
+        &CompareOpts::container_rootfs(),
+    );
+    assert!(
+        diffs.is_empty(),
+        "r3 differs from r2:\n{}",
+        diffs.join("\n")
+    );
 }

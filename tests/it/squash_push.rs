@@ -8,9 +8,30 @@ use committer::image::media;
 use serde_json::Value;
 
 /// Commits container `id` to `REGISTRY/snap:TAG` with `extra` flags; returns the image by digest.
+/// On overlay, a squash reads upperdirs: the stack of them, or, when the image is its own
+/// original base (nothing to merge), the container's upperdir as an append does.
 fn commit(lab: &Lab, id: &str, tag: &str, extra: &[&str]) -> String {
     let result = lab.commit_json(id, &format!("snap:{tag}"), extra);
+    if extra.contains(&"--squash") && result["diffSourceReason"] != "overlay upperdir is exact" {
+        assert_squashed_from_the_uppers(&result);
+    }
     result["image"].as_str().unwrap().to_string()
+}
+
+/// A squash of a snapshot image: must have merged the stack of upperdirs.
+fn commit_squash(lab: &Lab, id: &str, tag: &str, extra: &[&str]) -> String {
+    let result = lab.commit_json(id, &format!("snap:{tag}"), &[&["--squash"], extra].concat());
+    assert_squashed_from_the_uppers(&result);
+    result["image"].as_str().unwrap().to_string()
+}
+
+fn assert_squashed_from_the_uppers(result: &Value) {
+    assert_eq!(result["diffSource"], "upperdir", "{result}");
+    let reason = result["diffSourceReason"].as_str().unwrap();
+    assert!(
+        reason.starts_with("--squash: the upperdir and") && reason.contains("merged"),
+        "{result}"
+    );
 }
 
 fn manifest(image: &str) -> Value {
@@ -84,7 +105,7 @@ fn squash_cycles(docker: bool) {
 
     let mut prev = "c2".to_string();
     for cycle in 2..4 {
-        let image = commit(&lab, &prev, &cycle.to_string(), &["--squash"]);
+        let image = commit_squash(&lab, &prev, &cycle.to_string(), &[]);
         let sizes = layer_sizes(&image);
         let m = manifest(&image);
         assert_eq!(m["mediaType"], media_type(docker));
@@ -124,19 +145,23 @@ fn max_layers_appends_until_the_bound_then_squashes_and_every_image_restores_exa
             &prev,
             &format!("echo {cycle} > /a && echo x > /c{cycle}{delete}"),
         );
-        let image = commit(&lab, &prev, &cycle.to_string(), &["--max-layers", "2"]);
-        let layers = layer_sizes(&image).len();
+        let result = lab.commit_json(&prev, &format!("snap:{cycle}"), &["--max-layers", "2"]);
+        let image = result["image"].as_str().unwrap();
+        let layers = layer_sizes(image).len();
+        if cycle > 0 && layers == 3 {
+            assert_squashed_from_the_uppers(&result);
+        }
         assert!(layers <= 2 + 2, "cycle {cycle}: {layers} layers");
         counts.push(layers);
         let next = format!("c{}", cycle + 1);
-        restore_equals(&lab, &image, &prev, &next);
+        restore_equals(&lab, image, &prev, &next);
         prev = next;
     }
     assert_eq!(counts, [3, 4, 3, 4, 3, 4], "append, append, squash, …");
 }
 
 /// Bench (run with `--ignored --nocapture`): an append commit against a squash of the same
-/// small change on an original base of 30 000 files. The squash walks the whole tree.
+/// small change on an original base of 30 000 files. The squash reads the stack of upperdirs.
 #[test]
 #[ignore]
 fn bench_squash_walk_against_append_on_a_large_base() {
@@ -183,7 +208,7 @@ fn bench_squash_walk_against_append_on_a_large_base() {
     commit(&lab, "c3", "append", &[]);
     let append = t.elapsed();
     let t = std::time::Instant::now();
-    commit(&lab, "c3", "squash", &["--squash"]);
+    commit_squash(&lab, "c3", "squash", &[]);
     let squash = t.elapsed();
     eprintln!("30000-file base, 1-file change: append commit {append:?}, squash {squash:?}");
 }
@@ -250,4 +275,133 @@ fn twenty_cycles_of_squash_stay_base_plus_one_and_hold_only_what_is_live() {
         };
         eprintln!("| {cycle} | {} | {} |", row("append"), row("squash"));
     }
+}
+
+/// The entry names of `image`'s top layer (committed with `--compression none`), fetched from
+/// the registry by digest.
+fn top_layer_names(lab: &Lab, image: &str) -> Vec<String> {
+    let m = manifest(image);
+    let top = m["layers"].as_array().unwrap().last().unwrap();
+    assert_eq!(top["mediaType"], media::OCI_LAYER_TAR, "{m}");
+    let repo = image.split('@').next().unwrap();
+    let (host, name) = repo.split_once('/').unwrap();
+    let digest = top["digest"].as_str().unwrap();
+    let blob = lab.dir.join(digest.trim_start_matches("sha256:"));
+    crate::lab::check(
+        std::process::Command::new("curl")
+            .args(["-fsSo"])
+            .arg(&blob)
+            .arg(format!("http://{host}/v2/{name}/blobs/{digest}")),
+    );
+    let mut archive = tar::Archive::new(std::fs::File::open(blob).unwrap());
+    archive
+        .entries()
+        .unwrap()
+        .map(|e| {
+            let p = e.unwrap().path().unwrap().to_string_lossy().into_owned();
+            p.trim_end_matches('/').to_string()
+        })
+        .collect()
+}
+
+/// Deletions and re-creations spread over three cycles, then one squash: what a snapshot added
+/// and a later one deleted leaves no whiteout (the base never had it), a base file deleted and
+/// re-created is there, a base directory emptied in one cycle and partly refilled in the next
+/// is opaque with the refill only, and the restored sandbox equals the committed one.
+#[test]
+fn squash_over_deletions_across_cycles_whiteouts_only_what_the_base_had() {
+    let _defaults = crate::lab::overlay_defaults();
+    let lab = Lab::start();
+    let base = lab.base_image("base-oci", false);
+    lab.run_container("d1", &base, &RunOpts::default());
+    lab.exec(
+        "d1",
+        "echo n > /new1 && mkdir -p /newdir/s && echo n > /newdir/s/f && rm /data/delete.txt \
+         && rm -r /data/sub && mkdir /data/sub && echo a > /data/sub/a && rm -r /data/dir-to-delete \
+         && rm -r /data/dir-to-replace && echo f > /data/dir-to-replace && echo m1 > /data/modify.txt",
+    );
+    let s1 = commit(&lab, "d1", "x1", &[]);
+    restore_equals(&lab, &s1, "d1", "d2");
+    lab.exec(
+        "d2",
+        "rm /new1 && rm -r /newdir && echo back > /data/delete.txt && echo x > /data/sub/x \
+         && mkdir /data/dir-to-delete && echo c > /data/dir-to-delete/c && rm /data/keep.txt",
+    );
+    let s2 = commit(&lab, "d2", "x2", &[]);
+    restore_equals(&lab, &s2, "d2", "d3");
+    lab.exec(
+        "d3",
+        "mkdir /newdir && echo again > /newdir/g && rm /data/sub/a && echo m3 > /data/modify.txt \
+         && echo k > /data/keep.txt && rm /data/hardlink-a",
+    );
+    let s3 = commit_squash(&lab, "d3", "sq", &["--compression", "none"]);
+    assert_eq!(layer_sizes(&s3).len(), 3, "base + 1");
+    restore_equals(&lab, &s3, "d3", "d4");
+
+    let names = top_layer_names(&lab, &s3);
+    let has = |n: &str| names.iter().any(|e| e == n);
+    for n in [
+        "newdir/g",
+        "data/delete.txt",
+        "data/sub/.wh..wh..opq",
+        "data/sub/x",
+        "data/dir-to-delete/.wh..wh..opq",
+        "data/dir-to-delete/c",
+        "data/.wh.dir-to-replace",
+        "data/dir-to-replace",
+        "data/keep.txt",
+        "data/modify.txt",
+        "data/.wh.hardlink-a",
+    ] {
+        assert!(has(n), "{n} missing from {names:?}");
+    }
+    for n in [
+        ".wh.new1",
+        ".wh.newdir",
+        "newdir/.wh..wh..opq",
+        "newdir/s",
+        "data/sub/a",
+        "data/.wh.delete.txt",
+        "data/.wh.keep.txt",
+        "data/.wh.sub",
+    ] {
+        assert!(!has(n), "{n} in {names:?}");
+    }
+}
+
+/// The native snapshotter copies trees, so every directory's mtime in a sandbox is the copy's:
+/// a squash writes only what the sandbox changed (directories only above a changed entry), by a
+/// walk, and restores like the sandbox.
+#[test]
+fn native_squash_writes_only_what_changed() {
+    let lab = Lab::start();
+    let base = lab.base_image("base-oci", false);
+    let native = RunOpts::default().snapshotter("native");
+    lab.run_container("n1", &base, &native);
+    lab.exec("n1", "echo one > /a && rm /data/delete.txt");
+    let s1 = lab.commit_json("n1", "snap:n1", &[])["image"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    lab.ctr(&[
+        "images",
+        "pull",
+        "--plain-http",
+        "--snapshotter",
+        "native",
+        &s1,
+    ]);
+    lab.run_container("n2", &s1, &native);
+    lab.exec("n2", "echo two > /a && echo b > /etc/b");
+    let result = lab.commit_json("n2", "snap:n2", &["--squash", "--compression", "none"]);
+    assert_eq!(result["diffSource"], "walk", "{result}");
+    let image = result["image"].as_str().unwrap();
+    let mut names = top_layer_names(&lab, image);
+    names.sort();
+    assert_eq!(
+        names,
+        ["a", "data", "data/.wh.delete.txt", "etc", "etc/b"],
+        "{result}"
+    );
+    restore_equals(&lab, image, "n2", "n3");
 }

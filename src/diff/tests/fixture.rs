@@ -132,7 +132,7 @@ fn join(dirs: &[PathBuf]) -> String {
         .join(":")
 }
 
-fn mount_overlay(opts: &str, target: &Path) {
+pub(crate) fn mount_overlay(opts: &str, target: &Path) {
     let out = Command::new("mount")
         .args(["-t", "overlay", "overlay", "-o", opts])
         .arg(target)

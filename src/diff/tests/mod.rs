@@ -10,6 +10,7 @@ mod hardlinks;
 mod hostile;
 mod rawtar;
 mod scenario;
+mod squash;
 mod tree;
 mod umoci;
 
