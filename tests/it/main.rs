@@ -14,6 +14,7 @@ mod lab;
 mod lookup;
 mod push;
 mod quirks;
+mod reflink;
 mod safety;
 mod snapshots;
 mod spool;
