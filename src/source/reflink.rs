@@ -430,6 +430,7 @@ pub(super) fn data_dir(mounts: &[SnapshotMount]) -> Option<PathBuf> {
 
 /// After the resume: the layer from the recipe and the clones, compressed on a blocking thread
 /// into the caller's file or a spool file; the diff_id is the assembled tar's.
+#[allow(clippy::result_large_err)]
 pub(super) async fn compress_assembled(
     req: &LayerRequest<'_>,
     clones: Clones,
