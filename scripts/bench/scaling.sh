@@ -2,8 +2,8 @@
 # the spool's peak and the committer's RSS grow with the diff. A sandbox grows its diff in files of 256 MiB of
 # random data to 0.5, 1, 2, 4, 8 GiB (BENCH_QUICK: 0.25, 0.5, 1; BENCH_SCALING_GIB="…" to choose) and is committed
 # at each size (zstd, to keep the wall time about the capture), on:
-#   ext4   the machine's filesystem: the main lab, spool $work/spool (the capture copies)
-#   ext4-files  the same with COMMITTER_CAPTURE=files (per-file kernel copies, copy_file_range, instead of the tar)
+#   ext4   the machine's filesystem: the main lab, spool $work/spool (per-file kernel copies, copy_file_range)
+#   ext4-tar  the same with COMMITTER_CAPTURE=tar (the raw tar written and hashed while paused, as before)
 #   xfs    a second lab on a sparse loop-mounted XFS with reflink (COMMITTER_LAB_XFS, at most 12 GiB), containerd's
 #          root and the spool on it (the capture clones)
 # and, as the disk's limit, a `dd` of the same files into the spool (bs=1M, no sync: the capture does not sync
@@ -50,10 +50,9 @@ scaling_on() {
   runc=$(. "$ldir/env" && echo "$LAB_RUNC_ROOT")
   cg=$(. "$ldir/env" && echo "$LAB_CGROUP_PARENT")
   local c=("$ctrb" -a "$addr" -n "$NS")
-  if ! "${c[@]}" images ls -q | grep -qx "$small_base"; then
-    "$here/lab.sh" base-image "$ldir" benchbase --namespace "$NS" >/dev/null
-  fi
-  "${c[@]}" run -d --runc-root "$runc" --cgroup "$cg/$id" "$small_base" "$id" sleep 1000000 >/dev/null
+  local image=$small_base
+  [ "$ldir" = "$lab" ] || image=$("$here/lab.sh" base-image "$ldir" benchbase --namespace "$NS")
+  "${c[@]}" run -d --runc-root "$runc" --cgroup "$cg/$id" "$image" "$id" sleep 1000000 >/dev/null
   rootfs=$ldir/state/io.containerd.runtime.v2.task/$NS/$id/rootfs
   for _ in $(seq 1 100); do [ -d "$rootfs/data" ] && break; sleep 0.1; done
   for mib in $(scaling_sizes); do
@@ -106,19 +105,19 @@ scaling_run() {
   fi
   SCALING_TSV=$work/scaling.tsv
   printf 'fs\tdiff_mib\tpaused_ms\twall_s\tspool_peak_kib\trss_kib\tdd_s\tcapture\tentries\n' >"$SCALING_TSV"
-  local fss=${BENCH_SCALING_FS:-ext4 ext4-files xfs}
+  local fss=${BENCH_SCALING_FS:-ext4 ext4-tar xfs}
   local fs
   for fs in $fss; do
     case "$fs" in
     ext4) scaling_on ext4 "$lab" "$work/spool" du "" ;;
-    ext4-files) scaling_on ext4-files "$lab" "$work/spool" du COMMITTER_CAPTURE=files ;;
+    ext4-tar) scaling_on ext4-tar "$lab" "$work/spool" du COMMITTER_CAPTURE=tar ;;
     xfs)
       say "scaling: starting a lab on a 12 GiB sparse XFS with reflink"
       COMMITTER_LAB_XFS=12G "$here/lab.sh" start "$work/lab-xfs" >&2
       scaling_on xfs "$work/lab-xfs" "$work/lab-xfs/xfs/spool" df ""
       "$here/lab.sh" stop "$work/lab-xfs" >&2
       ;;
-    *) die "BENCH_SCALING_FS: ext4 ext4-files xfs, not $fs" ;;
+    *) die "BENCH_SCALING_FS: ext4 ext4-tar xfs, not $fs" ;;
     esac
   done
 }

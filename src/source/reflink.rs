@@ -7,12 +7,12 @@
 //! resume, [`Assembler`] rebuilds the exact tar from the recipe and the clones, as a `Read` for
 //! the compressor (which computes the diff_id), deleting each clone as it is consumed.
 //!
-//! Chosen before the pause when the spool directory is on the filesystem that holds the
-//! snapshot (same `st_dev`) and that filesystem clones (a probe `FICLONE` between two spool
-//! files succeeds); otherwise the raw-tar capture (a copy) runs as before. A file whose clone is
-//! refused (`EXDEV`, `EOPNOTSUPP`, `EINVAL`) is copied by `copy_file_range` instead, then by
-//! read/write, so the capture never fails for the lack of a clone.
-//! `COMMITTER_CAPTURE=tar|files|auto` forces a capture (bench and tests).
+//! Reported as `reflink` when the spool directory is on the filesystem that holds the snapshot
+//! (same `st_dev`) and that filesystem clones (a probe `FICLONE` between two spool files
+//! succeeds). Elsewhere the same per-file capture copies: a file whose clone is refused (`EXDEV`,
+//! `EOPNOTSUPP`, `EINVAL`) is copied by `copy_file_range` (in the kernel, no user-space copy), then
+//! by read/write, so the capture never fails for the lack of a clone.
+//! `COMMITTER_CAPTURE=tar` forces the raw-tar capture of before (`--squash` always uses it).
 
 use super::{local, spool, LayerFile, LayerRequest};
 use crate::containerd::lookup::SnapshotMount;
@@ -39,29 +39,19 @@ pub enum CaptureKind {
     Copy,
 }
 
-/// Which capture the environment asks for.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Wanted {
-    Auto,
-    /// Per-file captures even where nothing clones (each content copied by the kernel).
-    Files,
-    Tar,
+/// The capture forced by the environment: `tar` (the raw tar copied and hashed while paused);
+/// anything else is the per-file capture.
+fn tar_forced() -> bool {
+    std::env::var("COMMITTER_CAPTURE").as_deref() == Ok("tar")
 }
 
-fn wanted() -> Wanted {
-    match std::env::var("COMMITTER_CAPTURE").as_deref() {
-        Ok("tar") => Wanted::Tar,
-        Ok("files") => Wanted::Files,
-        _ => Wanted::Auto,
-    }
-}
-
-/// Decides, before the pause, whether this capture keeps contents as clones: returns the store
-/// and what the result will call it, or None for the raw-tar copy. `data` is where the
-/// snapshot's files live on the host (the upperdir, or the native snapshot's directory).
+/// Decides, before the pause, how this capture keeps contents: per file, as clones when the
+/// spool's filesystem is the snapshot's and it clones, else as kernel copies (`copy_file_range`:
+/// measured with scripts/bench.sh's scaling workload on ext4, 4-5x shorter pauses than writing
+/// and hashing the raw tar). None: the raw-tar capture. `data` is where the snapshot's files live
+/// on the host (the upperdir, or the native snapshot's directory).
 pub(super) fn choose(spool_dir: &Path, data: Option<&Path>) -> Option<(Clones, CaptureKind)> {
-    let want = wanted();
-    if want == Wanted::Tar {
+    if tar_forced() {
         return None;
     }
     let reflink = data.is_some_and(|d| same_filesystem(spool_dir, d)) && probe(spool_dir);
@@ -70,17 +60,12 @@ pub(super) fn choose(spool_dir: &Path, data: Option<&Path>) -> Option<(Clones, C
     } else {
         CaptureKind::Copy
     };
-    if !reflink && want != Wanted::Files {
-        crate::log::debug(&format!(
-            "the spool {} cannot hold clones of the snapshot's files: the capture copies",
-            spool_dir.display()
-        ));
-        return None;
-    }
     match Clones::new(spool_dir) {
         Ok(c) => Some((c, kind)),
         Err(e) => {
-            crate::log::debug(&format!("no clone directory in the spool ({e}): copying"));
+            crate::log::debug(&format!(
+                "no capture directory in the spool ({e}): the raw tar is copied"
+            ));
             None
         }
     }
@@ -331,9 +316,14 @@ impl Assembler {
         let limit = match self.next {
             Some((at, size)) if at == self.pos => {
                 let path = self.clone_path();
-                let file = File::open(&path).map_err(|e| {
-                    io::Error::new(e.kind(), format!("opening {}: {e}", path.display()))
-                })?;
+                // Writable: consumed ranges are punched out of it (fallocate needs that).
+                let file = OpenOptions::new()
+                    .read(true)
+                    .write(true)
+                    .open(&path)
+                    .map_err(|e| {
+                        io::Error::new(e.kind(), format!("opening {}: {e}", path.display()))
+                    })?;
                 // Its blocks go back when this handle closes.
                 std::fs::remove_file(&path)?;
                 self.state = State::Content(file, size, 0, 0);
