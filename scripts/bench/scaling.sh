@@ -97,8 +97,17 @@ scaling_drop_blob() {
   find "$lab/registry" -type d -path "*/blobs/sha256/${d:0:2}/$d" -prune -exec rm -rf {} + 2>/dev/null || true
 }
 
+# scaling_python: a python3 that has matplotlib (a pyenv shim first on PATH may not), or nothing.
+scaling_python() {
+  local p
+  for p in python3 /usr/bin/python3; do
+    "$p" -c 'import matplotlib' 2>/dev/null && { echo "$p"; return 0; }
+  done
+  return 0
+}
+
 scaling_run() {
-  if ! python3 -c 'import matplotlib' 2>/dev/null; then
+  if [ -z "$(scaling_python)" ]; then
     say "installing python3-matplotlib (the scaling plot)"
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends python3-matplotlib </dev/null >/dev/null ||
       say "python3-matplotlib could not be installed: no plot"
@@ -126,7 +135,7 @@ scaling_run() {
 scaling_report() {
   [ -n "$SCALING_TSV" ] && [ -f "$SCALING_TSV" ] || return 0
   echo
-  echo "### Scaling: pause against diff size (zstd; files of 256 MiB of random data)"
+  echo "### Scaling: pause against diff size (zstd; files of 256 MiB, 1 MiB of random data repeated)"
   echo
   python3 - "$SCALING_TSV" <<'PY'
 import csv, sys
@@ -141,8 +150,11 @@ for r in rows:
     print(f'| {r["fs"]} | {gib:g} GiB | {r["capture"]} | {p:.3f} s | {p / gib:.3f} | {dd:.2f} s | {p / dd if dd else 0:.2f} | '
           f'{float(r["wall_s"]):.1f} s | {peak:.0f} MiB | {peak / int(r["diff_mib"]):.2f} | {int(r["rss_kib"]) / 1024:.0f} MiB |')
 PY
-  if python3 -c 'import matplotlib' 2>/dev/null; then
-    python3 "$here/bench_scaling_plot.py" "$SCALING_TSV" "$1/bench-$2-scaling.png" >&2 &&
+  cp "$SCALING_TSV" "$1/bench-$2-scaling.tsv"
+  local py
+  py=$(scaling_python)
+  if [ -n "$py" ]; then
+    "$py" "$here/bench_scaling_plot.py" "$SCALING_TSV" "$1/bench-$2-scaling.png" >&2 &&
       echo && echo "Plot: bench-$2-scaling.png"
   else
     say "python3-matplotlib missing: no scaling plot"
