@@ -17,6 +17,8 @@
 #   many    200k files of 100 bytes
 #   mixed   copies of host /usr/share and /usr/bin (bind-mounted read-only at /host-usr) + 300 MiB of random data
 #   upload  2 GiB of random data, committer only (--compression none and zstd): its peak RSS while uploading
+#   scaling pause, wall, spool peak and RSS against diff size, on ext4 and a loop-mounted XFS with reflink
+#           (scripts/bench/scaling.sh; not in the default set; BENCH_SCALING_GIB, BENCH_SCALING_FS)
 # Wall time (ms), CPU (user+sys) and peak RSS from /usr/bin/time, pause from committer's result (paused.ms; pausedMs before result schema 1).
 # Prints markdown tables (medians, ratios, the performance targets) on stdout and saves them with the raw TSV in
 # BENCH_RESULTS_DIR. Progress goes to stderr. Needs root, the lab's packages (scripts/install-deps.sh), buildah,
@@ -89,6 +91,7 @@ cleanup() {
     say "cleaning up (buildah storage, lab, $work)"
     [ -x "$work/bin/bah" ] && buildah_cleanup
     "$here/lab.sh" stop "$work/lab" >/dev/null 2>&1 || say "lab.sh stop failed"
+    [ -d "$work/lab-xfs" ] && { "$here/lab.sh" stop "$work/lab-xfs" >/dev/null 2>&1 || say "lab.sh stop (xfs) failed"; }
     local m left=""
     for m in $(awk -v d="$work" 'index($5, d) == 1 { print $5 }' /proc/self/mountinfo | sort -r); do
       umount -l "$m" 2>/dev/null || left="$left $m"
@@ -126,6 +129,9 @@ tsv=$work/results.tsv
 printf 'workload\ttool\trun\twall_s\tcpu_s\trss_kib\tpaused_ms\tcontent_bytes\tentries\tlayer_bytes\tnote\n' >"$tsv"
 load_start=$(cut -d' ' -f1-3 /proc/loadavg)
 t_start=$(date +%s)
+
+# shellcheck source=scripts/bench/scaling.sh
+. "$here/bench/scaling.sh"
 
 # ---- measuring -------------------------------------------------------------------------------------------------
 now_ns() { date +%s%N; }
@@ -390,7 +396,8 @@ for wl in $WORKLOADS; do
     committer_run upload zstd 1 bench-upload
     remove_sandbox bench-upload
     ;;
-  *) die "unknown workload $wl (BENCH_WORKLOADS: tiny many mixed upload)" ;;
+  scaling) scaling_run ;;
+  *) die "unknown workload $wl (BENCH_WORKLOADS: tiny many mixed upload scaling)" ;;
   esac
 done
 
@@ -413,6 +420,7 @@ report=$RESULTS_DIR/bench-$stamp.md
   echo "- load average at start $load_start, at end $(cut -d' ' -f1-3 /proc/loadavg); lab start to report $((elapsed / 60)) min $((elapsed % 60)) s (teardown adds 1-2 min)"
   echo
   python3 "$here/bench/report.py" "$tsv"
+  scaling_report "$RESULTS_DIR" "$stamp"
 } >"$report"
 cp "$tsv" "$RESULTS_DIR/bench-$stamp.tsv"
 cat "$report"

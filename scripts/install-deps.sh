@@ -4,7 +4,7 @@
 set -euo pipefail
 
 PACKAGES=(containerd runc docker-registry skopeo umoci busybox-static protobuf-compiler curl python3 openssl
-  apache2-utils ca-certificates util-linux musl-tools binutils)
+  apache2-utils ca-certificates util-linux musl-tools binutils xfsprogs)
 missing=()
 for p in "${PACKAGES[@]}"; do
   [ "$(dpkg-query -W -f='${db:Status-Status}' "$p" 2>/dev/null || true)" = installed ] || missing+=("$p")

@@ -26,6 +26,10 @@
 # Environment:
 #   COMMITTER_CONTAINERD_BIN_DIR   take containerd, ctr and containerd-shim-runc-v2 from here (default: PATH)
 #   CONTAINERD_NAMESPACE           namespace base-image pulls into (default: the lab's, "committer-test")
+#   COMMITTER_LAB_XFS=SIZE         start: containerd's root and the spool on an XFS with reflink (mkfs.xfs -m reflink=1
+#                                  on a sparse file DIR/xfs.img of SIZE, e.g. 2G, loop-mounted at DIR/xfs); `stop`
+#                                  unmounts it, detaches the loop device and deletes the file. DIR/env gets
+#                                  LAB_SPOOL_DIR (DIR/xfs/spool; DIR/spool without XFS) and LAB_XFS=1.
 #
 # Containers run by the test fixture use `--runc-root DIR/runc` and `--cgroup $LAB_CGROUP_PARENT/ID` so that two
 # labs on one machine never share runc state or a cgroup (a shared freezer cgroup would pause both).
@@ -135,7 +139,12 @@ cmd_start() {
   fi
 
   sockdir=$(sock_dir_for "$dir")
-  mkdir -p "$sockdir" "$dir/root" "$dir/state" "$dir/opt" "$dir/runc" "$dir/logs"
+  LAB_ROOT=$dir/root LAB_SPOOL=$dir/spool
+  if [ -n "${COMMITTER_LAB_XFS:-}" ]; then
+    mount_xfs "$dir" "$COMMITTER_LAB_XFS"
+    LAB_ROOT=$dir/xfs/root LAB_SPOOL=$dir/xfs/spool
+  fi
+  mkdir -p "$sockdir" "$LAB_ROOT" "$LAB_SPOOL" "$dir/state" "$dir/opt" "$dir/runc" "$dir/logs"
   sock=$sockdir/containerd.sock
   rm -f "$sock" "$sock.ttrpc"
 
@@ -172,12 +181,37 @@ cmd_start() {
   log "containerd $("$bindir/ctr" -a "$sock" version 2>/dev/null | awk '/Server:/ {s = 1} s && /Version:/ && v == "" {v = $2} END {print v}') on $sock, registry on $REGISTRY_ADDR"
 }
 
+# mount_xfs DIR SIZE: a sparse DIR/xfs.img of SIZE formatted XFS with reflink, on a loop device (recorded in
+# DIR/xfs.loop for `stop`), mounted at DIR/xfs.
+mount_xfs() {
+  local dir=$1 size=$2 img=$1/xfs.img loop
+  need mkfs.xfs losetup truncate
+  truncate -s "$size" "$img" || die "cannot create $img of $size"
+  mkfs.xfs -q -f -m reflink=1 "$img" >&2 || die "mkfs.xfs -m reflink=1 $img failed"
+  loop=$(losetup -f --show "$img") || die "losetup $img failed"
+  echo "$loop" >"$dir/xfs.loop"
+  mkdir -p "$dir/xfs"
+  mount -t xfs "$loop" "$dir/xfs" || die "mounting $loop ($img) on $dir/xfs failed"
+  log "containerd's root and the spool on XFS (reflink) $dir/xfs, $loop, $size sparse"
+}
+
+# unmount_xfs DIR: after every mount under DIR is gone, the loop device is detached (when it still holds our
+# image) and the image deleted.
+unmount_xfs() {
+  local dir=$1 loop back
+  [ -f "$dir/xfs.loop" ] || { rm -f "$dir/xfs.img"; return 0; }
+  loop=$(cat "$dir/xfs.loop")
+  back=$(losetup -n -O BACK-FILE "$loop" 2>/dev/null || true)
+  case "$back" in "$dir/xfs.img"*) losetup -d "$loop" 2>/dev/null || log "could not detach $loop" ;; esac
+  rm -f "$dir/xfs.img" "$dir/xfs.loop"
+}
+
 write_containerd_config() {
   local dir=$1 sock=$2 cri=$3 registry=$4 disabled='"io.containerd.grpc.v1.cri",'
   [ -z "$cri" ] || disabled=""
   cat >"$dir/config.toml" <<TOML
 version = 2
-root = "$dir/root"
+root = "$LAB_ROOT"
 state = "$dir/state"
 disabled_plugins = [
   $disabled
@@ -262,6 +296,8 @@ REGISTRY=$reg
 REGISTRY_PID=$regpid
 LAB_RUNC_ROOT=$dir/runc
 LAB_CGROUP_PARENT=$cgparent
+LAB_SPOOL_DIR=$LAB_SPOOL
+LAB_XFS=${COMMITTER_LAB_XFS:+1}
 ENV
   mv "$dir/env.tmp" "$dir/env"
 }
@@ -467,6 +503,7 @@ cmd_stop() {
   sockdir=$(dirname "$sock")
   unmount_under "$dir"
   [ "$sockdir" != "$dir" ] && unmount_under "$sockdir"
+  unmount_xfs "$dir"
 
   # 6. cgroups and the short socket dir
   remove_cgroups "$cgparent"

@@ -36,6 +36,9 @@ pub enum PauseSkipped {
 pub struct PauseReport {
     pub ms: u64,
     pub skipped: Option<PauseSkipped>,
+    /// How the local source captured the diff (`reflink`: contents cloned while paused, read
+    /// after the resume; `copy`: copied while paused); null for containerd's differ.
+    pub capture: Option<crate::source::CaptureKind>,
 }
 
 /// Runs `work` with the container paused (when `enabled` and its task runs), and resumes it
@@ -51,6 +54,7 @@ pub async fn while_paused<T>(
         let report = PauseReport {
             ms: 0,
             skipped: Some(PauseSkipped::NoPause),
+            capture: None,
         };
         return Ok((work.await, report));
     }
@@ -65,6 +69,7 @@ pub async fn while_paused<T>(
             PauseReport {
                 ms: 0,
                 skipped: Some(skipped),
+                capture: None,
             },
         ));
     }
@@ -74,7 +79,14 @@ pub async fn while_paused<T>(
         Some(p) => p.resume().await?,
         None => 0,
     };
-    Ok((out, PauseReport { ms, skipped: None }))
+    Ok((
+        out,
+        PauseReport {
+            ms,
+            skipped: None,
+            capture: None,
+        },
+    ))
 }
 
 /// Proof that we paused a container; `resume` consumes it.

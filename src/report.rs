@@ -112,6 +112,7 @@ mod tests {
             paused: PauseReport {
                 ms: 0,
                 skipped: None,
+                capture: Some(crate::source::CaptureKind::Reflink),
             },
             duration_ms: 1,
         }

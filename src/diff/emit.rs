@@ -32,6 +32,8 @@ pub(crate) struct Sink<'o, W: Write> {
     /// Directories whose entry waits for the first entry beneath them.
     pending: Vec<(Vec<u8>, Meta)>,
     buf: Vec<u8>,
+    /// Keeps contents outside the tar (`Options::content`).
+    store: Option<super::ContentHook>,
 }
 
 /// `parent/name`, or `name` at the root.
@@ -59,6 +61,7 @@ impl<'o, W: Write> Sink<'o, W> {
             holes: 0,
             pending: Vec::new(),
             buf: vec![0; CONTENT_BUF],
+            store: opts.content.clone().inspect(|h| lock(h).reset()),
         }
     }
 
@@ -146,12 +149,32 @@ impl<'o, W: Write> Sink<'o, W> {
             hook::Stage::BeforeRead,
             rel.rsplit(|&c| c == b'/').next().unwrap_or(rel),
         );
-        self.tar
-            .content(file, size, &mut self.buf)
-            .map_err(|e| content_error(rel, size, e))?;
+        if !self.stored(rel, file, size)? {
+            self.tar
+                .content(file, size, &mut self.buf)
+                .map_err(|e| content_error(rel, size, e))?;
+        }
         self.stats.files += 1;
         self.stats.content_bytes += size;
         Ok(())
+    }
+
+    /// Hands the content to the store, if there is one and it keeps it.
+    fn stored(&mut self, rel: &[u8], file: &File, size: u64) -> Result<bool, DiffError> {
+        let Some(store) = &self.store else {
+            return Ok(false);
+        };
+        match lock(store).keep(file, size, self.tar.position()) {
+            Ok(super::Kept::Inline) => Ok(false),
+            Ok(super::Kept::Stored) => {
+                self.tar.kept(size);
+                Ok(true)
+            }
+            Ok(super::Kept::Short(got)) => {
+                Err(content_error(rel, size, ContentError::Short { got }))
+            }
+            Err(e) => Err(DiffError::io("capturing", rel)(e)),
+        }
     }
 
     fn track_link(&mut self, key: (u64, u64), rel: &[u8]) -> Result<(), DiffError> {
@@ -269,6 +292,11 @@ impl<'o, W: Write> Sink<'o, W> {
         };
         self.tar.header(&h).map_err(|e| header_error(path, e))
     }
+}
+
+fn lock(h: &super::ContentHook) -> std::sync::MutexGuard<'_, dyn super::ContentStore + 'static> {
+    h.0.lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 /// Hardlink tracking may hold this many bytes of first paths (a million groups of ordinary

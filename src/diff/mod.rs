@@ -108,6 +108,40 @@ pub struct Options {
     /// be written out as zeros before a sparse file is refused with [`DiffError::Sparse`].
     /// `None` is [`DEFAULT_MAX_HOLE_BYTES`].
     pub max_hole_bytes: Option<u64>,
+    /// Where regular files' content goes instead of the tar (the reflink capture); None writes
+    /// every byte into the tar.
+    pub content: Option<ContentHook>,
+}
+
+/// What a [`ContentStore`] did with one file's content.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kept {
+    /// Not kept: the tar carries it as usual.
+    Inline,
+    /// Kept by the store; the tar written is missing these bytes and their padding.
+    Stored,
+    /// The file held only this many bytes of the size its header promised.
+    Short(u64),
+}
+
+/// Keeps regular files' content outside the tar (a reflink capture). The tar then written is a
+/// recipe: every byte of the layer except the stored contents, each of which the store can put
+/// back later at the tar offset it was given.
+pub trait ContentStore: Send {
+    /// A new tar begins: whatever was kept for an earlier one is dropped.
+    fn reset(&mut self);
+    /// The first `size` bytes of `file` would start at byte `at` of the tar.
+    fn keep(&mut self, file: &std::fs::File, size: u64, at: u64) -> std::io::Result<Kept>;
+}
+
+/// A shared [`ContentStore`], as [`Options`] carries it.
+#[derive(Clone)]
+pub struct ContentHook(pub std::sync::Arc<std::sync::Mutex<dyn ContentStore>>);
+
+impl std::fmt::Debug for ContentHook {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ContentHook")
+    }
 }
 
 /// 1 GiB: a 50 GB `truncate -s` file costs the sandbox nothing, but containerd's and Docker's

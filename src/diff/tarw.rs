@@ -68,11 +68,30 @@ pub(crate) enum HeaderError {
 
 pub(crate) struct TarWriter<W: Write> {
     out: W,
+    /// Bytes of the tar so far, counting content kept elsewhere (`kept`).
+    pos: u64,
 }
 
 impl<W: Write> TarWriter<W> {
     pub fn new(out: W) -> Self {
-        TarWriter { out }
+        TarWriter { out, pos: 0 }
+    }
+
+    /// Where the next byte of the tar goes.
+    pub fn position(&self) -> u64 {
+        self.pos
+    }
+
+    /// Content of `size` bytes that a [`super::ContentStore`] keeps outside this stream: the
+    /// tar's position moves past it and its padding, nothing is written.
+    pub fn kept(&mut self, size: u64) {
+        self.pos += padded(size);
+    }
+
+    fn put(&mut self, bytes: &[u8]) -> io::Result<()> {
+        self.out.write_all(bytes)?;
+        self.pos += bytes.len() as u64;
+        Ok(())
     }
 
     /// Writes the PAX extended header (if anything needs one) and the ustar header; nothing is
@@ -93,8 +112,8 @@ impl<W: Write> TarWriter<W> {
             let name = pax_entry_name(h.path);
             let mut x = ustar_block(&name, b'x', 0o644, 0, 0, pax.len() as u64, 0, b"", (0, 0));
             set_checksum(&mut x);
-            self.out.write_all(&x)?;
-            self.out.write_all(pax)?;
+            self.put(&x)?;
+            self.put(pax)?;
             self.pad(pax.len() as u64)?;
         }
         let mut b = ustar_block(
@@ -109,7 +128,7 @@ impl<W: Write> TarWriter<W> {
             h.dev,
         );
         set_checksum(&mut b);
-        self.out.write_all(&b)
+        self.put(&b)
     }
 
     /// Copies exactly `size` bytes of content through `buf`, then pads to the block size. Reads
@@ -132,7 +151,7 @@ impl<W: Write> TarWriter<W> {
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => return Err(ContentError::Read(e)),
             };
-            self.out.write_all(&buf[..n]).map_err(ContentError::Write)?;
+            self.put(&buf[..n]).map_err(ContentError::Write)?;
             done += n as u64;
         }
         self.pad(size).map_err(ContentError::Write)
@@ -140,7 +159,7 @@ impl<W: Write> TarWriter<W> {
 
     /// The two zero blocks that end the archive; returns the writer.
     pub fn finish(mut self) -> io::Result<W> {
-        self.out.write_all(&[0u8; 2 * BLOCK])?;
+        self.put(&[0u8; 2 * BLOCK])?;
         self.out.flush()?;
         Ok(self.out)
     }
@@ -148,10 +167,15 @@ impl<W: Write> TarWriter<W> {
     fn pad(&mut self, size: u64) -> io::Result<()> {
         let rem = (size % BLOCK as u64) as usize;
         if rem != 0 {
-            self.out.write_all(&[0u8; BLOCK][..BLOCK - rem])?;
+            self.put(&[0u8; BLOCK][..BLOCK - rem])?;
         }
         Ok(())
     }
+}
+
+/// `size` rounded up to whole 512-byte blocks: what content and its padding take in a tar.
+pub(crate) fn padded(size: u64) -> u64 {
+    size.div_ceil(BLOCK as u64) * BLOCK as u64
 }
 
 /// The largest value an octal field of `len` bytes holds (len-1 digits + NUL).

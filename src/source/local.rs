@@ -5,6 +5,7 @@
 //! the diff is read again by a walk, inside the same pause.
 
 use super::prepare::{prepare, PreparedSource};
+use super::reflink::{self, CaptureKind};
 use super::{BlobLocation, DiffSourceChoice, FinishedLayer, LayerFile, LayerRequest};
 use crate::containerd::lookup::SnapshotMount;
 use crate::digest::Digest;
@@ -28,18 +29,29 @@ struct Capture {
 
 pub(super) async fn read(req: &LayerRequest<'_>) -> Result<FinishedLayer, CommitError> {
     let compressed = req.plan.compress.compression != Compression::None;
+    let mounts = req.ctr.snapshot_mounts(req.info).await?;
+    // A squash reads through overlay views: its captures copy.
+    let clones = match req.squash {
+        None => reflink::choose(&req.dest.spool_dir, reflink::data_dir(&mounts).as_deref()),
+        Some(_) => None,
+    };
     // Uncompressed, the capture is the layer: straight into the caller's file when there is one.
-    let (file, path) = match (&req.dest.output, compressed) {
-        (Some(out), false) => (create(out)?, LayerFile::Kept(out.clone())),
+    let (file, path) = match (&req.dest.output, compressed, &clones) {
+        (Some(out), false, None) => (create(out)?, LayerFile::Kept(out.clone())),
         _ => spool_file(&req.dest.spool_dir, ".committer-tar-")?,
     };
-    let mounts = req.ctr.snapshot_mounts(req.info).await?;
     super::spool::check_room(req.ctr, req.info, &mounts, &req.dest.spool_dir).await?;
-    let (captured, kind, reason, paused) = match &req.squash {
-        None => capture_paused(req, &mounts, file).await?,
+    let hook = clones.as_ref().map(|(c, _)| c.hook());
+    let (captured, kind, reason, mut paused) = match &req.squash {
+        None => capture_paused(req, &mounts, file, hook).await?,
         Some(target) => capture_squash(req, target, &mounts, file).await?,
     };
-    let (file, desc, stats) = captured?;
+    paused.capture = Some(clones.as_ref().map_or(CaptureKind::Copy, |(_, k)| *k));
+    let (file, mut desc, stats) = captured?;
+    if let Some((c, _)) = &clones {
+        // The recipe lacks the cloned contents; the layer has them.
+        desc.size += c.stored_bytes();
+    }
     // --max-layer-bytes bounds the layer itself (the tar with its headers and padding), not only
     // the file content the diff counted while reading.
     if let Some(limit) = req.plan.max_layer_bytes.filter(|l| desc.size > *l) {
@@ -55,10 +67,14 @@ pub(super) async fn read(req: &LayerRequest<'_>) -> Result<FinishedLayer, Commit
         desc,
         stats,
     };
-    let (layer, blob) = match (capture.stats.entries, compressed) {
-        (0, _) => (None, BlobLocation::File(capture.path)),
-        (_, false) => (Some(capture.desc), BlobLocation::File(capture.path)),
-        (_, true) => {
+    let (layer, blob) = match (capture.stats.entries, compressed, clones) {
+        (0, _, _) => (None, BlobLocation::File(capture.path)),
+        (_, _, Some((clones, _))) => {
+            let (desc, path) = reflink::compress_assembled(req, clones, capture.file).await?;
+            (Some(desc), BlobLocation::File(path))
+        }
+        (_, false, None) => (Some(capture.desc), BlobLocation::File(capture.path)),
+        (_, true, None) => {
             let (desc, path) = compress(req, capture.file, capture.desc.diff_id).await?;
             (Some(desc), BlobLocation::File(path))
         }
@@ -84,9 +100,10 @@ async fn capture_paused(
     req: &LayerRequest<'_>,
     mounts: &[SnapshotMount],
     file: File,
+    content: Option<diff::ContentHook>,
 ) -> Result<Held, CommitError> {
     let source = prepare(req.ctr, req.info, mounts, req.plan.diff_source).await?;
-    let work = capture(req, mounts, source, file);
+    let work = capture(req, mounts, source, file, content);
     let ((captured, source), paused) =
         freeze::while_paused(req.ctr, &req.info.id, req.plan.pause, work).await?;
     let (kind, reason) = match &source {
@@ -112,10 +129,7 @@ async fn capture_squash(
     let (layers, plan) = (target.image_layers, &target.plan);
     let choice = req.plan.diff_source;
     let (source, reason) = squash::source(ctr, info, mounts, layers, plan, choice).await?;
-    let opts = diff::Options {
-        copied_dir_mtimes: squash::copies_trees(mounts),
-        ..diff_options(req, mounts)
-    };
+    let opts = diff_options(req, mounts);
     let work = async {
         let (out, file, source) =
             tar_blocking(source, opts.clone(), req.media_type.into(), file).await?;
@@ -156,8 +170,12 @@ async fn capture(
     mounts: &[SnapshotMount],
     mut source: PreparedSource,
     file: File,
+    content: Option<diff::ContentHook>,
 ) -> (Captured, Option<PreparedSource>) {
-    let opts = diff_options(req, mounts);
+    let opts = diff::Options {
+        content,
+        ..diff_options(req, mounts)
+    };
     let mut file = file;
     loop {
         let (out, f, src) =
@@ -204,7 +222,9 @@ fn diff_options(req: &LayerRequest<'_>, mounts: &[SnapshotMount]) -> diff::Optio
             .any(|m| m.options.iter().any(|o| o == "userxattr")),
         keep_xattrs: req.plan.keep_xattrs.clone(),
         max_hole_bytes: req.plan.max_hole_bytes,
-        copied_dir_mtimes: false,
+        // The native snapshotter copies the parent: every directory carries the copy's mtime.
+        copied_dir_mtimes: squash::copies_trees(mounts),
+        content: None,
     }
 }
 
@@ -330,11 +350,11 @@ fn consume(raw: &File, w: &mut impl Write) -> std::io::Result<()> {
     Ok(())
 }
 
-fn create(path: &Path) -> Result<File, CommitError> {
+pub(super) fn create(path: &Path) -> Result<File, CommitError> {
     File::create(path).map_err(CommitError::io(format!("creating {}", path.display())))
 }
 
-fn spool_file(dir: &Path, prefix: &str) -> Result<(File, LayerFile), CommitError> {
+pub(super) fn spool_file(dir: &Path, prefix: &str) -> Result<(File, LayerFile), CommitError> {
     let f = tempfile::Builder::new()
         .prefix(prefix)
         .tempfile_in(dir)

@@ -13,10 +13,12 @@
 mod differ;
 mod local;
 mod prepare;
+mod reflink;
 mod spool;
 
 pub use differ::copy_stored_blob;
 pub use prepare::{view_options, PreparedSource, SourceKind, TempMount};
+pub use reflink::CaptureKind;
 
 use crate::cli::SourcePlan;
 use crate::containerd::lookup::ContainerInfo;

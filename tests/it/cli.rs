@@ -321,7 +321,7 @@ fn docker_commit_habits_push_a_result_that_matches_its_schema() {
     let result: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(
         result["paused"],
-        serde_json::json!({"ms": 0, "skipped": "no-pause"})
+        serde_json::json!({"ms": 0, "skipped": "no-pause", "capture": "copy"})
     );
 }
 

@@ -34,7 +34,7 @@ impl Drop for ParamGuard {
 }
 
 /// Changes made inside the container with busybox: every kind the layer must carry.
-const TORTURE: &str = r#"
+pub(crate) const TORTURE: &str = r#"
 set -e
 cd /data
 echo new > new.txt
@@ -73,7 +73,7 @@ rm /bin/ls
 
 /// Changes made from the host through the merged mount (as the container would see them):
 /// xattrs and names that are not UTF-8.
-fn host_changes(root: &Path) {
+pub(crate) fn host_changes(root: &Path) {
     let data = root.join("data");
     xattr_set(&data.join("new.txt"), "user.note", b"hello");
     xattr_set(
@@ -96,7 +96,7 @@ fn xattr_set(path: &Path, name: &str, value: &[u8]) {
         .unwrap_or_else(|e| panic!("setxattr {name} on {}: {e}", path.display()));
 }
 
-fn opts() -> CompareOpts {
+pub(crate) fn opts() -> CompareOpts {
     CompareOpts {
         mtime: true,
         xattrs: true,

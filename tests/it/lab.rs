@@ -31,6 +31,10 @@ pub struct Lab {
     /// Per-lab runc state dir and cgroup parent, so that two labs never share a container's runc state or cgroup.
     pub runc_root: PathBuf,
     pub cgroup_parent: String,
+    /// A spool directory for `--spool-dir`: on the lab's XFS when it has one, else under `dir`.
+    pub spool_dir: PathBuf,
+    /// containerd's root and `spool_dir` are on a loop-mounted XFS with reflink (`Lab::start_xfs`).
+    pub xfs: bool,
     counter: AtomicUsize,
 }
 
@@ -161,6 +165,18 @@ impl Lab {
 
     /// `Lab::start` with more `scripts/lab.sh start` arguments (e.g. `--cri kind`).
     pub fn start_with(args: &[&str]) -> Lab {
+        Lab::start_env(args, &[])
+    }
+
+    /// A lab whose containerd root and spool directory are on a sparse, loop-mounted XFS with
+    /// reflink (`COMMITTER_LAB_XFS`, scripts/lab.sh), removed when the lab stops.
+    pub fn start_xfs() -> Lab {
+        let lab = Lab::start_env(&[], &[("COMMITTER_LAB_XFS", "2G")]);
+        assert!(lab.xfs, "the lab did not say it runs on XFS");
+        lab
+    }
+
+    fn start_env(args: &[&str], env: &[(&str, &str)]) -> Lab {
         assert!(
             rustix::process::geteuid().is_root(),
             "the lab needs root (containerd, runc, mounts)"
@@ -170,7 +186,10 @@ impl Lab {
             .tempdir()
             .expect("creating the lab tempdir");
         let dir = tmp.keep();
-        let out = run(Command::new(lab_sh()).arg("start").arg(&dir).args(args));
+        let mut start = Command::new(lab_sh());
+        start.arg("start").arg(&dir).args(args);
+        start.envs(env.iter().copied());
+        let out = run(&mut start);
         if !out.status.success() {
             let _ = run(Command::new(lab_sh()).arg("stop").arg(&dir));
             panic!(
@@ -195,6 +214,8 @@ impl Lab {
             containerd_pid: get("CONTAINERD_PID").parse().expect("CONTAINERD_PID"),
             runc_root: get("LAB_RUNC_ROOT").into(),
             cgroup_parent: get("LAB_CGROUP_PARENT"),
+            spool_dir: get("LAB_SPOOL_DIR").into(),
+            xfs: env.get("LAB_XFS").is_some_and(|v| v == "1"),
             counter: AtomicUsize::new(0),
             dir,
         }

@@ -16,6 +16,7 @@ mod lookup;
 mod process_run;
 mod push;
 mod quirks;
+mod reflink;
 mod safety;
 mod snapshots;
 mod spool;
