@@ -129,7 +129,10 @@ async fn capture_squash(
     let (layers, plan) = (target.image_layers, &target.plan);
     let choice = req.plan.diff_source;
     let (source, reason) = squash::source(ctr, info, mounts, layers, plan, choice).await?;
-    let opts = diff_options(req, mounts);
+    let opts = diff::Options {
+        copied_dir_mtimes: squash::copies_trees(mounts),
+        ..diff_options(req, mounts)
+    };
     let work = async {
         let (out, file, source) =
             tar_blocking(source, opts.clone(), req.media_type.into(), file).await?;
@@ -222,8 +225,9 @@ fn diff_options(req: &LayerRequest<'_>, mounts: &[SnapshotMount]) -> diff::Optio
             .any(|m| m.options.iter().any(|o| o == "userxattr")),
         keep_xattrs: req.plan.keep_xattrs.clone(),
         max_hole_bytes: req.plan.max_hole_bytes,
-        // The native snapshotter copies the parent: every directory carries the copy's mtime.
-        copied_dir_mtimes: squash::copies_trees(mounts),
+        // Only the squash's views of a native snapshotter compare directories without mtime
+        // (capture_squash): the append walk keeps every directory's mtime exact.
+        copied_dir_mtimes: false,
         content: None,
     }
 }
