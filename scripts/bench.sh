@@ -464,6 +464,7 @@ report=$RESULTS_DIR/bench-$stamp.md
 cp "$tsv" "$RESULTS_DIR/bench-$stamp.tsv"
 cat "$report"
 plot=$RESULTS_DIR/bench-$stamp.png
-/usr/bin/python3 "$here/bench_plot.py" "$RESULTS_DIR/bench-$stamp.tsv" "$plot" "committer $rev, $(nproc) cores$([ "${BENCH_QUICK:-0}" = 1 ] && echo ", BENCH_QUICK=1")" >&2 ||
+/usr/bin/python3 "$here/bench_plot.py" --title "committer $rev, $(nproc) cores$([ "${BENCH_QUICK:-0}" = 1 ] && echo ", BENCH_QUICK=1")" \
+  "$plot" "$RESULTS_DIR/bench-$stamp.tsv" >&2 ||
   { say "the plot failed (the report above stands)"; plot=""; }
 say "report: $report (raw: $RESULTS_DIR/bench-$stamp.tsv${plot:+, plot: $plot}); took $((elapsed / 60)) min $((elapsed % 60)) s"

@@ -1,9 +1,10 @@
 #!/usr/bin/env python3
 """Plots scripts/bench.sh's raw measurements: commit time against diff size, one line per tool.
 
-    bench_plot.py RESULTS.tsv OUT.png [TITLE]
+    bench_plot.py [--title TITLE] OUT.png RESULTS.tsv...
 
-RESULTS.tsv is the bench's raw TSV (see scripts/bench/report.py for its columns). The x axis is the workload's diff
+RESULTS.tsv is the bench's raw TSV (several: their rows together, e.g. the tiny workloads of one run and the mixed
+of another) (see scripts/bench/report.py for its columns). The x axis is the workload's diff
 size (the uncompressed tar committer read: contentBytes of its result, shared by every tool on that workload), the
 y axis the median wall time of each tool there; both logarithmic. The physical-limit probes (tar | cat, tar | zstd,
 tar | pigz) are drawn dashed. Needs matplotlib (Debian: python3-matplotlib; bench.sh installs it when missing).
@@ -35,9 +36,14 @@ def num(v):
 
 
 def main():
-    if len(sys.argv) < 3:
-        sys.exit("usage: bench_plot.py RESULTS.tsv OUT.png [TITLE]")
-    rows = list(csv.DictReader(open(sys.argv[1], newline=""), delimiter="\t"))
+    args = sys.argv[1:]
+    title = "commit time against diff size"
+    if args[:1] == ["--title"] and len(args) > 1:
+        title, args = args[1], args[2:]
+    if len(args) < 2:
+        sys.exit("usage: bench_plot.py [--title TITLE] OUT.png RESULTS.tsv...")
+    out, tsvs = args[0], args[1:]
+    rows = [r for t in tsvs for r in csv.DictReader(open(t, newline=""), delimiter="\t")]
     size = {}  # workload -> diff bytes, from committer's own result
     for r in rows:
         b = num(r["content_bytes"])
@@ -66,12 +72,12 @@ def main():
                 color="dimgrey", rotation=90, ha="right", va="bottom")
     ax.set_xlabel("diff size (uncompressed tar, MiB)")
     ax.set_ylabel("wall time, s (median of the runs)")
-    ax.set_title(sys.argv[3] if len(sys.argv) > 3 else "commit time against diff size")
+    ax.set_title(title)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8, loc="upper left")
     fig.tight_layout()
-    fig.savefig(sys.argv[2])
-    print(f"bench_plot.py: wrote {sys.argv[2]}", file=sys.stderr)
+    fig.savefig(out)
+    print(f"bench_plot.py: wrote {out}", file=sys.stderr)
 
 
 if __name__ == "__main__":
