@@ -456,7 +456,7 @@ report=$RESULTS_DIR/bench-$stamp.md
   echo
   echo "- machine: $(nproc) cores ($(awk -F': ' '/^model name/ { print $2; exit }' /proc/cpuinfo)), $(awk '/^MemTotal/ { printf "%.0f GiB", $2 / 1048576 }' /proc/meminfo) RAM, $(. /etc/os-release && echo "$PRETTY_NAME"), kernel $(uname -r)"
   echo "- committer $rev ($BIN); containerd $("$CTR" -a "$CONTAINERD_ADDRESS" version 2>/dev/null | awk '/Server:/ { s = 1 } s && /Version:/ { print $2; exit }'); $(buildah --version)"
-  echo "- runs: tiny $RUNS_TINY, many/mixed $RUNS_BIG, upload 1; workloads: mixed = host /usr/{${MIXED_PATHS// /,}} + $MIXED_RANDOM_MIB MiB random; many = $MANY_FILES files; big base = busybox + host /usr/{${BIG_BASE_PATHS// /,}}; upload = $UPLOAD_MIB MiB random"
+  echo "- workloads run: $WORKLOADS; runs: tiny $RUNS_TINY, many/mixed $RUNS_BIG, upload 1; mixed = host /usr/{${MIXED_PATHS// /,}} + $MIXED_RANDOM_MIB MiB random; many = $MANY_FILES files; big base = busybox + host /usr/{${BIG_BASE_PATHS// /,}}; upload = $UPLOAD_MIB MiB random"
   echo "- load average at start $load_start, at end $(cut -d' ' -f1-3 /proc/loadavg); lab start to report $((elapsed / 60)) min $((elapsed % 60)) s (teardown adds 1-2 min)"
   echo
   python3 "$here/bench/report.py" "$tsv"
