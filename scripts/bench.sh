@@ -33,6 +33,8 @@
 #   BENCH_RUNS_TINY=N        runs per tool on the tiny workloads (default 3)
 #   BENCH_RUNS_BIG=N         runs per tool on many and mixed (default 2)
 #   BENCH_WORKLOADS="…"      a subset of: tiny many mixed upload (default: all, in this order)
+#   BENCH_MIXED_PATHS="…"    what mixed copies from host /usr (default "share bin"; quick: "share/doc")
+#   BENCH_MIXED_RANDOM_MIB=N the random data mixed adds (default 300; quick: 30)
 #   BENCH_CACHE=DIR          where the big base's OCI layout is kept between runs (default /var/cache/committer-bench)
 #   BENCH_RESULTS_DIR=DIR    where the report and raw TSV go (default target/bench)
 #   BENCH_TMPDIR=DIR         parent of the work dir (default /var/tmp; needs ~15 GB free for the full run)
@@ -75,10 +77,12 @@ done
 
 if [ "${BENCH_QUICK:-0}" = 1 ]; then
   RUNS_TINY=${BENCH_RUNS_TINY:-2} RUNS_BIG=${BENCH_RUNS_BIG:-1}
-  MIXED_PATHS="share/doc" MIXED_RANDOM_MIB=30 MANY_FILES=20000 BIG_BASE_PATHS="share/man" UPLOAD_MIB=256
+  MIXED_PATHS=${BENCH_MIXED_PATHS:-share/doc} MIXED_RANDOM_MIB=${BENCH_MIXED_RANDOM_MIB:-30} MANY_FILES=20000
+  BIG_BASE_PATHS="share/man" UPLOAD_MIB=256
 else
   RUNS_TINY=${BENCH_RUNS_TINY:-3} RUNS_BIG=${BENCH_RUNS_BIG:-2}
-  MIXED_PATHS="share bin" MIXED_RANDOM_MIB=300 MANY_FILES=200000 BIG_BASE_PATHS="share" UPLOAD_MIB=2048
+  MIXED_PATHS=${BENCH_MIXED_PATHS:-share bin} MIXED_RANDOM_MIB=${BENCH_MIXED_RANDOM_MIB:-300} MANY_FILES=200000
+  BIG_BASE_PATHS="share" UPLOAD_MIB=2048
 fi
 WORKLOADS=${BENCH_WORKLOADS:-tiny many mixed upload}
 CACHE=${BENCH_CACHE:-/var/cache/committer-bench}
