@@ -11,6 +11,9 @@
 #                           step of `nerdctl commit` alone; its CPU and peak RSS are containerd's, where it runs)
 #   ctr-diff+push           the same plus uploading its gzip blob to the registry
 #   buildah                 `buildah commit … docker://REGISTRY/…` (Debian's buildah, private storage root)
+#   probes (many, mixed)    the physical limits on the same sandbox upperdir, with standard tools:
+#                           `tar -C UPPER -cf - . | cat >/dev/null` (reading + tarring alone), `tar … -cf SPOOL/x.tar`
+#                           (the raw copy a paused capture makes), `tar | zstd -3 -T$(nproc)`, `tar | pigz -6 -p$(nproc)`
 # Workloads:
 #   tiny    one file changed, on the busybox base and on a big base (busybox + a copy of host /usr/share,
 #           ~650 MB / ~50k files; built offline with umoci and cached in BENCH_CACHE)
@@ -21,7 +24,8 @@
 #           (scripts/bench/scaling.sh; not in the default set; BENCH_SCALING_GIB, BENCH_SCALING_FS)
 # Wall time (ms), CPU (user+sys) and peak RSS from /usr/bin/time, pause from committer's result (paused.ms; pausedMs before result schema 1).
 # Prints markdown tables (medians, ratios, the performance targets) on stdout and saves them with the raw TSV in
-# BENCH_RESULTS_DIR. Progress goes to stderr. Needs root, the lab's packages (scripts/install-deps.sh), buildah,
+# BENCH_RESULTS_DIR, with a plot of commit time against diff size (bench-STAMP.png, scripts/bench_plot.py).
+# Progress goes to stderr. Needs root, the lab's packages (scripts/install-deps.sh), buildah,
 # /usr/bin/time, cargo. Everything it starts or mounts is removed on exit, failure or Ctrl-C; kernel parameters
 # and the page cache are left alone (runs are warm-cache).
 #
@@ -31,6 +35,8 @@
 #   BENCH_RUNS_TINY=N        runs per tool on the tiny workloads (default 3)
 #   BENCH_RUNS_BIG=N         runs per tool on many and mixed (default 2)
 #   BENCH_WORKLOADS="…"      a subset of: tiny many mixed upload (default: all, in this order)
+#   BENCH_MIXED_PATHS="…"    what mixed copies from host /usr (default "share bin"; quick: "share/doc")
+#   BENCH_MIXED_RANDOM_MIB=N the random data mixed adds (default 300; quick: 30)
 #   BENCH_CACHE=DIR          where the big base's OCI layout is kept between runs (default /var/cache/committer-bench)
 #   BENCH_RESULTS_DIR=DIR    where the report and raw TSV go (default target/bench)
 #   BENCH_TMPDIR=DIR         parent of the work dir (default /var/tmp; needs ~15 GB free for the full run)
@@ -48,10 +54,18 @@ say() { echo "bench.sh: $(date +%T) $*" >&2; }
 
 [ "$(id -u)" = 0 ] || die "run as root (containerd, runc, overlay mounts)"
 "$root/scripts/install-deps.sh"
+# probe_peers (the deflate lane's probes): adds the probes' tools (and the plot's matplotlib) to `peers` when missing
+probe_peers() {
+  command -v zstd >/dev/null 2>&1 || peers+=(zstd)
+  command -v pigz >/dev/null 2>&1 || peers+=(pigz)
+  /usr/bin/python3 -c 'import matplotlib' >/dev/null 2>&1 || peers+=(python3-matplotlib)
+}
+
 # The peers and the timer, beyond the lab's packages: installed when missing, as the lab's are.
 peers=()
 command -v buildah >/dev/null 2>&1 || peers+=(buildah)
 [ -x /usr/bin/time ] || peers+=(time)
+probe_peers
 if [ ${#peers[@]} -gt 0 ]; then
   say "installing ${peers[*]}"
   export DEBIAN_FRONTEND=noninteractive
@@ -59,16 +73,18 @@ if [ ${#peers[@]} -gt 0 ]; then
     { apt-get update -qq </dev/null && apt-get install -y -qq --no-install-recommends "${peers[@]}" </dev/null >/dev/null; } ||
     die "apt-get install ${peers[*]} failed"
 fi
-for b in buildah umoci skopeo curl python3 sha256sum unshare tar /usr/bin/time; do
+for b in buildah umoci skopeo curl python3 sha256sum unshare tar /usr/bin/time zstd pigz; do
   command -v "$b" >/dev/null 2>&1 || die "'$b' not found after installing"
 done
 
 if [ "${BENCH_QUICK:-0}" = 1 ]; then
   RUNS_TINY=${BENCH_RUNS_TINY:-2} RUNS_BIG=${BENCH_RUNS_BIG:-1}
-  MIXED_PATHS="share/doc" MIXED_RANDOM_MIB=30 MANY_FILES=20000 BIG_BASE_PATHS="share/man" UPLOAD_MIB=256
+  MIXED_PATHS=${BENCH_MIXED_PATHS:-share/doc} MIXED_RANDOM_MIB=${BENCH_MIXED_RANDOM_MIB:-30} MANY_FILES=20000
+  BIG_BASE_PATHS="share/man" UPLOAD_MIB=256
 else
   RUNS_TINY=${BENCH_RUNS_TINY:-3} RUNS_BIG=${BENCH_RUNS_BIG:-2}
-  MIXED_PATHS="share bin" MIXED_RANDOM_MIB=300 MANY_FILES=200000 BIG_BASE_PATHS="share" UPLOAD_MIB=2048
+  MIXED_PATHS=${BENCH_MIXED_PATHS:-share bin} MIXED_RANDOM_MIB=${BENCH_MIXED_RANDOM_MIB:-300} MANY_FILES=200000
+  BIG_BASE_PATHS="share" UPLOAD_MIB=2048
 fi
 WORKLOADS=${BENCH_WORKLOADS:-tiny many mixed upload}
 CACHE=${BENCH_CACHE:-/var/cache/committer-bench}
@@ -316,6 +332,39 @@ buildah_run() {
   record "$wl" buildah "$run" "$T_WALL" "$T_CPU" "$T_RSS" - - - "$size"
 }
 
+# ---- physical-limit probes (deflate lane): standard tools on the sandbox's own upperdir --------------------------
+# upperdir_of SANDBOX: the overlay upperdir of the sandbox's rootfs snapshot (what committer reads)
+upperdir_of() {
+  local key
+  key=$(ctr_ containers info "$1" | python3 -c 'import json, sys; print(json.load(sys.stdin)["SnapshotKey"])')
+  ctr_ snapshots --snapshotter overlayfs mounts /probe "$key" | grep -o 'upperdir=[^,[:space:]]*' | head -n 1 | cut -d= -f2
+}
+
+# probe_one WORKLOAD TOOL RUN OUTPUT SHELL-PIPELINE: times the pipeline (stdout of measure is unused), records the
+# size of OUTPUT as the layer ("-": none) and removes it
+probe_one() {
+  local wl=$1 tool=$2 run=$3 out=$4 size=-
+  measure "$work/logs/$tool-$wl-$run.log" sh -c "$5"
+  if [ "$out" != - ]; then
+    size=$(stat -c %s "$out")
+    rm -f "$out"
+  fi
+  record "$wl" "$tool" "$run" "$T_WALL" "$T_CPU" "$T_RSS" - - - "$size"
+}
+
+# probes_run WORKLOAD RUN SANDBOX: one run of each probe, on the upperdir committer reads (the sandbox keeps running:
+# these tools do not pause it, so their time is the floor of the work, not of a consistent capture)
+probes_run() {
+  local wl=$1 run=$2 upper n
+  upper=$(upperdir_of "$3")
+  [ -n "$upper" ] && [ -d "$upper" ] || die "no upperdir for sandbox $3"
+  n=$(nproc)
+  probe_one "$wl" "tar|cat" "$run" - "tar -C '$upper' -cf - . | cat >/dev/null"
+  probe_one "$wl" "tar>spool" "$run" "$work/spool/probe.tar" "tar -C '$upper' -cf '$work/spool/probe.tar' ."
+  probe_one "$wl" "tar|zstd" "$run" "$work/spool/probe.zst" "tar -C '$upper' -cf - . | zstd -q -3 -T$n >'$work/spool/probe.zst'"
+  probe_one "$wl" "tar|pigz" "$run" "$work/spool/probe.gz" "tar -C '$upper' -cf - . | pigz -6 -p$n >'$work/spool/probe.gz'"
+}
+
 # ---- workloads -------------------------------------------------------------------------------------------------
 # setup WORKLOAD IMAGE SCRIPT: the same script in a containerd sandbox and in a buildah working container, both
 # named bench-WORKLOAD.
@@ -336,12 +385,14 @@ teardown() {
   bah rm "bench-$1" >/dev/null 2>&1 || true
 }
 
-# all_tools WORKLOAD RUN: one run of each tool, in this order (the runs alternate between tools)
+# all_tools WORKLOAD RUN: one run of each tool, in this order (the runs alternate between tools); the probes on the
+# big workloads only (on the tiny ones they measure process start-up)
 all_tools() {
   committer_run "$1" gzip "$2" "bench-$1"
   committer_run "$1" zstd "$2" "bench-$1"
   ctrdiff_run "$1" "$2" "bench-$1"
   buildah_run "$1" "$2" "bench-$1"
+  case "$1" in many | mixed) probes_run "$1" "$2" "bench-$1" ;; esac
 }
 
 TINY_SCRIPT='echo "changed by bench.sh" > /data/modify.txt'
@@ -416,7 +467,7 @@ report=$RESULTS_DIR/bench-$stamp.md
   echo
   echo "- machine: $(nproc) cores ($(awk -F': ' '/^model name/ { print $2; exit }' /proc/cpuinfo)), $(awk '/^MemTotal/ { printf "%.0f GiB", $2 / 1048576 }' /proc/meminfo) RAM, $(. /etc/os-release && echo "$PRETTY_NAME"), kernel $(uname -r)"
   echo "- committer $rev ($BIN); containerd $("$CTR" -a "$CONTAINERD_ADDRESS" version 2>/dev/null | awk '/Server:/ { s = 1 } s && /Version:/ { print $2; exit }'); $(buildah --version)"
-  echo "- runs: tiny $RUNS_TINY, many/mixed $RUNS_BIG, upload 1; workloads: mixed = host /usr/{${MIXED_PATHS// /,}} + $MIXED_RANDOM_MIB MiB random; many = $MANY_FILES files; big base = busybox + host /usr/{${BIG_BASE_PATHS// /,}}; upload = $UPLOAD_MIB MiB random"
+  echo "- workloads run: $WORKLOADS; runs: tiny $RUNS_TINY, many/mixed $RUNS_BIG, upload 1; mixed = host /usr/{${MIXED_PATHS// /,}} + $MIXED_RANDOM_MIB MiB random; many = $MANY_FILES files; big base = busybox + host /usr/{${BIG_BASE_PATHS// /,}}; upload = $UPLOAD_MIB MiB random"
   echo "- load average at start $load_start, at end $(cut -d' ' -f1-3 /proc/loadavg); lab start to report $((elapsed / 60)) min $((elapsed % 60)) s (teardown adds 1-2 min)"
   echo
   python3 "$here/bench/report.py" "$tsv"
@@ -424,4 +475,8 @@ report=$RESULTS_DIR/bench-$stamp.md
 } >"$report"
 cp "$tsv" "$RESULTS_DIR/bench-$stamp.tsv"
 cat "$report"
-say "report: $report (raw: $RESULTS_DIR/bench-$stamp.tsv); took $((elapsed / 60)) min $((elapsed % 60)) s"
+plot=$RESULTS_DIR/bench-$stamp.png
+/usr/bin/python3 "$here/bench_plot.py" --title "committer $rev, $(nproc) cores$([ "${BENCH_QUICK:-0}" = 1 ] && echo ", BENCH_QUICK=1")" \
+  "$plot" "$RESULTS_DIR/bench-$stamp.tsv" >&2 ||
+  { say "the plot failed (the report above stands)"; plot=""; }
+say "report: $report (raw: $RESULTS_DIR/bench-$stamp.tsv${plot:+, plot: $plot}); took $((elapsed / 60)) min $((elapsed % 60)) s"

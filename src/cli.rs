@@ -120,7 +120,7 @@ pub struct LayerArgs {
     /// Layer compression.
     #[arg(long, value_enum, default_value = "gzip")]
     pub compression: CompressionArg,
-    /// Compression level (gzip 0-9, default 6; zstd 1-19, default 3).
+    /// Compression level (gzip 0-9, default 4; zstd 1-19, default 3).
     #[arg(long)]
     pub compression_level: Option<i32>,
     /// Compression threads, gzip and zstd (default and upper bound: the cores this process may use).

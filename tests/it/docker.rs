@@ -148,7 +148,9 @@ fn engines() -> Vec<(&'static str, PathBuf)> {
 const CHANGES: &str = "set -e; echo changed > /data/modify.txt; rm /data/delete.txt; rm -r /data/dir-to-delete; \
     mkdir -p /data/new/sub; echo hi > /data/new/sub/f; ln -s ../keep.txt /data/new/link; \
     chmod 0600 /data/keep.txt; echo linked > /data/hard-a; ln /data/hard-a /data/hard-b; \
-    chown 1234:5678 /data/new/sub/f; dd if=/dev/urandom of=/data/new/random bs=64k count=16 2>/dev/null";
+    chown 1234:5678 /data/new/sub/f; dd if=/dev/urandom of=/data/new/random bs=64k count=48 2>/dev/null";
+// (3 MiB of random data: whole 1 MiB gzip blocks of it are written as stored deflate blocks, which every reader must
+// take.)
 
 /// A sandbox committed three times, once per layer compression; returns (compression, reference).
 fn commit_each_compression(lab: &Lab, id: &str) -> Vec<(&'static str, String)> {

@@ -35,7 +35,10 @@ chmod 0600 /data/keep.txt
 mkdir -p /new/deep/dir && echo deep > /new/deep/dir/f
 chown 1234:5678 /new/deep/dir/f
 echo "sub change" > /data/sub/deep/file
+dd if=/dev/urandom of=/new/random.bin bs=64k count=48 2>/dev/null
 "#;
+// (The 3 MiB of random data make whole gzip blocks that committer stores without deflating: skopeo and umoci, Go
+// readers of their own, must take them.)
 
 fn out_path(lab: &Lab, name: &str) -> String {
     lab.dir.join(name).to_string_lossy().into_owned()
