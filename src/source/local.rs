@@ -1,32 +1,28 @@
 //! A local source (upperdir or walk) read into the spool. The container is paused only while the
-//! uncompressed tar is captured (its diff_id hashed on the way); compression runs from the
-//! capture after the resume (bench: gzip while paused cost ~15 s of pause per GiB, the copy
-//! alone ~2 s). When the upperdir turns out not to be exact mid-read, the capture is rewound and
-//! the diff is read again by a walk, inside the same pause.
+//! uncompressed tar is captured (its diff_id hashed on the way). The compressor starts with the
+//! capture, tailing the raw spool as it grows (`growing`), at the lowest CPU priority until the
+//! resume, so that it takes only what the capture leaves (bench: gzip inline in the paused read
+//! cost ~15 s of pause per GiB, the copy alone ~2 s); the caller gets the layer while it is still
+//! being compressed ([`LayerFinish::Compressing`]). When the upperdir turns out not to be exact
+//! mid-read, the capture is rewound and the diff is read again by a walk, inside the same pause;
+//! the compressor starts over with it.
 
+use super::compress::{Compressing, Priority};
+use super::growing::{growing, Growing, GrowingWriter};
 use super::prepare::{prepare, PreparedSource};
-use super::{BlobLocation, DiffSourceChoice, FinishedLayer, LayerFile, LayerRequest};
+use super::{BlobLocation, DiffSourceChoice, LayerFile, LayerFinish, LayerRequest, StartedLayer};
 use crate::containerd::lookup::SnapshotMount;
-use crate::digest::Digest;
 use crate::error::CommitError;
 use crate::image::Compression;
 use crate::layer::{CompressOptions, LayerDescriptor, LayerWriter};
 use crate::{diff, freeze, log, squash};
 use std::fs::File;
-use std::io::{BufWriter, Read, Seek, SeekFrom, Write};
+use std::io::{BufWriter, Read};
 use std::path::Path;
 
 const BUF: usize = 1 << 20;
 
-/// The uncompressed tar, as captured while paused.
-struct Capture {
-    file: File,
-    path: LayerFile,
-    desc: LayerDescriptor,
-    stats: diff::Stats,
-}
-
-pub(super) async fn read(req: &LayerRequest<'_>) -> Result<FinishedLayer, CommitError> {
+pub(super) async fn read(req: &LayerRequest<'_>) -> Result<StartedLayer, CommitError> {
     let compressed = req.plan.compress.compression != Compression::None;
     // Uncompressed, the capture is the layer: straight into the caller's file when there is one.
     let (file, path) = match (&req.dest.output, compressed) {
@@ -35,11 +31,25 @@ pub(super) async fn read(req: &LayerRequest<'_>) -> Result<FinishedLayer, Commit
     };
     let mounts = req.ctr.snapshot_mounts(req.info).await?;
     super::spool::check_room(req.ctr, req.info, &mounts, &req.dest.spool_dir).await?;
-    let (captured, kind, reason, paused) = match &req.squash {
-        None => capture_paused(req, &mounts, file).await?,
-        Some(target) => capture_squash(req, target, &mounts, file).await?,
+    let start = CompressStart::from_env();
+    let (writer, raw) = growing(file, start == CompressStart::Resumed);
+    let priority = match start {
+        CompressStart::Paused => Priority::low(),
+        CompressStart::Resumed => Priority::default(),
     };
-    let (file, desc, stats) = captured?;
+    let compressor = match compressed {
+        true => Some(start_compressor(req, &raw, priority.clone())?),
+        false => None,
+    };
+    let held = match &req.squash {
+        None => capture_paused(req, &mounts, writer).await,
+        Some(target) => capture_squash(req, target, &mounts, writer).await,
+    };
+    // The sandbox runs again (or never paused): the compressor gets its share of the CPU back.
+    raw.unhold();
+    priority.restore();
+    let (captured, kind, reason, paused) = held?;
+    let (desc, stats) = captured?;
     // --max-layer-bytes bounds the layer itself (the tar with its headers and padding), not only
     // the file content the diff counted while reading.
     if let Some(limit) = req.plan.max_layer_bytes.filter(|l| desc.size > *l) {
@@ -49,31 +59,75 @@ pub(super) async fn read(req: &LayerRequest<'_>) -> Result<FinishedLayer, Commit
         }
         .into());
     }
-    let capture = Capture {
-        file,
-        path,
-        desc,
-        stats,
-    };
-    let (layer, blob) = match (capture.stats.entries, compressed) {
-        (0, _) => (None, BlobLocation::File(capture.path)),
-        (_, false) => (Some(capture.desc), BlobLocation::File(capture.path)),
-        (_, true) => {
-            let (desc, path) = compress(req, capture.file, capture.desc.diff_id).await?;
-            (Some(desc), BlobLocation::File(path))
+    let finish = match (stats.entries, compressor) {
+        (0, _) => LayerFinish::Ready(None, BlobLocation::File(path)),
+        (_, None) => LayerFinish::Ready(Some(desc.clone()), BlobLocation::File(path)),
+        (_, Some((compressing, layer_path))) => {
+            crate::progress::captured();
+            LayerFinish::Compressing {
+                compressing,
+                path: layer_path,
+                // The raw spool lives until the compressor is done with it.
+                raw: path,
+            }
         }
     };
-    Ok(FinishedLayer {
-        layer,
-        blob,
-        stats: capture.stats,
+    Ok(StartedLayer {
+        diff_id: (stats.entries > 0).then_some(desc.diff_id),
+        media_type: req.media_type.to_string(),
+        stats,
         paused,
         source: kind,
         reason,
+        finish,
     })
 }
 
-type Captured = Result<(File, LayerDescriptor, diff::Stats), CommitError>;
+/// When the compressor starts: with the capture, at the lowest priority until the resume (the
+/// default), or after the resume (`COMMITTER_COMPRESS_START=resumed`, for measuring the pause
+/// with and without).
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum CompressStart {
+    Paused,
+    Resumed,
+}
+
+impl CompressStart {
+    fn from_env() -> CompressStart {
+        match std::env::var("COMMITTER_COMPRESS_START").as_deref() {
+            Ok("resumed") => CompressStart::Resumed,
+            _ => CompressStart::Paused,
+        }
+    }
+}
+
+/// The compressor, tailing the raw spool (punching out what it consumed, so that the spool holds
+/// one copy of the diff), into the layer file.
+fn start_compressor(
+    req: &LayerRequest<'_>,
+    raw: &Growing,
+    priority: Priority,
+) -> Result<(Compressing, LayerFile), CommitError> {
+    let (out, path) = match &req.dest.output {
+        Some(p) => (create(p)?, LayerFile::Kept(p.clone())),
+        None => spool_file(&req.dest.spool_dir, ".committer-layer-")?,
+    };
+    let raw = raw.clone();
+    let input =
+        move || Box::new(raw.reader(Some(super::spool::PUNCH_STEP))) as Box<dyn Read + Send>;
+    let sync = req.dest.output.is_some();
+    let c = super::compress::start(
+        input,
+        out,
+        req.plan.compress,
+        req.media_type.to_string(),
+        priority,
+        sync,
+    )?;
+    Ok((c, path))
+}
+
+type Captured = Result<(LayerDescriptor, diff::Stats), CommitError>;
 
 /// A capture, which source made it and why, and how the sandbox was held meanwhile.
 type Held = (Captured, super::DiffSourceKind, String, freeze::PauseReport);
@@ -83,7 +137,7 @@ type Held = (Captured, super::DiffSourceKind, String, freeze::PauseReport);
 async fn capture_paused(
     req: &LayerRequest<'_>,
     mounts: &[SnapshotMount],
-    file: File,
+    file: GrowingWriter,
 ) -> Result<Held, CommitError> {
     let source = prepare(req.ctr, req.info, mounts, req.plan.diff_source).await?;
     let work = capture(req, mounts, source, file);
@@ -105,7 +159,7 @@ async fn capture_squash(
     req: &LayerRequest<'_>,
     target: &super::SquashTarget,
     mounts: &[SnapshotMount],
-    file: File,
+    file: GrowingWriter,
 ) -> Result<Held, CommitError> {
     let (ctr, info) = (req.ctr, req.info);
     let views = squash::views(ctr, info, mounts, target.image_layers, &target.plan).await?;
@@ -118,8 +172,10 @@ async fn capture_squash(
         "--squash: a walk against the original base's {} layers",
         target.plan.keep_layers
     );
-    let captured = out.map(|(d, s)| (file, d, s));
-    Ok((captured, super::DiffSourceKind::Walk, reason, paused))
+    if out.is_ok() {
+        file.finish();
+    }
+    Ok((out, super::DiffSourceKind::Walk, reason, paused))
 }
 
 /// The paused part: tar the diff into `file`, falling back from the upperdir to a walk when the
@@ -128,7 +184,7 @@ async fn capture(
     req: &LayerRequest<'_>,
     mounts: &[SnapshotMount],
     mut source: PreparedSource,
-    file: File,
+    file: GrowingWriter,
 ) -> (Captured, Option<PreparedSource>) {
     let opts = diff_options(req, mounts);
     let mut file = file;
@@ -145,14 +201,19 @@ async fn capture(
             {
                 why
             }
-            out => return (out.map(|(d, s)| (file, d, s)), Some(source)),
+            out => {
+                if out.is_ok() {
+                    file.finish();
+                }
+                return (out, Some(source));
+            }
         };
         log::info(&format!(
             "upperdir is not exact ({why}); reading the diff by a walk"
         ));
         source.cleanup().await;
-        if let Err(e) = rewind(&file) {
-            return (Err(e), None);
+        if let Err(e) = file.rewind() {
+            return (Err(CommitError::io("rewinding the spool file")(e)), None);
         }
         source = match prepare(req.ctr, req.info, mounts, DiffSourceChoice::Walk).await {
             Ok(s) => s,
@@ -197,7 +258,11 @@ impl Walkable for squash::SquashViews {
     }
 }
 
-type Attempt<S> = (Result<(LayerDescriptor, diff::Stats), CommitError>, File, S);
+type Attempt<S> = (
+    Result<(LayerDescriptor, diff::Stats), CommitError>,
+    GrowingWriter,
+    S,
+);
 
 /// One read of the diff on a blocking thread: tar → diff_id → file. Hands the file and the
 /// source back whatever happened, so the caller can retry or clean up.
@@ -205,20 +270,18 @@ async fn tar_blocking<S: Walkable>(
     source: S,
     opts: diff::Options,
     media_type: String,
-    file: File,
+    mut file: GrowingWriter,
 ) -> Result<Attempt<S>, CommitError> {
-    let handle = file
-        .try_clone()
-        .map_err(CommitError::io("duplicating the spool file handle"))?;
     tokio::task::spawn_blocking(move || {
-        let run = || -> Result<_, CommitError> {
+        let _reading = crate::progress::reading_thread();
+        let mut run = || -> Result<_, CommitError> {
             let what = "writing the layer to the spool";
             let plain = CompressOptions {
                 compression: Compression::None,
                 level: None,
                 threads: 1,
             };
-            let sink = BufWriter::with_capacity(BUF, file);
+            let sink = BufWriter::with_capacity(BUF, &mut file);
             let w = LayerWriter::new(sink, &plain, &media_type).map_err(CommitError::io(what))?;
             let (w, stats) = diff::write_layer(&source.diff_source(), &opts, w)?;
             let finished = w.finish().map_err(CommitError::io(what))?;
@@ -228,78 +291,14 @@ async fn tar_blocking<S: Walkable>(
                 .map_err(|e| CommitError::io(what)(e.into_error()))?;
             Ok((finished.descriptor, stats))
         };
-        (run(), handle, source)
+        let out = run();
+        (out, file, source)
     })
     .await
     .map_err(|e| CommitError::Task {
         what: "the diff reader",
         detail: e.to_string(),
     })
-}
-
-/// Compresses the capture into the layer file on a blocking thread, checking that the bytes read
-/// back still hash to the diff_id taken while they were written (a full or failing disk shows here).
-async fn compress(
-    req: &LayerRequest<'_>,
-    raw: File,
-    diff_id: Digest,
-) -> Result<(LayerDescriptor, LayerFile), CommitError> {
-    let (out, path) = match &req.dest.output {
-        Some(p) => (create(p)?, LayerFile::Kept(p.clone())),
-        None => spool_file(&req.dest.spool_dir, ".committer-layer-")?,
-    };
-    let (opts, media_type) = (req.plan.compress, req.media_type.to_string());
-    let desc = tokio::task::spawn_blocking(move || {
-        let what = "compressing the layer from the tar spool";
-        let mut raw = raw;
-        raw.seek(SeekFrom::Start(0))
-            .map_err(CommitError::io(what))?;
-        let sink = BufWriter::with_capacity(BUF, out);
-        let mut w = LayerWriter::new(sink, &opts, &media_type).map_err(CommitError::io(what))?;
-        consume(&raw, &mut w).map_err(CommitError::io(what))?;
-        let finished = w.finish().map_err(CommitError::io(what))?;
-        let file = finished
-            .sink
-            .into_inner()
-            .map_err(|e| CommitError::io(what)(e.into_error()))?;
-        file.sync_data().map_err(CommitError::io(what))?;
-        if finished.descriptor.diff_id != diff_id {
-            return Err(CommitError::SpoolCorrupt {
-                written: diff_id,
-                read: finished.descriptor.diff_id,
-            });
-        }
-        Ok(finished.descriptor)
-    })
-    .await
-    .map_err(|e| CommitError::Task {
-        what: "the compressor",
-        detail: e.to_string(),
-    })??;
-    Ok((desc, path))
-}
-
-/// Copies the capture into the compressor, giving each consumed 8 MiB back to the filesystem so
-/// that the spool holds one copy of the diff (see `spool`).
-fn consume(raw: &File, w: &mut impl Write) -> std::io::Result<()> {
-    let mut buf = vec![0u8; BUF];
-    let (mut read, mut released) = (0u64, 0u64);
-    loop {
-        let n = match (&*raw).read(&mut buf) {
-            Ok(0) => break,
-            Ok(n) => n,
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-            Err(e) => return Err(e),
-        };
-        // The compressor copies what it is handed: those bytes are no longer needed on disk.
-        w.write_all(&buf[..n])?;
-        read += n as u64;
-        if read - released >= super::spool::PUNCH_STEP {
-            super::spool::release(raw, released, read);
-            released = read;
-        }
-    }
-    Ok(())
 }
 
 fn create(path: &Path) -> Result<File, CommitError> {
@@ -318,13 +317,4 @@ fn spool_file(dir: &Path, prefix: &str) -> Result<(File, LayerFile), CommitError
     crate::guard::tell_owned_path(f.path());
     let (file, path) = f.into_parts();
     Ok((file, LayerFile::Temp(path)))
-}
-
-fn rewind(file: &File) -> Result<(), CommitError> {
-    file.set_len(0)
-        .map_err(CommitError::io("truncating the spool file"))?;
-    (&*file)
-        .seek(SeekFrom::Start(0))
-        .map_err(CommitError::io("rewinding the spool file"))?;
-    Ok(())
 }

@@ -4,13 +4,17 @@
 //! source ran and why. The pipeline never asks which one it was.
 //!
 //! - `prepare`: choosing and mounting a local source (upperdir, or the walk's read-only views).
-//! - `local`: a local source read while paused into the spool, compressed after the resume.
+//! - `local`: a local source read while paused into the spool, compressed as it is read.
+//! - `growing`: a file read while it is written (the raw spool, the compressed layer).
+//! - `compress`: the compressor: any reader of the tar in, a growing layer file out.
 //! - `differ`: containerd's Diff service builds the layer in its content store (socket-only mode).
 //!
 //! With `--diff-source auto`, a snapshot that cannot be read here (its directories are not
 //! mounted in this container, or views cannot be mounted) goes to containerd's differ instead.
 
+pub mod compress;
 mod differ;
+pub mod growing;
 mod local;
 mod prepare;
 mod spool;
@@ -21,6 +25,7 @@ pub use prepare::{view_options, PreparedSource, SourceKind, TempMount};
 use crate::cli::SourcePlan;
 use crate::containerd::lookup::ContainerInfo;
 use crate::containerd::{Containerd, ContainerdError};
+use crate::digest::Digest;
 use crate::error::CommitError;
 use crate::freeze::PauseReport;
 use crate::layer::LayerDescriptor;
@@ -134,6 +139,89 @@ pub struct FinishedLayer {
     pub reason: String,
 }
 
+/// A layer whose capture is done (the sandbox runs again) and whose blob may still be on its way:
+/// the config can be written (it needs only the diff_id) while the blob is compressed and uploaded.
+pub struct StartedLayer {
+    /// None when the container changed nothing: no layer goes into the image.
+    pub diff_id: Option<Digest>,
+    pub media_type: String,
+    pub stats: diff::Stats,
+    pub paused: PauseReport,
+    pub source: DiffSourceKind,
+    pub reason: String,
+    pub finish: LayerFinish,
+}
+
+/// The blob of a [`StartedLayer`].
+pub enum LayerFinish {
+    /// Done: the descriptor (None: no layer) and where the blob is.
+    Ready(Option<LayerDescriptor>, BlobLocation),
+    /// Being compressed into `path`; its bytes can be read as they come (`compressing.output`).
+    Compressing {
+        compressing: compress::Compressing,
+        path: LayerFile,
+        /// The uncompressed spool, kept until the compressor is done with it.
+        raw: LayerFile,
+    },
+}
+
+impl StartedLayer {
+    /// Waits for the blob: the finished layer (its tar checked against the capture's diff_id).
+    pub async fn finish(self) -> Result<FinishedLayer, CommitError> {
+        let (layer, blob) = match self.finish {
+            LayerFinish::Ready(layer, blob) => (layer, blob),
+            LayerFinish::Compressing {
+                compressing,
+                path,
+                raw,
+            } => {
+                let diff_id = self
+                    .diff_id
+                    .as_ref()
+                    .expect("a compressed layer has a diff_id");
+                let desc = compressing.checked(diff_id).await?;
+                drop(raw);
+                (Some(desc), BlobLocation::File(path))
+            }
+        };
+        Ok(FinishedLayer {
+            layer,
+            blob,
+            stats: self.stats,
+            paused: self.paused,
+            source: self.source,
+            reason: self.reason,
+        })
+    }
+
+    /// The config's view of the layer before its blob is done: only the diff_id is real (the
+    /// digest and size are the manifest's business, filled in by `finish`).
+    pub fn config_layer(&self) -> Option<LayerDescriptor> {
+        self.diff_id.as_ref().map(|d| LayerDescriptor {
+            digest: d.clone(),
+            diff_id: d.clone(),
+            size: 0,
+            media_type: self.media_type.clone(),
+        })
+    }
+
+    fn ready(layer: FinishedLayer) -> StartedLayer {
+        StartedLayer {
+            diff_id: layer.layer.as_ref().map(|l| l.diff_id.clone()),
+            media_type: layer
+                .layer
+                .as_ref()
+                .map(|l| l.media_type.clone())
+                .unwrap_or_default(),
+            stats: layer.stats,
+            paused: layer.paused,
+            source: layer.source,
+            reason: layer.reason,
+            finish: LayerFinish::Ready(layer.layer, layer.blob),
+        }
+    }
+}
+
 /// Where a local source writes: temporary files (the uncompressed capture, and the compressed
 /// layer unless `output` names it) go to `spool_dir`.
 pub struct Destination {
@@ -162,8 +250,14 @@ pub struct LayerRequest<'a> {
     pub squash: Option<SquashTarget>,
 }
 
-/// Reads the container's diff as a layer, from the source the plan chose.
+/// Reads the container's diff as a layer, from the source the plan chose, and waits for its blob.
 pub async fn read_layer(req: &LayerRequest<'_>) -> Result<FinishedLayer, CommitError> {
+    start_layer(req).await?.finish().await
+}
+
+/// Reads the container's diff, returning as soon as the capture is done (the sandbox runs again);
+/// the blob may still be being compressed.
+pub async fn start_layer(req: &LayerRequest<'_>) -> Result<StartedLayer, CommitError> {
     if req.squash.is_some() {
         // containerd's differ can only diff against the snapshot's parent.
         if req.plan.diff_source == DiffSourceChoice::Containerd {
@@ -172,7 +266,8 @@ pub async fn read_layer(req: &LayerRequest<'_>) -> Result<FinishedLayer, CommitE
         return local::read(req).await;
     }
     if req.plan.diff_source == DiffSourceChoice::Containerd {
-        return differ::read(req, "--diff-source containerd".into()).await;
+        let layer = differ::read(req, "--diff-source containerd".into()).await?;
+        return Ok(StartedLayer::ready(layer));
     }
     match local::read(req).await {
         Err(CommitError::Source(
@@ -183,7 +278,7 @@ pub async fn read_layer(req: &LayerRequest<'_>) -> Result<FinishedLayer, CommitE
                 chain(&e)
             ));
             let reason = format!("snapshot not readable here ({})", chain(&e));
-            differ::read(req, reason).await
+            Ok(StartedLayer::ready(differ::read(req, reason).await?))
         }
         other => other,
     }
