@@ -11,7 +11,7 @@ use crate::containerd::lookup::ContainerInfo;
 use crate::containerd::Containerd;
 use crate::descriptor::base_blobs;
 use crate::error::{CommitError, Refusal};
-use crate::image::{self, Blob, Edits, Family, HistoryNote, Provenance};
+use crate::image::{self, Blob, Edits, Family, HistoryNote, ImageError, Provenance};
 use crate::layer::LayerDescriptor;
 use crate::registry::{Client, ClientOptions};
 use crate::report::CommitResult;
@@ -249,31 +249,21 @@ impl ImageParts<'_> {
     }
 
     /// The config needs only the layer's diff_id, known when the capture ends.
-    fn config(&self, layer: Option<&LayerDescriptor>) -> Result<Blob, CommitError> {
+    fn config(&self, layer: Option<&LayerDescriptor>) -> Result<Blob, ImageError> {
         let note = self.note();
-        Ok(image::new_config(
-            self.base,
-            layer,
-            self.family,
-            &note,
-            self.edits,
-        )?)
+        image::new_config(self.base, layer, self.family, &note, self.edits)
     }
 
     /// The manifest needs the compressed layer's digest and size.
-    fn manifest(
-        &self,
-        config: &Blob,
-        layer: Option<&LayerDescriptor>,
-    ) -> Result<Blob, CommitError> {
-        Ok(image::new_manifest(
+    fn manifest(&self, config: &Blob, layer: Option<&LayerDescriptor>) -> Result<Blob, ImageError> {
+        image::new_manifest(
             self.base,
             config,
             layer,
             self.family,
             self.edits,
             self.created,
-        )?)
+        )
     }
 }
 

@@ -128,7 +128,7 @@ async fn stream_new_layer(
     path: &LayerFile,
     diff_id: &Digest,
 ) -> Result<LayerDescriptor, CommitError> {
-    log::debug("uploading the layer while it is compressed");
+    log::info("uploading the layer while it is compressed");
     crate::progress::begin_streamed_upload();
     let body = compressing.output.stream();
     let compressed = async {

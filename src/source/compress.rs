@@ -32,12 +32,13 @@ pub struct Compressing {
 impl Compressing {
     /// The compressed layer's descriptor once every byte is in the output file.
     pub async fn finished(self) -> Result<LayerDescriptor, CommitError> {
-        self.done.await.unwrap_or_else(|_| {
-            Err(CommitError::Task {
+        match self.done.await {
+            Ok(result) => result,
+            Err(_) => Err(CommitError::Task {
                 what: "the compressor",
                 detail: "it stopped without an answer".into(),
-            })
-        })
+            }),
+        }
     }
 
     /// As `finished`, and the tar it read must hash to `diff_id` (what the capture hashed while
@@ -101,7 +102,7 @@ pub fn start(
     media_type: String,
     priority: Priority,
     sync: bool,
-) -> Result<Compressing, CommitError> {
+) -> io::Result<Compressing> {
     let (mut writer, output) = growing(out, false);
     let (tx, done) = oneshot::channel();
     std::thread::Builder::new()
@@ -116,7 +117,7 @@ pub fn start(
                             break Err(CommitError::io("rewinding the layer spool")(e));
                         }
                     }
-                    Err(Failure::Io(e)) => break Err(e),
+                    Err(Failure::Io(e)) => break Err(CommitError::io(WHAT)(e)),
                     Ok(desc) => break Ok(desc),
                 }
             };
@@ -125,15 +126,16 @@ pub fn start(
                 Err(e) => writer.fail(&e.to_string()),
             }
             let _ = tx.send(result);
-        })
-        .map_err(CommitError::io("starting the compressor thread"))?;
+        })?;
     Ok(Compressing { output, done })
 }
 
 enum Failure {
     Rewound,
-    Io(CommitError),
+    Io(io::Error),
 }
+
+const WHAT: &str = "compressing the layer from the tar spool";
 
 fn compress(
     mut input: Box<dyn Read + Send>,
@@ -142,10 +144,9 @@ fn compress(
     media_type: &str,
     sync: bool,
 ) -> Result<LayerDescriptor, Failure> {
-    let what = "compressing the layer from the tar spool";
     let io = |e: io::Error| match is_rewound(&e) {
         true => Failure::Rewound,
-        false => Failure::Io(CommitError::io(what)(e)),
+        false => Failure::Io(e),
     };
     let sink = BufWriter::with_capacity(BUF, &mut *out);
     let mut w = LayerWriter::new(sink, opts, media_type).map_err(io)?;

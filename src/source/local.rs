@@ -38,7 +38,15 @@ pub(super) async fn read(req: &LayerRequest<'_>) -> Result<StartedLayer, CommitE
         CompressStart::Resumed => Priority::default(),
     };
     let compressor = match compressed {
-        true => Some(start_compressor(req, &raw, priority.clone())?),
+        true => {
+            let (out, path) = match &req.dest.output {
+                Some(p) => (create(p)?, LayerFile::Kept(p.clone())),
+                None => spool_file(&req.dest.spool_dir, ".committer-layer-")?,
+            };
+            let c = start_compressor(req, &raw, out, priority.clone())
+                .map_err(CommitError::io("starting the compressor thread"))?;
+            Some((c, path))
+        }
         false => None,
     };
     let held = match &req.squash {
@@ -106,25 +114,22 @@ impl CompressStart {
 fn start_compressor(
     req: &LayerRequest<'_>,
     raw: &Growing,
+    out: File,
     priority: Priority,
-) -> Result<(Compressing, LayerFile), CommitError> {
-    let (out, path) = match &req.dest.output {
-        Some(p) => (create(p)?, LayerFile::Kept(p.clone())),
-        None => spool_file(&req.dest.spool_dir, ".committer-layer-")?,
-    };
+) -> std::io::Result<Compressing> {
     let raw = raw.clone();
     let input =
         move || Box::new(raw.reader(Some(super::spool::PUNCH_STEP))) as Box<dyn Read + Send>;
+    // A file the caller keeps is synced; a spool file is only read back.
     let sync = req.dest.output.is_some();
-    let c = super::compress::start(
+    super::compress::start(
         input,
         out,
         req.plan.compress,
         req.media_type.to_string(),
         priority,
         sync,
-    )?;
-    Ok((c, path))
+    )
 }
 
 type Captured = Result<(LayerDescriptor, diff::Stats), CommitError>;
