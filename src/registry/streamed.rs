@@ -48,8 +48,9 @@ impl Client {
             CONTENT_TYPE,
             "application/octet-stream".parse().expect("static header"),
         );
-        // The body idles while its producer works (the stall watch must not take that for the
-        // network): every time the connection asks for more, the request counts as moving.
+        // The body idles while its producer works: the stall watch must not take that for the
+        // network. Time counts as stalled only while the body has handed over bytes that the
+        // connection has not asked past.
         let progress = Progress::new();
         req.body = Body::once(
             Watched {
@@ -81,7 +82,7 @@ impl StreamedUpload {
     }
 }
 
-/// The body, counting as progress each time it is asked for more, and each piece as sent.
+/// The body, telling the stall watch whether it waits for its producer, counting each piece sent.
 struct Watched {
     inner: ByteStream,
     progress: Progress,
@@ -90,8 +91,8 @@ struct Watched {
 impl Stream for Watched {
     type Item = std::io::Result<bytes::Bytes>;
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
-        self.progress.touch();
         let next = self.inner.poll_next_unpin(cx);
+        self.progress.producing(next.is_pending());
         if let Poll::Ready(Some(Ok(chunk))) = &next {
             crate::progress::add_sent(chunk.len() as u64);
         }

@@ -94,7 +94,8 @@ impl Priority {
 }
 
 /// Starts compressing what `input` yields into `out` on a thread of its own. `input` is called
-/// again when its reader reports that the tar was started over.
+/// again when its reader reports that the tar was started over. With `hold`, readers of the
+/// output wait for `output.unhold()` (an upload should not compete with a paused capture).
 pub fn start(
     mut input: impl FnMut() -> Box<dyn Read + Send> + Send + 'static,
     out: File,
@@ -102,8 +103,9 @@ pub fn start(
     media_type: String,
     priority: Priority,
     sync: bool,
+    hold: bool,
 ) -> io::Result<Compressing> {
-    let (mut writer, output) = growing(out, false);
+    let (mut writer, output) = growing(out, hold);
     let (tx, done) = oneshot::channel();
     std::thread::Builder::new()
         .name("compressor".into())
@@ -230,7 +232,7 @@ mod tests {
             move || Box::new(tar.reader(None)) as Box<dyn Read + Send>
         };
         let out = tempfile::tempfile().unwrap();
-        let c = start(input, out, opts, "mt".into(), Priority::low(), false).unwrap();
+        let c = start(input, out, opts, "mt".into(), Priority::low(), false, false).unwrap();
         raw.write_all(&vec![1u8; 3 << 20]).unwrap();
         std::thread::sleep(std::time::Duration::from_millis(50));
         raw.rewind().unwrap();
@@ -265,6 +267,7 @@ mod tests {
             opts,
             "mt".into(),
             Priority::default(),
+            false,
             false,
         )
         .unwrap();

@@ -53,9 +53,13 @@ pub(super) async fn read(req: &LayerRequest<'_>) -> Result<StartedLayer, CommitE
         None => capture_paused(req, &mounts, writer).await,
         Some(target) => capture_squash(req, target, &mounts, writer).await,
     };
-    // The sandbox runs again (or never paused): the compressor gets its share of the CPU back.
+    // The sandbox runs again (or never paused): the compressor gets its share of the CPU back,
+    // and its output may be uploaded.
     raw.unhold();
     priority.restore();
+    if let Some((c, _)) = &compressor {
+        c.output.unhold();
+    }
     let (captured, kind, reason, paused) = held?;
     let (desc, stats) = captured?;
     // --max-layer-bytes bounds the layer itself (the tar with its headers and padding), not only
@@ -122,6 +126,8 @@ fn start_compressor(
         move || Box::new(raw.reader(Some(super::spool::PUNCH_STEP))) as Box<dyn Read + Send>;
     // A file the caller keeps is synced; a spool file is only read back.
     let sync = req.dest.output.is_some();
+    // Its upload waits for the resume: the network and a registry on this node would take CPU
+    // from the paused capture.
     super::compress::start(
         input,
         out,
@@ -129,6 +135,7 @@ fn start_compressor(
         req.media_type.to_string(),
         priority,
         sync,
+        true,
     )
 }
 
