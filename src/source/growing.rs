@@ -223,10 +223,12 @@ impl GrowingReader {
         }
     }
 
-    /// Punches out what was read, under the state lock (see `rewind`).
+    /// Punches out what was read, under the state lock (see `rewind`), once the writer is done:
+    /// a hole punch takes the file's lock and waits for its dirty pages to be written back, which
+    /// would stall the writer (the paused capture) behind it.
     fn punch(&mut self, st: &State) {
         let Some(step) = self.release else { return };
-        if st.epoch == self.epoch && self.pos - self.released >= step {
+        if st.finished && st.epoch == self.epoch && self.pos - self.released >= step {
             super::spool::release(&self.growing.file, self.released, self.pos);
             self.released = self.pos;
         }
@@ -353,6 +355,19 @@ mod tests {
         assert!(!reader.is_finished(), "held");
         g.unhold();
         assert_eq!(reader.join().unwrap(), b"abc");
+    }
+
+    #[test]
+    fn nothing_is_released_while_the_writer_writes() {
+        use std::os::unix::fs::MetadataExt;
+        let (mut w, g) = pair(false);
+        w.write_all(&vec![9u8; 4 << 20]).unwrap();
+        let mut r = g.reader(Some(1 << 20));
+        let mut buf = vec![0u8; 3 << 20];
+        r.read_exact(&mut buf).unwrap();
+        r.read_exact(&mut buf[..1]).unwrap();
+        let blocks = g.file.metadata().unwrap().blocks() * 512;
+        assert!(blocks >= 4 << 20, "{blocks} bytes allocated");
     }
 
     #[test]
