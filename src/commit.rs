@@ -1,7 +1,7 @@
 //! The pipeline, in order: locate → lease → base image → capture (the sandbox paused inside) →
 //! then, at once: the layer compressed and uploaded as it is compressed ∥ the config and the base
-//! layers uploaded → manifest → tags → report. The compressor already runs during the capture (at
-//! the lowest CPU priority until the resume). Each stage is a call into its own module; this file
+//! layers uploaded → manifest → tags → report. The compressor is started with the capture and
+//! reads the tar as it is written (held until the resume by default). Each stage is a call into its own module; this file
 //! only sequences them, and holds the lease around everything that reads the container's snapshot.
 
 use crate::cli::{CommitPlan, SourcePlan};

@@ -1,9 +1,9 @@
 //! The compressor: any reader of the uncompressed tar in (`Box<dyn Read + Send>`: the raw spool
 //! tailed while the paused capture writes it, or another source's assembler), the compressed
 //! layer out into a [`growing`](super::growing) file that the upload can tail while it grows.
-//! It runs on a thread of its own; while the sandbox is paused that thread (and the workers it
-//! spawns, which inherit it) run at the lowest CPU priority, so the capture keeps the CPU it
-//! needs and the pause does not grow; after the resume they are put back.
+//! It runs on a thread of its own. When it is let run during the pause (`Priority::low`), that
+//! thread and the workers it spawns (which inherit it) run at the lowest CPU priority, so that
+//! the capture keeps the CPU it needs; after the resume they are put back.
 //!
 //! When its input was started over (the capture's upperdir → walk fallback), it starts over too,
 //! rewinding its own output (an upload tailing it fails and falls back to the finished file).

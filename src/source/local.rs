@@ -1,9 +1,11 @@
 //! A local source (upperdir or walk) read into the spool. The container is paused only while the
-//! uncompressed tar is captured (its diff_id hashed on the way). The compressor starts with the
-//! capture, tailing the raw spool as it grows (`growing`), at the lowest CPU priority until the
-//! resume, so that it takes only what the capture leaves (bench: gzip inline in the paused read
-//! cost ~15 s of pause per GiB, the copy alone ~2 s); the caller gets the layer while it is still
-//! being compressed ([`LayerFinish::Compressing`]). When the upperdir turns out not to be exact
+//! uncompressed tar is captured (its diff_id hashed on the way). The compressor is started with
+//! the capture, as a reader of the raw spool as it grows (`growing`), held until the resume: on
+//! 2 cores, letting it run during the pause even at the lowest CPU priority made the pause longer
+//! and more variable for no gain in wall time (bench, see README "Performance"); with
+//! `COMMITTER_COMPRESS_START=paused` it runs during the pause at nice 19. The caller gets the
+//! layer while it is still being compressed ([`LayerFinish::Compressing`]), to upload it as it
+//! grows. When the upperdir turns out not to be exact
 //! mid-read, the capture is rewound and the diff is read again by a walk, inside the same pause;
 //! the compressor starts over with it.
 
@@ -95,9 +97,9 @@ pub(super) async fn read(req: &LayerRequest<'_>) -> Result<StartedLayer, CommitE
     })
 }
 
-/// When the compressor starts: with the capture, at the lowest priority until the resume (the
-/// default), or after the resume (`COMMITTER_COMPRESS_START=resumed`, for measuring the pause
-/// with and without).
+/// When the compressor starts: after the resume (the default), or with the capture, at the
+/// lowest CPU priority until the resume (`COMMITTER_COMPRESS_START=paused`: more cores than the
+/// capture needs may make that worth it; on 2 cores it lengthened the pause).
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum CompressStart {
     Paused,
@@ -107,8 +109,8 @@ enum CompressStart {
 impl CompressStart {
     fn from_env() -> CompressStart {
         match std::env::var("COMMITTER_COMPRESS_START").as_deref() {
-            Ok("resumed") => CompressStart::Resumed,
-            _ => CompressStart::Paused,
+            Ok("paused") => CompressStart::Paused,
+            _ => CompressStart::Resumed,
         }
     }
 }
