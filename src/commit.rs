@@ -1,6 +1,8 @@
-//! The pipeline, in order: locate → lease → base image → layer (the sandbox paused inside) →
-//! image → push → report. Each stage is a call into its own module; this file only sequences
-//! them, and holds the lease around everything that reads the container's snapshot.
+//! The pipeline, in order: locate → lease → base image → capture (the sandbox paused inside) →
+//! then, at once: the layer compressed and uploaded as it is compressed ∥ the base layers
+//! uploaded ∥ the config (as soon as the layer's diff_id is known) → manifest → tags → report.
+//! Each stage is a call into its own module; this file only sequences them, and holds the lease
+//! around everything that reads the container's snapshot.
 
 use crate::cli::{CommitPlan, SourcePlan};
 use crate::containerd::content::BaseImage;
@@ -9,11 +11,11 @@ use crate::containerd::lookup::ContainerInfo;
 use crate::containerd::Containerd;
 use crate::descriptor::base_blobs;
 use crate::error::{CommitError, Refusal};
-use crate::image::{self, Blob, Edits, Family, HistoryNote, Provenance};
+use crate::image::{self, Blob, Edits, Family, HistoryNote, ImageError, Provenance};
 use crate::layer::LayerDescriptor;
 use crate::registry::{Client, ClientOptions};
 use crate::report::CommitResult;
-use crate::source::{self, BlobLocation, Destination, FinishedLayer, LayerRequest};
+use crate::source::{self, BlobLocation, Destination, FinishedLayer, LayerRequest, StartedLayer};
 use crate::{log, push};
 use std::time::Instant;
 
@@ -34,7 +36,8 @@ pub async fn commit(plan: &CommitPlan) -> Result<CommitResult, CommitError> {
             spool_dir: plan.spool_dir.clone().unwrap_or_else(std::env::temp_dir),
             output: None,
         };
-        let layer = source::read_layer(&LayerRequest {
+        // Returns once the sandbox runs again; the layer may still be being compressed.
+        let started = source::start_layer(&LayerRequest {
             ctr: &ctr,
             info: &info,
             plan: &plan.source,
@@ -43,9 +46,17 @@ pub async fn commit(plan: &CommitPlan) -> Result<CommitResult, CommitError> {
             squash: squash_target(&base, &edits),
         })
         .await?;
-        let (config, manifest) = build_image(&base, &layer, family, plan, &edits)?;
+        let created = now_rfc3339();
+        let image = ImageParts {
+            base: &base,
+            family,
+            plan,
+            edits: &edits,
+            created: &created,
+        };
+        let config_now = started.config_layer();
         let base_ref = base.name.parse().ok();
-        push::push(&push::PushJob {
+        let job = push::PushJob {
             client: &client,
             ctr: &ctr,
             base: &base,
@@ -55,12 +66,44 @@ pub async fn commit(plan: &CommitPlan) -> Result<CommitResult, CommitError> {
                 .chain
                 .as_ref()
                 .map_or(base.layers().len(), |c| c.keep_layers),
-            layer: layer.layer.as_ref().map(|d| (d, layer_blob(&layer.blob))),
-            config: &config,
-            manifest: &manifest,
-            tags: tags(plan),
-        })
-        .await?;
+        };
+        let StartedLayer {
+            stats,
+            paused,
+            source,
+            reason,
+            finish,
+            ..
+        } = started;
+        let layer_and_bases = async {
+            tokio::try_join!(push::push_layer(&job, finish), push::push_base_layers(&job))
+        };
+        // The config needs the diff_id: pushed alongside when the capture knew it, else once
+        // the layer is built.
+        let ((layer, blob), config) = match config_now {
+            Some(known) => {
+                let config = image.config(known.as_ref())?;
+                let (((layer, blob), ()), ()) =
+                    tokio::try_join!(layer_and_bases, push::push_config(&job, &config))?;
+                ((layer, blob), config)
+            }
+            None => {
+                let ((layer, blob), ()) = layer_and_bases.await?;
+                let config = image.config(layer.as_ref())?;
+                push::push_config(&job, &config).await?;
+                ((layer, blob), config)
+            }
+        };
+        let manifest = image.manifest(&config, layer.as_ref())?;
+        push::push_manifest(&client, &manifest, &tags(plan)).await?;
+        let layer = FinishedLayer {
+            layer,
+            blob,
+            stats,
+            paused,
+            source,
+            reason,
+        };
         Ok(result(plan, &info, &base, layer, &config, &manifest))
     })
     .await?;
@@ -200,24 +243,42 @@ fn edits(plan: &CommitPlan, info: &ContainerInfo, base: &BaseImage) -> Result<Ed
     Ok(edits)
 }
 
-fn build_image(
-    base: &BaseImage,
-    layer: &FinishedLayer,
+/// What the config and the manifest are made of, besides the layer.
+struct ImageParts<'a> {
+    base: &'a BaseImage,
     family: Family,
-    plan: &CommitPlan,
-    edits: &Edits,
-) -> Result<(Blob, Blob), CommitError> {
-    let created = now_rfc3339();
-    let note = HistoryNote {
-        created: &created,
-        created_by: "committer",
-        comment: &plan.message,
-        author: plan.author.as_deref(),
-    };
-    let config = image::new_config(base, layer.layer.as_ref(), family, &note, edits)?;
-    let manifest =
-        image::new_manifest(base, &config, layer.layer.as_ref(), family, edits, &created)?;
-    Ok((config, manifest))
+    plan: &'a CommitPlan,
+    edits: &'a Edits,
+    created: &'a str,
+}
+
+impl ImageParts<'_> {
+    fn note(&self) -> HistoryNote<'_> {
+        HistoryNote {
+            created: self.created,
+            created_by: "committer",
+            comment: &self.plan.message,
+            author: self.plan.author.as_deref(),
+        }
+    }
+
+    /// The config needs only the layer's diff_id, known when the capture ends.
+    fn config(&self, layer: Option<&LayerDescriptor>) -> Result<Blob, ImageError> {
+        let note = self.note();
+        image::new_config(self.base, layer, self.family, &note, self.edits)
+    }
+
+    /// The manifest needs the compressed layer's digest and size.
+    fn manifest(&self, config: &Blob, layer: Option<&LayerDescriptor>) -> Result<Blob, ImageError> {
+        image::new_manifest(
+            self.base,
+            config,
+            layer,
+            self.family,
+            self.edits,
+            self.created,
+        )
+    }
 }
 
 /// When the chain plan squashes, the layer is the diff against the original base's layers only.
@@ -227,13 +288,6 @@ fn squash_target(base: &BaseImage, edits: &Edits) -> Option<source::SquashTarget
         plan: plan.clone(),
         image_layers: base.layers().len(),
     })
-}
-
-fn layer_blob(blob: &BlobLocation) -> push::LayerBlob<'_> {
-    match blob {
-        BlobLocation::File(f) => push::LayerBlob::File(f.path()),
-        BlobLocation::ContentStore => push::LayerBlob::ContentStore,
-    }
 }
 
 fn tags(plan: &CommitPlan) -> Vec<String> {

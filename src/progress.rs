@@ -1,6 +1,9 @@
 //! Progress of a commit, in the order its bytes move: the tar read from the sandbox (total
 //! unknown until it ends), its compression (against the tar's size), the upload of the new
-//! layer (against the layer's size). The stages bump relaxed atomic counters on their hot path;
+//! layer (against the layer's size). The stages overlap: the compressor runs during the read
+//! and the upload during the compression; the stage shown is the earliest one still running,
+//! with the later ones' counts beside it, and an upload whose total is not known yet (it streams
+//! what the compressor produces) shows no bar and no ETA until the layer's size is known. The stages bump relaxed atomic counters on their hot path;
 //! a ticker shows them — a live bar on a terminal (`indicatif`), JSON `progress` events or
 //! text lines every 2 s when stderr is piped, nothing with `--quiet`.
 
@@ -42,17 +45,49 @@ struct Counters {
     layer_out: AtomicU64,
     sent: AtomicU64,
     sent_total: AtomicU64,
+    /// A compressing layer writer has begun (its stage follows the read).
+    compressing: std::sync::atomic::AtomicBool,
+    /// The layer is uploaded as it is compressed; its size is not known yet.
+    streaming: std::sync::atomic::AtomicBool,
     stage_since: Mutex<Option<Instant>>,
+}
+
+std::thread_local! {
+    /// This thread captures the sandbox's tar (its layer writer counts as the read).
+    static READING: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Marks the calling thread as the sandbox's reader until the guard drops: its tar bytes count
+/// as read, while another thread compresses them at the same time.
+pub fn reading_thread() -> ReadingThread {
+    READING.with(|r| r.set(true));
+    ReadingThread(())
+}
+
+pub struct ReadingThread(());
+
+impl Drop for ReadingThread {
+    fn drop(&mut self) {
+        READING.with(|r| r.set(false));
+    }
+}
+
+fn on_reading_thread() -> bool {
+    READING.with(|r| r.get())
 }
 
 static C: Counters = Counters::new();
 static BAR: Mutex<Option<ProgressBar>> = Mutex::new(None);
 
 /// A layer writer starts. An uncompressed pass is the read of the sandbox (a second read, as
-/// after an inexact upperdir, counts from 0 again); a compressing pass compresses the tar just
-/// read, so its total is what the read produced.
+/// after an inexact upperdir, counts from 0 again); a compressing pass compresses the tar being
+/// read (counting from 0 again when it starts over).
 pub fn begin_pass(compressing: bool) {
     C.begin_pass(compressing)
+}
+/// The read is done: the compression's total is what it produced.
+pub fn captured() {
+    C.captured()
 }
 /// Uncompressed tar bytes into a layer writer: read from the sandbox, or compressed.
 pub fn add_tar(n: u64) {
@@ -65,6 +100,18 @@ pub fn add_layer(n: u64) {
 /// The upload of the new layer (`total` bytes) starts.
 pub fn begin_upload(total: u64) {
     C.begin_upload(total)
+}
+/// The upload of the new layer starts while it is compressed: its size is not known yet.
+pub fn begin_streamed_upload() {
+    C.sent.store(0, Ordering::Relaxed);
+    C.sent_total.store(0, Ordering::Relaxed);
+    C.streaming.store(true, Ordering::Relaxed);
+}
+/// The streamed layer is compressed whole (`total` bytes): what is left is its upload.
+pub fn upload_total_known(total: u64) {
+    C.sent_total.store(total, Ordering::Relaxed);
+    C.streaming.store(false, Ordering::Relaxed);
+    C.set_stage(Stage::Uploading);
 }
 pub fn add_sent(n: u64) {
     C.sent.fetch_add(n, Ordering::Relaxed);
@@ -104,6 +151,8 @@ impl Counters {
             layer_out: AtomicU64::new(0),
             sent: AtomicU64::new(0),
             sent_total: AtomicU64::new(0),
+            compressing: std::sync::atomic::AtomicBool::new(false),
+            streaming: std::sync::atomic::AtomicBool::new(false),
             stage_since: Mutex::new(None),
         }
     }
@@ -119,27 +168,33 @@ impl Counters {
 
     fn begin_pass(&self, compressing: bool) {
         if compressing {
-            let read = self.read.load(Ordering::Relaxed);
-            self.compress_total.store(read, Ordering::Relaxed);
             self.compress_in.store(0, Ordering::Relaxed);
             self.layer_out.store(0, Ordering::Relaxed);
-            self.set_stage(Stage::Compressing);
+            self.compressing.store(true, Ordering::Relaxed);
         } else {
             self.read.store(0, Ordering::Relaxed);
             self.set_stage(Stage::Reading);
         }
     }
 
+    fn captured(&self) {
+        if self.compressing.load(Ordering::Relaxed) {
+            let read = self.read.load(Ordering::Relaxed);
+            self.compress_total.store(read, Ordering::Relaxed);
+            self.set_stage(Stage::Compressing);
+        }
+    }
+
     fn add_tar(&self, n: u64) {
-        let counter = match self.stage() {
-            Stage::Compressing => &self.compress_in,
-            _ => &self.read,
+        let counter = match on_reading_thread() {
+            true => &self.read,
+            false => &self.compress_in,
         };
         counter.fetch_add(n, Ordering::Relaxed);
     }
 
     fn add_layer(&self, n: u64) {
-        if self.stage() == Stage::Compressing {
+        if !on_reading_thread() {
             self.layer_out.fetch_add(n, Ordering::Relaxed);
         }
     }
@@ -147,6 +202,7 @@ impl Counters {
     fn begin_upload(&self, total: u64) {
         self.sent.store(0, Ordering::Relaxed);
         self.sent_total.store(total, Ordering::Relaxed);
+        self.streaming.store(false, Ordering::Relaxed);
         self.set_stage(Stage::Uploading);
     }
 
@@ -166,6 +222,7 @@ impl Counters {
             Stage::Preparing => (0, None),
             Stage::Reading => (load(&self.read), None),
             Stage::Compressing => (load(&self.compress_in), Some(load(&self.compress_total))),
+            Stage::Uploading if self.streaming.load(Ordering::Relaxed) => (load(&self.sent), None),
             Stage::Uploading => (load(&self.sent), Some(load(&self.sent_total))),
         };
         let secs = self
@@ -233,10 +290,10 @@ pub fn suspend<R>(f: impl FnOnce() -> R) -> R {
     }
 }
 
-fn style(stage: Stage) -> ProgressStyle {
+fn style(stage: Stage, total_known: bool) -> ProgressStyle {
     let template = match stage {
         Stage::Preparing => "{spinner} {prefix:12} {elapsed}",
-        Stage::Reading => "{spinner} {prefix:12} {decimal_bytes:>10}  {msg}",
+        _ if !total_known => "{spinner} {prefix:12} {decimal_bytes:>10}  {msg}",
         _ => "{spinner} {prefix:12} [{bar:30}] {decimal_bytes:>10}/{decimal_total_bytes:<10} {msg}",
     };
     ProgressStyle::with_template(template)
@@ -248,29 +305,33 @@ fn style(stage: Stage) -> ProgressStyle {
 fn stage_bar(now: &Current) -> ProgressBar {
     let target = ProgressDrawTarget::stderr_with_hz(10);
     ProgressBar::with_draw_target(now.total, target)
-        .with_style(style(now.stage))
+        .with_style(style(now.stage, now.total.is_some()))
         .with_prefix(now.verb())
 }
 
 async fn bar_ticker() {
-    let mut shown: Option<Stage> = None;
+    let mut shown: Option<(Stage, bool)> = None;
     let mut tick = tokio::time::interval(Duration::from_millis(100));
     loop {
         tick.tick().await;
         let now = C.current();
         let mut slot = BAR.lock().expect("progress lock");
-        if shown != Some(now.stage) || slot.is_none() {
+        let key = (now.stage, now.total.is_some());
+        if shown != Some(key) || slot.is_none() {
             if let Some(old) = slot.take() {
                 old.finish_and_clear();
             }
             *slot = Some(stage_bar(&now));
-            shown = Some(now.stage);
+            shown = Some(key);
         }
         if let Some(bar) = slot.as_ref() {
             // Our own rate and ETA: since the stage began, not since this bar was drawn.
             let mut msg = format!("{:>10}/s", human_bytes(now.per_sec as u64));
             if let Some(eta) = now.eta_secs() {
                 msg += &format!("  ETA {eta} s");
+            }
+            if let Some(sent) = C.streamed() {
+                msg += &format!("  uploaded {}", human_bytes(sent));
             }
             bar.set_message(msg);
             bar.set_position(now.done);
@@ -299,7 +360,7 @@ async fn event_ticker(json: bool) {
             "compressTotal": C.compress_total.load(Ordering::Relaxed),
             "layerBytes": t.layer,
             "uploadedBytes": t.uploaded,
-            "uploadTotal": C.sent_total.load(Ordering::Relaxed),
+            "uploadTotal": C.upload_total(),
             "bytesPerSec": now.per_sec.round() as u64,
             "etaSeconds": now.eta_secs(),
         });
@@ -321,7 +382,23 @@ fn text_line(now: &Current) -> String {
     if let Some(eta) = now.eta_secs() {
         line += &format!(", ETA {eta} s");
     }
+    if let Some(sent) = C.streamed() {
+        line += &format!(", {} uploaded so far", human_bytes(sent));
+    }
     line
+}
+
+impl Counters {
+    /// Bytes of a streamed upload, while the layer's size is unknown and an earlier stage shows.
+    fn streamed(&self) -> Option<u64> {
+        (self.streaming.load(Ordering::Relaxed) && self.stage() != Stage::Uploading)
+            .then(|| self.sent.load(Ordering::Relaxed))
+    }
+
+    /// The upload's total; None while it streams a layer still being compressed.
+    fn upload_total(&self) -> Option<u64> {
+        (!self.streaming.load(Ordering::Relaxed)).then(|| self.sent_total.load(Ordering::Relaxed))
+    }
 }
 
 /// `1.5 MB`-style sizes (decimal units, as registries and `docker images` show them).
@@ -347,12 +424,23 @@ mod tests {
     #[test]
     fn the_compress_pass_counts_against_the_tar_read_and_does_not_bump_the_read() {
         let c = Counters::new();
-        c.begin_pass(false);
-        c.add_tar(600);
-        c.add_layer(600);
         c.begin_pass(true);
-        c.add_tar(200);
-        c.add_layer(50);
+        let reading = std::thread::scope(|s| {
+            s.spawn(|| {
+                let _r = reading_thread();
+                c.begin_pass(false);
+                c.add_tar(600);
+                c.add_layer(600);
+            });
+            // The compressor, meanwhile, on another thread.
+            s.spawn(|| {
+                c.add_tar(200);
+                c.add_layer(50);
+            });
+            c.stage()
+        });
+        assert_ne!(reading, Stage::Compressing, "the read shows first");
+        c.captured();
         let (t, now) = (c.totals(), c.current());
         assert_eq!((t.read, t.compressed_in, t.layer), (600, 200, 50));
         assert_eq!((now.done, now.total), (200, Some(600)));
@@ -364,5 +452,24 @@ mod tests {
             "a retried chunk never shows more than the total"
         );
         assert_eq!(human_bytes(45_300_000), "45.3 MB");
+    }
+
+    #[test]
+    fn a_streamed_upload_has_no_total_until_the_layer_is_compressed() {
+        let c = Counters::new();
+        c.begin_pass(true);
+        c.captured();
+        c.sent.store(0, Ordering::Relaxed);
+        c.streaming.store(true, Ordering::Relaxed);
+        c.sent.fetch_add(70, Ordering::Relaxed);
+        assert_eq!(c.upload_total(), None);
+        assert_eq!(c.streamed(), Some(70), "shown beside the compression");
+        c.sent_total.store(100, Ordering::Relaxed);
+        c.streaming.store(false, Ordering::Relaxed);
+        c.set_stage(Stage::Uploading);
+        let now = c.current();
+        assert_eq!((now.done, now.total), (70, Some(100)));
+        assert_eq!(c.upload_total(), Some(100));
+        assert_eq!(now.eta_secs().is_some(), now.per_sec > 0.0);
     }
 }

@@ -1,7 +1,13 @@
-//! Pushing the image: every blob first, concurrently (the client bounds uploads in flight), each
-//! through the registry client's one path — exists → mount from the base's repository → upload with
-//! retries that re-read the blob's source; the manifest last; then each tag. A tag can only ever name a
-//! manifest whose blobs are all there.
+//! Pushing the image. Its blobs go up concurrently (the client bounds uploads in flight), each
+//! through the registry client's one path — exists → mount from the base's repository → upload
+//! with retries that re-read the blob's source; the manifest goes last, then each tag. A tag can
+//! only ever name a manifest whose blobs are all there.
+//!
+//! The new layer is uploaded while it is compressed ([`push_layer`]): one streamed PATCH tails the
+//! growing compressed file, and the blob is committed with the digest known at its end. The file
+//! stays on disk, so when the streamed upload fails for any reason the layer is uploaded again
+//! from the file by the robust path (chunks, quirks, retries), never compressed again. The base
+//! layers and the config (which needs only the diff_id) go up meanwhile ([`push_base_and_config`]).
 //!
 //! Sources: the new layer from the spool file or containerd's content store; the config from memory;
 //! a base layer from the node's content store, or — when the node discarded it (containerd's
@@ -9,7 +15,6 @@
 //! through one pull-only client per commit (its own scheme, credentials and `certs.d` mirrors).
 
 use std::io;
-use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use futures_util::future::{try_join_all, BoxFuture};
@@ -27,15 +32,8 @@ use crate::registry::{
     BlobPushed, BlobSource, ByteStream, BytesSource, Client, ClientOptions, FileSource, Reference,
     RegistryBlob,
 };
-
-/// Where the new layer's bytes are.
-#[derive(Clone, Copy)]
-pub enum LayerBlob<'a> {
-    /// The spool file the local diff wrote.
-    File(&'a Path),
-    /// containerd's content store (built by its Diff service).
-    ContentStore,
-}
+use crate::source::compress::Compressing;
+use crate::source::{BlobLocation, LayerFile, LayerFinish};
 
 pub struct PushJob<'a> {
     /// The target repository (push scope).
@@ -50,13 +48,10 @@ pub struct PushJob<'a> {
     pub base_opts: &'a ClientOptions,
     /// How many of the base's layers the new manifest keeps (all, unless squashing).
     pub keep_base_layers: usize,
-    pub layer: Option<(&'a LayerDescriptor, LayerBlob<'a>)>,
-    pub config: &'a Blob,
-    pub manifest: &'a Blob,
-    pub tags: Vec<String>,
 }
 
-pub async fn push(job: &PushJob<'_>) -> Result<(), CommitError> {
+/// The kept base layers, concurrently.
+pub async fn push_base_layers(job: &PushJob<'_>) -> Result<(), CommitError> {
     let base_registry = BaseRegistry::default();
     // A squashed image keeps only the original base's layers: the snapshot layers it replaces
     // are not pushed.
@@ -66,58 +61,131 @@ pub async fn push(job: &PushJob<'_>) -> Result<(), CommitError> {
         .take(job.keep_base_layers)
         .map(|l| (l.digest, l.size))
         .collect();
-    let bases = try_join_all(
+    try_join_all(
         base_layers
             .iter()
             .map(|(d, s)| push_base_layer(job, &base_registry, d, *s)),
-    );
-    let new_layer = push_new_layer(job);
-    let config = async {
-        let source = BytesSource(job.config.bytes.clone().into());
-        let size = job.config.bytes.len() as u64;
-        job.client
-            .push_blob(&job.config.digest, size, &source, None)
-            .await?;
-        Ok::<_, CommitError>(())
-    };
-    tokio::try_join!(bases, new_layer, config)?;
+    )
+    .await?;
+    Ok(())
+}
 
-    // The manifest goes up by digest first, so no tag moves until the registry holds it whole.
+/// The image config.
+pub async fn push_config(job: &PushJob<'_>, config: &Blob) -> Result<(), CommitError> {
+    let source = BytesSource(config.bytes.clone().into());
+    let size = config.bytes.len() as u64;
     job.client
-        .put_manifest(
-            job.manifest.digest.as_str(),
-            &job.manifest.media_type,
-            job.manifest.bytes.clone().into(),
-        )
+        .push_blob(&config.digest, size, &source, None)
         .await?;
-    for tag in &job.tags {
-        job.client
-            .put_manifest(
-                tag,
-                &job.manifest.media_type,
-                job.manifest.bytes.clone().into(),
-            )
+    Ok(())
+}
+
+/// The manifest, once every blob it names is there: by digest first, so no tag moves until the
+/// registry holds it whole; then each tag.
+pub async fn push_manifest(
+    client: &Client,
+    manifest: &Blob,
+    tags: &[String],
+) -> Result<(), CommitError> {
+    let refs = std::iter::once(manifest.digest.as_str()).chain(tags.iter().map(String::as_str));
+    for r in refs {
+        client
+            .put_manifest(r, &manifest.media_type, manifest.bytes.clone().into())
             .await?;
     }
     Ok(())
 }
 
-/// The base manifest's layers as (digest, size).
-/// The new layer, from the spool file or the content store.
-async fn push_new_layer(job: &PushJob<'_>) -> Result<(), CommitError> {
-    let Some((desc, blob)) = job.layer else {
-        return Ok(());
+/// The new layer into the target repository: uploaded as it is compressed when it still is,
+/// else from where it lies. Returns its descriptor (None: no layer) and where its blob is.
+pub async fn push_layer(
+    job: &PushJob<'_>,
+    finish: LayerFinish,
+) -> Result<(Option<LayerDescriptor>, BlobLocation), CommitError> {
+    match finish {
+        LayerFinish::Ready(None, blob) => Ok((None, blob)),
+        LayerFinish::Ready(Some(desc), blob) => {
+            push_new_layer(job, &desc, &blob).await?;
+            Ok((Some(desc), blob))
+        }
+        LayerFinish::Compressing {
+            compressing,
+            path,
+            raw,
+            expect,
+        } => {
+            let desc = stream_new_layer(job.client, compressing, raw, &path, expect).await?;
+            Ok((Some(desc), BlobLocation::File(path)))
+        }
+    }
+}
+
+/// Streams the layer to the registry as the compressor writes it; on any failure of that upload,
+/// uploads the finished file instead.
+async fn stream_new_layer(
+    client: &Client,
+    compressing: Compressing,
+    raw: LayerFile,
+    path: &LayerFile,
+    diff_id: Option<Digest>,
+) -> Result<LayerDescriptor, CommitError> {
+    log::info("uploading the layer while it is compressed");
+    crate::progress::begin_streamed_upload();
+    let body = compressing.output.stream();
+    let compressed = async {
+        let desc = compressing.checked(diff_id.as_ref()).await;
+        // Every byte of the capture is in the layer: its spool file can go.
+        drop(raw);
+        if let Ok(d) = &desc {
+            crate::progress::upload_total_known(d.size);
+        }
+        desc
     };
-    let source: Box<dyn BlobSource> = match blob {
-        LayerBlob::File(path) => Box::new(FileSource::new(path)),
-        LayerBlob::ContentStore => Box::new(ContentStore {
+    let (streamed, desc) = tokio::join!(client.stream_blob(body), compressed);
+    let desc = desc?;
+    let streamed = match streamed {
+        Ok(upload) => upload.commit(&desc.digest).await,
+        Err(e) => Err(e),
+    };
+    match streamed {
+        Ok(()) => log::info(&format!(
+            "uploaded layer {} ({} bytes) while it was compressed",
+            desc.digest, desc.size
+        )),
+        Err(e) => {
+            log::warn(&format!(
+                "the streamed upload of layer {} failed ({e}); uploading it again from the compressed file",
+                desc.digest
+            ));
+            push_new_layer_from(client, &desc, Box::new(FileSource::new(path.path()))).await?;
+        }
+    }
+    Ok(desc)
+}
+
+/// The new layer, from the spool file or the content store.
+async fn push_new_layer(
+    job: &PushJob<'_>,
+    desc: &LayerDescriptor,
+    blob: &BlobLocation,
+) -> Result<(), CommitError> {
+    let source: Box<dyn BlobSource + '_> = match blob {
+        BlobLocation::File(path) => Box::new(FileSource::new(path.path())),
+        BlobLocation::ContentStore => Box::new(ContentStore {
             ctr: job.ctr,
             digest: desc.digest.clone(),
         }),
     };
+    push_new_layer_from(job.client, desc, source).await
+}
+
+async fn push_new_layer_from(
+    client: &Client,
+    desc: &LayerDescriptor,
+    source: Box<dyn BlobSource + '_>,
+) -> Result<(), CommitError> {
     crate::progress::begin_upload(desc.size);
-    let pushed = job
-        .client
+    let pushed = client
         .push_blob(&desc.digest, desc.size, source.as_ref(), None)
         .await?;
     if pushed == BlobPushed::Uploaded {

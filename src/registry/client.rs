@@ -84,6 +84,8 @@ impl Body {
 pub(crate) struct Progress {
     started: std::time::Instant,
     last_ms: Arc<std::sync::atomic::AtomicU64>,
+    /// The body waits for its producer (a layer still being compressed), not for the network.
+    producing: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl Progress {
@@ -91,6 +93,7 @@ impl Progress {
         Progress {
             started: std::time::Instant::now(),
             last_ms: Default::default(),
+            producing: Default::default(),
         }
     }
 
@@ -100,7 +103,17 @@ impl Progress {
             .store(now, std::sync::atomic::Ordering::Relaxed);
     }
 
+    /// The connection asked for more and the body has none yet (`true`), or has some (`false`).
+    pub(crate) fn producing(&self, waiting: bool) {
+        self.touch();
+        self.producing
+            .store(waiting, std::sync::atomic::Ordering::Relaxed);
+    }
+
     fn idle(&self) -> Duration {
+        if self.producing.load(std::sync::atomic::Ordering::Relaxed) {
+            return Duration::ZERO;
+        }
         let last = self.last_ms.load(std::sync::atomic::Ordering::Relaxed);
         self.started
             .elapsed()

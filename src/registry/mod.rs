@@ -8,6 +8,7 @@
 //! - `hosts`, `tls`: which hosts to contact (containerd `certs.d` mirrors), what TLS trusts there.
 //! - `manifest`: manifest PUT and GET.
 //! - `source`: where a blob's bytes come from (`BlobSource`: file, bytes, another registry).
+//! - `streamed`: a blob uploaded while it is produced (one PATCH of unknown length, then PUT).
 //! - `transfer`: `push_blob` (HEAD → mount → upload) and the upload loop with its retries and shape.
 //! - `upload`: the single requests of an upload (mount, POST, PATCH, status GET, PUT).
 //! - `error`: `RegistryError` with method, redacted URL, status, OCI error body and a hint.
@@ -21,6 +22,7 @@ mod hosts;
 mod manifest;
 mod reference;
 mod source;
+mod streamed;
 mod tls;
 mod transfer;
 mod upload;
@@ -33,5 +35,6 @@ pub use connect::ClientOptions;
 pub use error::{redact_url, ErrorKind, OciError, RegistryError, Secret};
 pub use reference::{ParseReferenceError, Reference, DOCKER_HUB, DOCKER_HUB_API};
 pub use source::{BlobSource, BlobStream, ByteStream, BytesSource, FileSource, RegistryBlob};
+pub use streamed::StreamedUpload;
 pub use transfer::BlobPushed;
 pub use upload::MountOutcome;

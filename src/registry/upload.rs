@@ -142,7 +142,11 @@ impl Client {
     }
 
     /// The answer's `Location`, refused when it would move an HTTPS upload to plain HTTP.
-    fn next_location(&self, req: &Req, resp: &Response) -> Result<Option<Url>, RegistryError> {
+    pub(crate) fn next_location(
+        &self,
+        req: &Req,
+        resp: &Response,
+    ) -> Result<Option<Url>, RegistryError> {
         let Some(next) = location(resp, resp.url()) else {
             return Ok(None);
         };

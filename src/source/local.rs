@@ -1,55 +1,88 @@
 //! A local source (upperdir or walk) read into the spool. The container is paused only while the
-//! uncompressed tar is captured (its diff_id hashed on the way); compression runs from the
-//! capture after the resume (bench: gzip while paused cost ~15 s of pause per GiB, the copy
-//! alone ~2 s). When the upperdir turns out not to be exact mid-read, the capture is rewound and
-//! the diff is read again by a walk, inside the same pause.
+//! diff is captured: by default per file (`reflink`: each changed file's content cloned or
+//! kernel-copied into the spool, the rest of the tar written as a recipe), else as the raw tar
+//! (`--squash`, `COMMITTER_CAPTURE=tar`; its diff_id hashed on the way). After the resume the
+//! compressor reads the tar — reassembled from the recipe, or the raw spool as it grows
+//! (`growing`) — and the caller gets the layer while it is still being compressed
+//! ([`LayerFinish::Compressing`]), to upload it as it grows. With the raw tar and
+//! `COMMITTER_COMPRESS_START=paused` the compressor runs during the pause at nice 19 (on 2 cores
+//! that made the pause longer for no gain in wall time: README "Performance"). When the upperdir
+//! turns out not to be exact mid-read, the capture is rewound and the diff is read again by a
+//! walk, inside the same pause; the compressor starts over with it.
 
+use super::compress::{Compressing, Priority};
+use super::growing::{growing, Growing, GrowingWriter};
 use super::prepare::{prepare, PreparedSource};
-use super::reflink::{self, CaptureKind};
-use super::{BlobLocation, DiffSourceChoice, FinishedLayer, LayerFile, LayerRequest};
+use super::reflink::{self, CaptureKind, Clones};
+use super::{
+    BlobLocation, DiffSourceChoice, LayerFile, LayerFinish, LayerId, LayerRequest, StartedLayer,
+};
 use crate::containerd::lookup::SnapshotMount;
-use crate::digest::Digest;
 use crate::error::CommitError;
 use crate::image::Compression;
 use crate::layer::{CompressOptions, LayerDescriptor, LayerWriter};
 use crate::{diff, freeze, log, squash};
 use std::fs::File;
-use std::io::{BufWriter, Read, Seek, SeekFrom, Write};
+use std::io::{BufWriter, Read};
 use std::path::Path;
 
 const BUF: usize = 1 << 20;
 
-/// The uncompressed tar, as captured while paused.
-struct Capture {
-    file: File,
-    path: LayerFile,
-    desc: LayerDescriptor,
-    stats: diff::Stats,
-}
-
-pub(super) async fn read(req: &LayerRequest<'_>) -> Result<FinishedLayer, CommitError> {
+pub(super) async fn read(req: &LayerRequest<'_>) -> Result<StartedLayer, CommitError> {
     let compressed = req.plan.compress.compression != Compression::None;
     let mounts = req.ctr.snapshot_mounts(req.info).await?;
-    // A squash reads through overlay views: its captures copy.
+    // A squash reads through overlay views: its captures are the raw tar.
     let clones = match req.squash {
         None => reflink::choose(&req.dest.spool_dir, reflink::data_dir(&mounts).as_deref()),
         Some(_) => None,
     };
-    // Uncompressed, the capture is the layer: straight into the caller's file when there is one.
+    // Uncompressed and whole, the capture is the layer: straight into the caller's file.
     let (file, path) = match (&req.dest.output, compressed, &clones) {
         (Some(out), false, None) => (create(out)?, LayerFile::Kept(out.clone())),
         _ => spool_file(&req.dest.spool_dir, ".committer-tar-")?,
     };
     super::spool::check_room(req.ctr, req.info, &mounts, &req.dest.spool_dir).await?;
-    let hook = clones.as_ref().map(|(c, _)| c.hook());
-    let (captured, kind, reason, mut paused) = match &req.squash {
-        None => capture_paused(req, &mounts, file, hook).await?,
-        Some(target) => capture_squash(req, target, &mounts, file).await?,
+    // The recipe, read back by the assembler once the capture is done.
+    let recipe = match &clones {
+        Some(_) => Some(
+            file.try_clone()
+                .map_err(CommitError::io("duplicating the spool file handle"))?,
+        ),
+        None => None,
     };
+    let start = CompressStart::from_env();
+    let (writer, raw) = growing(file, start == CompressStart::Resumed);
+    let priority = match start {
+        CompressStart::Paused => Priority::low(),
+        CompressStart::Resumed => Priority::default(),
+    };
+    // The raw tar is compressed as it is written; a recipe only once it is whole.
+    let compressor = match (compressed, &clones) {
+        (true, None) => {
+            let (out, layer_path) = layer_file(req)?;
+            let c = start_compressor(req, &raw, out, priority.clone())
+                .map_err(CommitError::io("starting the compressor thread"))?;
+            Some((c, layer_path))
+        }
+        _ => None,
+    };
+    let hook = clones.as_ref().map(|(c, _)| c.hook());
+    let held = match &req.squash {
+        None => capture_paused(req, &mounts, writer, hook).await,
+        Some(target) => capture_squash(req, target, &mounts, writer).await,
+    };
+    // The sandbox runs again (or never paused): the compressor gets its share of the CPU back,
+    // and its output may be uploaded.
+    raw.unhold();
+    priority.restore();
+    if let Some((c, _)) = &compressor {
+        c.output.unhold();
+    }
+    let (captured, kind, reason, mut paused) = held?;
     paused.capture = Some(clones.as_ref().map_or(CaptureKind::Copy, |(_, k)| *k));
-    let (file, mut desc, stats) = captured?;
+    let (mut desc, stats) = captured?;
     if let Some((c, _)) = &clones {
-        // The recipe lacks the cloned contents; the layer has them.
+        // The recipe lacks the kept contents; the layer has them.
         desc.size += c.stored_bytes();
     }
     // --max-layer-bytes bounds the layer itself (the tar with its headers and padding), not only
@@ -61,35 +94,147 @@ pub(super) async fn read(req: &LayerRequest<'_>) -> Result<FinishedLayer, Commit
         }
         .into());
     }
-    let capture = Capture {
-        file,
-        path,
-        desc,
+    let (id, finish) = match (stats.entries, compressor, clones.zip(recipe)) {
+        (0, _, _) => (
+            LayerId::None,
+            LayerFinish::Ready(None, BlobLocation::File(path)),
+        ),
+        // The tar exists only as recipe + kept contents: rebuilt for the compressor (which
+        // computes the diff_id), even uncompressed.
+        (_, _, Some(((clones, _), recipe))) => {
+            let (out, layer_path) = layer_file(req)?;
+            let compressing = start_assembled(req, clones, recipe, out)
+                .map_err(CommitError::io("starting the compressor thread"))?;
+            crate::progress::captured();
+            let finish = LayerFinish::Compressing {
+                compressing,
+                path: layer_path,
+                raw: path,
+                expect: None,
+            };
+            (LayerId::Later, finish)
+        }
+        (_, None, None) => (
+            LayerId::Known(desc.diff_id.clone()),
+            LayerFinish::Ready(Some(desc.clone()), BlobLocation::File(path)),
+        ),
+        (_, Some((compressing, layer_path)), None) => {
+            crate::progress::captured();
+            let finish = LayerFinish::Compressing {
+                compressing,
+                path: layer_path,
+                // The raw spool lives until the compressor is done with it.
+                raw: path,
+                expect: Some(desc.diff_id.clone()),
+            };
+            (LayerId::Known(desc.diff_id), finish)
+        }
+    };
+    Ok(StartedLayer {
+        id,
+        media_type: req.media_type.to_string(),
         stats,
-    };
-    let (layer, blob) = match (capture.stats.entries, compressed, clones) {
-        (0, _, _) => (None, BlobLocation::File(capture.path)),
-        (_, _, Some((clones, _))) => {
-            let (desc, path) = reflink::compress_assembled(req, clones, capture.file).await?;
-            (Some(desc), BlobLocation::File(path))
-        }
-        (_, false, None) => (Some(capture.desc), BlobLocation::File(capture.path)),
-        (_, true, None) => {
-            let (desc, path) = compress(req, capture.file, capture.desc.diff_id).await?;
-            (Some(desc), BlobLocation::File(path))
-        }
-    };
-    Ok(FinishedLayer {
-        layer,
-        blob,
-        stats: capture.stats,
         paused,
         source: kind,
         reason,
+        finish,
     })
 }
 
-type Captured = Result<(File, LayerDescriptor, diff::Stats), CommitError>;
+/// Where the compressed layer goes: the caller's file, else the spool.
+fn layer_file(req: &LayerRequest<'_>) -> Result<(File, LayerFile), CommitError> {
+    match &req.dest.output {
+        Some(p) => Ok((create(p)?, LayerFile::Kept(p.clone()))),
+        None => spool_file(&req.dest.spool_dir, ".committer-layer-"),
+    }
+}
+
+/// The compressor on the tar rebuilt from the recipe and the kept contents. The recipe is whole
+/// before it starts, so it is never started over.
+fn start_assembled(
+    req: &LayerRequest<'_>,
+    clones: Clones,
+    recipe: File,
+    out: File,
+) -> std::io::Result<Compressing> {
+    let mut parts = Some((clones, recipe));
+    let input = move || -> Box<dyn Read + Send> {
+        match parts.take().map(|(c, r)| c.assemble(r)) {
+            Some(Ok(assembler)) => Box::new(assembler),
+            Some(Err(e)) => Box::new(FailedRead(Some(e))),
+            None => Box::new(FailedRead(Some(std::io::Error::other(
+                "the captured contents were already consumed",
+            )))),
+        }
+    };
+    super::compress::start(
+        input,
+        out,
+        req.plan.compress,
+        req.media_type.to_string(),
+        Priority::default(),
+        req.dest.output.is_some(),
+        false,
+    )
+}
+
+/// A reader that fails with the error that kept it from being made.
+struct FailedRead(Option<std::io::Error>);
+
+impl Read for FailedRead {
+    fn read(&mut self, _: &mut [u8]) -> std::io::Result<usize> {
+        Err(self
+            .0
+            .take()
+            .unwrap_or_else(|| std::io::Error::other("no input")))
+    }
+}
+
+/// When the compressor starts: after the resume (the default), or with the capture, at the
+/// lowest CPU priority until the resume (`COMMITTER_COMPRESS_START=paused`: more cores than the
+/// capture needs may make that worth it; on 2 cores it lengthened the pause).
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum CompressStart {
+    Paused,
+    Resumed,
+}
+
+impl CompressStart {
+    fn from_env() -> CompressStart {
+        match std::env::var("COMMITTER_COMPRESS_START").as_deref() {
+            Ok("paused") => CompressStart::Paused,
+            _ => CompressStart::Resumed,
+        }
+    }
+}
+
+/// The compressor, tailing the raw spool (punching out what it consumed, so that the spool holds
+/// one copy of the diff), into the layer file.
+fn start_compressor(
+    req: &LayerRequest<'_>,
+    raw: &Growing,
+    out: File,
+    priority: Priority,
+) -> std::io::Result<Compressing> {
+    let raw = raw.clone();
+    let input =
+        move || Box::new(raw.reader(Some(super::spool::PUNCH_STEP))) as Box<dyn Read + Send>;
+    // A file the caller keeps is synced; a spool file is only read back.
+    let sync = req.dest.output.is_some();
+    // Its upload waits for the resume: the network and a registry on this node would take CPU
+    // from the paused capture.
+    super::compress::start(
+        input,
+        out,
+        req.plan.compress,
+        req.media_type.to_string(),
+        priority,
+        sync,
+        true,
+    )
+}
+
+type Captured = Result<(LayerDescriptor, diff::Stats), CommitError>;
 
 /// A capture, which source made it and why, and how the sandbox was held meanwhile.
 type Held = (Captured, super::DiffSourceKind, String, freeze::PauseReport);
@@ -99,7 +244,7 @@ type Held = (Captured, super::DiffSourceKind, String, freeze::PauseReport);
 async fn capture_paused(
     req: &LayerRequest<'_>,
     mounts: &[SnapshotMount],
-    file: File,
+    file: GrowingWriter,
     content: Option<diff::ContentHook>,
 ) -> Result<Held, CommitError> {
     let source = prepare(req.ctr, req.info, mounts, req.plan.diff_source).await?;
@@ -123,7 +268,7 @@ async fn capture_squash(
     req: &LayerRequest<'_>,
     target: &super::SquashTarget,
     mounts: &[SnapshotMount],
-    file: File,
+    file: GrowingWriter,
 ) -> Result<Held, CommitError> {
     let (ctr, info) = (req.ctr, req.info);
     let (layers, plan) = (target.image_layers, &target.plan);
@@ -134,7 +279,7 @@ async fn capture_squash(
         ..diff_options(req, mounts)
     };
     let work = async {
-        let (out, file, source) =
+        let (out, mut file, source) =
             tar_blocking(source, opts.clone(), req.media_type.into(), file).await?;
         let why = match out {
             Err(CommitError::Diff(diff::DiffError::NotExact(why)))
@@ -142,12 +287,19 @@ async fn capture_squash(
             {
                 why
             }
-            out => return Ok((out.map(|(d, s)| (file, d, s)), source, reason)),
+            out => {
+                if out.is_ok() {
+                    file.finish();
+                }
+                return Ok((out, source, reason));
+            }
         };
         log::info(&format!(
             "upperdir is not exact ({why}); reading the squash by a walk"
         ));
-        rewind(&file)?;
+        source.cleanup().await;
+        file.rewind()
+            .map_err(CommitError::io("rewinding the spool file"))?;
         let views = squash::views(ctr, info, mounts, layers, plan).await?;
         let (out, file, views) = tar_blocking(
             squash::Squash::Views(Box::new(views)),
@@ -156,8 +308,11 @@ async fn capture_squash(
             file,
         )
         .await?;
+        if out.is_ok() {
+            file.finish();
+        }
         let reason = squash::walk_reason(plan.keep_layers, &why.to_string());
-        Ok::<_, CommitError>((out.map(|(d, s)| (file, d, s)), views, reason))
+        Ok::<_, CommitError>((out, views, reason))
     };
     let (attempt, paused) = freeze::while_paused(ctr, &info.id, req.plan.pause, work).await?;
     let (captured, source, reason) = attempt?;
@@ -172,7 +327,7 @@ async fn capture(
     req: &LayerRequest<'_>,
     mounts: &[SnapshotMount],
     mut source: PreparedSource,
-    file: File,
+    file: GrowingWriter,
     content: Option<diff::ContentHook>,
 ) -> (Captured, Option<PreparedSource>) {
     let opts = diff::Options {
@@ -193,14 +348,19 @@ async fn capture(
             {
                 why
             }
-            out => return (out.map(|(d, s)| (file, d, s)), Some(source)),
+            out => {
+                if out.is_ok() {
+                    file.finish();
+                }
+                return (out, Some(source));
+            }
         };
         log::info(&format!(
             "upperdir is not exact ({why}); reading the diff by a walk"
         ));
         source.cleanup().await;
-        if let Err(e) = rewind(&file) {
-            return (Err(e), None);
+        if let Err(e) = file.rewind() {
+            return (Err(CommitError::io("rewinding the spool file")(e)), None);
         }
         source = match prepare(req.ctr, req.info, mounts, DiffSourceChoice::Walk).await {
             Ok(s) => s,
@@ -249,7 +409,11 @@ impl Walkable for squash::Squash {
     }
 }
 
-type Attempt<S> = (Result<(LayerDescriptor, diff::Stats), CommitError>, File, S);
+type Attempt<S> = (
+    Result<(LayerDescriptor, diff::Stats), CommitError>,
+    GrowingWriter,
+    S,
+);
 
 /// One read of the diff on a blocking thread: tar → diff_id → file. Hands the file and the
 /// source back whatever happened, so the caller can retry or clean up.
@@ -257,20 +421,18 @@ async fn tar_blocking<S: Walkable>(
     source: S,
     opts: diff::Options,
     media_type: String,
-    file: File,
+    mut file: GrowingWriter,
 ) -> Result<Attempt<S>, CommitError> {
-    let handle = file
-        .try_clone()
-        .map_err(CommitError::io("duplicating the spool file handle"))?;
     tokio::task::spawn_blocking(move || {
-        let run = || -> Result<_, CommitError> {
+        let _reading = crate::progress::reading_thread();
+        let mut run = || -> Result<_, CommitError> {
             let what = "writing the layer to the spool";
             let plain = CompressOptions {
                 compression: Compression::None,
                 level: None,
                 threads: 1,
             };
-            let sink = BufWriter::with_capacity(BUF, file);
+            let sink = BufWriter::with_capacity(BUF, &mut file);
             let w = LayerWriter::new(sink, &plain, &media_type).map_err(CommitError::io(what))?;
             let (w, stats) = diff::write_layer(&source.diff_source(), &opts, w)?;
             let finished = w.finish().map_err(CommitError::io(what))?;
@@ -280,7 +442,8 @@ async fn tar_blocking<S: Walkable>(
                 .map_err(|e| CommitError::io(what)(e.into_error()))?;
             Ok((finished.descriptor, stats))
         };
-        (run(), handle, source)
+        let out = run();
+        (out, file, source)
     })
     .await
     .map_err(|e| CommitError::Task {
@@ -289,76 +452,11 @@ async fn tar_blocking<S: Walkable>(
     })
 }
 
-/// Compresses the capture into the layer file on a blocking thread, checking that the bytes read
-/// back still hash to the diff_id taken while they were written (a full or failing disk shows here).
-async fn compress(
-    req: &LayerRequest<'_>,
-    raw: File,
-    diff_id: Digest,
-) -> Result<(LayerDescriptor, LayerFile), CommitError> {
-    let (out, path) = match &req.dest.output {
-        Some(p) => (create(p)?, LayerFile::Kept(p.clone())),
-        None => spool_file(&req.dest.spool_dir, ".committer-layer-")?,
-    };
-    let (opts, media_type) = (req.plan.compress, req.media_type.to_string());
-    let desc = tokio::task::spawn_blocking(move || {
-        let what = "compressing the layer from the tar spool";
-        let mut raw = raw;
-        raw.seek(SeekFrom::Start(0))
-            .map_err(CommitError::io(what))?;
-        let sink = BufWriter::with_capacity(BUF, out);
-        let mut w = LayerWriter::new(sink, &opts, &media_type).map_err(CommitError::io(what))?;
-        consume(&raw, &mut w).map_err(CommitError::io(what))?;
-        let finished = w.finish().map_err(CommitError::io(what))?;
-        let file = finished
-            .sink
-            .into_inner()
-            .map_err(|e| CommitError::io(what)(e.into_error()))?;
-        file.sync_data().map_err(CommitError::io(what))?;
-        if finished.descriptor.diff_id != diff_id {
-            return Err(CommitError::SpoolCorrupt {
-                written: diff_id,
-                read: finished.descriptor.diff_id,
-            });
-        }
-        Ok(finished.descriptor)
-    })
-    .await
-    .map_err(|e| CommitError::Task {
-        what: "the compressor",
-        detail: e.to_string(),
-    })??;
-    Ok((desc, path))
-}
-
-/// Copies the capture into the compressor, giving each consumed 8 MiB back to the filesystem so
-/// that the spool holds one copy of the diff (see `spool`).
-fn consume(raw: &File, w: &mut impl Write) -> std::io::Result<()> {
-    let mut buf = vec![0u8; BUF];
-    let (mut read, mut released) = (0u64, 0u64);
-    loop {
-        let n = match (&*raw).read(&mut buf) {
-            Ok(0) => break,
-            Ok(n) => n,
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-            Err(e) => return Err(e),
-        };
-        // The compressor copies what it is handed: those bytes are no longer needed on disk.
-        w.write_all(&buf[..n])?;
-        read += n as u64;
-        if read - released >= super::spool::PUNCH_STEP {
-            super::spool::release(raw, released, read);
-            released = read;
-        }
-    }
-    Ok(())
-}
-
-pub(super) fn create(path: &Path) -> Result<File, CommitError> {
+fn create(path: &Path) -> Result<File, CommitError> {
     File::create(path).map_err(CommitError::io(format!("creating {}", path.display())))
 }
 
-pub(super) fn spool_file(dir: &Path, prefix: &str) -> Result<(File, LayerFile), CommitError> {
+fn spool_file(dir: &Path, prefix: &str) -> Result<(File, LayerFile), CommitError> {
     let f = tempfile::Builder::new()
         .prefix(prefix)
         .tempfile_in(dir)
@@ -370,13 +468,4 @@ pub(super) fn spool_file(dir: &Path, prefix: &str) -> Result<(File, LayerFile), 
     crate::guard::tell_owned_path(f.path());
     let (file, path) = f.into_parts();
     Ok((file, LayerFile::Temp(path)))
-}
-
-fn rewind(file: &File) -> Result<(), CommitError> {
-    file.set_len(0)
-        .map_err(CommitError::io("truncating the spool file"))?;
-    (&*file)
-        .seek(SeekFrom::Start(0))
-        .map_err(CommitError::io("rewinding the spool file"))?;
-    Ok(())
 }

@@ -4,13 +4,17 @@
 //! source ran and why. The pipeline never asks which one it was.
 //!
 //! - `prepare`: choosing and mounting a local source (upperdir, or the walk's read-only views).
-//! - `local`: a local source read while paused into the spool, compressed after the resume.
+//! - `local`: a local source read while paused into the spool, compressed as it is read.
+//! - `growing`: a file read while it is written (the raw spool, the compressed layer).
+//! - `compress`: the compressor: any reader of the tar in, a growing layer file out.
 //! - `differ`: containerd's Diff service builds the layer in its content store (socket-only mode).
 //!
 //! With `--diff-source auto`, a snapshot that cannot be read here (its directories are not
 //! mounted in this container, or views cannot be mounted) goes to containerd's differ instead.
 
+pub mod compress;
 mod differ;
+pub mod growing;
 mod local;
 mod prepare;
 mod reflink;
@@ -23,6 +27,7 @@ pub use reflink::CaptureKind;
 use crate::cli::SourcePlan;
 use crate::containerd::lookup::ContainerInfo;
 use crate::containerd::{Containerd, ContainerdError};
+use crate::digest::Digest;
 use crate::error::CommitError;
 use crate::freeze::PauseReport;
 use crate::layer::LayerDescriptor;
@@ -136,6 +141,116 @@ pub struct FinishedLayer {
     pub reason: String,
 }
 
+/// A layer whose capture is done (the sandbox runs again) and whose blob may still be on its way:
+/// the config can be written as soon as the diff_id is known while the blob is compressed and
+/// uploaded.
+pub struct StartedLayer {
+    pub id: LayerId,
+    pub media_type: String,
+    pub stats: diff::Stats,
+    pub paused: PauseReport,
+    pub source: DiffSourceKind,
+    pub reason: String,
+    pub finish: LayerFinish,
+}
+
+/// What is known of the layer's diff_id when the capture ends.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum LayerId {
+    /// The container changed nothing: no layer goes into the image.
+    None,
+    /// Hashed while the raw tar was captured (or the layer is done).
+    Known(Digest),
+    /// Known once the blob is built: the per-file capture's tar exists only when the compressor
+    /// reassembles it.
+    Later,
+}
+
+/// The blob of a [`StartedLayer`].
+pub enum LayerFinish {
+    /// Done: the descriptor (None: no layer) and where the blob is.
+    Ready(Option<LayerDescriptor>, BlobLocation),
+    /// Being compressed into `path`; its bytes can be read as they come (`compressing.output`).
+    Compressing {
+        compressing: compress::Compressing,
+        path: LayerFile,
+        /// The uncompressed spool (the raw tar or the recipe), kept until the compressor is done
+        /// with it.
+        raw: LayerFile,
+        /// What the tar the compressor reads must hash to, when the capture hashed it.
+        expect: Option<Digest>,
+    },
+}
+
+impl LayerFinish {
+    /// Waits for the blob: its descriptor (None: no layer) and where it is.
+    pub async fn wait(self) -> Result<(Option<LayerDescriptor>, BlobLocation), CommitError> {
+        match self {
+            LayerFinish::Ready(layer, blob) => Ok((layer, blob)),
+            LayerFinish::Compressing {
+                compressing,
+                path,
+                raw,
+                expect,
+            } => {
+                let desc = compressing.checked(expect.as_ref()).await?;
+                drop(raw);
+                Ok((Some(desc), BlobLocation::File(path)))
+            }
+        }
+    }
+}
+
+impl StartedLayer {
+    /// Waits for the blob: the finished layer (its tar checked against the capture's diff_id).
+    pub async fn finish(self) -> Result<FinishedLayer, CommitError> {
+        let (layer, blob) = self.finish.wait().await?;
+        Ok(FinishedLayer {
+            layer,
+            blob,
+            stats: self.stats,
+            paused: self.paused,
+            source: self.source,
+            reason: self.reason,
+        })
+    }
+
+    /// The config's view of the layer before its blob is done, when it can be had: `Some(None)`
+    /// for no layer, `Some(Some(_))` with only the diff_id real (the digest and size are the
+    /// manifest's business), `None` when the diff_id is known only once the blob is built.
+    pub fn config_layer(&self) -> Option<Option<LayerDescriptor>> {
+        match &self.id {
+            LayerId::None => Some(None),
+            LayerId::Known(d) => Some(Some(LayerDescriptor {
+                digest: d.clone(),
+                diff_id: d.clone(),
+                size: 0,
+                media_type: self.media_type.clone(),
+            })),
+            LayerId::Later => None,
+        }
+    }
+
+    fn ready(layer: FinishedLayer) -> StartedLayer {
+        StartedLayer {
+            id: match &layer.layer {
+                Some(l) => LayerId::Known(l.diff_id.clone()),
+                None => LayerId::None,
+            },
+            media_type: layer
+                .layer
+                .as_ref()
+                .map(|l| l.media_type.clone())
+                .unwrap_or_default(),
+            stats: layer.stats,
+            paused: layer.paused,
+            source: layer.source,
+            reason: layer.reason,
+            finish: LayerFinish::Ready(layer.layer, layer.blob),
+        }
+    }
+}
+
 /// Where a local source writes: temporary files (the uncompressed capture, and the compressed
 /// layer unless `output` names it) go to `spool_dir`.
 pub struct Destination {
@@ -164,8 +279,14 @@ pub struct LayerRequest<'a> {
     pub squash: Option<SquashTarget>,
 }
 
-/// Reads the container's diff as a layer, from the source the plan chose.
+/// Reads the container's diff as a layer, from the source the plan chose, and waits for its blob.
 pub async fn read_layer(req: &LayerRequest<'_>) -> Result<FinishedLayer, CommitError> {
+    start_layer(req).await?.finish().await
+}
+
+/// Reads the container's diff, returning as soon as the capture is done (the sandbox runs again);
+/// the blob may still be being compressed.
+pub async fn start_layer(req: &LayerRequest<'_>) -> Result<StartedLayer, CommitError> {
     if req.squash.is_some() {
         // containerd's differ can only diff against the snapshot's parent.
         if req.plan.diff_source == DiffSourceChoice::Containerd {
@@ -174,7 +295,8 @@ pub async fn read_layer(req: &LayerRequest<'_>) -> Result<FinishedLayer, CommitE
         return local::read(req).await;
     }
     if req.plan.diff_source == DiffSourceChoice::Containerd {
-        return differ::read(req, "--diff-source containerd".into()).await;
+        let layer = differ::read(req, "--diff-source containerd".into()).await?;
+        return Ok(StartedLayer::ready(layer));
     }
     match local::read(req).await {
         Err(CommitError::Source(
@@ -185,7 +307,7 @@ pub async fn read_layer(req: &LayerRequest<'_>) -> Result<FinishedLayer, CommitE
                 chain(&e)
             ));
             let reason = format!("snapshot not readable here ({})", chain(&e));
-            differ::read(req, reason).await
+            Ok(StartedLayer::ready(differ::read(req, reason).await?))
         }
         other => other,
     }

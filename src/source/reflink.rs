@@ -14,11 +14,9 @@
 //! by read/write, so the capture never fails for the lack of a clone.
 //! `COMMITTER_CAPTURE=tar` forces the raw-tar capture of before (`--squash` always uses it).
 
-use super::{local, spool, LayerFile, LayerRequest};
+use super::spool;
 use crate::containerd::lookup::SnapshotMount;
 use crate::diff::{ContentHook, ContentStore, Kept};
-use crate::error::CommitError;
-use crate::layer::{LayerDescriptor, LayerWriter};
 use std::fs::{File, OpenOptions};
 use std::io::{self, Read};
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
@@ -419,42 +417,6 @@ pub(super) fn data_dir(mounts: &[SnapshotMount]) -> Option<PathBuf> {
         "bind" | "rbind" => Some(PathBuf::from(&m.source)),
         _ => None,
     }
-}
-
-/// After the resume: the layer from the recipe and the clones, compressed on a blocking thread
-/// into the caller's file or a spool file; the diff_id is the assembled tar's.
-#[allow(clippy::result_large_err)]
-pub(super) async fn compress_assembled(
-    req: &LayerRequest<'_>,
-    clones: Clones,
-    recipe: File,
-) -> Result<(LayerDescriptor, LayerFile), CommitError> {
-    let (out, path) = match &req.dest.output {
-        Some(p) => (local::create(p)?, LayerFile::Kept(p.clone())),
-        None => local::spool_file(&req.dest.spool_dir, ".committer-layer-")?,
-    };
-    let (opts, media_type) = (req.plan.compress, req.media_type.to_string());
-    let desc = tokio::task::spawn_blocking(move || {
-        let what = "building the layer from the captured clones";
-        let mut tar: Box<dyn Read + Send> =
-            Box::new(clones.assemble(recipe).map_err(CommitError::io(what))?);
-        let sink = io::BufWriter::with_capacity(1 << 20, out);
-        let mut w = LayerWriter::new(sink, &opts, &media_type).map_err(CommitError::io(what))?;
-        io::copy(&mut tar, &mut w).map_err(CommitError::io(what))?;
-        let finished = w.finish().map_err(CommitError::io(what))?;
-        let file = finished
-            .sink
-            .into_inner()
-            .map_err(|e| CommitError::io(what)(e.into_error()))?;
-        file.sync_data().map_err(CommitError::io(what))?;
-        Ok::<_, CommitError>(finished.descriptor)
-    })
-    .await
-    .map_err(|e| CommitError::Task {
-        what: "the compressor",
-        detail: e.to_string(),
-    })??;
-    Ok((desc, path))
 }
 
 #[cfg(test)]

@@ -5,7 +5,9 @@
 //! overlay snapshot (the upperdir *is* the diff): a commit that cannot fit is refused with the
 //! numbers, before anything is frozen. And the disk holds one copy of the diff, not two: as the
 //! compressor consumes the uncompressed capture, the consumed range is punched out of it, so the
-//! capture shrinks while the compressed layer grows (spool peak ≈ the diff, not diff + layer).
+//! capture shrinks while the compressed layer grows (spool peak ≈ the diff plus what was
+//! compressed during the pause, not diff + layer). Punching waits for the capture's end: a punch
+//! takes the file's lock and flushes its range, which would stall the paused capture's writes.
 
 use super::SourceError;
 use crate::containerd::lookup::{ContainerInfo, SnapshotMount};

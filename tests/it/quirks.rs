@@ -115,11 +115,13 @@ fn every_registry_profile_takes_a_commit_whose_layer_exceeds_its_limits() {
                     .any(|l| l.starts_with("HEAD") && l.ends_with("-> 200")),
                 "{again:#?}"
             );
-            // Only the config is new (its history has a new comment).
+            // The base layers are not sent again. The config is new (its history has a new
+            // comment): one PUT. The new layer is streamed again, one PATCH and its PUT: its digest
+            // is only known once it is compressed, and the upload starts before that.
             let uploads = again.iter().filter(|l| {
                 l.starts_with("PATCH") || l.contains("blobs/uploads/") && l.starts_with("PUT")
             });
-            assert_eq!(uploads.count(), 1, "{again:#?}");
+            assert_eq!(uploads.count(), 3, "{again:#?}");
         }
         eprintln!("profile {name}: {:?}", started.elapsed());
     }
@@ -149,6 +151,7 @@ fn check_profile(profile: Profile, name: &str, log: &[String], stderr: &str) {
         Profile::Gar => assert!(!has("-> 400"), "one PATCH per session:\n{all}"),
         Profile::Cloudflare => {
             assert!(has("-> 413"), "{all}");
+            assert_fell_back_without_compressing_again(stderr);
             let big_patches = log
                 .iter()
                 .filter(|l| l.starts_with("PATCH") && l.ends_with("202"));
@@ -170,10 +173,70 @@ fn check_profile(profile: Profile, name: &str, log: &[String], stderr: &str) {
         }
         Profile::Reset => {
             let resets = log.iter().filter(|l| l.ends_with("-> 0")).count();
-            // the new layer, two base layers from the content store, the config
+            // the new layer's streamed upload, two base layers from the content store, the config
             assert!(resets >= 4, "{resets} resets:\n{all}");
+            assert_fell_back_without_compressing_again(stderr);
         }
     }
+}
+
+/// The layer's streamed upload failed and the finished file was uploaded instead; the compressor
+/// ran once (one "compressed the layer" line: a fallback that compressed again would log two).
+fn assert_fell_back_without_compressing_again(stderr: &str) {
+    assert!(
+        stderr.contains("uploading the layer while it is compressed"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("failed") && stderr.contains("uploading it again from the compressed file"),
+        "the streamed upload failed and fell back: {stderr}"
+    );
+    assert_eq!(
+        stderr.matches("compressed the layer into").count(),
+        1,
+        "compressed once: {stderr}"
+    );
+    assert!(!stderr.contains("while it was compressed"), "{stderr}");
+}
+
+/// A body cap (413 as soon as the streamed body passes it) and a reset in the middle of the
+/// streamed body: the layer goes up again from the compressed file, by the chunked or plain path,
+/// and the image is the container's tree. Against the bare registry, the same layer streams.
+#[test]
+fn a_failed_streamed_layer_upload_is_sent_again_from_the_file_without_compressing_again() {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let lab = Lab::start();
+    let base = lab.base_image("base", false);
+    lab.run_container("st", &base, &RunOpts::default());
+    // Larger than the cap, and compressible (a stream that ended early would show in the tree).
+    lab.exec(
+        "st",
+        "head -c 3145728 /dev/urandom > /data/rand; seq 1 400000 > /data/seq; echo s > /data/s",
+    );
+    let upstream = Registry::start(&lab.dir.join("upstream"), &[]);
+    for (profile, name) in [(Profile::Cloudflare, "cap"), (Profile::Reset, "reset")] {
+        let p = rt.block_on(Proxy::start(profile, &upstream.addr));
+        let (result, stderr) = commit_ok(&lab, "st", &format!("{}/{name}/st:v1", p.addr), &[]);
+        let log = p.log();
+        let streamed_cut = log
+            .iter()
+            .any(|l| l.starts_with("PATCH") && (l.ends_with("-> 413") || l.ends_with("-> 0")));
+        assert!(streamed_cut, "{name}: {log:#?}");
+        assert_fell_back_without_compressing_again(&stderr);
+        if profile == Profile::Cloudflare {
+            assert!(stderr.contains("chunks of"), "then in chunks: {stderr}");
+        }
+        let image = result["image"]
+            .as_str()
+            .unwrap()
+            .replace(&p.addr, &upstream.addr);
+        assert_image_equals_container(&lab, "st", &image);
+    }
+    // Nothing in the way: the layer goes up while it is compressed, and nothing is sent twice.
+    let (result, stderr) = commit_ok(&lab, "st", &format!("{}/plain/st:v1", upstream.addr), &[]);
+    assert!(stderr.contains("while it was compressed"), "{stderr}");
+    assert!(!stderr.contains("uploading it again"), "{stderr}");
+    assert_image_equals_container(&lab, "st", result["image"].as_str().unwrap());
 }
 
 #[test]

@@ -439,53 +439,97 @@ fn symlink_swaps_racing_a_no_pause_commit_never_leak_host_files() {
     assert!(ok > 0, "at least some commits must succeed under the race");
 }
 
-#[test]
-fn sigterm_while_uploading_stops_before_any_tag_and_leaves_the_sandbox_running() {
-    let lab = Lab::start();
-    let base = lab.base_image("base", false);
-    lab.run_container("s9", &base, &RunOpts::default());
-    lab.exec("s9", "head -c 16777216 /dev/urandom > /blob");
-    // 16 MiB through 1 MiB/s: the upload runs for many seconds after the sandbox is resumed.
+/// Whether the registry holds bytes of an upload into `repo` (a session `check_push` opened
+/// before the pause holds none).
+fn upload_has_bytes(lab: &Lab, repo: &str) -> bool {
+    let uploads = lab
+        .dir
+        .join("registry/data/docker/registry/v2/repositories")
+        .join(repo)
+        .join("_uploads");
+    std::fs::read_dir(&uploads)
+        .map(|d| {
+            d.flatten()
+                .any(|s| std::fs::metadata(s.path().join("data")).is_ok_and(|m| m.len() > 0))
+        })
+        .unwrap_or(false)
+}
+
+/// SIGTERM once the layer's bytes are reaching the registry (through a 1 MiB/s link, so the upload
+/// runs for seconds after the resume): exit 130, the sandbox running, no tag. Returns stderr.
+fn sigterm_during_the_layer_upload(lab: &Lab, id: &str, extra: &[&str]) -> String {
+    lab.exec(id, "head -c 16777216 /dev/urandom > /blob");
     let proxy = throttling_proxy(lab.registry.clone(), 1 << 20);
+    let repo = format!("snap/{id}");
     let mut cmd = lab.committer_command();
     cmd.args([
         "commit",
         "--container",
-        "s9",
+        id,
         "--image",
-        &format!("{proxy}/snap/s9:v1"),
+        &format!("{proxy}/{repo}:v1"),
         "--plain-http",
-    ]);
+    ])
+    .args(extra);
     let child = cmd
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    // The upload is under way once the blob's upload session exists in the registry's storage.
-    let uploads = lab
-        .dir
-        .join("registry/data/docker/registry/v2/repositories/snap/s9/_uploads");
-    wait_until("an upload session", Duration::from_secs(30), || {
-        std::fs::read_dir(&uploads)
-            .map(|d| d.count() > 0)
-            .unwrap_or(false)
+    wait_until(
+        "layer bytes in the registry",
+        Duration::from_secs(60),
+        || upload_has_bytes(lab, &repo),
+    );
+    wait_until("the sandbox to run again", Duration::from_secs(30), || {
+        lab.task_status(id) == "RUNNING"
     });
-    std::thread::sleep(Duration::from_millis(500));
     rustix::process::kill_process(
         rustix::process::Pid::from_child(&child),
         rustix::process::Signal::TERM,
     )
     .unwrap();
     let out = child.wait_with_output().unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
+    let stderr = String::from_utf8_lossy(&out.stderr).to_string();
     assert_eq!(out.status.code(), Some(130), "{stderr}");
     assert!(out.stdout.is_empty());
-    assert_eq!(lab.task_status("s9"), "RUNNING");
+    assert!(
+        !stderr.contains("uploaded layer"),
+        "interrupted before the end: {stderr}"
+    );
+    assert_eq!(lab.task_status(id), "RUNNING");
     std::thread::sleep(Duration::from_millis(300));
     assert!(
-        lab.tags("snap/s9").is_empty(),
+        lab.tags(&repo).is_empty(),
         "no tag after an interrupted upload"
     );
+    wait_until("the lease to go", Duration::from_secs(5), || {
+        !leases(lab).contains(&format!("committer/{id}"))
+    });
+    stderr
+}
+
+#[test]
+fn sigterm_while_uploading_stops_before_any_tag_and_leaves_the_sandbox_running() {
+    let lab = Lab::start();
+    let base = lab.base_image("base", false);
+    lab.run_container("s9", &base, &RunOpts::default());
+    // Uncompressed: the layer is the capture, uploaded from its file after the resume.
+    let stderr = sigterm_during_the_layer_upload(&lab, "s9", &["--compression", "none"]);
+    assert!(!stderr.contains("while it is compressed"), "{stderr}");
+}
+
+#[test]
+fn sigterm_during_the_streamed_layer_upload_stops_before_any_tag_and_leaves_the_sandbox_running() {
+    let lab = Lab::start();
+    let base = lab.base_image("base", false);
+    lab.run_container("s10", &base, &RunOpts::default());
+    let stderr = sigterm_during_the_layer_upload(&lab, "s10", &[]);
+    assert!(
+        stderr.contains("uploading the layer while it is compressed"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("uploading it again"), "{stderr}");
 }
 
 /// Read-only walk views still mounted that reference this lab's snapshots.

@@ -34,7 +34,8 @@ pub enum Profile {
     /// One later chunk is reset, so that the status is asked for and must be read right.
     Quay,
     /// A request body over the cap → 413 with an HTML page (Cloudflare's 100 MB plan limit, nginx's
-    /// `client_max_body_size`: distribution#2042).
+    /// `client_max_body_size`: distribution#2042). A streamed body (no length) is answered as soon
+    /// as it passes the cap, the rest left unread, as such proxies do.
     Cloudflare,
     /// HEAD 200 without `Content-Length` (GCP front ends over HTTP/2, Cloud Run, tunnels:
     /// distribution#4895).
@@ -45,8 +46,9 @@ pub enum Profile {
     /// gets 401 `insufficient_scope` (ggcr `CheckPushPermission`). Accounts: `writer` may push,
     /// `reader` may only pull (both with password `pw`).
     DockerHub,
-    /// A connection reset in the middle of the first upload of every blob (keyed by body size) and
-    /// of the first GET of every blob.
+    /// A connection reset in the middle of the first upload of every blob (keyed by body size; the
+    /// first streamed upload, of unknown size, after 64 KiB of its body) and of the first GET of
+    /// every blob.
     Reset,
 }
 
@@ -168,7 +170,42 @@ async fn handle(st: Arc<State>, req: Request<Incoming>) -> Result<Response<Body>
         st.record(&method, &target, 0);
         return Err(io::Error::other("injected reset"));
     }
-    let bytes = body.collect().await.map_err(io::Error::other)?.to_bytes();
+    // A streamed PATCH (chunked, no length): the profiles that cut bodies meet it mid-body.
+    let streamed = method == "PATCH" && upload && len.is_none();
+    let cut_at = match st.profile {
+        Profile::Reset if streamed => Some(64 * 1024),
+        Profile::Cloudflare if streamed => Some(LIMIT),
+        _ => None,
+    };
+    let mut body = body;
+    let mut head = bytes::BytesMut::new();
+    if let Some(cap) = cut_at {
+        while head.len() <= cap {
+            match body.frame().await {
+                Some(Ok(f)) => {
+                    if let Ok(d) = f.into_data() {
+                        head.extend_from_slice(&d);
+                    }
+                }
+                Some(Err(e)) => return Err(io::Error::other(e)),
+                None => break,
+            }
+        }
+        if head.len() > cap {
+            if st.profile == Profile::Reset && st.first("up-streamed") {
+                st.record(&method, &target, 0);
+                return Err(io::Error::other("injected reset"));
+            }
+            if st.profile == Profile::Cloudflare {
+                st.record(&method, &target, 413);
+                let html = "<html><head><title>413 Request Entity Too Large</title></head><body>cloudflare</body></html>";
+                return Ok(full(413, &[("content-type", "text/html".into())], html));
+            }
+        }
+    }
+    let rest = body.collect().await.map_err(io::Error::other)?.to_bytes();
+    head.extend_from_slice(&rest);
+    let bytes = head.freeze();
     let resp = match before(&st, &method, &path, &target, &parts.headers, bytes.len()) {
         Some(r) => r,
         None => forward(&st, &parts, &target, bytes).await?,
