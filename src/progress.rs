@@ -47,6 +47,8 @@ struct Counters {
     sent_total: AtomicU64,
     /// A compressing layer writer has begun (its stage follows the read).
     compressing: std::sync::atomic::AtomicBool,
+    /// The capture is done (a compressor starting later shows its stage at once).
+    captured: std::sync::atomic::AtomicBool,
     /// The layer is uploaded as it is compressed; its size is not known yet.
     streaming: std::sync::atomic::AtomicBool,
     stage_since: Mutex<Option<Instant>>,
@@ -152,6 +154,7 @@ impl Counters {
             sent: AtomicU64::new(0),
             sent_total: AtomicU64::new(0),
             compressing: std::sync::atomic::AtomicBool::new(false),
+            captured: std::sync::atomic::AtomicBool::new(false),
             streaming: std::sync::atomic::AtomicBool::new(false),
             stage_since: Mutex::new(None),
         }
@@ -167,17 +170,25 @@ impl Counters {
     }
 
     fn begin_pass(&self, compressing: bool) {
-        if compressing {
+        // A writer off the reading thread builds the layer from the capture (an uncompressed
+        // one too: the per-file capture's tar is reassembled after the resume).
+        if compressing || !on_reading_thread() {
             self.compress_in.store(0, Ordering::Relaxed);
             self.layer_out.store(0, Ordering::Relaxed);
             self.compressing.store(true, Ordering::Relaxed);
+            // Started after the capture ended: its stage is now.
+            if self.captured.load(Ordering::Relaxed) {
+                self.captured();
+            }
         } else {
             self.read.store(0, Ordering::Relaxed);
+            self.captured.store(false, Ordering::Relaxed);
             self.set_stage(Stage::Reading);
         }
     }
 
     fn captured(&self) {
+        self.captured.store(true, Ordering::Relaxed);
         if self.compressing.load(Ordering::Relaxed) {
             let read = self.read.load(Ordering::Relaxed);
             self.compress_total.store(read, Ordering::Relaxed);
@@ -341,8 +352,10 @@ async fn bar_ticker() {
 
 async fn event_ticker(json: bool) {
     let started = Instant::now();
+    // An event every 2 s, and one as each stage begins (a short commit still shows each).
     let every = Duration::from_secs(2);
-    let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+    let mut tick = tokio::time::interval(Duration::from_millis(100));
+    let (mut last_stage, mut last_event) = (Stage::Preparing, Instant::now());
     loop {
         tick.tick().await;
         let now = C.current();
@@ -350,6 +363,10 @@ async fn event_ticker(json: bool) {
             // Nothing moves yet; a stuck containerd is named by its deadline's error instead.
             continue;
         }
+        if now.stage == last_stage && last_event.elapsed() < every {
+            continue;
+        }
+        (last_stage, last_event) = (now.stage, Instant::now());
         let t = totals();
         let fields = serde_json::json!({
             "event": "progress",

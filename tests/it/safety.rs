@@ -457,11 +457,17 @@ fn upload_has_bytes(lab: &Lab, repo: &str) -> bool {
 
 /// SIGTERM once the layer's bytes are reaching the registry (through a 1 MiB/s link, so the upload
 /// runs for seconds after the resume): exit 130, the sandbox running, no tag. Returns stderr.
-fn sigterm_during_the_layer_upload(lab: &Lab, id: &str, extra: &[&str]) -> String {
+fn sigterm_during_the_layer_upload(
+    lab: &Lab,
+    id: &str,
+    extra: &[&str],
+    env: &[(&str, &str)],
+) -> String {
     lab.exec(id, "head -c 16777216 /dev/urandom > /blob");
     let proxy = throttling_proxy(lab.registry.clone(), 1 << 20);
     let repo = format!("snap/{id}");
     let mut cmd = lab.committer_command();
+    cmd.envs(env.iter().copied());
     cmd.args([
         "commit",
         "--container",
@@ -514,8 +520,14 @@ fn sigterm_while_uploading_stops_before_any_tag_and_leaves_the_sandbox_running()
     let lab = Lab::start();
     let base = lab.base_image("base", false);
     lab.run_container("s9", &base, &RunOpts::default());
-    // Uncompressed: the layer is the capture, uploaded from its file after the resume.
-    let stderr = sigterm_during_the_layer_upload(&lab, "s9", &["--compression", "none"]);
+    // Uncompressed and captured as the raw tar: the layer is the capture, uploaded from its file
+    // after the resume (the per-file capture's tar is reassembled and streamed like a compressed one).
+    let stderr = sigterm_during_the_layer_upload(
+        &lab,
+        "s9",
+        &["--compression", "none"],
+        &[("COMMITTER_CAPTURE", "tar")],
+    );
     assert!(!stderr.contains("while it is compressed"), "{stderr}");
 }
 
@@ -524,7 +536,7 @@ fn sigterm_during_the_streamed_layer_upload_stops_before_any_tag_and_leaves_the_
     let lab = Lab::start();
     let base = lab.base_image("base", false);
     lab.run_container("s10", &base, &RunOpts::default());
-    let stderr = sigterm_during_the_layer_upload(&lab, "s10", &[]);
+    let stderr = sigterm_during_the_layer_upload(&lab, "s10", &[], &[]);
     assert!(
         stderr.contains("uploading the layer while it is compressed"),
         "{stderr}"
