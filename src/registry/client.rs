@@ -18,6 +18,7 @@ use url::Url;
 use super::auth::{repo_scope, Authenticator};
 use super::error::{error_from_response, host_port, redact_url, RegistryError};
 use super::source::ByteStream;
+pub(crate) use super::stall::Progress;
 use super::upload::Session;
 use crate::digest::Digest;
 
@@ -76,48 +77,6 @@ impl Body {
         Body::Once(std::sync::Mutex::new(Some(reqwest::Body::wrap_stream(
             stream,
         ))))
-    }
-}
-
-/// When a streamed body last moved, for [`Client::execute_watched`].
-#[derive(Clone)]
-pub(crate) struct Progress {
-    started: std::time::Instant,
-    last_ms: Arc<std::sync::atomic::AtomicU64>,
-    /// The body waits for its producer (a layer still being compressed), not for the network.
-    producing: Arc<std::sync::atomic::AtomicBool>,
-}
-
-impl Progress {
-    pub(crate) fn new() -> Progress {
-        Progress {
-            started: std::time::Instant::now(),
-            last_ms: Default::default(),
-            producing: Default::default(),
-        }
-    }
-
-    pub(crate) fn touch(&self) {
-        let now = self.started.elapsed().as_millis() as u64;
-        self.last_ms
-            .store(now, std::sync::atomic::Ordering::Relaxed);
-    }
-
-    /// The connection asked for more and the body has none yet (`true`), or has some (`false`).
-    pub(crate) fn producing(&self, waiting: bool) {
-        self.touch();
-        self.producing
-            .store(waiting, std::sync::atomic::Ordering::Relaxed);
-    }
-
-    fn idle(&self) -> Duration {
-        if self.producing.load(std::sync::atomic::Ordering::Relaxed) {
-            return Duration::ZERO;
-        }
-        let last = self.last_ms.load(std::sync::atomic::Ordering::Relaxed);
-        self.started
-            .elapsed()
-            .saturating_sub(Duration::from_millis(last))
     }
 }
 

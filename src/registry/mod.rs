@@ -22,6 +22,7 @@ mod hosts;
 mod manifest;
 mod reference;
 mod source;
+mod stall;
 mod streamed;
 mod tls;
 mod transfer;
