@@ -259,9 +259,9 @@ async fn bearer_tokens_push_and_cross_repo_mount_without_upload() {
     );
 }
 
-#[tokio::test]
-async fn bearer_identity_token_uses_the_refresh_grant_and_wrong_creds_fail_early() {
-    let tokens = TokenService::start().await;
+/// A registry behind `tokens`, and a client of its repository "a" whose config file holds only an
+/// identity token for it (the registry and the config's dir live as long as the caller keeps them).
+async fn identity_token_client(tokens: &TokenService) -> (Registry, tempfile::TempDir, Client) {
     let reg = Registry::start(&["--token", &tokens.realm, tokens.cert.to_str().unwrap()]);
     let dir = tempfile::tempdir().unwrap();
     let config = write_json(
@@ -272,6 +272,13 @@ async fn bearer_identity_token_uses_the_refresh_grant_and_wrong_creds_fail_early
     let client = connect(&reg.reference("a"), &plain(Some(config)), None)
         .await
         .unwrap();
+    (reg, dir, client)
+}
+
+#[tokio::test]
+async fn bearer_identity_token_uses_the_refresh_grant_and_wrong_creds_fail_early() {
+    let tokens = TokenService::start().await;
+    let (reg, dir, client) = identity_token_client(&tokens).await;
     client
         .upload_blob_bytes(&Digest::of(b"c"), Bytes::from_static(b"c"))
         .await
@@ -435,16 +442,7 @@ async fn a_certs_d_mirror_serves_base_blobs_when_the_upstream_is_down() {
 async fn an_identity_token_refused_on_post_is_sent_on_the_get() {
     for status in [400, 401] {
         let tokens = TokenService::start_with(Some(status)).await;
-        let reg = Registry::start(&["--token", &tokens.realm, tokens.cert.to_str().unwrap()]);
-        let dir = tempfile::tempdir().unwrap();
-        let config = write_json(
-            dir.path(),
-            "id.json",
-            &serde_json::json!({"auths": {reg.addr(): {"identitytoken": IDENTITY_TOKEN}}}),
-        );
-        let client = connect(&reg.reference("a"), &plain(Some(config)), None)
-            .await
-            .unwrap();
+        let (_reg, _dir, client) = identity_token_client(&tokens).await;
         client
             .upload_blob_bytes(&Digest::of(b"g"), Bytes::from_static(b"g"))
             .await
