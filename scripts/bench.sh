@@ -41,6 +41,8 @@
 #   BENCH_RESULTS_DIR=DIR    where the report and raw TSV go (default target/bench)
 #   BENCH_TMPDIR=DIR         parent of the work dir (default /var/tmp; needs ~15 GB free for the full run)
 #   BENCH_KEEP=1             keep the work dir (logs, results) after a run; the lab is stopped either way
+#   BENCH_PROFILE=1          one more committer run per compression on many/mixed, under `perf record` (cpu-clock),
+#                            summarised by thread and function in BENCH_RESULTS_DIR/profile-*.txt (needs perf)
 #   COMMITTER_BIN=PATH       the committer to measure (default: `cargo build --release`, target/release/committer)
 #   COMMITTER_REV=TEXT       with COMMITTER_BIN: the revision to name in the report
 set -euo pipefail
@@ -65,6 +67,7 @@ probe_peers() {
 peers=()
 command -v buildah >/dev/null 2>&1 || peers+=(buildah)
 [ -x /usr/bin/time ] || peers+=(time)
+if [ "${BENCH_PROFILE:-0}" = 1 ] && ! command -v perf >/dev/null 2>&1; then peers+=(linux-perf); fi
 probe_peers
 if [ ${#peers[@]} -gt 0 ]; then
   say "installing ${peers[*]}"
@@ -142,9 +145,10 @@ work=$(mktemp -d "${BENCH_TMPDIR:-/var/tmp}/committer-bench.XXXXXX")
 lab=$work/lab
 mkdir -p "$work/logs" "$work/spool" "$RESULTS_DIR"
 tsv=$work/results.tsv
-printf 'workload\ttool\trun\twall_s\tcpu_s\trss_kib\tpaused_ms\tcontent_bytes\tentries\tlayer_bytes\tnote\n' >"$tsv"
+printf 'workload\ttool\trun\twall_s\tcpu_s\trss_kib\tpaused_ms\tcontent_bytes\tentries\tlayer_bytes\tnote\tregistry_cpu_s\n' >"$tsv"
 load_start=$(cut -d' ' -f1-3 /proc/loadavg)
 t_start=$(date +%s)
+t_stamp=$(date +%Y%m%d-%H%M%S)
 
 # shellcheck source=scripts/bench/scaling.sh
 . "$here/bench/scaling.sh"
@@ -153,13 +157,17 @@ t_start=$(date +%s)
 now_ns() { date +%s%N; }
 
 # measure LOG CMD…: runs CMD with stdout to $work/out and stderr to LOG, under /usr/bin/time.
-# Sets T_WALL (s, from our own clock: /usr/bin/time rounds to 10 ms), T_CPU (user+sys, s), T_RSS (peak, KiB).
+# Sets T_WALL (s, from our own clock: /usr/bin/time rounds to 10 ms), T_CPU (user+sys, s), T_RSS (peak, KiB) and
+# T_REG (the CPU the lab's registry spent meanwhile, s: it shares the machine with whatever uploads to it).
 measure() {
-  local log=$1 rc=0 t0 t1 u s
+  local log=$1 rc=0 t0 t1 u s r0 r1
   shift
+  r0=$(reg_ticks)
   t0=$(now_ns)
   /usr/bin/time -f '%e %U %S %M' -o "$work/time" "$@" >"$work/out" 2>"$log" || rc=$?
   t1=$(now_ns)
+  r1=$(reg_ticks)
+  T_REG=$(awk -v t="$((r1 - r0))" -v hz="$CLK_TCK" 'BEGIN { printf "%.2f", t / hz }')
   if [ $rc != 0 ]; then
     tail -n 20 "$log" >&2
     die "exit $rc from: $* (log: $log)"
@@ -172,7 +180,7 @@ measure() {
 # record WORKLOAD TOOL RUN WALL CPU RSS_KIB [PAUSED_MS CONTENT_BYTES ENTRIES LAYER_BYTES NOTE]
 record() {
   local IFS=$'\t'
-  local a=("$1" "$2" "$3" "$4" "$5" "$6" "${7:--}" "${8:--}" "${9:--}" "${10:--}" "${11:--}")
+  local a=("$1" "$2" "$3" "$4" "$5" "$6" "${7:--}" "${8:--}" "${9:--}" "${10:--}" "${11:--}" "${T_REG:--}")
   echo "${a[*]}" >>"$tsv"
   say "  $2 run $3: wall ${4}s cpu ${5}s rss $(($6 / 1024))MiB${7:+ paused ${7}ms}"
 }
@@ -184,6 +192,7 @@ say "starting the lab in $lab"
 . "$lab/env"
 ctr_() { "$CTR" -a "$CONTAINERD_ADDRESS" -n "$NS" "$@"; }
 cd_ticks() { awk '{ print $14 + $15 }' "/proc/$CONTAINERD_PID/stat"; }
+reg_ticks() { awk '{ print $14 + $15 }' "/proc/$REGISTRY_PID/stat" 2>/dev/null || echo 0; }
 cd_hwm_kib() { awk '/^VmHWM:/ { print $2 }' "/proc/$CONTAINERD_PID/status"; }
 
 small_base=$("$here/lab.sh" base-image "$lab" benchbase --namespace "$NS")
@@ -295,6 +304,35 @@ PY
   record "$wl" "committer-$comp" "$run" "$T_WALL" "$T_CPU" "$T_RSS" "$paused" "$content" "$entries" "$lsize" "$note"
 }
 
+# profile_run WORKLOAD COMPRESSION SANDBOX (BENCH_PROFILE=1): one more committer run, untimed, under `perf record`
+# (software cpu-clock sampling: VMs rarely expose hardware counters), summarised by thread and by function into
+# RESULTS_DIR/profile-STAMP-WORKLOAD-COMPRESSION.txt, with the registry's CPU over the same run.
+profile_run() {
+  local wl=$1 comp=$2 id=$3 data out r0 r1
+  data=$work/logs/perf-$wl-$comp.data out=$RESULTS_DIR/profile-$t_stamp-$wl-$comp.txt
+  r0=$(reg_ticks)
+  env CONTAINERD_ADDRESS="$CONTAINERD_ADDRESS" CONTAINERD_NAMESPACE="$NS" \
+    perf record -q -e cpu-clock -F 999 -o "$data" -- \
+    "$BIN" commit --container "$id" --image "$REGISTRY/bench/$wl-profile-$comp:1" --plain-http \
+    --compression "$comp" --spool-dir "$work/spool" --log-format json >"$work/out" 2>"$work/logs/profile-$wl-$comp.log" ||
+    die "exit $? from the profiled committer run (log: $work/logs/profile-$wl-$comp.log)"
+  r1=$(reg_ticks)
+  (
+    set +o pipefail # head closes the pipe early on purpose
+    echo "committer $comp on $wl under perf record -e cpu-clock -F 999 (one run, not timed)"
+    echo "registry CPU during the run: $(awk -v t="$((r1 - r0))" -v hz="$CLK_TCK" 'BEGIN { printf "%.2f", t / hz }') s"
+    echo "result: $(cat "$work/out")"
+    echo
+    echo "== by thread (comm) =="
+    perf report -i "$data" --stdio --sort comm 2>/dev/null | grep -v '^#' | grep -v '^$' | head -n 20
+    echo
+    echo "== by thread and function, top 40 =="
+    perf report -i "$data" --stdio --sort comm,dso,sym 2>/dev/null | grep -v '^#' | grep -v '^$' | head -n 40
+  ) >"$out"
+  rm -f "$data"
+  say "  profile: $out"
+}
+
 # ctrdiff_run WORKLOAD RUN SANDBOX: the walking differ runs inside containerd, so its CPU and peak RSS are read from
 # /proc/CONTAINERD_PID (peak reset through clear_refs before the run; it includes containerd's ~40 MiB baseline).
 ctrdiff_run() {
@@ -363,6 +401,10 @@ probes_run() {
   probe_one "$wl" "tar>spool" "$run" "$work/spool/probe.tar" "tar -C '$upper' -cf '$work/spool/probe.tar' ."
   probe_one "$wl" "tar|zstd" "$run" "$work/spool/probe.zst" "tar -C '$upper' -cf - . | zstd -q -3 -T$n >'$work/spool/probe.zst'"
   probe_one "$wl" "tar|pigz" "$run" "$work/spool/probe.gz" "tar -C '$upper' -cf - . | pigz -6 -p$n >'$work/spool/probe.gz'"
+  # the zstd probe again, streamed to the registry on this machine as committer uploads (hash + PATCH + PUT)
+  measure "$work/logs/tar-zstd-push-$wl-$run.log" sh -c "tar -C '$upper' -cf - . | zstd -q -3 -T$n |
+    '$here/bench/stream-blob.sh' '$REGISTRY' 'bench/$wl-probe-$run' '$work/spool'"
+  record "$wl" "tar|zstd|push" "$run" "$T_WALL" "$T_CPU" "$T_RSS" - - - "$(cut -d' ' -f2 "$work/out")"
 }
 
 # ---- workloads -------------------------------------------------------------------------------------------------
@@ -393,6 +435,13 @@ all_tools() {
   ctrdiff_run "$1" "$2" "bench-$1"
   buildah_run "$1" "$2" "bench-$1"
   case "$1" in many | mixed) probes_run "$1" "$2" "bench-$1" ;; esac
+  if [ "${BENCH_PROFILE:-0}" = 1 ] && [ "$2" = 1 ]; then
+    case "$1" in many | mixed)
+      profile_run "$1" gzip "bench-$1"
+      profile_run "$1" zstd "bench-$1"
+      ;;
+    esac
+  fi
 }
 
 TINY_SCRIPT='echo "changed by bench.sh" > /data/modify.txt'

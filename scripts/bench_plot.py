@@ -27,6 +27,7 @@ STYLE = {
     "ctr-diff+push": ("containerd walking differ + push (gzip)", "tab:purple", "-", "^"),
     "tar|cat": ("probe: tar | cat", "grey", "--", "x"),
     "tar|zstd": ("probe: tar | zstd -3 -T(nproc)", "tab:green", "--", "x"),
+    "tar|zstd|push": ("probe: tar | zstd, streamed to the registry", "tab:cyan", ":", "x"),
     "tar|pigz": ("probe: tar | pigz -6 -p(nproc)", "tab:blue", "--", "x"),
 }
 
