@@ -32,9 +32,6 @@ pub struct CompareOpts {
     pub mtime: bool,
     /// Compare extended attributes (`trusted.*` never are).
     pub xattrs: bool,
-    /// Of the extended attributes, compare only those a layer keeps by default: `user.*` and
-    /// `security.capability` (node-local labels such as `security.selinux` are dropped).
-    pub only_layer_xattrs: bool,
     /// Compare which paths share an inode.
     pub hardlinks: bool,
     /// Compare sockets; when false they are left out of both trees.
@@ -47,7 +44,6 @@ impl Default for CompareOpts {
             ignore: Vec::new(),
             mtime: true,
             xattrs: true,
-            only_layer_xattrs: false,
             hardlinks: true,
             sockets: true,
         }
@@ -78,11 +74,10 @@ impl CompareOpts {
         }
     }
 
-    /// A merged overlay tree against its layer unpacked: everything a layer carries (no sockets,
-    /// the xattrs a layer keeps by default).
+    /// A merged overlay tree against its layer unpacked: everything but sockets, which a layer
+    /// cannot carry.
     pub fn layer() -> CompareOpts {
         CompareOpts {
-            only_layer_xattrs: true,
             sockets: false,
             ..CompareOpts::default()
         }
@@ -308,7 +303,7 @@ fn compare_entry(p: &str, a: &Entry, b: &Entry, opts: &CompareOpts, diffs: &mut 
     }
     if opts.xattrs {
         let names: BTreeSet<&Vec<u8>> = a.xattrs.keys().chain(b.xattrs.keys()).collect();
-        for n in names.into_iter().filter(|n| compared_xattr(n, opts)) {
+        for n in names {
             let what = format!("xattr {}", String::from_utf8_lossy(n));
             differ(
                 &what,
@@ -317,10 +312,6 @@ fn compare_entry(p: &str, a: &Entry, b: &Entry, opts: &CompareOpts, diffs: &mut 
             );
         }
     }
-}
-
-fn compared_xattr(name: &[u8], opts: &CompareOpts) -> bool {
-    !opts.only_layer_xattrs || name.starts_with(b"user.") || name == b"security.capability"
 }
 
 fn show_path(p: &[u8]) -> String {
