@@ -66,13 +66,7 @@ fn pod_commits_the_running_instance_after_a_restart_and_says_when_none_runs() {
             "--plain-http",
         ])
     };
-    let out = commit("v1");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let result = crate::lab::result_of(&out);
+    let result = crate::lab::result_of(&commit("v1"));
     assert_eq!(result.container, "web-1");
     let tree = lab.pull_unpack(&result.image);
     assert_eq!(
