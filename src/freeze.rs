@@ -20,7 +20,7 @@ const RESUME_DEADLINE: Duration = Duration::from_secs(30);
 static PAUSED: Mutex<Option<(Containerd, String)>> = Mutex::new(None);
 
 /// Why the sandbox was not paused for a read.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum PauseSkipped {
     /// `--no-pause`.
@@ -32,7 +32,7 @@ pub enum PauseSkipped {
 }
 
 /// How the sandbox was held while its filesystem was read (the result's `paused`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct PauseReport {
     pub ms: u64,
     pub skipped: Option<PauseSkipped>,

@@ -10,7 +10,7 @@ use sha2::{Digest as _, Sha256};
 use std::io::{self, Write};
 
 /// The new layer, as the manifest and the config name it.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct LayerDescriptor {
     pub digest: Digest,

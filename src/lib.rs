@@ -24,3 +24,5 @@ pub mod report;
 pub mod source;
 pub mod squash;
 pub mod supervise;
+#[cfg(test)]
+mod testing;

@@ -6,7 +6,7 @@
 use crate::digest::Digest;
 use crate::freeze::PauseReport;
 use crate::layer::LayerDescriptor;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use std::path::Path;
 
 /// Bumped when a field changes meaning or is removed (adding one keeps the version).
@@ -16,7 +16,8 @@ pub const SCHEMA_VERSION: u32 = 1;
 /// would leave invalid JSON.
 pub const TERMINATION_MESSAGE_LIMIT: usize = 4096;
 
-#[derive(Debug, Clone, Serialize)]
+/// Also `Deserialize`, for tools and tests that read it back.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct CommitResult {
     pub schema_version: u32,
@@ -130,6 +131,20 @@ mod tests {
         assert_eq!(v["extraTags"].as_array().unwrap().len(), 5);
         assert!(v["diffSourceReason"].as_str().unwrap().ends_with('…'));
         assert_eq!(termination_message(&sample()), to_json(&sample()));
+    }
+
+    #[test]
+    fn the_result_reads_back_as_it_was_written() {
+        let mut r = sample();
+        r.layer = Some(LayerDescriptor {
+            digest: r.config_digest.clone(),
+            diff_id: r.base_digest.clone(),
+            size: 7,
+            media_type: "application/vnd.oci.image.layer.v1.tar+gzip".into(),
+        });
+        r.paused.skipped = Some(crate::freeze::PauseSkipped::AlreadyPaused);
+        let back: CommitResult = serde_json::from_str(&to_json(&r)).unwrap();
+        assert_eq!(back, r);
     }
 
     #[test]

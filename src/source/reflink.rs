@@ -28,7 +28,7 @@ use std::sync::{Arc, Mutex};
 const INLINE: u64 = 64 << 10;
 
 /// How the capture was made (the result's `paused.capture`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum CaptureKind {
     /// Contents cloned while paused, read after the resume.

@@ -218,8 +218,7 @@ fn change_gives_the_config_docker_commit_change_gives() {
         ]))
         .unwrap();
         let theirs = theirs.as_object().cloned().unwrap_or_default();
-        let result: Value = serde_json::from_slice(&ours.stdout).unwrap();
-        let ours = pushed_config(result["image"].as_str().unwrap());
+        let ours = pushed_config(&crate::lab::result_of(&ours).image);
         for f in FIELDS {
             let (d, c) = (field(&theirs, f), field(&ours, f));
             if d != c {

@@ -13,8 +13,8 @@ const CHANGES: &str = "rm -rf /data && mkdir -p /data/sub/deep /data/sub/new \
     && echo outside > /etc/outside && echo x >> /etc/passwd";
 
 fn commit(lab: &Lab, id: &str, extra: &[&str]) -> std::path::PathBuf {
-    let result = lab.commit_json(id, &format!("inc/{id}:v1"), extra);
-    lab.pull_unpack(result["image"].as_str().unwrap())
+    let result = lab.commit(id, &format!("inc/{id}:v1"), extra);
+    lab.pull_unpack(&result.image)
 }
 
 /// The image equals the sandbox under /data/sub and the base everywhere else.

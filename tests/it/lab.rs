@@ -5,6 +5,7 @@
 //! `Drop` runs `scripts/lab.sh stop` and removes the directory (set `COMMITTER_LAB_KEEP=1` to keep it).
 #![allow(dead_code)]
 
+use committer::report::CommitResult;
 use std::collections::HashMap;
 use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
@@ -142,6 +143,14 @@ pub fn check(cmd: &mut Command) -> String {
 }
 
 /// stdout and stderr of a finished command, for panic messages.
+/// The result on stdout of a `committer commit` that succeeded; panics with the output unless it
+/// did and printed one.
+pub fn result_of(out: &Output) -> CommitResult {
+    assert!(out.status.success(), "{}", describe(out));
+    serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("stdout is not the result ({e}):\n{}", describe(out)))
+}
+
 pub fn describe(out: &Output) -> String {
     format!(
         "--- stdout\n{}--- stderr\n{}",
@@ -389,13 +398,9 @@ impl Lab {
     }
 
     /// `committer commit --container ID --image REGISTRY/REPO_TAG --plain-http EXTRA…` to this lab's
-    /// registry; panics with the output unless it succeeds; returns the result JSON.
-    pub fn commit_json(
-        &self,
-        container: &str,
-        repo_tag: &str,
-        extra: &[&str],
-    ) -> serde_json::Value {
+    /// registry, as it ran: for tests of a failure or of what it printed. [`result_of`] reads the
+    /// result of a success.
+    pub fn commit_output(&self, container: &str, repo_tag: &str, extra: &[&str]) -> Output {
         let target = format!("{}/{repo_tag}", self.registry);
         let mut args = vec![
             "commit",
@@ -406,7 +411,22 @@ impl Lab {
             "--plain-http",
         ];
         args.extend_from_slice(extra);
-        let out = self.committer(&args);
+        self.committer(&args)
+    }
+
+    /// [`Lab::commit_output`], which must succeed: its result.
+    pub fn commit(&self, container: &str, repo_tag: &str, extra: &[&str]) -> CommitResult {
+        result_of(&self.commit_output(container, repo_tag, extra))
+    }
+
+    /// [`Lab::commit`]'s result as raw JSON, for tests of the JSON itself.
+    pub fn commit_json(
+        &self,
+        container: &str,
+        repo_tag: &str,
+        extra: &[&str],
+    ) -> serde_json::Value {
+        let out = self.commit_output(container, repo_tag, extra);
         assert!(out.status.success(), "{}", describe(&out));
         serde_json::from_slice(&out.stdout)
             .unwrap_or_else(|e| panic!("the result is not JSON ({e}):\n{}", describe(&out)))

@@ -4,7 +4,6 @@
 
 use crate::lab::{Lab, RunOpts};
 use crate::safety::{leases, throttling_proxy};
-use serde_json::Value;
 use std::process::Stdio;
 use std::time::Duration;
 
@@ -33,14 +32,7 @@ fn a_runc_container_whose_options_name_another_binary_is_refused() {
         "1000000",
     ]);
     lab.wait_status("b1", "RUNNING", Duration::from_secs(20));
-    let out = lab.committer(&[
-        "commit",
-        "--container",
-        "b1",
-        "--image",
-        &format!("{}/snap/b1:v1", lab.registry),
-        "--plain-http",
-    ]);
+    let out = lab.commit_output("b1", "snap/b1:v1", &[]);
     let stderr = crate::cli::stderr_text(&out);
     assert_eq!(out.status.code(), Some(4), "{stderr}");
     assert!(
@@ -74,15 +66,9 @@ fn pod_commits_the_running_instance_after_a_restart_and_says_when_none_runs() {
             "--plain-http",
         ])
     };
-    let out = commit("v1");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let result: Value = serde_json::from_slice(&out.stdout).unwrap();
-    assert_eq!(result["container"], "web-1");
-    let tree = lab.pull_unpack(result["image"].as_str().unwrap());
+    let result = crate::lab::result_of(&commit("v1"));
+    assert_eq!(result.container, "web-1");
+    let tree = lab.pull_unpack(&result.image);
     assert_eq!(
         std::fs::read_to_string(tree.join("instance")).unwrap(),
         "web-1\n"
@@ -128,14 +114,7 @@ fn a_commit_longer_than_the_lease_ttl_keeps_its_lease() {
         .spawn()
         .unwrap();
     std::thread::sleep(Duration::from_secs(5));
-    let second = lab.committer(&[
-        "commit",
-        "--container",
-        "l1",
-        "--image",
-        &format!("{}/snap/l1b:v1", lab.registry),
-        "--plain-http",
-    ]);
+    let second = lab.commit_output("l1", "snap/l1b:v1", &[]);
     let stderr = crate::cli::stderr_text(&second);
     assert_eq!(
         second.status.code(),
@@ -161,45 +140,17 @@ fn a_base_tag_moved_after_the_sandbox_started_is_not_used_as_its_base() {
     // Another image, one layer more, that the name will point to.
     lab.run_container("o1", &base, &RunOpts::default());
     lab.exec("o1", "echo planted > /planted");
-    let other = format!("{}/other:v1", lab.registry);
-    let out = lab.committer(&[
-        "commit",
-        "--container",
-        "o1",
-        "--image",
-        &other,
-        "--plain-http",
-    ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let other = lab.commit("o1", "other:v1", &[]).tag;
     lab.ctr(&["images", "pull", "--plain-http", &other]);
     // A second record of the original base (the CRI keeps one by digest and one by ID).
     let keep = format!("{}/base:keep", lab.registry);
     lab.ctr(&["images", "tag", &base, &keep]);
     lab.ctr(&["images", "tag", "--force", &other, &base]);
 
-    let commit = |tag: &str| {
-        lab.committer(&[
-            "commit",
-            "--container",
-            "m1",
-            "--image",
-            &format!("{}/snap/m1:{tag}", lab.registry),
-            "--plain-http",
-        ])
-    };
-    let out = commit("v1");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let result: Value = serde_json::from_slice(&out.stdout).unwrap();
-    assert_eq!(result["baseImage"], keep.as_str());
-    let tree = lab.pull_unpack(result["image"].as_str().unwrap());
+    let commit = |tag: &str| lab.commit_output("m1", &format!("snap/m1:{tag}"), &[]);
+    let result = crate::lab::result_of(&commit("v1"));
+    assert_eq!(result.base_image, keep);
+    let tree = lab.pull_unpack(&result.image);
     assert_eq!(std::fs::read_to_string(tree.join("m1")).unwrap(), "mine\n");
     assert!(
         !tree.join("planted").exists(),

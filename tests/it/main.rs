@@ -22,6 +22,7 @@ mod snapshots;
 mod spool;
 mod squash_push;
 mod supervisor;
+#[path = "../../src/testing/tree.rs"]
 mod tree;
 
 use std::path::Path;

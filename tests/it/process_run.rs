@@ -109,8 +109,7 @@ fn process_config_image_runs_with_no_arguments_as_the_sandbox_ran() {
     let (who, _args) = EXPECTED.split_once(" args=").unwrap();
     assert!(sandbox.starts_with(&format!("{who}\n")), "{sandbox}");
 
-    let result = lab.commit_json(&id, "proc:1", &["--process-config"]);
-    let image = result["image"].as_str().unwrap().to_string();
+    let image = lab.commit(&id, "proc:1", &["--process-config"]).image;
     let raw = check(std::process::Command::new("skopeo").args([
         "inspect",
         "--config",

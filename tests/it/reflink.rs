@@ -1,4 +1,4 @@
-//! The reflink capture (issue 17): on a loop-mounted XFS with reflink holding containerd's root
+//! The reflink capture: on a loop-mounted XFS with reflink holding containerd's root
 //! and the spool, the changed files are cloned while paused and the layer is built from the
 //! clones after the resume; the pulled image still equals the container byte for byte, and a
 //! sandbox writing right after the resume does not reach the layer. Elsewhere the capture copies.
@@ -6,7 +6,8 @@
 use crate::fidelity::{host_changes, opts, TORTURE};
 use crate::lab::{check, describe, Lab, RunOpts};
 use crate::tree::compare_trees;
-use serde_json::Value;
+use committer::report::CommitResult;
+use committer::source::CaptureKind;
 use std::process::Command;
 
 /// Big files (cloned, not inlined), one hardlinked, one rewritten in place, on top of the
@@ -19,8 +20,8 @@ dd if=/dev/urandom of=/data/256k.bin bs=64k count=2 conv=notrunc 2>/dev/null
 head -c 65536 /dev/urandom > /data/exactly-64k
 "#;
 
-fn commit(lab: &Lab, id: &str, spool: &std::path::Path) -> Value {
-    lab.commit_json(
+fn commit(lab: &Lab, id: &str, spool: &std::path::Path) -> CommitResult {
+    lab.commit(
         id,
         &format!("snap/{id}:v1"),
         &["--spool-dir", spool.to_str().unwrap()],
@@ -29,20 +30,20 @@ fn commit(lab: &Lab, id: &str, spool: &std::path::Path) -> Value {
 
 /// The torture + big files in a `snapshotter` container, committed with the lab's spool;
 /// the image equals the container and the result names `capture`.
-fn exact_image(lab: &Lab, snapshotter: &str, capture: &str) {
+fn exact_image(lab: &Lab, snapshotter: &str, capture: CaptureKind) {
     let base = lab.base_image("base", false);
     lab.run_container("t", &base, &RunOpts::default().snapshotter(snapshotter));
     lab.exec("t", TORTURE);
     lab.exec("t", BIG);
     host_changes(&lab.rootfs("t"));
     let result = commit(lab, "t", &lab.spool_dir);
-    assert_eq!(result["paused"]["capture"], capture, "{result}");
-    assert!(result["paused"]["skipped"].is_null(), "{result}");
-    let unpacked = lab.pull_unpack(result["image"].as_str().unwrap());
+    assert_eq!(result.paused.capture, Some(capture), "{result:?}");
+    assert_eq!(result.paused.skipped, None, "{result:?}");
+    let unpacked = lab.pull_unpack(&result.image);
     let diffs = compare_trees(&lab.rootfs("t"), &unpacked, &opts());
     assert!(
         diffs.is_empty(),
-        "the image differs from the container ({snapshotter}, {capture}):\n{}",
+        "the image differs from the container ({snapshotter}, {capture:?}):\n{}",
         diffs.join("\n")
     );
     let left: Vec<_> = std::fs::read_dir(&lab.spool_dir).unwrap().collect();
@@ -53,20 +54,20 @@ fn exact_image(lab: &Lab, snapshotter: &str, capture: &str) {
 fn xfs_overlay_is_captured_by_reflink_and_the_image_equals_the_container() {
     let _defaults = crate::lab::overlay_defaults();
     let lab = Lab::start_xfs();
-    exact_image(&lab, "overlayfs", "reflink");
+    exact_image(&lab, "overlayfs", CaptureKind::Reflink);
 }
 
 #[test]
 fn xfs_native_snapshotter_is_captured_by_reflink_and_the_image_equals_the_container() {
     let lab = Lab::start_xfs();
-    exact_image(&lab, "native", "reflink");
+    exact_image(&lab, "native", CaptureKind::Reflink);
 }
 
 #[test]
 fn the_default_filesystem_is_captured_by_copy_and_the_image_equals_the_container() {
     let _defaults = crate::lab::overlay_defaults();
     let lab = Lab::start();
-    exact_image(&lab, "overlayfs", "copy");
+    exact_image(&lab, "overlayfs", CaptureKind::Copy);
 }
 
 /// 64 counters, one at the start of each MiB of a 64 MiB random file, rewritten in order pass
@@ -115,8 +116,12 @@ done
         std::thread::sleep(std::time::Duration::from_millis(50));
     }
     let result = commit(&lab, "w", &lab.spool_dir);
-    assert_eq!(result["paused"]["capture"], "reflink", "{result}");
-    let unpacked = lab.pull_unpack(result["image"].as_str().unwrap());
+    assert_eq!(
+        result.paused.capture,
+        Some(CaptureKind::Reflink),
+        "{result:?}"
+    );
+    let unpacked = lab.pull_unpack(&result.image);
     let layer = std::fs::read(unpacked.join("data/big")).unwrap();
     assert_eq!(layer.len(), 64 << 20);
     let got: Vec<u64> = (0..64)
@@ -160,17 +165,8 @@ fn on_xfs_a_spool_that_cannot_hold_the_diff_is_refused_before_the_pause() {
             .args(["-l", &(free - (16 << 20)).to_string()])
             .arg(&filler),
     );
-    let target = format!("{}/snap/big:v1", lab.registry);
-    let out = lab.committer(&[
-        "commit",
-        "--container",
-        "big",
-        "--image",
-        &target,
-        "--plain-http",
-        "--spool-dir",
-        lab.spool_dir.to_str().unwrap(),
-    ]);
+    let spool = ["--spool-dir", lab.spool_dir.to_str().unwrap()];
+    let out = lab.commit_output("big", "snap/big:v1", &spool);
     let _ = std::fs::remove_file(&filler);
     assert_eq!(out.status.code(), Some(4), "{}", describe(&out));
     let stderr = crate::cli::stderr_text(&out);

@@ -14,22 +14,7 @@ use std::path::Path;
 
 /// Commits container `id` to `REGISTRY/snap:TAG`; returns the pushed image by digest.
 fn commit(lab: &Lab, id: &str, tag: &str) -> String {
-    let target = format!("{}/snap:{tag}", lab.registry);
-    let out = lab.committer(&[
-        "commit",
-        "--container",
-        id,
-        "--image",
-        &target,
-        "--plain-http",
-    ]);
-    assert!(
-        out.status.success(),
-        "commit of {id} failed:\n{}",
-        crate::lab::describe(&out)
-    );
-    let v: Value = serde_json::from_slice(&out.stdout).expect("result JSON");
-    v["image"].as_str().unwrap().to_string()
+    lab.commit(id, &format!("snap:{tag}"), &[]).image
 }
 
 /// The tar entry names of the squashed layer of container `id`, read from the source committer
@@ -317,22 +302,13 @@ fn squash_stack_meeting_a_redirect_falls_back_to_the_views() {
         rustix::fs::XattrFlags::empty(),
     )
     .unwrap();
-    let target = format!("{}/snap:2", lab.registry);
-    let out = lab.committer(&[
-        "commit",
-        "--container",
-        "r2",
-        "--image",
-        &target,
-        "--plain-http",
-        "--squash",
-    ]);
-    assert!(out.status.success(), "{}", crate::lab::describe(&out));
-    let result: Value = serde_json::from_slice(&out.stdout).unwrap();
-    assert_eq!(result["diffSource"], "walk", "{result}");
-    let reason = result["diffSourceReason"].as_str().unwrap();
-    assert!(reason.contains("renamed directory"), "{result}");
-    let image = result["image"].as_str().unwrap();
+    let result = lab.commit("r2", "snap:2", &["--squash"]);
+    assert_eq!(result.diff_source, "walk", "{result:?}");
+    assert!(
+        result.diff_source_reason.contains("renamed directory"),
+        "{result:?}"
+    );
+    let image = result.image.as_str();
     lab.ctr(&["images", "pull", "--plain-http", image]);
     lab.run_container("r3", image, &RunOpts::default());
     let diffs = compare_trees(

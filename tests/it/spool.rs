@@ -41,17 +41,11 @@ impl Drop for SmallDisk {
 }
 
 fn commit_with_spool(lab: &Lab, id: &str, spool: &Path) -> std::process::Output {
-    let target = format!("{}/snap/{id}:v1", lab.registry);
-    lab.committer(&[
-        "commit",
-        "--container",
+    lab.commit_output(
         id,
-        "--image",
-        &target,
-        "--plain-http",
-        "--spool-dir",
-        spool.to_str().unwrap(),
-    ])
+        &format!("snap/{id}:v1"),
+        &["--spool-dir", spool.to_str().unwrap()],
+    )
 }
 
 #[test]
@@ -96,9 +90,7 @@ fn a_diff_that_fits_once_but_not_twice_commits() {
         "the spool is emptied after the push: {:?}",
         disk.entries()
     );
-    let result: serde_json::Value =
-        serde_json::from_slice(&out.stdout).expect("result JSON on stdout");
-    let unpacked = lab.pull_unpack(result["image"].as_str().unwrap());
+    let unpacked = lab.pull_unpack(&crate::lab::result_of(&out).image);
     let pushed = std::fs::read(unpacked.join("data/rand")).unwrap();
     let live = check(Command::new("sha256sum").arg(lab.rootfs("mid").join("data/rand")));
     let sum = check(Command::new("sha256sum").arg(unpacked.join("data/rand")));

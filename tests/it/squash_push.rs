@@ -5,32 +5,33 @@
 use crate::lab::{Lab, RunOpts};
 use crate::tree::{compare_trees, CompareOpts};
 use committer::image::media;
+use committer::report::CommitResult;
 use serde_json::Value;
 
 /// Commits container `id` to `REGISTRY/snap:TAG` with `extra` flags; returns the image by digest.
 /// On overlay, a squash reads upperdirs: the stack of them, or, when the image is its own
 /// original base (nothing to merge), the container's upperdir as an append does.
 fn commit(lab: &Lab, id: &str, tag: &str, extra: &[&str]) -> String {
-    let result = lab.commit_json(id, &format!("snap:{tag}"), extra);
-    if extra.contains(&"--squash") && result["diffSourceReason"] != "overlay upperdir is exact" {
+    let result = lab.commit(id, &format!("snap:{tag}"), extra);
+    if extra.contains(&"--squash") && result.diff_source_reason != "overlay upperdir is exact" {
         assert_squashed_from_the_uppers(&result);
     }
-    result["image"].as_str().unwrap().to_string()
+    result.image
 }
 
 /// A squash of a snapshot image: must have merged the stack of upperdirs.
 fn commit_squash(lab: &Lab, id: &str, tag: &str, extra: &[&str]) -> String {
-    let result = lab.commit_json(id, &format!("snap:{tag}"), &[&["--squash"], extra].concat());
+    let result = lab.commit(id, &format!("snap:{tag}"), &[&["--squash"], extra].concat());
     assert_squashed_from_the_uppers(&result);
-    result["image"].as_str().unwrap().to_string()
+    result.image
 }
 
-fn assert_squashed_from_the_uppers(result: &Value) {
-    assert_eq!(result["diffSource"], "upperdir", "{result}");
-    let reason = result["diffSourceReason"].as_str().unwrap();
+fn assert_squashed_from_the_uppers(result: &CommitResult) {
+    assert_eq!(result.diff_source, "upperdir", "{result:?}");
+    let reason = &result.diff_source_reason;
     assert!(
         reason.starts_with("--squash: the upperdir and") && reason.contains("merged"),
-        "{result}"
+        "{result:?}"
     );
 }
 
@@ -145,8 +146,8 @@ fn max_layers_appends_until_the_bound_then_squashes_and_every_image_restores_exa
             &prev,
             &format!("echo {cycle} > /a && echo x > /c{cycle}{delete}"),
         );
-        let result = lab.commit_json(&prev, &format!("snap:{cycle}"), &["--max-layers", "2"]);
-        let image = result["image"].as_str().unwrap();
+        let result = lab.commit(&prev, &format!("snap:{cycle}"), &["--max-layers", "2"]);
+        let image = result.image.as_str();
         let layers = layer_sizes(image).len();
         if cycle > 0 && layers == 3 {
             assert_squashed_from_the_uppers(&result);
@@ -379,10 +380,7 @@ fn native_squash_writes_only_what_changed() {
     let native = RunOpts::default().snapshotter("native");
     lab.run_container("n1", &base, &native);
     lab.exec("n1", "echo one > /a && rm /data/delete.txt");
-    let s1 = lab.commit_json("n1", "snap:n1", &[])["image"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let s1 = lab.commit("n1", "snap:n1", &[]).image;
     let pull = ["images", "pull", "--plain-http", "--snapshotter", "native"];
     let out = lab.try_ctr(&[&pull[..], &[&s1]].concat());
     // containerd 2's ctr pulls through the transfer service, which unpacks only into the
@@ -394,15 +392,15 @@ fn native_squash_writes_only_what_changed() {
     }
     lab.run_container("n2", &s1, &native);
     lab.exec("n2", "echo two > /a && echo b > /etc/b");
-    let result = lab.commit_json("n2", "snap:n2", &["--squash", "--compression", "none"]);
-    assert_eq!(result["diffSource"], "walk", "{result}");
-    let image = result["image"].as_str().unwrap();
+    let result = lab.commit("n2", "snap:n2", &["--squash", "--compression", "none"]);
+    assert_eq!(result.diff_source, "walk", "{result:?}");
+    let image = result.image.as_str();
     let mut names = top_layer_names(&lab, image);
     names.sort();
     assert_eq!(
         names,
         ["a", "data", "data/.wh.delete.txt", "etc", "etc/b"],
-        "{result}"
+        "{result:?}"
     );
     restore_equals(&lab, image, "n2", "n3");
 }

@@ -3,7 +3,7 @@
 
 use super::fixture::{Overlay, MOUNT_LOCK};
 use super::scenario::{self, p, write};
-use super::tree::{self, Tree};
+use super::tree::{self, CompareOpts, Tree};
 use super::{apply, entry_names, fixture, layer_file};
 use crate::diff::fsx::hook::{self, Stage};
 use crate::diff::{upperdir_is_exact, write_layer, DiffError, NotExact, Options, Source};
@@ -378,8 +378,8 @@ fn exclusions_keep_lower_paths_as_they_were() {
         ..Options::default()
     };
     let expected = merged_with_lower_at(
-        &tree::snapshot(&m),
-        &tree::snapshot(&l),
+        &tree::snapshot(&m, &CompareOpts::layer()),
+        &tree::snapshot(&l, &CompareOpts::layer()),
         &[b"excl", b"cache/a.tmp", b"opq/excluded"],
     );
     let up = Source::Upperdir {
@@ -414,7 +414,12 @@ fn exclusions_keep_lower_paths_as_they_were() {
         let root = ov.dir.path().join(format!("applied-{what}"));
         fixture::copy_tree(&l, &root);
         apply::apply(std::io::BufReader::new(tar), &root);
-        tree::assert_same(&expected, &tree::snapshot(&root), what);
+        tree::assert_same(
+            &expected,
+            &tree::snapshot(&root, &CompareOpts::layer()),
+            &CompareOpts::layer(),
+            what,
+        );
     }
 }
 

@@ -11,8 +11,9 @@ mod hostile;
 mod rawtar;
 mod scenario;
 mod squash;
-mod tree;
 mod umoci;
+
+use crate::testing::tree::{self, CompareOpts};
 
 use super::{write_layer, Options, Source, Stats};
 use std::fs::File;
@@ -44,5 +45,11 @@ pub(crate) fn assert_unpacks_to(
     let root = scratch.join(format!("applied-{}", what.replace(' ', "_")));
     fixture::copy_tree(lower, &root);
     apply::apply(std::io::BufReader::new(tar), &root);
-    tree::assert_same(&tree::snapshot(merged), &tree::snapshot(&root), what);
+    let opts = CompareOpts::layer();
+    tree::assert_same(
+        &tree::snapshot(merged, &opts),
+        &tree::snapshot(&root, &opts),
+        &opts,
+        what,
+    );
 }

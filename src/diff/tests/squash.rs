@@ -5,7 +5,7 @@
 
 use super::fixture::{copy_tree, mount_overlay, MOUNT_LOCK};
 use super::scenario::{self, write};
-use super::{apply, entry_names, layer_file, tree, Options, Source};
+use super::{apply, entry_names, layer_file, tree, CompareOpts, Options, Source};
 use std::path::{Path, PathBuf};
 
 /// Overlay mounts in one temp dir, unmounted on drop (lazily if busy).
@@ -178,8 +178,9 @@ fn a_stack_of_uppers_squashes_to_the_last_tree_with_whiteouts_only_for_the_base(
     std::io::Seek::seek(&mut tar, std::io::SeekFrom::Start(0)).unwrap(); // clones share it
     apply::apply(std::io::BufReader::new(tar), &applied);
     tree::assert_same(
-        &tree::snapshot(&last),
-        &tree::snapshot(&applied),
+        &tree::snapshot(&last, &CompareOpts::layer()),
+        &tree::snapshot(&applied, &CompareOpts::layer()),
+        &CompareOpts::layer(),
         "base + squashed stack",
     );
 }

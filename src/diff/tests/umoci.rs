@@ -4,7 +4,7 @@
 
 use super::fixture::Overlay;
 use super::scenario;
-use super::tree;
+use super::tree::{self, CompareOpts};
 use crate::diff::{write_layer, Options, Source};
 use serde_json::json;
 use sha2::{Digest, Sha256};
@@ -79,7 +79,12 @@ pub(crate) fn assert_umoci_unpacks_to(
         "umoci: {}",
         String::from_utf8_lossy(&out.stderr)
     );
-    tree::assert_same(&tree::snapshot(expected), &tree::snapshot(&rootfs), what);
+    tree::assert_same(
+        &tree::snapshot(expected, &CompareOpts::layer()),
+        &tree::snapshot(&rootfs, &CompareOpts::layer()),
+        &CompareOpts::layer(),
+        what,
+    );
 }
 
 #[test]

@@ -318,6 +318,10 @@ fn start_or_mount(s: &mut State, head: &Head, repo: &str) -> Resp {
 fn manifest(s: &mut State, head: &Head, reference: &str, body: &[u8]) -> Resp {
     match head.method.as_str() {
         "PUT" => {
+            // As distribution: every blob a manifest names must be in the registry.
+            if names_a_missing_blob(s, body) {
+                return Resp::oci_error(400, "MANIFEST_BLOB_UNKNOWN");
+            }
             let digest = Digest::of(body).to_string();
             let ct = head.header("content-type").unwrap_or("").to_string();
             s.manifests
@@ -338,6 +342,18 @@ fn manifest(s: &mut State, head: &Head, reference: &str, body: &[u8]) -> Resp {
         },
         _ => Resp::new(405),
     }
+}
+
+/// The manifest's config or one of its layers is not among the blobs.
+fn names_a_missing_blob(s: &State, body: &[u8]) -> bool {
+    let Ok(m) = serde_json::from_slice::<serde_json::Value>(body) else {
+        return false;
+    };
+    let layers = m["layers"].as_array().cloned().unwrap_or_default();
+    std::iter::once(&m["config"])
+        .chain(layers.iter())
+        .filter_map(|d| d["digest"].as_str())
+        .any(|d| !s.blobs.contains_key(d))
 }
 
 /// A "storage host" for redirected blob GETs: serves fixed bytes and records whether requests

@@ -5,6 +5,7 @@
 mod fake;
 mod fake_tests;
 mod http;
+mod push_order;
 // Against the real distribution registry (scripts/registry.sh): `cargo test --features lab`.
 #[cfg(feature = "lab")]
 mod proxy;
@@ -171,7 +172,6 @@ pub(super) fn random_file(dir: &Path, len: usize, seed: u64) -> (PathBuf, Digest
 pub(super) const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
 
 /// A minimal image config and an OCI manifest naming it and one layer.
-#[cfg(feature = "lab")]
 pub(super) fn image(layer: &Digest, layer_size: u64) -> (bytes::Bytes, Digest, bytes::Bytes) {
     let config = serde_json::json!({
         "architecture": "amd64", "os": "linux",
