@@ -441,9 +441,9 @@ fn diff_with_the_containerd_source_needs_only_the_socket() {
     lab.exec("c9", "echo through-the-socket > /data/socket-only");
     let snapshots = lab.dir.join("root/io.containerd.snapshotter.v1.overlayfs");
     let output = out_path(&lab, "socket-only.tgz");
-    let hidden = |source: &str| {
+    let hidden_with = |source: &str, extra: &str, output: &str| {
         let script = format!(
-            "mount -t tmpfs hidden {} && exec \"$0\" diff --container c9 --diff-source {source} --output {output}",
+            "mount -t tmpfs hidden {} && exec \"$0\" diff --container c9 --diff-source {source} --output {output} {extra}",
             snapshots.display()
         );
         let exe = env!("CARGO_BIN_EXE_committer");
@@ -462,6 +462,7 @@ fn diff_with_the_containerd_source_needs_only_the_socket() {
             .env("CONTAINERD_NAMESPACE", &lab.namespace);
         crate::lab::run(&mut unshare)
     };
+    let hidden = |source: &str| hidden_with(source, "", &output);
     let walked = hidden("walk");
     assert!(
         !walked.status.success(),
@@ -479,6 +480,31 @@ fn diff_with_the_containerd_source_needs_only_the_socket() {
         "data/socket-only",
     ]));
     assert_eq!(listing, "through-the-socket\n");
+    assert_eq!(lab.task_status("c9"), "RUNNING");
+
+    // What only a local source can apply is refused, not silently ignored: containerd chosen, or
+    // auto falling back to it.
+    let refused = out_path(&lab, "refused.tgz");
+    for (source, flags) in [
+        ("containerd", "--max-layer-bytes 1"),
+        ("auto", "--max-files 1"),
+        ("auto", "--keep-xattrs security.selinux --max-hole-bytes 0"),
+    ] {
+        let out = hidden_with(source, flags, &refused);
+        let stderr = crate::cli::stderr_text(&out);
+        assert_eq!(out.status.code(), Some(4), "{source} {flags}: {stderr}");
+        let named = flags
+            .split(' ')
+            .filter(|f| f.starts_with("--"))
+            .collect::<Vec<_>>();
+        let want = format!(
+            "containerd's diff service cannot apply {}",
+            named.join(", ")
+        );
+        assert!(stderr.contains(&want), "{source} {flags}: {stderr}");
+        assert_eq!(stderr.lines().count(), 1, "{source} {flags}: {stderr}");
+        assert!(!std::path::Path::new(&refused).exists());
+    }
     assert_eq!(lab.task_status("c9"), "RUNNING");
 }
 
