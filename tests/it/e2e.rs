@@ -126,6 +126,21 @@ fn commit_pushes_an_image_equal_to_the_container_rootfs_and_it_runs() {
     let unpacked = lab.pull_unpack(result["image"].as_str().unwrap());
     assert_image_equals_container(&lab, "c1", &unpacked);
 
+    // The laptop: Docker pulls and runs it, equal to the sandbox but for Docker's own files
+    // (docker::DOCKER_OWN_FILES: /.dockerenv, /etc/hosts, /etc/hostname, /etc/resolv.conf, /etc/mtab).
+    let opts = CompareOpts {
+        hardlinks: true,
+        ..CompareOpts::container_rootfs()
+    };
+    let image = result["image"].as_str().unwrap();
+    if let Some(diffs) = crate::docker::docker_readback(&lab, image, &lab.rootfs("c1"), &opts) {
+        assert!(
+            diffs.is_empty(),
+            "docker run's root filesystem differs from container c1:\n{}",
+            diffs.join("\n")
+        );
+    }
+
     // containerd pulls it by digest and runs it as a new sandbox that sees the changes.
     let by_digest = result["image"].as_str().unwrap();
     lab.ctr(&["images", "pull", "--plain-http", by_digest]);
