@@ -566,11 +566,13 @@ pub(crate) fn spawn_stalled(
     (child, worker)
 }
 
-/// SIGKILL of the commit process while the sandbox is paused: the supervisor's outcome is one line
-/// in the format the command line chose (what killed it, the sandbox running again), exit 137,
-/// and the spool is empty; a killed `diff` leaves no staged output either.
+/// The exit codes of a commit that meets another, a signal or a SIGKILL while the sandbox is paused,
+/// each one line in the format the command line chose: a second commit is busy (7), SIGTERM
+/// interrupts (130), SIGKILL of the commit process is reported by the supervisor (137: what killed
+/// it, the sandbox running again); the spool is empty after each, and a killed `diff` leaves no
+/// staged output either.
 #[test]
-fn a_killed_commit_or_diff_ends_in_one_line_in_the_chosen_format_and_leaves_no_file() {
+fn a_busy_interrupted_or_killed_commit_ends_in_one_line_in_the_chosen_format_and_leaves_no_file() {
     use crate::safety::signal;
     let lab = Lab::start();
     let base = lab.base_image("base", false);
@@ -587,13 +589,12 @@ fn a_killed_commit_or_diff_ends_in_one_line_in_the_chosen_format_and_leaves_no_f
             "--plain-http",
             "--spool-dir",
             &spool,
+            "--log-format",
+            format,
         ];
-        let (child, worker) = spawn_stalled(
-            &lab,
-            "k1",
-            &[&args[..], &["--log-format", format]].concat(),
-            &[],
-        );
+        let (child, worker) = spawn_stalled(&lab, "k1", &args, &[]);
+        let busy = crate::lab::run(lab.committer_command().args(args));
+        assert_one_line(&busy, json, 7, "a second commit of the same container");
         signal(worker, rustix::process::Signal::KILL);
         let out = child.wait_with_output().unwrap();
         assert_one_line(&out, json, 137, "SIGKILL of the commit process");
@@ -602,6 +603,14 @@ fn a_killed_commit_or_diff_ends_in_one_line_in_the_chosen_format_and_leaves_no_f
             line.contains("killed (signal 9)") && line.contains("\"k1\" is running again"),
             "{line}"
         );
+        assert_eq!(lab.task_status("k1"), "RUNNING");
+        assert_eq!(spool_files(&lab.spool_dir), Vec::<String>::new());
+
+        let (child, _) = spawn_stalled(&lab, "k1", &args, &[]);
+        signal(child.id(), rustix::process::Signal::TERM);
+        let out = child.wait_with_output().unwrap();
+        assert_one_line(&out, json, 130, "SIGTERM");
+        assert!(stderr_text(&out).contains("interrupted by SIGTERM"));
         assert_eq!(lab.task_status("k1"), "RUNNING");
         assert_eq!(spool_files(&lab.spool_dir), Vec::<String>::new());
     }
