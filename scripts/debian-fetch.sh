@@ -5,9 +5,13 @@
 #   scripts/lab.sh fetch-containerd-1.7 DIR   Debian trixie's containerd 1.7; prints its bin dir
 #   scripts/lab.sh fetch-containerd-2 DIR     Debian unstable's containerd 2.x; prints its bin dir
 #   scripts/lab.sh fetch-docker SUITE DIR     SUITE's docker.io (bookworm: 20.10, sid: 28.x); prints its bin dir
+#
+# Exit 75 when Debian's archive cannot be reached; 1 for anything else (a version that no longer matches its glob).
 set -euo pipefail
 
 die() { echo "lab.sh: $*" >&2; exit 1; }
+# Exit 75 (EX_TEMPFAIL) says "Debian's archive could not be reached": the one failure scripts/test.sh skips a pass for.
+unreachable() { echo "lab.sh: $*" >&2; exit 75; }
 need() {
   local b
   for b in "$@"; do command -v "$b" >/dev/null 2>&1 || die "'$b' not found on PATH"; done
@@ -37,7 +41,7 @@ fetch_debs() {
   local o=(-o "Dir::Etc::SourceList=$apt/etc/sources.list" -o "Dir::Etc::SourceParts=$apt/etc/sources.list.d"
     -o "Dir::Etc::PreferencesParts=$apt/etc/preferences.d" -o "Dir::State::Lists=$apt/lists"
     -o "Dir::Cache=$apt/cache" -o "Dir::State::status=/dev/null" -o "APT::Sandbox::User=root" -o "Debug::NoLocking=1")
-  apt-get "${o[@]}" -qq update >&2 || die "apt-get update of $suite's package list failed (is Debian's archive reachable?)"
+  apt-get "${o[@]}" -qq update >&2 || unreachable "apt-get update of $suite's package list from $uri failed: Debian's archive cannot be reached"
   rm -rf "$dir/root" "$apt"/*.deb
   local spec pkg glob ver
   for spec in "$@"; do
@@ -47,7 +51,7 @@ fetch_debs() {
     ver=$(apt-cache "${o[@]}" show "$pkg" 2>/dev/null | awk '/^Version:/ && v == "" {v = $2} END {print v}')
     # shellcheck disable=SC2053 # glob match on purpose
     [[ -n "$ver" && "$ver" == $glob ]] || die "$suite's $pkg is '$ver', not $glob"
-    (cd "$apt" && apt-get "${o[@]}" -qq download "$pkg=$ver" >&2) || die "apt-get download $pkg=$ver failed"
+    (cd "$apt" && apt-get "${o[@]}" -qq download "$pkg=$ver" >&2) || unreachable "apt-get download $pkg=$ver failed"
   done
   local deb
   for deb in "$apt"/*.deb; do dpkg -x "$deb" "$dir/root"; done
@@ -71,9 +75,11 @@ cmd_fetch_containerd() {
 cmd_fetch_docker() {
   local suite=$1 dir
   dir=$(abs_dir "$2")
-  # Since 26.x Debian ships the client in its own package
-  local pkgs=(docker.io)
-  [ "$suite" = bookworm ] || pkgs+=(docker-cli)
+  # Pinned to the major version the README's compatibility table reports: unstable moving on to 29.x fails the fetch
+  # (and test.sh) instead of silently testing another Docker under the name docker-28. Since 26.x Debian ships the
+  # client in its own package.
+  local pkgs=('docker.io=20.10.*')
+  [ "$suite" = bookworm ] || pkgs=('docker.io=28.*' 'docker-cli=28.*')
   fetch_debs "$suite" "$dir" "${pkgs[@]}"
   [ -x "$dir/root/usr/sbin/dockerd" ] || die "the .deb has no usr/sbin/dockerd"
   ln -sf ../sbin/dockerd "$dir/root/usr/bin/dockerd"

@@ -10,7 +10,8 @@
 #   RUST_TEST_THREADS                 tests run at once (default 2: one lab each, on a 2-core machine)
 #   COMMITTER_TEST_FIELD              the field: containerd 1.7 (trixie) and 2.x (unstable) passes of the `it` tests,
 #                                     and Docker 20.10 (bookworm) and 28 (unstable) as readers, all from Debian's
-#                                     .debs: auto = each that can be fetched (default; a skip says so), 1 = all
+#                                     .debs: auto = each whose archive can be reached (default; a skip says so;
+#                                     any other fetch failure stops the run), 1 = all
 #                                     required, 0 = none
 #   COMMITTER_CACHE_DIR               where the extracted .debs and the pass logs are kept
 #                                     (default /var/cache/committer; reused when present)
@@ -67,27 +68,33 @@ export RUST_TEST_THREADS=${RUST_TEST_THREADS:-2}
 export RUST_BACKTRACE=${RUST_BACKTRACE:-1}
 cache=${COMMITTER_CACHE_DIR:-/var/cache/committer}
 
-# fetch KIND ARGS...: runs `scripts/lab.sh fetch-KIND ARGS` and prints its bin dir; when Debian's archive cannot
-# be reached it says SKIP and fails (COMMITTER_TEST_FIELD=1 then stops below).
+# fetch VAR KIND ARGS...: runs `scripts/lab.sh fetch-KIND ARGS` and sets VAR to its bin dir. When Debian's archive
+# cannot be reached (exit 75) it says SKIP and why, and VAR stays empty (COMMITTER_TEST_FIELD=1 then stops below).
+# Any other failure stops here: a version that no longer matches its glob is a change to look at, not a skip.
 fetch() {
-  local what=$1; shift
-  local out
-  if out=$(scripts/lab.sh "fetch-$what" "$@"); then echo "$out"; return 0; fi
-  say "SKIP: $what $1 could not be fetched from Debian's archive: its pass/tests are skipped"
-  return 1
+  local var=$1 what=$2; shift 2
+  local out rc=0
+  out=$(scripts/lab.sh "fetch-$what" "$@") || rc=$?
+  case $rc in
+  0) printf -v "$var" %s "$out" ;;
+  75) say "SKIP: $what $1: Debian's archive could not be reached (its error is above): its pass/tests are skipped" ;;
+  *) die "fetching $what $1 failed (exit $rc; its error is above), not because the archive is unreachable (COMMITTER_TEST_FIELD=0 runs without the field)" ;;
+  esac
 }
 
 field=${COMMITTER_TEST_FIELD:-auto}
 bin17="" bin2="" docker20="" docker28=""
 if [ "$field" != 0 ]; then
-  bin17=$(fetch containerd-1.7 "${COMMITTER_CONTAINERD_17_DIR:-$cache/containerd-1.7}") || true
-  bin2=$(fetch containerd-2 "$cache/containerd-2") || true
-  docker20=$(fetch docker bookworm "$cache/docker-bookworm") || true
-  docker28=$(fetch docker sid "$cache/docker-sid") || true
+  fetch bin17 containerd-1.7 "${COMMITTER_CONTAINERD_17_DIR:-$cache/containerd-1.7}"
+  fetch bin2 containerd-2 "$cache/containerd-2"
+  fetch docker20 docker bookworm "$cache/docker-bookworm"
+  fetch docker28 docker sid "$cache/docker-sid"
 fi
 if [ "$field" = 1 ] && { [ -z "$bin17" ] || [ -z "$bin2" ] || [ -z "$docker20" ] || [ -z "$docker28" ]; }; then
   die "a field pass could not be fetched from Debian's archive (COMMITTER_TEST_FIELD=1)"
 fi
+# (the kind-style node runs containerd 2.x from here, as kind's current node images do)
+[ -z "$bin2" ] || export COMMITTER_CONTAINERD_2_BIN_DIR=$bin2
 [ -z "$docker20" ] || export COMMITTER_DOCKER_20_BIN_DIR=$docker20
 [ -z "$docker28" ] || export COMMITTER_DOCKER_28_BIN_DIR=$docker28
 

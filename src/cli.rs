@@ -38,7 +38,7 @@ pub enum Command {
     Commit(Box<CommitArgs>),
     /// Write the container's diff as a layer blob to a local file (or stdout) and print its descriptor.
     #[command(
-        override_usage = "committer diff [OPTIONS] (CONTAINER | --container ID | --pod NAMESPACE/NAME [--container-name NAME]) --output FILE"
+        override_usage = "committer diff [OPTIONS] (CONTAINER | --container ID | --pod NAMESPACE/NAME [--container-name NAME]) --output FILE|-"
     )]
     Diff(Box<DiffArgs>),
 }

@@ -19,6 +19,50 @@ pub fn init(level: u8, json: Option<bool>) {
     JSON.store(json as u8, Ordering::Relaxed);
 }
 
+/// This process's arguments (a name that is not UTF-8 shown with U+FFFD, never a panic).
+pub fn args_lossy() -> Vec<String> {
+    std::env::args_os()
+        .map(|a| a.to_string_lossy().into_owned())
+        .collect()
+}
+
+/// Initialises from a command line not parsed yet (the supervisor's own lines, an argument
+/// error): `--log-format`, `--log-level` (or `COMMITTER_LOG`) and `-q/--quiet`, as clap would
+/// read them; anything unreadable keeps the default.
+pub fn init_from_args(args: &[String]) {
+    let flags: Vec<&str> = args
+        .iter()
+        .skip(1)
+        .map(String::as_str)
+        .take_while(|a| *a != "--")
+        .collect();
+    let value = |flag: &str| -> Option<&str> {
+        let mut found = None;
+        for (i, a) in flags.iter().enumerate() {
+            if *a == flag {
+                found = flags.get(i + 1).copied();
+            } else if let Some(v) = a.strip_prefix(flag).and_then(|v| v.strip_prefix('=')) {
+                found = Some(v);
+            }
+        }
+        found
+    };
+    let json = match value("--log-format") {
+        Some("json") => Some(true),
+        Some("text") => Some(false),
+        _ => None,
+    };
+    let env = std::env::var("COMMITTER_LOG").unwrap_or_default();
+    let level = match value("--log-level").unwrap_or(&env) {
+        "error" => 0,
+        "warn" => 1,
+        "debug" => 3,
+        _ => 2,
+    };
+    let quiet = flags.iter().any(|a| *a == "-q" || *a == "--quiet");
+    init(if quiet { level.min(1) } else { level }, json);
+}
+
 pub fn enabled(level: u8) -> bool {
     level <= LEVEL.load(Ordering::Relaxed)
 }

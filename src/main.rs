@@ -13,7 +13,7 @@ use std::sync::Mutex;
 fn main() {
     // The supervisor (outliving the commit) or, in the worker it started, a return to here.
     committer::supervise::enter();
-    let args: Vec<String> = std::env::args().collect();
+    let args = log::args_lossy();
     forget_empty_env();
     install_panic_hook();
     let cli = match Cli::try_parse() {
@@ -83,20 +83,7 @@ fn argument_error(e: clap::Error, args: &[String]) -> i32 {
         let _ = e.print();
         return 0;
     }
-    let format = args
-        .iter()
-        .position(|a| a == "--log-format")
-        .and_then(|i| args.get(i + 1))
-        .map(String::as_str)
-        .or_else(|| args.iter().find_map(|a| a.strip_prefix("--log-format=")));
-    log::init(
-        2,
-        json_format(match format {
-            Some("json") => LogFormat::Json,
-            Some("text") => LogFormat::Text,
-            _ => LogFormat::Auto,
-        }),
-    );
+    log::init_from_args(args);
     let line = match e.kind() {
         ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand | ErrorKind::MissingSubcommand => {
             "give a command: commit or diff (see committer --help)".to_string()

@@ -98,6 +98,8 @@ impl DiffOutput {
             .tempfile_in(&dir)
             .map_err(|e| UsageError(format!("{flag}: {e}")))?
             .into_temp_path();
+        // Removed by the supervisor if this process is killed before the TempPath's drop can.
+        crate::guard::tell_owned_path(&temp);
         Ok(DiffOutput {
             dest: (!to_stdout).then(|| output.to_path_buf()),
             temp,
@@ -115,7 +117,8 @@ impl DiffOutput {
 
     /// Moves the complete blob into place, or copies it to stdout (the staged file is removed).
     pub fn finish(self) -> std::io::Result<()> {
-        match self.dest {
+        let staged = self.temp.to_path_buf();
+        let done = match self.dest {
             Some(dest) => self.temp.persist(&dest).map_err(|e| e.error),
             None => {
                 let mut f = std::fs::File::open(&self.temp)?;
@@ -123,7 +126,12 @@ impl DiffOutput {
                 std::io::copy(&mut f, &mut out)?;
                 out.flush()
             }
+        };
+        if done.is_ok() {
+            // Renamed into place (or copied out and removed on drop): nothing left to remove.
+            crate::guard::tell_released_path(&staged);
         }
+        done
     }
 }
 

@@ -62,15 +62,25 @@ std::thread_local! {
 /// Marks the calling thread as the sandbox's reader until the guard drops: its tar bytes count
 /// as read, while another thread compresses them at the same time.
 pub fn reading_thread() -> ReadingThread {
+    #[cfg(any(debug_assertions, feature = "lab"))]
+    test_panic_point();
     READING.with(|r| r.set(true));
     ReadingThread(())
 }
 
 pub struct ReadingThread(());
 
-impl Drop for ReadingThread {
-    fn drop(&mut self) {
-        READING.with(|r| r.set(false));
+/// Debug and lab builds only, on the thread that reads the paused sandbox: `COMMITTER_TEST_PANIC=reading`
+/// panics there, as a bug would (a test sees a panic end in one line, exit 1 and a running sandbox);
+/// `COMMITTER_TEST_STALL=reading` holds the read for a minute (a test kills the process while the
+/// sandbox is paused, however fast the capture).
+#[cfg(any(debug_assertions, feature = "lab"))]
+fn test_panic_point() {
+    if std::env::var_os("COMMITTER_TEST_PANIC").is_some_and(|v| v == "reading") {
+        panic!("COMMITTER_TEST_PANIC=reading");
+    }
+    if std::env::var_os("COMMITTER_TEST_STALL").is_some_and(|v| v == "reading") {
+        std::thread::sleep(Duration::from_secs(60));
     }
 }
 

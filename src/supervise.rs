@@ -50,7 +50,8 @@ pub fn enter() {
 }
 
 fn supervise() -> i32 {
-    crate::log::init(2, None);
+    // The worker's own flags say how the supervisor's lines look too.
+    crate::log::init_from_args(&crate::log::args_lossy());
     let (read, write) = match pipe() {
         Ok(p) => p,
         Err(e) => return fail(&format!("cannot create the supervisor's pipe: {e}")),
@@ -231,6 +232,8 @@ fn oom_count(file: &str) -> Option<u64> {
         .find_map(|l| l.strip_prefix("oom_kill ")?.trim().parse().ok())
 }
 
+/// The worker's exit code, after undoing what it left. A killed worker's outcome is one line: what
+/// killed it, and whether its sandbox runs again.
 fn finish(
     status: std::process::ExitStatus,
     oom: Option<u64>,
@@ -245,26 +248,60 @@ fn finish(
     if pending.done && !pending.paused {
         return code;
     }
-    if let Some(sig) = status.signal() {
-        let why = match oom {
-            Some(n) if n > 0 && sig == libc::SIGKILL => {
-                format!(" by the OOM killer (its memory cgroup counts {n} OOM kills)")
+    let undone = undo(pending, owner);
+    let Some(sig) = status.signal() else {
+        // The worker exited by itself and said why in its own line.
+        if let Some(note) = &undone.lease {
+            crate::log::warn(note);
+        }
+        return match undone.resumed {
+            Ok(Some(container)) => {
+                crate::log::warn(&format!(
+                    "the commit process exited while {container:?} was paused; the sandbox is running again"
+                ));
+                code
             }
-            _ => String::new(),
+            Ok(None) => code,
+            Err(still_paused) => {
+                crate::log::failure(&still_paused, LEFT_PAUSED);
+                LEFT_PAUSED
+            }
         };
-        crate::log::error(&format!(
-            "the commit process was killed{why} (signal {sig}) before it finished; cleaning up after it"
-        ));
-    }
-    let resumed = undo(pending, owner);
-    if !resumed {
-        return LEFT_PAUSED;
-    }
+    };
+    let why = match oom {
+        Some(n) if n > 0 && sig == libc::SIGKILL => {
+            format!(" by the OOM killer (its memory cgroup counts {n} OOM kills)")
+        }
+        _ => String::new(),
+    };
+    let lease = undone.lease.map_or(String::new(), |n| format!("; {n}"));
+    let (line, code) = match undone.resumed {
+        Ok(resumed) => {
+            let sandbox = resumed.map_or(String::new(), |c| {
+                format!("; the sandbox {c:?} is running again")
+            });
+            (format!("cleaned up after it{sandbox}{lease}"), code)
+        }
+        Err(still_paused) => (format!("{still_paused}{lease}"), LEFT_PAUSED),
+    };
+    crate::log::failure(
+        &format!("the commit process was killed{why} (signal {sig}) before it finished; {line}"),
+        code,
+    );
     code
 }
 
-/// Undoes what the worker left; false when its sandbox could not be resumed.
-fn undo(p: &Pending, owner: &str) -> bool {
+/// What undoing a dead worker's leftovers came to.
+struct Undone {
+    /// Ok(the container resumed, if it was paused), or Err(the sandbox may still be paused: the
+    /// words that say so and how to resume it).
+    resumed: Result<Option<String>, String>,
+    /// Why the lease could not be deleted (it expires by itself).
+    lease: Option<String>,
+}
+
+/// Unmounts the worker's views, removes its spool files, resumes its sandbox and releases its lease.
+fn undo(p: &Pending, owner: &str) -> Undone {
     if !p.done {
         for m in &p.mounts {
             let _ = rustix::mount::unmount(m.as_str(), rustix::mount::UnmountFlags::DETACH);
@@ -275,7 +312,15 @@ fn undo(p: &Pending, owner: &str) -> bool {
         }
     }
     let Some((address, ns, container, lease)) = &p.target else {
-        return true;
+        return Undone {
+            resumed: Ok(None),
+            lease: None,
+        };
+    };
+    let still_paused = |e: &dyn std::fmt::Display| {
+        format!(
+            "THE SANDBOX {container:?} MAY STILL BE PAUSED: {e}; resume it with `ctr -n {ns} tasks resume {container}`"
+        )
     };
     let rt = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -283,16 +328,30 @@ fn undo(p: &Pending, owner: &str) -> bool {
     {
         Ok(rt) => rt,
         Err(e) => {
-            crate::log::error(&format!("cannot start the async runtime: {e}"));
-            return !p.paused;
+            let e = format!("cannot start the async runtime: {e}");
+            return Undone {
+                resumed: if p.paused {
+                    Err(still_paused(&e))
+                } else {
+                    Ok(None)
+                },
+                lease: Some(format!("lease {lease} expires by itself")),
+            };
         }
     };
     rt.block_on(async {
-        let resumed = !p.paused || resume(address, ns, container).await;
-        if !p.done {
-            release(address, ns, lease, owner).await;
-        }
-        resumed
+        let resumed = match p.paused {
+            true => resume(address, ns, container)
+                .await
+                .map(|()| Some(container.clone()))
+                .map_err(|e| still_paused(&e)),
+            false => Ok(None),
+        };
+        let lease = match p.done {
+            false => release(address, ns, lease, owner).await.err(),
+            true => None,
+        };
+        Undone { resumed, lease }
     })
 }
 
@@ -309,29 +368,34 @@ fn remove_owned(path: &std::path::Path) {
     }
 }
 
-async fn resume(address: &str, ns: &str, container: &str) -> bool {
+async fn resume(
+    address: &str,
+    ns: &str,
+    container: &str,
+) -> Result<(), crate::containerd::ContainerdError> {
     let target = crate::freeze::Target {
         address: address.into(),
         namespace: ns.into(),
         container: container.into(),
     };
-    match crate::freeze::resume_until_running(&target, None, RESUME_DEADLINE).await {
-        Ok(()) => {
-            crate::log::warn(&format!(
-                "the commit process died while {container:?} was paused; the sandbox is running again"
-            ));
-            true
-        }
-        Err(e) => {
-            crate::log::error(&format!(
-                "THE SANDBOX {container:?} MAY STILL BE PAUSED: {e}; resume it with `ctr -n {ns} tasks resume {container}`"
-            ));
-            false
-        }
-    }
+    crate::freeze::resume_until_running(&target, None, resume_deadline()).await
 }
 
-async fn release(address: &str, ns: &str, lease: &str, owner: &str) {
+/// How long the supervisor keeps trying to resume: `RESUME_DEADLINE`, or in test builds
+/// `COMMITTER_TEST_RESUME_SECONDS` (a test of the "left paused" outcome need not wait a minute).
+fn resume_deadline() -> Duration {
+    #[cfg(any(debug_assertions, feature = "lab"))]
+    if let Some(s) = std::env::var("COMMITTER_TEST_RESUME_SECONDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+    {
+        return Duration::from_secs(s);
+    }
+    RESUME_DEADLINE
+}
+
+/// Deletes the worker's lease; Err(why it could not, and that it expires by itself).
+async fn release(address: &str, ns: &str, lease: &str, owner: &str) -> Result<(), String> {
     let connect = crate::containerd::Containerd::connect(std::path::Path::new(address), ns);
     let result = match tokio::time::timeout(Duration::from_secs(10), connect).await {
         Ok(Ok(ctr)) => {
@@ -341,19 +405,16 @@ async fn release(address: &str, ns: &str, lease: &str, owner: &str) {
         }
         Ok(Err(e)) => Err(e),
         Err(_) => {
-            crate::log::warn(&format!(
+            return Err(format!(
                 "containerd did not answer within 10 s; lease {lease} expires by itself"
-            ));
-            return;
+            ))
         }
     };
-    if let Err(e) = result {
-        crate::log::warn(&format!("{e}; lease {lease} expires by itself"));
-    }
+    result.map_err(|e| format!("{e}; lease {lease} expires by itself"))
 }
 
 fn fail(msg: &str) -> i32 {
-    crate::log::error(msg);
+    crate::log::failure(msg, crate::error::exit::INTERNAL);
     crate::error::exit::INTERNAL
 }
 

@@ -1,9 +1,11 @@
 //! containerd's Diff service as a layer source (socket-only mode): containerd diffs a read-only
 //! view of the parent snapshot against the container's mounts and writes the compressed layer
 //! into its content store, under our lease. Needs no snapshotter mount and no CAP_SYS_ADMIN
-//! here; cannot apply `--exclude` or `--source-date-epoch`.
+//! here; cannot apply `--exclude`, `--include`, `--source-date-epoch`, the limits or
+//! `--keep-xattrs`, which are refused (`refuse_local_only_flags`).
 
-use super::{BlobLocation, FinishedLayer, LayerRequest, SourceError};
+use super::{BlobLocation, DiffSourceChoice, FinishedLayer, LayerRequest, SourceError};
+use crate::cli::SourcePlan;
 use crate::containerd::lookup::SnapshotMount;
 use crate::error::CommitError;
 use crate::image::media;
@@ -18,15 +20,7 @@ pub(super) async fn read(
     req: &LayerRequest<'_>,
     reason: String,
 ) -> Result<FinishedLayer, CommitError> {
-    if !req.plan.exclude.is_empty()
-        || !req.plan.include.is_empty()
-        || req.plan.source_date_epoch.is_some()
-    {
-        return Err(SourceError::NeedsLocalSource {
-            flags: "--exclude, --include and --source-date-epoch",
-        }
-        .into());
-    }
+    refuse_local_only_flags(req.plan)?;
     let (ctr, info) = (req.ctr, req.info);
     let upper = ctr.snapshot_mounts(info).await?;
     let view = ParentView::mount(req).await?;
@@ -52,6 +46,34 @@ pub(super) async fn read(
         paused,
         source: super::DiffSourceKind::Containerd,
         reason,
+    })
+}
+
+/// Flags containerd's differ cannot apply (it would silently ignore them: a limit not enforced, an
+/// exclusion not made) are refused before the sandbox is touched, naming those given.
+pub(super) fn refuse_local_only_flags(plan: &SourcePlan) -> Result<(), SourceError> {
+    let given: Vec<&str> = [
+        ("--exclude", !plan.exclude.is_empty()),
+        ("--include", !plan.include.is_empty()),
+        ("--source-date-epoch", plan.source_date_epoch.is_some()),
+        ("--max-layer-bytes", plan.max_layer_bytes.is_some()),
+        ("--max-files", plan.max_files.is_some()),
+        ("--keep-xattrs", !plan.keep_xattrs.is_empty()),
+        ("--max-hole-bytes", plan.max_hole_bytes.is_some()),
+    ]
+    .into_iter()
+    .filter_map(|(flag, set)| set.then_some(flag))
+    .collect();
+    if given.is_empty() {
+        return Ok(());
+    }
+    let advice = match plan.diff_source {
+        DiffSourceChoice::Auto => "--diff-source auto uses it because the snapshot is not readable here: mount the snapshotter's root at the same path, or drop them",
+        _ => "use --diff-source auto, upperdir or walk, or drop them",
+    };
+    Err(SourceError::NeedsLocalSource {
+        flags: given.join(", "),
+        advice,
     })
 }
 

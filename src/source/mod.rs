@@ -100,8 +100,8 @@ pub enum SourceError {
         #[source]
         source: std::io::Error,
     },
-    #[error("{flags} need a local diff source; containerd's diff service cannot apply them (use --diff-source auto, upperdir or walk)")]
-    NeedsLocalSource { flags: &'static str },
+    #[error("containerd's diff service cannot apply {flags} ({advice})")]
+    NeedsLocalSource { flags: String, advice: &'static str },
 }
 
 /// A layer file on disk: a spool file removed when dropped, or a file the caller named.
@@ -290,7 +290,11 @@ pub async fn start_layer(req: &LayerRequest<'_>) -> Result<StartedLayer, CommitE
     if req.squash.is_some() {
         // containerd's differ can only diff against the snapshot's parent.
         if req.plan.diff_source == DiffSourceChoice::Containerd {
-            return Err(SourceError::NeedsLocalSource { flags: "--squash" }.into());
+            return Err(SourceError::NeedsLocalSource {
+                flags: "--squash".into(),
+                advice: "use --diff-source auto, upperdir or walk",
+            }
+            .into());
         }
         return local::read(req).await;
     }
@@ -302,6 +306,7 @@ pub async fn start_layer(req: &LayerRequest<'_>) -> Result<StartedLayer, CommitE
         Err(CommitError::Source(
             e @ (SourceError::NotVisible { .. } | SourceError::Mount { .. }),
         )) if req.plan.diff_source == DiffSourceChoice::Auto => {
+            differ::refuse_local_only_flags(req.plan)?;
             log::info(&format!(
                 "{}; asking containerd's diff service instead",
                 chain(&e)

@@ -3,7 +3,10 @@
 //! habits; the result matches its JSON Schema; the README's flag table matches `--help`; a
 //! terminal sees a moving bar and a summary.
 
+mod schema;
+
 use crate::lab::{Lab, RunOpts};
+use schema::{schema, validate};
 use serde_json::Value;
 use std::os::unix::net::UnixListener;
 use std::path::Path;
@@ -36,14 +39,41 @@ pub fn stderr_text(out: &Output) -> String {
         .join("\n")
 }
 
-/// Exactly one stderr line: `committer: …` without raw control characters in text mode, one
-/// JSON object with level "error" and the exit code in JSON mode.
-fn assert_one_line(out: &Output, json: bool, code: i32, case: &str) {
+/// A progress event (piped stderr shows one as each stage begins, and every 2 s): a run that fails
+/// after its read began may show one before its error line, depending on the 100 ms ticker.
+fn is_progress(line: &str) -> bool {
+    line.starts_with("committer: info: progress: ")
+        || serde_json::from_str::<Value>(line).is_ok_and(|v| v["event"] == "progress")
+}
+
+/// Exactly one stderr line besides progress events (none at all with `--quiet`):
+/// `committer: …` without raw control characters in text mode, one JSON object with level
+/// "error" and the exit code in JSON mode.
+pub fn assert_one_line(out: &Output, json: bool, code: i32, case: &str) {
+    assert_one_line_besides(out, json, code, case, |_| false)
+}
+
+/// `assert_one_line`, where lines `also(line)` accepts may come before the one line; every line
+/// is in the chosen format (one JSON object each, or `committer: …`).
+pub fn assert_one_line_besides(
+    out: &Output,
+    json: bool,
+    code: i32,
+    case: &str,
+    also: impl Fn(&str) -> bool,
+) {
     let stderr = String::from_utf8_lossy(&out.stderr);
     let what = format!("{case} ({}): {stderr}", if json { "json" } else { "text" });
     assert_eq!(out.status.code(), Some(code), "exit code of {what}");
     assert!(out.stdout.is_empty(), "stdout of {what}");
-    let lines: Vec<&str> = stderr.lines().collect();
+    for l in stderr.lines() {
+        let is_json = serde_json::from_str::<Value>(l).is_ok_and(|v| v.is_object());
+        assert_eq!(is_json, json, "a line in the other format in {what}");
+    }
+    let lines: Vec<&str> = stderr
+        .lines()
+        .filter(|l| !is_progress(l) && !also(l))
+        .collect();
     assert_eq!(lines.len(), 1, "one line for {what}");
     if json {
         let v: Value = serde_json::from_str(lines[0]).expect("a JSON error line");
@@ -54,6 +84,10 @@ fn assert_one_line(out: &Output, json: bool, code: i32, case: &str) {
         );
     } else {
         assert!(lines[0].starts_with("committer: "), "{what}");
+        let level = ["info", "warn", "error", "debug"]
+            .iter()
+            .any(|l| lines[0].starts_with(&format!("committer: {l}: ")));
+        assert!(!level, "a log line, not the failure line: {what}");
         assert!(
             !lines[0].chars().any(|c| c.is_control()),
             "raw control character in {what}"
@@ -61,7 +95,7 @@ fn assert_one_line(out: &Output, json: bool, code: i32, case: &str) {
     }
 }
 
-fn spool_files(dir: &Path) -> Vec<String> {
+pub fn spool_files(dir: &Path) -> Vec<String> {
     std::fs::read_dir(dir)
         .unwrap()
         .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
@@ -79,6 +113,42 @@ fn silent_socket(path: &Path) {
     });
 }
 
+/// A place the user `nobody` can reach: a root-only (0600) socket and a spool it may write to.
+struct NobodyPlace {
+    _dir: tempfile::TempDir,
+    socket: std::path::PathBuf,
+    spool: std::path::PathBuf,
+}
+
+impl NobodyPlace {
+    fn new() -> NobodyPlace {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::Builder::new()
+            .prefix("committer-nobody-")
+            .tempdir()
+            .unwrap();
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+        let (socket, spool) = (dir.path().join("c.sock"), dir.path().join("spool"));
+        drop(UnixListener::bind(&socket).unwrap());
+        std::fs::set_permissions(&socket, std::fs::Permissions::from_mode(0o600)).unwrap();
+        std::fs::create_dir(&spool).unwrap();
+        std::fs::set_permissions(&spool, std::fs::Permissions::from_mode(0o1777)).unwrap();
+        NobodyPlace {
+            _dir: dir,
+            socket,
+            spool,
+        }
+    }
+
+    /// committer run as nobody (setpriv).
+    fn command(&self) -> std::process::Command {
+        let mut cmd = std::process::Command::new("setpriv");
+        cmd.args(["--reuid", "nobody", "--regid", "nogroup", "--clear-groups"])
+            .arg(env!("CARGO_BIN_EXE_committer"));
+        cmd
+    }
+}
+
 #[test]
 fn bad_inputs_end_in_one_line_with_the_documented_exit_code_and_leave_nothing() {
     let lab = Lab::start();
@@ -94,10 +164,12 @@ fn bad_inputs_end_in_one_line_with_the_documented_exit_code_and_leave_nothing() 
     let (refused, silent) = (lab.dir.join("refused.sock"), lab.dir.join("silent.sock"));
     drop(UnixListener::bind(&refused).unwrap());
     silent_socket(&silent);
+    let nobody = NobodyPlace::new();
     let repo = format!("{}/snap/matrix", lab.registry);
     let target = format!("{repo}:v1");
     let s = |p: &Path| p.to_string_lossy().into_owned();
-    let (refused, silent, spool_s) = (s(&refused), s(&silent), s(&spool));
+    let (refused, silent) = (s(&refused), s(&silent));
+    let denied = s(&nobody.socket);
     let unix_silent = format!("unix://{silent}");
     let digest_ref = format!("{repo}@sha256:{}", "a".repeat(64));
     let bad_pod = "team/a\n{\"level\":\"info\",\"msg\":\"forged\"}\u{1b}[2J";
@@ -134,26 +206,54 @@ fn bad_inputs_end_in_one_line_with_the_documented_exit_code_and_leave_nothing() 
         ("silent socket", 3, vec!["commit", "m1", t, "--address", &unix_silent]),
         ("layer over --max-layer-bytes", 4, vec!["commit", "m1", t, "--max-layer-bytes", "1500", "--compression", "none"]),
         ("too many files", 4, vec!["commit", "m1", t, "--max-files", "1"]),
+        ("a limit containerd's differ cannot apply", 4, vec!["commit", "m1", t, "--diff-source", "containerd", "--max-layer-bytes", "1500"]),
         ("registry unreachable", 5, vec!["commit", "m1", "127.0.0.1:1/x/y:v1"]),
+        ("empty SOURCE_DATE_EPOCH is unset", 5, vec!["commit", "m1", "127.0.0.1:1/x/y:v1"]),
+        ("a panic while paused", 1, vec!["commit", "m1", t]),
+        ("containerd answers an error", 6, vec!["commit", "m1", t, "--namespace", "a..b"]),
+        ("socket permission denied", 3, vec!["commit", "m1", t, "--address", &denied]),
     ];
     for (case, code, args) in &cases {
-        for json in [false, true] {
-            let mut cmd = lab.committer_command();
-            cmd.args(args).env("TMPDIR", &spool);
+        // A run that reaches the read is also run with --quiet: exactly one line, no progress.
+        let mut runs = vec![(false, false), (true, false)];
+        if *code == 4 || *code == 1 {
+            runs.extend([(false, true), (true, true)]);
+        }
+        for (json, quiet) in runs {
+            let (mut cmd, spool) = match *case {
+                "socket permission denied" => (nobody.command(), nobody.spool.as_path()),
+                _ => (lab.committer_command(), spool.as_path()),
+            };
+            cmd.args(args).env("TMPDIR", spool);
             cmd.args(["--log-format", if json { "json" } else { "text" }]);
+            if quiet {
+                cmd.arg("--quiet");
+            }
             let commit_runs = args.first() == Some(&"commit") && !args.contains(&"--spool-dir");
             if commit_runs {
-                cmd.args(["--plain-http", "--spool-dir", &spool_s]);
+                cmd.args(["--plain-http", "--spool-dir"]).arg(spool);
             }
+            match *case {
+                "empty SOURCE_DATE_EPOCH is unset" => cmd.env("SOURCE_DATE_EPOCH", ""),
+                "a panic while paused" => cmd.env("COMMITTER_TEST_PANIC", "reading"),
+                _ => &mut cmd,
+            };
             let out = crate::lab::run(&mut cmd);
             assert_one_line(&out, json, *code, case);
-            if *case == "silent socket" {
-                let line = String::from_utf8_lossy(&out.stderr);
-                let want = format!("containerd at {silent} did not answer within 10 s");
-                assert!(line.contains(&want), "{line}");
+            let line = stderr_text(&out);
+            let want = match *case {
+                "silent socket" => format!("containerd at {silent} did not answer within 10 s"),
+                "a panic while paused" => "please report".into(),
+                "containerd answers an error" => "containerd answered InvalidArgument".into(),
+                "socket permission denied" => "permission denied: the socket is root's".into(),
+                _ => String::new(),
+            };
+            assert!(line.contains(&want), "{case}: {line}");
+            if *case == "empty SOURCE_DATE_EPOCH is unset" {
+                assert!(!line.contains("source-date-epoch"), "{line}");
             }
             assert_eq!(
-                spool_files(&spool),
+                spool_files(spool),
                 Vec::<String>::new(),
                 "spool after {case}"
             );
@@ -164,85 +264,6 @@ fn bad_inputs_end_in_one_line_with_the_documented_exit_code_and_leave_nothing() 
         lab.tags("snap/matrix").is_empty(),
         "a failed commit pushed a tag"
     );
-}
-
-/// A small subset of JSON Schema (type, const, enum, pattern, required, properties,
-/// additionalProperties: false, items, uniqueItems, oneOf, local $ref): what result.schema.json uses.
-fn validate(schema: &Value, root: &Value, v: &Value, at: &str) -> Vec<String> {
-    if let Some(r) = schema["$ref"].as_str() {
-        let target = root
-            .pointer(r.trim_start_matches('#'))
-            .expect("a local $ref");
-        return validate(target, root, v, at);
-    }
-    let mut errs = Vec::new();
-    if let Some(options) = schema["oneOf"].as_array() {
-        let ok = options
-            .iter()
-            .filter(|o| validate(o, root, v, at).is_empty())
-            .count();
-        if ok != 1 {
-            errs.push(format!("{at}: matches {ok} of oneOf"));
-        }
-    }
-    let kind = match v {
-        Value::Null => "null",
-        Value::Bool(_) => "boolean",
-        Value::Number(n) if n.is_u64() || n.is_i64() => "integer",
-        Value::Number(_) => "number",
-        Value::String(_) => "string",
-        Value::Array(_) => "array",
-        Value::Object(_) => "object",
-    };
-    if let Some(t) = schema["type"].as_str().filter(|t| *t != kind) {
-        errs.push(format!("{at}: {kind}, not {t}"));
-    }
-    if schema.get("const").is_some_and(|c| c != v) {
-        errs.push(format!("{at}: {v} is not {}", schema["const"]));
-    }
-    if schema["enum"].as_array().is_some_and(|e| !e.contains(v)) {
-        errs.push(format!("{at}: {v} not in the enum"));
-    }
-    if let (Some(p), Some(s)) = (schema["pattern"].as_str(), v.as_str()) {
-        if !regex::Regex::new(p).unwrap().is_match(s) {
-            errs.push(format!("{at}: {s:?} does not match {p}"));
-        }
-    }
-    if let (Some(items), Some(a)) = (schema.get("items"), v.as_array()) {
-        for (i, x) in a.iter().enumerate() {
-            errs.extend(validate(items, root, x, &format!("{at}/{i}")));
-        }
-        let mut unique = a.clone();
-        unique.dedup();
-        if schema["uniqueItems"] == true && unique.len() != a.len() {
-            errs.push(format!("{at}: duplicate items"));
-        }
-    }
-    if let Some(o) = v.as_object() {
-        for r in schema["required"].as_array().into_iter().flatten() {
-            if !o.contains_key(r.as_str().unwrap()) {
-                errs.push(format!("{at}: {r} missing"));
-            }
-        }
-        for (k, x) in o {
-            match schema["properties"].get(k) {
-                Some(s) => errs.extend(validate(s, root, x, &format!("{at}/{k}"))),
-                None if schema["additionalProperties"] == false => {
-                    errs.push(format!("{at}: unexpected {k}"))
-                }
-                None => {}
-            }
-        }
-    }
-    errs
-}
-
-fn schema() -> Value {
-    let text = std::fs::read_to_string(
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/result.schema.json"),
-    )
-    .unwrap();
-    serde_json::from_str(&text).unwrap()
 }
 
 #[test]
@@ -303,16 +324,14 @@ fn docker_commit_habits_push_a_result_that_matches_its_schema() {
     );
     assert_eq!(lab.task_status(id), "RUNNING");
 
-    // Without a pause, the result says why it was skipped; --threads is cut to the cores.
-    let out = lab.committer(&[
-        "commit",
-        id,
-        &format!("{repo}:v2"),
-        "--pause=false",
-        "--plain-http",
-        "--threads",
-        "100000",
-    ]);
+    // Without a pause, the result says why it was skipped; --threads is cut to the cores; an
+    // empty SOURCE_DATE_EPOCH (as CI systems export it) is no epoch at all.
+    let out = crate::lab::run(
+        lab.committer_command()
+            .env("SOURCE_DATE_EPOCH", "")
+            .args(["commit", id, &format!("{repo}:v2"), "--pause=false"])
+            .args(["--plain-http", "--threads", "100000"]),
+    );
     assert!(
         out.status.success(),
         "{}",
@@ -515,4 +534,103 @@ fn a_terminal_sees_the_bar_move_and_a_summary_before_the_result() {
             "the read is not counted again: {e}"
         );
     }
+}
+
+/// `committer ARGS` with its read of the sandbox held (`COMMITTER_TEST_STALL`), started; returns
+/// once the sandbox is paused, with the commit process (the worker) to kill.
+pub(crate) fn spawn_stalled(
+    lab: &Lab,
+    id: &str,
+    args: &[&str],
+    env: &[(&str, &str)],
+) -> (std::process::Child, u32) {
+    let mut cmd = lab.committer_command();
+    cmd.envs(env.iter().copied())
+        .env("COMMITTER_TEST_STALL", "reading")
+        .args(args)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    let mut child = cmd.spawn().unwrap();
+    let start = std::time::Instant::now();
+    while lab.task_status(id) != "PAUSED" {
+        if start.elapsed() > std::time::Duration::from_secs(30)
+            || child.try_wait().unwrap().is_some()
+        {
+            let _ = child.kill();
+            let out = child.wait_with_output().unwrap();
+            panic!("{id} was not paused: {}", crate::lab::describe(&out));
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    let worker = crate::safety::worker_of(child.id());
+    (child, worker)
+}
+
+/// The exit codes of a commit that meets another, a signal or a SIGKILL while the sandbox is paused,
+/// each one line in the format the command line chose: a second commit is busy (7), SIGTERM
+/// interrupts (130), SIGKILL of the commit process is reported by the supervisor (137: what killed
+/// it, the sandbox running again); the spool is empty after each, and a killed `diff` leaves no
+/// staged output either.
+#[test]
+fn a_busy_interrupted_or_killed_commit_ends_in_one_line_in_the_chosen_format_and_leaves_no_file() {
+    use crate::safety::signal;
+    let lab = Lab::start();
+    let base = lab.base_image("base", false);
+    lab.run_container("k1", &base, &RunOpts::default());
+    lab.exec("k1", "echo changed > /data/modify.txt");
+    let spool = lab.spool_dir.to_string_lossy().into_owned();
+    let target = format!("{}/snap/k1:v1", lab.registry);
+    for json in [false, true] {
+        let format = if json { "json" } else { "text" };
+        let args = [
+            "commit",
+            "k1",
+            &target,
+            "--plain-http",
+            "--spool-dir",
+            &spool,
+            "--log-format",
+            format,
+        ];
+        let (child, worker) = spawn_stalled(&lab, "k1", &args, &[]);
+        let busy = crate::lab::run(lab.committer_command().args(args));
+        assert_one_line(&busy, json, 7, "a second commit of the same container");
+        signal(worker, rustix::process::Signal::KILL);
+        let out = child.wait_with_output().unwrap();
+        assert_one_line(&out, json, 137, "SIGKILL of the commit process");
+        let line = stderr_text(&out);
+        assert!(
+            line.contains("killed (signal 9)") && line.contains("\"k1\" is running again"),
+            "{line}"
+        );
+        assert_eq!(lab.task_status("k1"), "RUNNING");
+        assert_eq!(spool_files(&lab.spool_dir), Vec::<String>::new());
+
+        let (child, _) = spawn_stalled(&lab, "k1", &args, &[]);
+        signal(child.id(), rustix::process::Signal::TERM);
+        let out = child.wait_with_output().unwrap();
+        assert_one_line(&out, json, 130, "SIGTERM");
+        assert!(stderr_text(&out).contains("interrupted by SIGTERM"));
+        assert_eq!(lab.task_status("k1"), "RUNNING");
+        assert_eq!(spool_files(&lab.spool_dir), Vec::<String>::new());
+    }
+    assert!(lab.tags("snap/k1").is_empty());
+
+    // `diff` stages its blob beside --output: killed, it leaves neither that nor a spool file.
+    let out_dir = lab.dir.join("diff-out");
+    std::fs::create_dir_all(&out_dir).unwrap();
+    let output = out_dir.join("layer.tgz").to_string_lossy().into_owned();
+    let args = ["diff", "k1", "--output", &output];
+    let (child, worker) = spawn_stalled(&lab, "k1", &args, &[("TMPDIR", &spool)]);
+    assert!(!spool_files(&out_dir).is_empty(), "the staged output");
+    signal(worker, rustix::process::Signal::KILL);
+    let out = child.wait_with_output().unwrap();
+    assert_one_line(&out, true, 137, "SIGKILL of a diff");
+    assert_eq!(
+        spool_files(&out_dir),
+        Vec::<String>::new(),
+        "beside --output"
+    );
+    assert_eq!(spool_files(&lab.spool_dir), Vec::<String>::new());
+    assert_eq!(lab.task_status("k1"), "RUNNING");
 }

@@ -187,8 +187,56 @@ fn commit_each_compression(lab: &Lab, id: &str) -> Vec<(&'static str, String)> {
         .collect()
 }
 
+/// The Docker engine the fidelity tests read their images back with: Docker 28 when scripts/test.sh fetched it,
+/// else 20.10 (both read gzip); None, with a SKIP line, without either, and in the containerd 1.7 and 2.x
+/// passes (Docker runs its own containerd: the 1.6 pass has read the same images).
+pub fn reader() -> Option<(&'static str, PathBuf)> {
+    if std::env::var_os("COMMITTER_CONTAINERD_BIN_DIR").is_some() {
+        eprintln!(
+            "SKIP docker as a reader: this pass tests another containerd; the 1.6 pass runs it"
+        );
+        return None;
+    }
+    engines().pop()
+}
+
+/// Docker as the laptop's reader of `image` (a gzip image): pulled and run by a private `reader()` engine, its
+/// root filesystem compared with `sandbox` under `opts`, Docker's own files (`DOCKER_OWN_FILES`) excepted.
+/// Returns the differences, or None when no engine is available. Prints how long it took.
+pub fn docker_readback(
+    lab: &Lab,
+    image: &str,
+    sandbox: &Path,
+    opts: &CompareOpts,
+) -> Option<Vec<String>> {
+    let (name, bin) = reader()?;
+    let t = Instant::now();
+    let docker = Docker::start(
+        &bin,
+        &lab.dir.join(format!("{name}-reader")),
+        &lab.cgroup_parent,
+    );
+    let merged = docker_run(&docker, image).unwrap_or_else(|e| {
+        panic!(
+            "{name} ({}) could not pull/run {image}: {e}",
+            docker.version
+        )
+    });
+    let mut opts = opts.clone();
+    for f in DOCKER_OWN_FILES {
+        opts = opts.ignoring(f);
+    }
+    let diffs = compare_trees(sandbox, &merged, &opts);
+    eprintln!(
+        "{name} ({}) read {image} back in {:?}",
+        docker.version,
+        t.elapsed()
+    );
+    Some(diffs)
+}
+
 /// Pulls `image` into `docker` and runs it; Ok(merged rootfs of the running container) or Err(docker's error).
-fn docker_pull_and_run(docker: &Docker, image: &str) -> Result<PathBuf, String> {
+fn docker_run(docker: &Docker, image: &str) -> Result<PathBuf, String> {
     let _ = docker.try_cli(&["rm", "-f", "sandbox-copy"]);
     let pull = docker.try_cli(&["pull", "-q", image]);
     if !pull.status.success() {
@@ -208,8 +256,6 @@ fn docker_pull_and_run(docker: &Docker, image: &str) -> Result<PathBuf, String> 
     if !run.status.success() {
         return Err(String::from_utf8_lossy(&run.stderr).trim().to_string());
     }
-    let hi = docker.cli(&["exec", "sandbox-copy", "cat", "/data/new/sub/f"]);
-    assert_eq!(hi, "hi\n", "the committed file inside docker run");
     let merged = docker.cli(&[
         "inspect",
         "-f",
@@ -217,6 +263,14 @@ fn docker_pull_and_run(docker: &Docker, image: &str) -> Result<PathBuf, String> 
         "sandbox-copy",
     ]);
     Ok(PathBuf::from(merged.trim()))
+}
+
+/// `docker_run`, and the committed file seen from inside the container.
+fn docker_pull_and_run(docker: &Docker, image: &str) -> Result<PathBuf, String> {
+    let merged = docker_run(docker, image)?;
+    let hi = docker.cli(&["exec", "sandbox-copy", "cat", "/data/new/sub/f"]);
+    assert_eq!(hi, "hi\n", "the committed file inside docker run");
+    Ok(merged)
 }
 
 /// Each Docker engine pulls, runs and reproduces the sandbox for each compression it can read; Docker 20.10 refuses

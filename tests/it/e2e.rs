@@ -126,6 +126,21 @@ fn commit_pushes_an_image_equal_to_the_container_rootfs_and_it_runs() {
     let unpacked = lab.pull_unpack(result["image"].as_str().unwrap());
     assert_image_equals_container(&lab, "c1", &unpacked);
 
+    // The laptop: Docker pulls and runs it, equal to the sandbox but for Docker's own files
+    // (docker::DOCKER_OWN_FILES: /.dockerenv, /etc/hosts, /etc/hostname, /etc/resolv.conf, /etc/mtab).
+    let opts = CompareOpts {
+        hardlinks: true,
+        ..CompareOpts::container_rootfs()
+    };
+    let image = result["image"].as_str().unwrap();
+    if let Some(diffs) = crate::docker::docker_readback(&lab, image, &lab.rootfs("c1"), &opts) {
+        assert!(
+            diffs.is_empty(),
+            "docker run's root filesystem differs from container c1:\n{}",
+            diffs.join("\n")
+        );
+    }
+
     // containerd pulls it by digest and runs it as a new sandbox that sees the changes.
     let by_digest = result["image"].as_str().unwrap();
     lab.ctr(&["images", "pull", "--plain-http", by_digest]);
@@ -441,9 +456,9 @@ fn diff_with_the_containerd_source_needs_only_the_socket() {
     lab.exec("c9", "echo through-the-socket > /data/socket-only");
     let snapshots = lab.dir.join("root/io.containerd.snapshotter.v1.overlayfs");
     let output = out_path(&lab, "socket-only.tgz");
-    let hidden = |source: &str| {
+    let hidden_with = |source: &str, extra: &str, output: &str| {
         let script = format!(
-            "mount -t tmpfs hidden {} && exec \"$0\" diff --container c9 --diff-source {source} --output {output}",
+            "mount -t tmpfs hidden {} && exec \"$0\" diff --container c9 --diff-source {source} --output {output} {extra}",
             snapshots.display()
         );
         let exe = env!("CARGO_BIN_EXE_committer");
@@ -462,6 +477,7 @@ fn diff_with_the_containerd_source_needs_only_the_socket() {
             .env("CONTAINERD_NAMESPACE", &lab.namespace);
         crate::lab::run(&mut unshare)
     };
+    let hidden = |source: &str| hidden_with(source, "", &output);
     let walked = hidden("walk");
     assert!(
         !walked.status.success(),
@@ -479,6 +495,31 @@ fn diff_with_the_containerd_source_needs_only_the_socket() {
         "data/socket-only",
     ]));
     assert_eq!(listing, "through-the-socket\n");
+    assert_eq!(lab.task_status("c9"), "RUNNING");
+
+    // What only a local source can apply is refused, not silently ignored: containerd chosen, or
+    // auto falling back to it.
+    let refused = out_path(&lab, "refused.tgz");
+    for (source, flags) in [
+        ("containerd", "--max-layer-bytes 1"),
+        ("auto", "--max-files 1"),
+        ("auto", "--keep-xattrs security.selinux --max-hole-bytes 0"),
+    ] {
+        let out = hidden_with(source, flags, &refused);
+        let stderr = crate::cli::stderr_text(&out);
+        assert_eq!(out.status.code(), Some(4), "{source} {flags}: {stderr}");
+        let named = flags
+            .split(' ')
+            .filter(|f| f.starts_with("--"))
+            .collect::<Vec<_>>();
+        let want = format!(
+            "containerd's diff service cannot apply {}",
+            named.join(", ")
+        );
+        assert!(stderr.contains(&want), "{source} {flags}: {stderr}");
+        assert_eq!(stderr.lines().count(), 1, "{source} {flags}: {stderr}");
+        assert!(!std::path::Path::new(&refused).exists());
+    }
     assert_eq!(lab.task_status("c9"), "RUNNING");
 }
 

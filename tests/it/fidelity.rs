@@ -105,8 +105,9 @@ pub(crate) fn opts() -> CompareOpts {
     }
 }
 
-/// Runs the torture in a fresh container, commits it, and checks both unpackers.
-fn torture(snapshotter: &str, expect_source: &str) {
+/// Runs the torture in a fresh container, commits it, and checks both unpackers (and Docker, the
+/// laptop's reader, when `docker`).
+fn torture(snapshotter: &str, expect_source: &str, docker: bool) {
     let lab = Lab::start();
     let base = lab.base_image("base", false);
     lab.run_container("t", &base, &RunOpts::default().snapshotter(snapshotter));
@@ -138,6 +139,10 @@ fn torture(snapshotter: &str, expect_source: &str) {
         "umoci's unpack differs from the container ({snapshotter}):\n{}",
         diffs.join("\n")
     );
+
+    if docker {
+        docker_reads_the_torture(&lab, image);
+    }
 
     lab.ctr(&["images", "pull", "--plain-http", image]);
     lab.run_container(
@@ -178,17 +183,34 @@ fn torture(snapshotter: &str, expect_source: &str) {
     assert_eq!(again["layer"]["digest"], result["layer"]["digest"]);
 }
 
+/// Docker pulls and runs the torture image; its root filesystem equals the sandbox's but for
+/// Docker's own files (`docker::DOCKER_OWN_FILES`) and what its init layer does to their
+/// directory: it creates `/etc/hosts`, `/etc/hostname`, `/etc/resolv.conf` and `/etc/mtab`, so
+/// `/etc` carries the init layer's mtime.
+fn docker_reads_the_torture(lab: &Lab, image: &str) {
+    let Some(mut diffs) = crate::docker::docker_readback(lab, image, &lab.rootfs("t"), &opts())
+    else {
+        return;
+    };
+    diffs.retain(|d| !d.starts_with("/etc: mtime "));
+    assert!(
+        diffs.is_empty(),
+        "docker run's root filesystem differs from the container:\n{}",
+        diffs.join("\n")
+    );
+}
+
 #[test]
 fn torture_overlay_default_reads_the_upperdir_exactly() {
     let _defaults = crate::lab::overlay_defaults();
-    torture("overlayfs", "upperdir");
+    torture("overlayfs", "upperdir", true);
 }
 
 #[test]
 fn torture_overlay_redirect_dir_falls_back_to_an_exact_walk() {
     let _turn = crate::lab::overlay_params_changing();
     let _redirect = ParamGuard::set("redirect_dir", "Y");
-    torture("overlayfs", "walk");
+    torture("overlayfs", "walk", false);
 }
 
 #[test]
@@ -196,10 +218,10 @@ fn torture_overlay_metacopy_falls_back_to_an_exact_walk() {
     let _turn = crate::lab::overlay_params_changing();
     let _redirect = ParamGuard::set("redirect_dir", "Y");
     let _metacopy = ParamGuard::set("metacopy", "Y");
-    torture("overlayfs", "walk");
+    torture("overlayfs", "walk", false);
 }
 
 #[test]
 fn torture_native_snapshotter_is_walked_exactly() {
-    torture("native", "walk");
+    torture("native", "walk", false);
 }

@@ -121,8 +121,10 @@ fn job_filler_rejects_a_newline_that_would_inject_yaml() {
 /// A kind-style node: a privileged container of a private Docker Engine running containerd with kind's CRI settings
 /// (discard_unpacked_layers, certs.d config_path, overlayfs on a volume at /var/lib/containerd as kind mounts
 /// /var). It has no kubelet and no API server: pods are made through its CRI socket, which is bind-mounted out.
-/// Its filesystem is the host's /usr (read-only; Debian 12's containerd 1.6 and runc), and it shares the host's
-/// network so that the lab registry on 127.0.0.1 is reachable from it (kind's nodes sit on a docker network).
+/// Its filesystem is the host's /usr (read-only; Debian 12's runc), and it runs containerd 2.x, as kind's current node
+/// images do, from COMMITTER_CONTAINERD_2_BIN_DIR (scripts/test.sh fetches Debian unstable's), mounted at
+/// /opt/containerd/bin; without it, Debian 12's 1.6 from /usr. It shares the host's network so that the lab registry
+/// on 127.0.0.1 is reachable from it (kind's nodes sit on a docker network).
 struct KindNode {
     dir: PathBuf,
 }
@@ -193,29 +195,54 @@ impl KindNode {
             std::fs::create_dir_all(dir.join(d)).unwrap();
         }
         let v = |host: &str, node: &str| format!("{}/{host}:{node}", dir.display());
-        docker.cli(&[
-            "run",
-            "-d",
-            "--privileged",
-            "--network",
-            "host",
-            "--name",
-            name,
-            "--label",
-            "io.x-k8s.kind.cluster=lab",
-            "-v",
-            "/usr:/usr:ro",
-            "-v",
-            &v("etc-containerd", "/etc/containerd"),
-            "-v",
-            &v("var-lib-containerd", "/var/lib/containerd"),
-            "-v",
-            &v("run-containerd", "/run/containerd"),
-            "kind-node:lab",
-            "containerd",
-            "--config",
-            "/etc/containerd/config.toml",
-        ]);
+        let (containerd, extra) = match std::env::var("COMMITTER_CONTAINERD_2_BIN_DIR") {
+            Ok(bin) => (
+                "/opt/containerd/bin/containerd",
+                vec![
+                    "-v".to_string(),
+                    format!("{bin}:/opt/containerd/bin:ro"),
+                    "-e".to_string(),
+                    "PATH=/opt/containerd/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+                        .to_string(),
+                ],
+            ),
+            Err(_) => {
+                eprintln!("the kind-style node runs Debian 12's containerd 1.6: COMMITTER_CONTAINERD_2_BIN_DIR is not set");
+                ("containerd", vec![])
+            }
+        };
+        let extra: Vec<&str> = extra.iter().map(String::as_str).collect();
+        docker.cli(
+            &[
+                &[
+                    "run",
+                    "-d",
+                    "--privileged",
+                    "--network",
+                    "host",
+                    "--name",
+                    name,
+                    "--label",
+                    "io.x-k8s.kind.cluster=lab",
+                    "-v",
+                    "/usr:/usr:ro",
+                    "-v",
+                    &v("etc-containerd", "/etc/containerd"),
+                    "-v",
+                    &v("var-lib-containerd", "/var/lib/containerd"),
+                    "-v",
+                    &v("run-containerd", "/run/containerd"),
+                ][..],
+                &extra,
+                &[
+                    "kind-node:lab",
+                    containerd,
+                    "--config",
+                    "/etc/containerd/config.toml",
+                ],
+            ]
+            .concat(),
+        );
         let node = KindNode { dir };
         let sock = node.socket();
         let start = Instant::now();
@@ -228,6 +255,10 @@ impl KindNode {
             );
             std::thread::sleep(Duration::from_millis(100));
         }
+        eprintln!(
+            "the kind-style node runs {}",
+            docker.cli(&["exec", name, containerd, "--version"]).trim()
+        );
         node
     }
 

@@ -126,7 +126,8 @@ fn sigterm_while_reading_resumes_the_sandbox_and_pushes_no_tag() {
 fn sigkill_of_the_worker_while_frozen_is_undone_by_the_supervisor_within_two_seconds() {
     let lab = Lab::start();
     big_sandbox(&lab, "s2");
-    let child = spawn_commit(&lab, "s2", "snap/s2", &[]);
+    let spool = lab.spool_dir.to_string_lossy().into_owned();
+    let child = spawn_commit(&lab, "s2", "snap/s2", &["--spool-dir", &spool]);
     wait_until("the sandbox to be paused", Duration::from_secs(30), || {
         lab.task_status("s2") == "PAUSED"
     });
@@ -143,6 +144,11 @@ fn sigkill_of_the_worker_while_frozen_is_undone_by_the_supervisor_within_two_sec
         lab.task_status("s2") == "RUNNING"
     });
     eprintln!("resumed {:?} after SIGKILL", killed.elapsed());
+    assert_eq!(
+        crate::cli::spool_files(&lab.spool_dir),
+        Vec::<String>::new(),
+        "the supervisor removes the spool files"
+    );
     wait_until(
         "the supervisor to delete the lease",
         Duration::from_secs(5),
@@ -257,8 +263,27 @@ fn a_paused_sandbox_is_left_paused() {
     );
     let result: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(result["paused"]["ms"], 0);
+    assert_eq!(result["paused"]["skipped"], "already-paused");
     assert_eq!(lab.task_status("s5"), "PAUSED");
     lab.ctr(&["tasks", "resume", "s5"]);
+
+    // A stopped task has nothing to freeze: read as it is, and said so.
+    lab.ctr(&["tasks", "kill", "-s", "SIGKILL", "s5"]);
+    lab.wait_status("s5", "STOPPED", Duration::from_secs(10));
+    let out = lab.committer(&[
+        "commit",
+        "s5",
+        &format!("{}/snap/s5:v2", lab.registry),
+        "--plain-http",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let result: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(result["paused"]["ms"], 0);
+    assert_eq!(result["paused"]["skipped"], "not-running");
 }
 
 /// A TCP proxy to `upstream` that lets at most `bytes_per_sec` through towards the registry.

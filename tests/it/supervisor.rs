@@ -54,7 +54,8 @@ fn pid1_of(unshare: &Child) -> u32 {
 fn as_pid1_a_sigkill_of_the_worker_while_paused_is_undone_within_two_seconds() {
     let lab = Lab::start();
     big_sandbox(&lab, "p1");
-    let child = spawn_commit_as_pid1(&lab, "p1", "snap/p1", &[]);
+    let spool = lab.spool_dir.to_string_lossy().into_owned();
+    let child = spawn_commit_as_pid1(&lab, "p1", "snap/p1", &["--spool-dir", &spool]);
     let supervisor = pid1_of(&child);
     wait_until("the sandbox to be paused", Duration::from_secs(30), || {
         lab.task_status("p1") == "PAUSED"
@@ -71,6 +72,11 @@ fn as_pid1_a_sigkill_of_the_worker_while_paused_is_undone_within_two_seconds() {
     assert!(stderr.contains("killed"), "{stderr}");
     assert!(!leases(&lab).contains("committer/p1"), "{}", leases(&lab));
     assert!(lab.tags("snap/p1").is_empty());
+    assert_eq!(
+        crate::cli::spool_files(&lab.spool_dir),
+        Vec::<String>::new(),
+        "the supervisor removes the spool files"
+    );
 }
 
 #[test]
@@ -161,9 +167,15 @@ fn as_pid1_an_oom_kill_of_the_worker_is_undone_and_its_spool_removed() {
 /// Kills the lab's containerd with SIGKILL (shims and tasks live on), as a node restart of
 /// containerd does.
 fn kill_containerd(lab: &Lab) {
-    signal(lab.containerd_pid, rustix::process::Signal::KILL);
+    // The pid in the lab's env file: `restart_containerd` writes the new one there.
+    let env = std::fs::read_to_string(lab.dir.join("env")).unwrap();
+    let pid: u32 = env
+        .lines()
+        .find_map(|l| l.strip_prefix("CONTAINERD_PID="))
+        .map_or(lab.containerd_pid, |p| p.parse().unwrap());
+    signal(pid, rustix::process::Signal::KILL);
     wait_until("containerd to die", Duration::from_secs(5), || {
-        !crate::lab::process_alive(lab.containerd_pid)
+        !crate::lab::process_alive(pid)
     });
 }
 
@@ -269,4 +281,50 @@ fn as_pid1_a_worker_killed_while_containerd_is_down_is_resumed_once_containerd_i
     assert!(stderr.contains("running again"), "{stderr}");
     assert_eq!(lab.task_status("p4"), "RUNNING");
     assert!(!leases(&lab).contains("committer/p4"), "{}", leases(&lab));
+}
+
+/// The worker killed while containerd stays down past the supervisor's resume deadline (2 s here,
+/// 60 s in a release build): exit 8, in one line in the chosen format (after the resume's retry
+/// warnings) that says the sandbox may still be paused and how to resume it.
+#[test]
+fn a_worker_killed_while_containerd_stays_down_exits_8_saying_how_to_resume() {
+    let lab = Lab::start();
+    let base = lab.base_image("base", false);
+    lab.run_container("p5", &base, &crate::lab::RunOpts::default());
+    lab.exec("p5", "echo changed > /data/modify.txt");
+    let target = format!("{}/snap/p5:v1", lab.registry);
+    for json in [false, true] {
+        let format = if json { "json" } else { "text" };
+        let args = [
+            "commit",
+            "p5",
+            &target,
+            "--plain-http",
+            "--log-format",
+            format,
+        ];
+        let (child, worker) =
+            crate::cli::spawn_stalled(&lab, "p5", &args, &[("COMMITTER_TEST_RESUME_SECONDS", "2")]);
+        kill_containerd(&lab);
+        signal(worker, rustix::process::Signal::KILL);
+        let out = child.wait_with_output().unwrap();
+        crate::cli::assert_one_line_besides(&out, json, 8, "left paused", |l| {
+            l.contains("retrying to resume")
+        });
+        let line = crate::cli::stderr_text(&out);
+        assert!(
+            line.contains("killed (signal 9)")
+                && line.contains("THE SANDBOX \"p5\" MAY STILL BE PAUSED")
+                && line.contains(&format!("ctr -n {} tasks resume p5", lab.namespace)),
+            "{line}"
+        );
+        assert!(
+            line.contains("lease committer/p5 expires by itself"),
+            "{line}"
+        );
+        restart_containerd(&lab);
+        assert_eq!(lab.task_status("p5"), "PAUSED");
+        lab.ctr(&["tasks", "resume", "p5"]);
+        lab.ctr(&["leases", "rm", "committer/p5"]);
+    }
 }
