@@ -47,6 +47,10 @@ pub struct Faults {
     pub mount_unauthorized: bool,
     /// Answer manifest PUTs with a wrong `Docker-Content-Digest`.
     pub lie_about_digest: bool,
+    /// Answer a PATCH whose body is larger than this with 413 and an HTML page (a proxy's body cap).
+    pub body_cap: Option<usize>,
+    /// Answer a second PATCH in a session with 400 (GAR: no chunked uploads).
+    pub one_patch_per_session: bool,
 }
 
 #[derive(Default)]
@@ -246,6 +250,12 @@ fn uploads(s: &mut State, head: &Head, repo: &str, id: &str, body: &[u8]) -> Res
 }
 
 fn patch(s: &mut State, head: &Head, repo: &str, id: &str, size: u64, body: &[u8]) -> Resp {
+    if s.faults.body_cap.is_some_and(|cap| body.len() > cap) {
+        return Resp::new(413).body("<html><title>413 Request Entity Too Large</title></html>");
+    }
+    if s.faults.one_patch_per_session && size > 0 {
+        return Resp::oci_error(400, "UNSUPPORTED");
+    }
     if let Some(cr) = head.header("content-range") {
         let start: u64 = cr
             .split('-')

@@ -93,6 +93,34 @@ async fn resumes_after_a_reset_mid_patch_from_the_reported_offset() {
     );
 }
 
+/// A body cap (413) shrinks the upload into chunks; a registry that then refuses the second chunk
+/// (400) cannot take the blob at all: the upload ends with an error after a few PATCHes, rather than
+/// going back to one PATCH that the cap refuses again, forever.
+#[tokio::test]
+async fn a_body_cap_and_no_second_chunk_end_the_upload_instead_of_cycling() {
+    let dir = tempfile::tempdir().unwrap();
+    let size = 3 * MIB + 5;
+    let (path, digest) = random_file(dir.path(), size, 9);
+    let fake = Fake::start(Faults {
+        body_cap: Some(MIB),
+        one_patch_per_session: true,
+        ..Default::default()
+    })
+    .await;
+    let client = connect(&fake.reference("a"), &plain(None), None)
+        .await
+        .unwrap();
+    let upload = client.upload_blob_file(&digest, &path, size as u64);
+    let result = tokio::time::timeout(std::time::Duration::from_secs(30), upload)
+        .await
+        .expect("the upload ends");
+    let e = result.unwrap_err();
+    assert_eq!(e.status(), Some(400), "{}", everything(&e));
+    let statuses: Vec<u16> = patches(&fake).iter().map(|l| l.status).collect();
+    // 3 MiB → 413, 1.5 MiB → 413, 768 KiB → 202, the next 768 KiB → 400: nothing more.
+    assert_eq!(statuses, [413, 413, 202, 400]);
+}
+
 #[tokio::test]
 async fn resyncs_after_a_416_and_resends_the_lost_chunk() {
     let dir = tempfile::tempdir().unwrap();
@@ -248,7 +276,9 @@ async fn a_small_blob_goes_in_the_put() {
 }
 
 #[tokio::test]
-async fn redirect_to_another_host_carries_no_authorization() {
+/// Another origin (the same loopback host, another port: plain HTTP may not leave the host) gets
+/// no credentials.
+async fn redirect_to_another_origin_carries_no_authorization() {
     let dir = tempfile::tempdir().unwrap();
     let data = pseudo_random(100_000, 5);
     let digest = Digest::of(&data);
@@ -256,7 +286,7 @@ async fn redirect_to_another_host_carries_no_authorization() {
     let auth = "Basic dTpwYXNzd29yZC0xMjM="; // u:password-123
     let faults = Faults {
         require_auth: Some(auth.into()),
-        blob_redirect: Some(format!("http://localhost:{}", storage.addr.port())),
+        blob_redirect: Some(format!("http://127.0.0.1:{}", storage.addr.port())),
         ..Default::default()
     };
     let fake = Fake::start(faults).await;
@@ -284,7 +314,7 @@ async fn redirect_to_another_host_carries_no_authorization() {
 async fn a_blob_that_does_not_match_its_digest_fails_the_stream() {
     let storage = Storage::start(b"not what was asked for".to_vec()).await;
     let fake = Fake::start(Faults {
-        blob_redirect: Some(format!("http://localhost:{}", storage.addr.port())),
+        blob_redirect: Some(format!("http://127.0.0.1:{}", storage.addr.port())),
         ..Default::default()
     })
     .await;
