@@ -275,7 +275,7 @@ fn a_failed_streamed_layer_upload_is_sent_again_from_the_file_without_compressin
     let upstream = Registry::start(&lab.dir.join("upstream"), &[]);
     for (profile, name) in [(Profile::Cloudflare, "cap"), (Profile::Reset, "reset")] {
         let p = rt.block_on(Proxy::start(profile, &upstream.addr));
-        let (result, stderr) = commit_ok(&lab, "st", &format!("{}/{name}/st:v1", p.addr), &[]);
+        let (result, stderr) = commit_ok(&lab, "st", &format!("{}/{name}/st:v1", p.addr), &DEBUG);
         let log = p.log();
         let streamed_cut = log
             .iter()
@@ -307,7 +307,7 @@ fn a_mount_refused_with_405_or_404_falls_back_to_an_upload_and_is_not_asked_agai
     for status in [405, 404] {
         let p = rt.block_on(Proxy::start(Profile::NoMount(status), &upstream.addr));
         // The base lives on the same registry as the target, so a mount is worth trying.
-        let named = format!("{}/base/img:1", p.addr);
+        let named = format!("{}/base{status}/img:1", p.addr);
         check(std::process::Command::new("skopeo").args([
             "copy",
             "--quiet",
@@ -320,7 +320,7 @@ fn a_mount_refused_with_405_or_404_falls_back_to_an_upload_and_is_not_asked_agai
         let id = format!("nm{status}");
         lab.run_container(&id, &named, &RunOpts::default());
         lab.exec(&id, CHANGES);
-        let (result, _) = commit_ok(&lab, &id, &format!("{}/other/nm:v1", p.addr), &[]);
+        let (result, _) = commit_ok(&lab, &id, &format!("{}/other{status}/nm:v1", p.addr), &[]);
         let log = p.log();
         let mounts: Vec<&String> = log.iter().filter(|l| l.contains("mount=")).collect();
         assert_eq!(mounts.len(), 1, "{status}: {log:#?}");
