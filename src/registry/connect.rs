@@ -84,7 +84,10 @@ pub(crate) fn is_loopback(registry: &str) -> bool {
 /// The hosts to pull a base image from (mirrors first): HTTPS unless the host is loopback, `hosts.toml`
 /// says `http://`, or `opts` (already [`ClientOptions::for_base`]) carries the target's `--plain-http`
 /// because the base lives on the target registry.
-fn base_hosts(reference: &Reference, opts: &ClientOptions) -> Result<Vec<HostConfig>, RegistryError> {
+fn base_hosts(
+    reference: &Reference,
+    opts: &ClientOptions,
+) -> Result<Vec<HostConfig>, RegistryError> {
     let default_https = !(opts.plain_http || is_loopback(&reference.registry));
     hosts_for(
         &reference.registry,
@@ -240,7 +243,12 @@ mod tests {
             ..ClientOptions::default()
         };
         let target = "127.0.0.1:5000";
-        for base in ["docker.io", "ghcr.io", "registry.example:5000", "10.0.0.1:5000"] {
+        for base in [
+            "docker.io",
+            "ghcr.io",
+            "registry.example:5000",
+            "10.0.0.1:5000",
+        ] {
             let reference: Reference = format!("{base}/a/b:1").parse().unwrap();
             let base_opts = opts.for_base(target, &reference.registry);
             assert!(!base_opts.plain_http, "{base}");

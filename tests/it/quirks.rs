@@ -189,12 +189,18 @@ fn check_profile(profile: Profile, name: &str, log: &[String], stderr: &str) {
             assert!(!has("-> 416"), "{all}");
             if name == "ecr-chunked" {
                 assert_eq!(count("PATCH", "-> 0"), 1, "a later chunk was cut:\n{all}");
-                assert!(count("GET", "-> 404") >= 1, "the upload's status: 404\n{all}");
+                assert!(
+                    count("GET", "-> 404") >= 1,
+                    "the upload's status: 404\n{all}"
+                );
                 assert!(stderr.contains("starting again at byte 0"), "{stderr}");
             }
         }
         Profile::Ghcr => {
-            assert!(count("PATCH", "-> 416") >= 3, "each blob's first chunk:\n{all}");
+            assert!(
+                count("PATCH", "-> 416") >= 3,
+                "each blob's first chunk:\n{all}"
+            );
             assert!(has("manifests/") && has("-> 400"), "{all}");
             assert!(
                 stderr.contains(&format!("chunks of {LIMIT} bytes")),
@@ -202,7 +208,10 @@ fn check_profile(profile: Profile, name: &str, log: &[String], stderr: &str) {
             );
         }
         Profile::Gar if name == "gar-chunked" => {
-            assert!(count("PATCH", "-> 400") >= 3, "each blob's second chunk:\n{all}");
+            assert!(
+                count("PATCH", "-> 400") >= 3,
+                "each blob's second chunk:\n{all}"
+            );
             assert!(
                 stderr.contains("takes no chunks"),
                 "then one PATCH: {stderr}"
@@ -210,9 +219,15 @@ fn check_profile(profile: Profile, name: &str, log: &[String], stderr: &str) {
         }
         Profile::Gar => assert!(!has("-> 400"), "one PATCH per session:\n{all}"),
         Profile::Cloudflare => {
-            assert!(count("PATCH", "-> 413") >= 3, "each blob over the cap:\n{all}");
+            assert!(
+                count("PATCH", "-> 413") >= 3,
+                "each blob over the cap:\n{all}"
+            );
             assert_fell_back_without_compressing_again(stderr);
-            assert!(count("PATCH", "202") >= 9, "the blobs went in chunks:\n{all}");
+            assert!(
+                count("PATCH", "202") >= 9,
+                "the blobs went in chunks:\n{all}"
+            );
         }
         Profile::Quay => {
             assert_eq!(count("PATCH", "-> 0"), 1, "a chunk was reset:\n{all}");

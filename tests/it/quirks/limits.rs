@@ -134,7 +134,10 @@ fn a_registry_that_stalls_mid_upload_after_the_pause_ends_with_exit_5_naming_it(
     let elapsed = t.elapsed();
     let events = events.stop();
     let stderr = String::from_utf8_lossy(&out.stderr);
-    eprintln!("stalled registry: exit {:?} after {elapsed:?}", out.status.code());
+    eprintln!(
+        "stalled registry: exit {:?} after {elapsed:?}",
+        out.status.code()
+    );
     assert_eq!(out.status.code(), Some(5), "{stderr}");
     assert!(stderr.contains(&p.addr), "names the host: {stderr}");
     assert!(elapsed < Duration::from_secs(60), "took {elapsed:?}");
