@@ -141,6 +141,8 @@ impl Client {
     }
 
     /// A small blob (a config): read it whole, `PUT ?digest=` with the bytes; a new session per try.
+    /// The POST retries by itself; the read and the PUT are retried here, once each per try (the
+    /// PUT does not retry inside), so that the tries do not multiply.
     async fn upload_small(
         &self,
         digest: &Digest,
@@ -149,14 +151,13 @@ impl Client {
     ) -> Result<(), RegistryError> {
         let mut failures = 0;
         loop {
-            let result = async {
-                let bytes = read_all(source, size)
-                    .await
-                    .map_err(|e| source_error(digest, 0, e))?;
-                let session = self.open_session(digest).await?;
-                self.commit(session, digest, Some(bytes)).await
-            }
-            .await;
+            let result = match read_all(source, size).await {
+                Ok(bytes) => {
+                    let session = self.open_session(digest).await?;
+                    self.commit(session, digest, Some(bytes)).await
+                }
+                Err(e) => Err(source_error(digest, 0, e)),
+            };
             match result {
                 Err(e) if retryable(&e, 0) && failures + 1 < self.retry.attempts => {
                     crate::log::debug(&format!("uploading {digest}: {e}; trying again"));

@@ -51,6 +51,8 @@ pub struct Faults {
     pub body_cap: Option<usize>,
     /// Answer a second PATCH in a session with 400 (GAR: no chunked uploads).
     pub one_patch_per_session: bool,
+    /// Answer every blob PUT that carries bytes with 503.
+    pub put_503: bool,
 }
 
 #[derive(Default)]
@@ -235,6 +237,7 @@ fn uploads(s: &mut State, head: &Head, repo: &str, id: &str, body: &[u8]) -> Res
     match head.method.as_str() {
         "GET" => session_resp(s, repo, id, 204),
         "PATCH" => patch(s, head, repo, id, data, body),
+        "PUT" if s.faults.put_503 && !body.is_empty() => Resp::oci_error(503, "UNAVAILABLE"),
         "PUT" => {
             let mut all = s.uploads.remove(id).unwrap().0;
             all.extend_from_slice(body);

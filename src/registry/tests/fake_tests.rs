@@ -46,6 +46,28 @@ async fn retries_503_with_backoff_then_succeeds() {
     assert_eq!(client.blob_exists(&digest).await.unwrap(), Some(15));
 }
 
+/// A small blob's PUT that keeps failing is tried as often as the retry budget says, not that
+/// squared (the request's own retries inside the upload's).
+#[tokio::test]
+async fn a_small_blob_put_that_keeps_failing_is_tried_a_bounded_number_of_times() {
+    let fake = Fake::start(Faults {
+        put_503: true,
+        ..Default::default()
+    })
+    .await;
+    let client = connect(&fake.reference("a"), &plain(None), None)
+        .await
+        .unwrap();
+    let data = Bytes::from_static(b"{\"config\":true}");
+    let e = client
+        .upload_blob_bytes(&Digest::of(&data), data)
+        .await
+        .unwrap_err();
+    assert_eq!(e.status(), Some(503), "{}", everything(&e));
+    let puts = fake.log().iter().filter(|l| l.method == "PUT").count();
+    assert_eq!(puts, 6);
+}
+
 #[tokio::test]
 async fn gives_up_after_the_retry_budget_with_the_status_and_oci_code() {
     let fake = Fake::start(Faults::default()).await;
