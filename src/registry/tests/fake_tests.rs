@@ -68,6 +68,38 @@ async fn a_small_blob_put_that_keeps_failing_is_tried_a_bounded_number_of_times(
     assert_eq!(puts, 6);
 }
 
+/// A base layer read from a registry is bounded by its descriptor's size: a registry that sends
+/// more is an error once past it, not an unbounded read.
+#[tokio::test]
+async fn a_blob_longer_than_its_descriptor_is_an_error_once_past_its_size() {
+    use crate::registry::{BlobSource, RegistryBlob};
+    let fake = Fake::start(Faults::default()).await;
+    let data = pseudo_random(200_000, 10);
+    let digest = Digest::of(&data);
+    fake.state
+        .lock()
+        .unwrap()
+        .blobs
+        .insert(digest.to_string(), data);
+    let client = connect(&fake.reference("a"), &plain(None), None)
+        .await
+        .unwrap();
+    let blob = RegistryBlob {
+        client,
+        digest,
+        size: 1000,
+    };
+    let items: Vec<_> = blob.open_at(0).await.unwrap().collect().await;
+    let read: usize = items
+        .iter()
+        .filter_map(|i| i.as_ref().ok())
+        .map(Bytes::len)
+        .sum();
+    let err = items.last().unwrap().as_ref().unwrap_err().to_string();
+    assert!(err.contains("longer than its descriptor's size"), "{err}");
+    assert!(read <= 1000, "{read} bytes read");
+}
+
 #[tokio::test]
 async fn gives_up_after_the_retry_budget_with_the_status_and_oci_code() {
     let fake = Fake::start(Faults::default()).await;
