@@ -201,7 +201,8 @@ pub struct CommitArgs {
     /// Blob uploads in flight at once.
     #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u64).range(1..=64))]
     pub max_transfers: u64,
-    /// Upload in ranged chunks of this many bytes instead of one streamed PATCH per blob.
+    /// Upload in ranged chunks of this many bytes instead of one streamed PATCH per blob (the new
+    /// layer then goes up once it is compressed, not while).
     #[arg(long, value_parser = clap::value_parser!(u64).range(65536..))]
     pub chunk_size: Option<u64>,
     /// Seconds a registry request may take, and a transfer may go without progress.

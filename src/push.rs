@@ -113,6 +113,20 @@ pub async fn push_layer(
             path,
             raw,
             expect,
+        } if job.client.chunk_size.is_some() => {
+            // Ranged chunks (`--chunk-size`) need the blob's length: the layer goes up from the
+            // file once it is compressed, not while.
+            let desc = compressing.checked(expect.as_ref()).await?;
+            drop(raw);
+            let file = Box::new(FileSource::new(path.path()));
+            push_new_layer_from(job.client, &desc, file).await?;
+            Ok((Some(desc), BlobLocation::File(path)))
+        }
+        LayerFinish::Compressing {
+            compressing,
+            path,
+            raw,
+            expect,
         } => {
             let desc = stream_new_layer(job.client, compressing, raw, &path, expect).await?;
             Ok((Some(desc), BlobLocation::File(path)))

@@ -188,8 +188,9 @@ impl Client {
         }
     }
 
-    /// Refuse a plain-HTTP URL handed out by an HTTPS registry (an upload Location, a redirect, a token
-    /// realm): only `--plain-http`, for the target, allows plain HTTP.
+    /// Refuse a plain-HTTP URL handed out by an HTTPS registry (an upload Location, a redirect), or by
+    /// a plain-HTTP registry for another host: only `--plain-http` (or loopback) allows plain HTTP, and
+    /// only to the registry so named.
     pub(crate) fn refuse_downgrade(
         &self,
         method: &str,
@@ -504,20 +505,28 @@ mod tests {
     }
 }
 
-/// An HTTPS registry's URL for the next request (`what`: an upload Location, a redirect) must
-/// not be plain HTTP: layer data and credentials would travel unencrypted.
+/// The registry's URL for the next request (`what`: an upload Location, a redirect) must not be plain
+/// HTTP when the registry is HTTPS (layer data and credentials would travel unencrypted), nor lead a
+/// plain-HTTP registry's traffic to another host in the clear: plain HTTP stays on the host named.
 fn downgrade_check(base: &Url, method: &str, next: &Url, what: &str) -> Result<(), RegistryError> {
-    if base.scheme() == "https" && next.scheme() != "https" {
-        return Err(RegistryError::protocol(
-            method,
-            next,
-            format!(
-                "{} sent a plain-HTTP {what} from HTTPS; refusing to send data or credentials unencrypted",
-                host_port(base)
-            ),
-        ));
+    if next.scheme() == "https" {
+        return Ok(());
     }
-    Ok(())
+    let why = if base.scheme() == "https" {
+        format!("a plain-HTTP {what} from HTTPS")
+    } else if next.host_str() != base.host_str() {
+        format!("a plain-HTTP {what} to another host")
+    } else {
+        return Ok(());
+    };
+    Err(RegistryError::protocol(
+        method,
+        next,
+        format!(
+            "{} sent {why}; refusing to send data or credentials unencrypted",
+            host_port(base)
+        ),
+    ))
 }
 
 #[cfg(test)]
@@ -556,5 +565,22 @@ mod downgrade_tests {
         let s3: Url = "https://bucket.s3.example/blob".parse().unwrap();
         assert!(downgrade_check(&https, "GET", &s3, "redirect").is_ok());
         assert!(downgrade_check(&http, "PATCH", &http, "upload Location").is_ok());
+        let same_host: Url = "http://127.0.0.1:9000/bucket/blob".parse().unwrap();
+        assert!(downgrade_check(&http, "GET", &same_host, "redirect").is_ok());
+        assert!(downgrade_check(&http, "GET", &s3, "redirect").is_ok());
+    }
+
+    #[test]
+    fn a_plain_http_registry_may_not_send_plain_http_elsewhere() {
+        let http: Url = "http://127.0.0.1:5000/v2/".parse().unwrap();
+        let elsewhere: Url = "http://cdn.example/blob?sig=secret".parse().unwrap();
+        let e = downgrade_check(&http, "GET", &elsewhere, "redirect")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("127.0.0.1:5000 sent a plain-HTTP redirect to another host"),
+            "{e}"
+        );
+        assert!(!e.contains("sig=secret"), "the URL is redacted: {e}");
     }
 }

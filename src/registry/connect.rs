@@ -81,6 +81,22 @@ pub(crate) fn is_loopback(registry: &str) -> bool {
             .is_ok_and(|ip| ip.is_loopback())
 }
 
+/// The hosts to pull a base image from (mirrors first): HTTPS unless the host is loopback, `hosts.toml`
+/// says `http://`, or `opts` (already [`ClientOptions::for_base`]) carries the target's `--plain-http`
+/// because the base lives on the target registry.
+fn base_hosts(
+    reference: &Reference,
+    opts: &ClientOptions,
+) -> Result<Vec<HostConfig>, RegistryError> {
+    let default_https = !(opts.plain_http || is_loopback(&reference.registry));
+    hosts_for(
+        &reference.registry,
+        reference.api_host(),
+        opts.certs_dir.as_deref(),
+        default_https,
+    )
+}
+
 impl Client {
     /// A push target. Resolve credentials, then ping `/v2/` and authenticate once, so that an
     /// unreachable registry, an untrusted certificate or rejected credentials fail here with a clear
@@ -124,13 +140,7 @@ impl Client {
         reference: &Reference,
         opts: &ClientOptions,
     ) -> Result<Vec<Client>, RegistryError> {
-        let default_https = !(opts.plain_http || is_loopback(&reference.registry));
-        let hosts = hosts_for(
-            &reference.registry,
-            reference.api_host(),
-            opts.certs_dir.as_deref(),
-            default_https,
-        )?;
+        let hosts = base_hosts(reference, opts)?;
         let lookup = Lookup {
             config: opts.registry_config.clone(),
             helper_path: None,
@@ -211,5 +221,68 @@ impl Client {
         };
         client.ping().await?;
         Ok(Client { retry, ..client })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn base_origin(target: &str, base: &str, opts: &ClientOptions) -> String {
+        let reference: Reference = format!("{base}/library/busybox:1").parse().unwrap();
+        let base_opts = opts.for_base(target, &reference.registry);
+        let hosts = base_hosts(&reference, &base_opts).unwrap();
+        hosts.last().unwrap().origin.clone()
+    }
+
+    #[test]
+    fn the_targets_plain_http_and_ca_never_reach_another_base_registry() {
+        let opts = ClientOptions {
+            plain_http: true,
+            ca_file: Some("/target/ca.pem".into()),
+            ..ClientOptions::default()
+        };
+        let target = "127.0.0.1:5000";
+        for base in [
+            "docker.io",
+            "ghcr.io",
+            "registry.example:5000",
+            "10.0.0.1:5000",
+        ] {
+            let reference: Reference = format!("{base}/a/b:1").parse().unwrap();
+            let base_opts = opts.for_base(target, &reference.registry);
+            assert!(!base_opts.plain_http, "{base}");
+            assert_eq!(base_opts.ca_file, None, "{base}");
+            assert!(
+                base_origin(target, base, &opts).starts_with("https://"),
+                "{base}"
+            );
+        }
+        assert_eq!(
+            base_origin(target, "docker.io", &opts),
+            "https://registry-1.docker.io"
+        );
+    }
+
+    #[test]
+    fn a_base_on_the_target_or_on_loopback_keeps_plain_http() {
+        let opts = ClientOptions {
+            plain_http: true,
+            ca_file: Some("/target/ca.pem".into()),
+            ..ClientOptions::default()
+        };
+        let same = opts.for_base("registry.example:5000", "registry.example:5000");
+        assert!(same.plain_http);
+        assert_eq!(same.ca_file, opts.ca_file);
+        assert_eq!(
+            base_origin("registry.example:5000", "registry.example:5000", &opts),
+            "http://registry.example:5000"
+        );
+        // Loopback is plain HTTP without any flag, as containerd treats it.
+        let none = ClientOptions::default();
+        assert_eq!(
+            base_origin("ghcr.io", "localhost:5000", &none),
+            "http://localhost:5000"
+        );
     }
 }

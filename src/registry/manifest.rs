@@ -40,7 +40,7 @@ impl Client {
             if err.oci_code() != Some("MANIFEST_BLOB_UNKNOWN") || unknown_blob_retries >= 4 {
                 return Err(err);
             }
-            crate::log::warn(&format!("{err}; trying again"));
+            crate::log::debug(&format!("{err}; trying again"));
             tokio::time::sleep(self.retry.delay(unknown_blob_retries + 2)).await;
             unknown_blob_retries += 1;
         };

@@ -119,6 +119,8 @@ impl Client {
             failures: 0,
             restarts: 0,
             resumed_at: None,
+            shrunk: false,
+            no_chunks: false,
         };
         while up.offset < size {
             let (offset, len) = (up.offset, up.next_len());
@@ -139,6 +141,8 @@ impl Client {
     }
 
     /// A small blob (a config): read it whole, `PUT ?digest=` with the bytes; a new session per try.
+    /// The POST retries by itself; the read and the PUT are retried here, once each per try (the
+    /// PUT does not retry inside), so that the tries do not multiply.
     async fn upload_small(
         &self,
         digest: &Digest,
@@ -147,17 +151,16 @@ impl Client {
     ) -> Result<(), RegistryError> {
         let mut failures = 0;
         loop {
-            let result = async {
-                let bytes = read_all(source, size)
-                    .await
-                    .map_err(|e| source_error(digest, 0, e))?;
-                let session = self.open_session(digest).await?;
-                self.commit(session, digest, Some(bytes)).await
-            }
-            .await;
+            let result = match read_all(source, size).await {
+                Ok(bytes) => {
+                    let session = self.open_session(digest).await?;
+                    self.commit(session, digest, Some(bytes)).await
+                }
+                Err(e) => Err(source_error(digest, 0, e)),
+            };
             match result {
                 Err(e) if retryable(&e, 0) && failures + 1 < self.retry.attempts => {
-                    crate::log::warn(&format!("uploading {digest}: {e}; trying again"));
+                    crate::log::debug(&format!("uploading {digest}: {e}; trying again"));
                     tokio::time::sleep(self.retry.delay(failures)).await;
                     failures += 1;
                 }
@@ -167,7 +170,9 @@ impl Client {
     }
 
     /// After a failed PATCH: shrink the chunk when the body was too large, else resume where the
-    /// registry plausibly stands or start a new session; `Err` when the attempts are spent.
+    /// registry plausibly stands or start a new session; `Err` when the attempts are spent. Each
+    /// shape change happens at most once per direction (chunks strictly shrink; "no chunks" is
+    /// final), so a registry that caps bodies *and* refuses a second chunk ends in an error.
     async fn recover(
         &self,
         up: &mut Upload<'_>,
@@ -176,26 +181,33 @@ impl Client {
     ) -> Result<(), RegistryError> {
         let len = sent_end - up.offset;
         if let Some(smaller) = fitting_chunk(&e, len).filter(|c| *c < len) {
-            crate::log::warn(&format!(
+            if up.no_chunks {
+                return Err(e);
+            }
+            crate::log::debug(&format!(
                 "uploading {}: {e}; sending it in chunks of {smaller} bytes",
                 up.digest
             ));
-            up.chunk = Some(smaller);
+            (up.chunk, up.shrunk) = (Some(smaller), true);
             return self.restart(up).await;
         }
-        // GAR and gcr.io refuse a second PATCH in a session: the rest goes as one PATCH, from 0.
+        // GAR and gcr.io refuse a second PATCH in a session: the rest goes as one PATCH, from 0 —
+        // unless a body that size was already refused as too large.
         if e.status() == Some(400) && up.offset > 0 && up.chunk.is_some() {
-            crate::log::warn(&format!(
+            if up.shrunk {
+                return Err(e);
+            }
+            crate::log::debug(&format!(
                 "uploading {}: {e}; the registry takes no chunks, sending it in one request",
                 up.digest
             ));
-            up.chunk = None;
+            (up.chunk, up.no_chunks) = (None, true);
             return self.restart(up).await;
         }
         if !retryable(&e, up.offset) || up.failures + 1 >= self.retry.attempts {
             return Err(e);
         }
-        crate::log::warn(&format!(
+        crate::log::debug(&format!(
             "uploading {} at byte {}: {e}; asking the registry where it stands",
             up.digest, up.offset
         ));
@@ -208,7 +220,7 @@ impl Client {
             }
             _ if up.restarts < MAX_RESTARTS => {
                 up.restarts += 1;
-                crate::log::warn(&format!(
+                crate::log::debug(&format!(
                     "the registry cannot continue the upload of {}; starting again at byte 0",
                     up.digest
                 ));
@@ -237,6 +249,10 @@ struct Upload<'a> {
     restarts: u32,
     /// Where the last resume started: a registry reporting the same offset again made no progress.
     resumed_at: Option<u64>,
+    /// A body was refused as too large: going back to one PATCH would be refused again.
+    shrunk: bool,
+    /// A second chunk was refused: the registry takes one PATCH per session only.
+    no_chunks: bool,
 }
 
 impl Upload<'_> {

@@ -240,6 +240,8 @@ impl Client {
         let mut req = self.req(Method::PUT, url);
         req.headers
             .insert(CONTENT_TYPE, OCTET_STREAM.parse().expect("static header"));
+        // A PUT carrying the blob is tried again by its caller, in a new session.
+        req.retry = last.is_none();
         req.body = last.map(Body::Bytes).unwrap_or(Body::Empty);
         let resp = self.execute(&req).await?;
         match resp.status() {

@@ -211,6 +211,43 @@ fn a_base_in_the_same_registry_is_mounted_not_uploaded() {
     );
 }
 
+/// A TLS registry whose CA is in the system trust only (`SSL_CERT_FILE`, or a file in
+/// `SSL_CERT_DIR`), as a TLS-inspecting proxy's CA is: trusted without `--registry-ca`. Without it,
+/// the same push fails on the certificate.
+#[test]
+fn a_registry_ca_in_ssl_cert_file_or_dir_is_trusted_without_flags() {
+    let lab = Lab::start();
+    let base = lab.base_image("base", false);
+    lab.run_container("p4", &base, &RunOpts::default());
+    lab.exec("p4", "echo trusted > /data/p4");
+    let reg = Registry::start(&lab.dir.join("tls-only"), &["--tls"]);
+    let ca = reg.ca.clone().expect("REGISTRY_CA");
+    let cert_dir = lab.dir.join("ssl-cert-dir");
+    std::fs::create_dir_all(&cert_dir).unwrap();
+    std::fs::copy(&ca, cert_dir.join("lab-ca.pem")).unwrap();
+    let commit = |tag: &str, env: Option<(&str, &Path)>| {
+        let mut cmd = lab.committer_command();
+        cmd.env_remove("SSL_CERT_FILE").env_remove("SSL_CERT_DIR");
+        if let Some((k, v)) = env {
+            cmd.env(k, v);
+        }
+        let target = format!("{}/trust/p4:{tag}", reg.addr);
+        crate::lab::run(cmd.args(["commit", "--container", "p4", "--image", &target]))
+    };
+    let out = commit("untrusted", None);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(5), "{stderr}");
+    assert!(stderr.contains("certificate"), "{stderr}");
+    for (tag, env) in [
+        ("file", ("SSL_CERT_FILE", ca.as_path())),
+        ("dir", ("SSL_CERT_DIR", cert_dir.as_path())),
+    ] {
+        let out = commit(tag, Some(env));
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{}: {stderr}", env.0);
+    }
+}
+
 fn base64_encode(b: &[u8]) -> String {
     use base64::Engine;
     base64::engine::general_purpose::STANDARD.encode(b)

@@ -2,6 +2,7 @@
 //! registry), and the kind/EKS node case against real parts: a base on a TLS + htpasswd registry
 //! known only through a `certs.d` directory, its layer blobs gone from the content store.
 
+mod limits;
 mod proxy;
 
 use std::io::{Read, Write};
@@ -9,7 +10,7 @@ use std::net::{TcpListener, TcpStream};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use crate::lab::{check, Lab, RunOpts};
 use crate::push::Registry;
@@ -19,6 +20,31 @@ use serde_json::Value;
 
 /// Incompressible data several times the proxy's limits, plus a small change.
 const CHANGES: &str = "head -c 3145728 /dev/urandom > /data/big; echo quirky > /data/small";
+/// Debug lines: the retries and shape changes a profile must cause are logged at debug level.
+const DEBUG: [&str; 2] = ["--log-level", "debug"];
+
+/// A base image whose top layer is 3 MiB of incompressible data (several times the proxy's
+/// limits), committed from the lab's base to `registry` and pulled into containerd.
+fn big_base(lab: &Lab, registry: &str) -> String {
+    let base = lab.base_image("base", false);
+    lab.run_container("big-base", &base, &RunOpts::default());
+    lab.exec("big-base", "head -c 3145728 /dev/urandom > /data/base-big");
+    let image = format!("{registry}/base/big:1");
+    commit_ok(lab, "big-base", &image, &[]);
+    lab.ctr(&["images", "pull", "--plain-http", &image]);
+    image
+}
+
+/// The raw manifest of `image` on a plain-HTTP registry.
+fn manifest_of(image: &str) -> Value {
+    let raw = check(std::process::Command::new("skopeo").args([
+        "inspect",
+        "--raw",
+        "--tls-verify=false",
+        &format!("docker://{image}"),
+    ]));
+    serde_json::from_str(&raw).unwrap()
+}
 
 fn assert_image_equals_container(lab: &Lab, id: &str, image: &str) {
     let unpacked = lab.pull_unpack(image);
@@ -67,17 +93,20 @@ fn docker_config(dir: &Path, host: &str, user: &str, pass: &str) -> String {
 fn every_registry_profile_takes_a_commit_whose_layer_exceeds_its_limits() {
     let rt = tokio::runtime::Runtime::new().unwrap();
     let lab = Lab::start();
-    let base = lab.base_image("base", false);
+    let upstream = Registry::start(&lab.dir.join("upstream"), &[]);
+    // Both the base's top layer (from the content store) and the new layer are 3 MiB.
+    let base = big_base(&lab, &upstream.addr);
     lab.run_container("q", &base, &RunOpts::default());
     lab.exec("q", CHANGES);
-    let upstream = Registry::start(&lab.dir.join("upstream"), &[]);
 
+    let chunks = |size: &'static str| vec!["--chunk-size", size, DEBUG[0], DEBUG[1]];
     let profiles = [
         (Profile::Ecr, "ecr", vec![]),
-        (Profile::Ghcr, "ghcr", vec!["--chunk-size", "2097152"]),
+        (Profile::Ecr, "ecr-chunked", chunks("1048576")),
+        (Profile::Ghcr, "ghcr", chunks("2097152")),
         (Profile::Gar, "gar", vec![]),
-        (Profile::Gar, "gar-chunked", vec!["--chunk-size", "1048576"]),
-        (Profile::Quay, "quay", vec!["--chunk-size", "1048576"]),
+        (Profile::Gar, "gar-chunked", chunks("1048576")),
+        (Profile::Quay, "quay", chunks("1048576")),
         (Profile::Cloudflare, "cloudflare", vec![]),
         (Profile::H2NoLength, "h2", vec![]),
         (Profile::Reset, "reset", vec![]),
@@ -127,14 +156,51 @@ fn every_registry_profile_takes_a_commit_whose_layer_exceeds_its_limits() {
     }
 }
 
-/// What each profile must have made the client do (so the quirk was met, not avoided).
+/// What each profile must have made the client do (so the quirk was met, not avoided). Three
+/// blobs exceed the 1 MiB limits: the busybox layer (just), the base's 3 MiB top layer and the
+/// new 3 MiB layer; each must meet the quirk.
 fn check_profile(profile: Profile, name: &str, log: &[String], stderr: &str) {
     let has = |s: &str| log.iter().any(|l| l.contains(s));
+    let count = |method: &str, end: &str| {
+        log.iter()
+            .filter(|l| l.starts_with(method) && l.ends_with(end))
+            .count()
+    };
     let all = log.join("\n");
+    if name.ends_with("chunked") || matches!(profile, Profile::Ghcr | Profile::Quay) {
+        // --chunk-size: the new layer too goes in chunks, from its file.
+        assert!(
+            !stderr.contains("uploading the layer while it is compressed"),
+            "{stderr}"
+        );
+    }
+    let mut patches = std::collections::BTreeMap::new();
+    for l in log.iter().filter(|l| l.starts_with("PATCH")) {
+        *patches.entry(l.rsplit("-> ").next().unwrap()).or_insert(0) += 1;
+    }
+    eprintln!("profile {name}: PATCH answers {patches:?}");
     match profile {
-        Profile::Ecr => assert!(has("PATCH") && has("-> 201"), "{all}"),
+        Profile::Ecr => {
+            // Every PATCH answered 201; the client went on after each.
+            assert_eq!(count("PATCH", "-> 202"), 0, "{all}");
+            let wanted = if name == "ecr-chunked" { 9 } else { 3 };
+            assert!(count("PATCH", "-> 201") >= wanted, "{all}");
+            // The stale Range was not believed: no chunk was sent at the wrong offset.
+            assert!(!has("-> 416"), "{all}");
+            if name == "ecr-chunked" {
+                assert_eq!(count("PATCH", "-> 0"), 1, "a later chunk was cut:\n{all}");
+                assert!(
+                    count("GET", "-> 404") >= 1,
+                    "the upload's status: 404\n{all}"
+                );
+                assert!(stderr.contains("starting again at byte 0"), "{stderr}");
+            }
+        }
         Profile::Ghcr => {
-            assert!(has("-> 416"), "the 2 MiB chunk met the 1 MiB limit:\n{all}");
+            assert!(
+                count("PATCH", "-> 416") >= 3,
+                "each blob's first chunk:\n{all}"
+            );
             assert!(has("manifests/") && has("-> 400"), "{all}");
             assert!(
                 stderr.contains(&format!("chunks of {LIMIT} bytes")),
@@ -142,7 +208,10 @@ fn check_profile(profile: Profile, name: &str, log: &[String], stderr: &str) {
             );
         }
         Profile::Gar if name == "gar-chunked" => {
-            assert!(has("-> 400"), "a second chunk was refused:\n{all}");
+            assert!(
+                count("PATCH", "-> 400") >= 3,
+                "each blob's second chunk:\n{all}"
+            );
             assert!(
                 stderr.contains("takes no chunks"),
                 "then one PATCH: {stderr}"
@@ -150,15 +219,19 @@ fn check_profile(profile: Profile, name: &str, log: &[String], stderr: &str) {
         }
         Profile::Gar => assert!(!has("-> 400"), "one PATCH per session:\n{all}"),
         Profile::Cloudflare => {
-            assert!(has("-> 413"), "{all}");
+            assert!(
+                count("PATCH", "-> 413") >= 3,
+                "each blob over the cap:\n{all}"
+            );
             assert_fell_back_without_compressing_again(stderr);
-            let big_patches = log
-                .iter()
-                .filter(|l| l.starts_with("PATCH") && l.ends_with("202"));
-            assert!(big_patches.count() >= 3, "the layer went in chunks:\n{all}");
+            assert!(
+                count("PATCH", "202") >= 9,
+                "the blobs went in chunks:\n{all}"
+            );
         }
         Profile::Quay => {
-            assert!(has("-> 0"), "a chunk was reset:\n{all}");
+            assert_eq!(count("PATCH", "-> 0"), 1, "a chunk was reset:\n{all}");
+            assert!(count("PATCH", "-> 202") >= 9, "in chunks:\n{all}");
             assert!(
                 stderr.contains("asking the registry where it stands"),
                 "{stderr}"
@@ -168,15 +241,16 @@ fn check_profile(profile: Profile, name: &str, log: &[String], stderr: &str) {
                 "resumed: {stderr}"
             );
         }
-        Profile::H2NoLength | Profile::DockerHub | Profile::NoMount => {
+        Profile::H2NoLength | Profile::DockerHub | Profile::NoMount(_) => {
             assert!(has("HEAD"), "{all}")
         }
         Profile::Reset => {
             let resets = log.iter().filter(|l| l.ends_with("-> 0")).count();
-            // the new layer's streamed upload, two base layers from the content store, the config
+            // the new layer's streamed upload, base layers from the content store, the config
             assert!(resets >= 4, "{resets} resets:\n{all}");
             assert_fell_back_without_compressing_again(stderr);
         }
+        Profile::Stall | Profile::Slow => unreachable!("not a push profile"),
     }
 }
 
@@ -216,7 +290,7 @@ fn a_failed_streamed_layer_upload_is_sent_again_from_the_file_without_compressin
     let upstream = Registry::start(&lab.dir.join("upstream"), &[]);
     for (profile, name) in [(Profile::Cloudflare, "cap"), (Profile::Reset, "reset")] {
         let p = rt.block_on(Proxy::start(profile, &upstream.addr));
-        let (result, stderr) = commit_ok(&lab, "st", &format!("{}/{name}/st:v1", p.addr), &[]);
+        let (result, stderr) = commit_ok(&lab, "st", &format!("{}/{name}/st:v1", p.addr), &DEBUG);
         let log = p.log();
         let streamed_cut = log
             .iter()
@@ -240,69 +314,83 @@ fn a_failed_streamed_layer_upload_is_sent_again_from_the_file_without_compressin
 }
 
 #[test]
-fn push_permission_and_stalls_fail_before_the_pause_with_exit_5() {
+fn a_mount_refused_with_405_or_404_falls_back_to_an_upload_and_is_not_asked_again() {
     let rt = tokio::runtime::Runtime::new().unwrap();
     let lab = Lab::start();
     let base = lab.base_image("base", false);
-    lab.run_container("r", &base, &RunOpts::default());
-    lab.exec("r", "echo r > /data/r");
     let upstream = Registry::start(&lab.dir.join("upstream"), &[]);
-
-    // A read-only account on a Docker Hub-like token service.
-    let hub = rt.block_on(Proxy::start(Profile::DockerHub, &upstream.addr));
-    let config = docker_config(&lab.dir, &hub.addr, "reader", "pw");
-    let out = lab.committer(&[
-        "commit",
-        "--container",
-        "r",
-        "--image",
-        &format!("{}/someone/else:v1", hub.addr),
-        "--plain-http",
-        "--registry-config",
-        &config,
-    ]);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(5), "{stderr}");
-    assert!(stderr.contains("cannot push to"), "{stderr}");
-    assert!(
-        !hub.log().iter().any(|l| l.starts_with("PATCH")),
-        "nothing was sent"
-    );
-    assert_eq!(lab.task_status("r"), "RUNNING");
-
-    // A registry that accepts connections and never answers.
-    let (stalled, _task) = rt.block_on(proxy::stalled());
-    let t = Instant::now();
-    let out = lab.committer(&[
-        "commit",
-        "--container",
-        "r",
-        "--image",
-        &format!("{stalled}/a/b:v1"),
-        "--plain-http",
-        "--request-timeout",
-        "2",
-    ]);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(5), "{stderr}");
-    assert!(stderr.contains(&stalled), "names the host: {stderr}");
-    assert!(
-        t.elapsed() < Duration::from_secs(30),
-        "took {:?}",
-        t.elapsed()
-    );
-    assert_eq!(lab.task_status("r"), "RUNNING");
+    for status in [405, 404] {
+        let p = rt.block_on(Proxy::start(Profile::NoMount(status), &upstream.addr));
+        // The base lives on the same registry as the target, so a mount is worth trying.
+        let named = format!("{}/base{status}/img:1", p.addr);
+        check(std::process::Command::new("skopeo").args([
+            "copy",
+            "--quiet",
+            "--src-tls-verify=false",
+            "--dest-tls-verify=false",
+            &format!("docker://{base}"),
+            &format!("docker://{named}"),
+        ]));
+        lab.ctr(&["images", "pull", "--plain-http", &named]);
+        let id = format!("nm{status}");
+        lab.run_container(&id, &named, &RunOpts::default());
+        lab.exec(&id, CHANGES);
+        let (result, _) = commit_ok(&lab, &id, &format!("{}/other{status}/nm:v1", p.addr), &[]);
+        let log = p.log();
+        let mounts: Vec<&String> = log.iter().filter(|l| l.contains("mount=")).collect();
+        assert_eq!(mounts.len(), 1, "{status}: {log:#?}");
+        assert!(mounts[0].ends_with(&format!("-> {status}")), "{mounts:?}");
+        let image = result["image"]
+            .as_str()
+            .unwrap()
+            .replace(&p.addr, &upstream.addr);
+        assert_image_equals_container(&lab, &id, &image);
+    }
 }
 
+/// What kinds of upload a Reset proxy cut in one commit, from the target's and the base registry's
+/// proxy logs, told apart by the blobs' sizes in the pushed manifest.
+#[derive(Debug, Default)]
+struct Cuts {
+    new_layer: usize,
+    base_from_node: usize,
+    base_from_registry: usize,
+    config: usize,
+}
+
+fn cuts(target_log: &[String], base_log: &[String], manifest: &Value) -> Cuts {
+    let size = |v: &Value| format!("len={}", v["size"].as_u64().unwrap());
+    let layers = manifest["layers"].as_array().unwrap();
+    let (from_registry, from_node, new) = (size(&layers[0]), size(&layers[1]), size(&layers[2]));
+    let config = size(&manifest["config"]);
+    let cut_with = |log: &[String], len: &str| {
+        log.iter()
+            .filter(|l| l.ends_with(&format!(" {len} -> 0")))
+            .count()
+    };
+    Cuts {
+        new_layer: cut_with(target_log, &new) + cut_with(target_log, "len=streamed"),
+        base_from_node: cut_with(target_log, &from_node),
+        base_from_registry: cut_with(base_log, &from_registry),
+        config: cut_with(target_log, &config),
+    }
+}
+
+/// One connection reset in every kind of upload — the new layer (streamed, then from its file),
+/// a base layer from the node's content store, a base layer the node discarded (read from the base's
+/// registry, its GET cut half-way), the config — in each of ten commits: each survives, and each
+/// image read back is the container's tree.
 #[test]
-fn a_mount_refused_with_405_falls_back_to_an_upload_and_is_not_asked_again() {
+fn a_reset_in_every_kind_of_upload_is_survived_ten_times_out_of_ten() {
     let rt = tokio::runtime::Runtime::new().unwrap();
     let lab = Lab::start();
     let base = lab.base_image("base", false);
+    let base_upstream = Registry::start(&lab.dir.join("base-upstream"), &[]);
     let upstream = Registry::start(&lab.dir.join("upstream"), &[]);
-    let p = rt.block_on(Proxy::start(Profile::NoMount, &upstream.addr));
-    // The base lives on the same registry as the target, so a mount is worth trying.
-    let named = format!("{}/base/img:1", p.addr);
+    // The base is read through a Reset proxy; it injects nothing until the commits start.
+    let base_proxy = rt.block_on(Proxy::start(Profile::Reset, &base_upstream.addr));
+    base_proxy.disarm();
+    let named = format!("{}/base/img:1", base_proxy.addr);
     check(std::process::Command::new("skopeo").args([
         "copy",
         "--quiet",
@@ -312,16 +400,59 @@ fn a_mount_refused_with_405_falls_back_to_an_upload_and_is_not_asked_again() {
         &format!("docker://{named}"),
     ]));
     lab.ctr(&["images", "pull", "--plain-http", &named]);
-    lab.run_container("nm", &named, &RunOpts::default());
-    lab.exec("nm", CHANGES);
-    let (result, _) = commit_ok(&lab, "nm", &format!("{}/other/nm:v1", p.addr), &[]);
-    let mounts = p.log().iter().filter(|l| l.contains("mount=")).count();
-    assert_eq!(mounts, 1, "{:#?}", p.log());
-    let image = result["image"]
-        .as_str()
-        .unwrap()
-        .replace(&p.addr, &upstream.addr);
-    assert_image_equals_container(&lab, "nm", &image);
+    // The node keeps the base's second layer and discards the first (the larger, busybox).
+    let base_manifest = manifest_of(&named);
+    let discarded = &base_manifest["layers"][0];
+    lab.ctr(&["content", "rm", discarded["digest"].as_str().unwrap()]);
+    let discarded_size = discarded["size"].as_u64().unwrap() as usize;
+    lab.run_container("rs", &named, &RunOpts::default());
+    lab.exec(
+        "rs",
+        "head -c 262144 /dev/urandom > /data/r; echo reset > /data/s",
+    );
+    let target = rt.block_on(Proxy::start(Profile::Reset, &upstream.addr));
+    let started = Instant::now();
+    let mut total = Cuts::default();
+    for run in 0..10 {
+        base_proxy.rearm();
+        target.rearm();
+        // That layer's upload to the target is left whole: its fault is the cut read from the base.
+        target.spare_upload(discarded_size);
+        let (base_before, target_before) = (base_proxy.log().len(), target.log().len());
+        let image = format!("{}/run{run}/rs:v1", target.addr);
+        let (result, stderr) = commit_ok(&lab, "rs", &image, &[]);
+        assert!(
+            stderr.contains("is not on this node; copying it from"),
+            "{stderr}"
+        );
+        let pushed = result["image"]
+            .as_str()
+            .unwrap()
+            .replace(&target.addr, &upstream.addr);
+        let c = cuts(
+            &target.log()[target_before..],
+            &base_proxy.log()[base_before..],
+            &manifest_of(&pushed),
+        );
+        eprintln!("run {run}: {c:?}");
+        assert!(
+            c.new_layer > 0 && c.base_from_node > 0 && c.base_from_registry > 0 && c.config > 0,
+            "run {run}: every kind of upload was cut: {c:?}"
+        );
+        total.new_layer += c.new_layer;
+        total.base_from_node += c.base_from_node;
+        total.base_from_registry += c.base_from_registry;
+        total.config += c.config;
+        assert_image_equals_container(&lab, "rs", &pushed);
+    }
+    eprintln!("ten commits in {:?}: {total:?}", started.elapsed());
+    assert!(
+        total.new_layer > 0
+            && total.base_from_node > 0
+            && total.base_from_registry > 0
+            && total.config > 0,
+        "every kind of upload was cut at least once: {total:?}"
+    );
 }
 
 /// A TCP relay that, once armed, cuts the connection carrying the N-th byte the server sends back.

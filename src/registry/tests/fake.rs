@@ -47,6 +47,12 @@ pub struct Faults {
     pub mount_unauthorized: bool,
     /// Answer manifest PUTs with a wrong `Docker-Content-Digest`.
     pub lie_about_digest: bool,
+    /// Answer a PATCH whose body is larger than this with 413 and an HTML page (a proxy's body cap).
+    pub body_cap: Option<usize>,
+    /// Answer a second PATCH in a session with 400 (GAR: no chunked uploads).
+    pub one_patch_per_session: bool,
+    /// Answer every blob PUT that carries bytes with 503.
+    pub put_503: bool,
 }
 
 #[derive(Default)]
@@ -231,6 +237,7 @@ fn uploads(s: &mut State, head: &Head, repo: &str, id: &str, body: &[u8]) -> Res
     match head.method.as_str() {
         "GET" => session_resp(s, repo, id, 204),
         "PATCH" => patch(s, head, repo, id, data, body),
+        "PUT" if s.faults.put_503 && !body.is_empty() => Resp::oci_error(503, "UNAVAILABLE"),
         "PUT" => {
             let mut all = s.uploads.remove(id).unwrap().0;
             all.extend_from_slice(body);
@@ -246,6 +253,12 @@ fn uploads(s: &mut State, head: &Head, repo: &str, id: &str, body: &[u8]) -> Res
 }
 
 fn patch(s: &mut State, head: &Head, repo: &str, id: &str, size: u64, body: &[u8]) -> Resp {
+    if s.faults.body_cap.is_some_and(|cap| body.len() > cap) {
+        return Resp::new(413).body("<html><title>413 Request Entity Too Large</title></html>");
+    }
+    if s.faults.one_patch_per_session && size > 0 {
+        return Resp::oci_error(400, "UNSUPPORTED");
+    }
     if let Some(cr) = head.header("content-range") {
         let start: u64 = cr
             .split('-')

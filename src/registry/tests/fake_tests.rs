@@ -46,6 +46,60 @@ async fn retries_503_with_backoff_then_succeeds() {
     assert_eq!(client.blob_exists(&digest).await.unwrap(), Some(15));
 }
 
+/// A small blob's PUT that keeps failing is tried as often as the retry budget says, not that
+/// squared (the request's own retries inside the upload's).
+#[tokio::test]
+async fn a_small_blob_put_that_keeps_failing_is_tried_a_bounded_number_of_times() {
+    let fake = Fake::start(Faults {
+        put_503: true,
+        ..Default::default()
+    })
+    .await;
+    let client = connect(&fake.reference("a"), &plain(None), None)
+        .await
+        .unwrap();
+    let data = Bytes::from_static(b"{\"config\":true}");
+    let e = client
+        .upload_blob_bytes(&Digest::of(&data), data)
+        .await
+        .unwrap_err();
+    assert_eq!(e.status(), Some(503), "{}", everything(&e));
+    let puts = fake.log().iter().filter(|l| l.method == "PUT").count();
+    assert_eq!(puts, 6);
+}
+
+/// A base layer read from a registry is bounded by its descriptor's size: a registry that sends
+/// more is an error once past it, not an unbounded read.
+#[tokio::test]
+async fn a_blob_longer_than_its_descriptor_is_an_error_once_past_its_size() {
+    use crate::registry::{BlobSource, RegistryBlob};
+    let fake = Fake::start(Faults::default()).await;
+    let data = pseudo_random(200_000, 10);
+    let digest = Digest::of(&data);
+    fake.state
+        .lock()
+        .unwrap()
+        .blobs
+        .insert(digest.to_string(), data);
+    let client = connect(&fake.reference("a"), &plain(None), None)
+        .await
+        .unwrap();
+    let blob = RegistryBlob {
+        client,
+        digest,
+        size: 1000,
+    };
+    let items: Vec<_> = blob.open_at(0).await.unwrap().collect().await;
+    let read: usize = items
+        .iter()
+        .filter_map(|i| i.as_ref().ok())
+        .map(Bytes::len)
+        .sum();
+    let err = items.last().unwrap().as_ref().unwrap_err().to_string();
+    assert!(err.contains("longer than its descriptor's size"), "{err}");
+    assert!(read <= 1000, "{read} bytes read");
+}
+
 #[tokio::test]
 async fn gives_up_after_the_retry_budget_with_the_status_and_oci_code() {
     let fake = Fake::start(Faults::default()).await;
@@ -91,6 +145,34 @@ async fn resumes_after_a_reset_mid_patch_from_the_reported_offset() {
         fake.state.lock().unwrap().blobs[digest.as_str()].len(),
         3 * MIB + 123
     );
+}
+
+/// A body cap (413) shrinks the upload into chunks; a registry that then refuses the second chunk
+/// (400) cannot take the blob at all: the upload ends with an error after a few PATCHes, rather than
+/// going back to one PATCH that the cap refuses again, forever.
+#[tokio::test]
+async fn a_body_cap_and_no_second_chunk_end_the_upload_instead_of_cycling() {
+    let dir = tempfile::tempdir().unwrap();
+    let size = 3 * MIB + 5;
+    let (path, digest) = random_file(dir.path(), size, 9);
+    let fake = Fake::start(Faults {
+        body_cap: Some(MIB),
+        one_patch_per_session: true,
+        ..Default::default()
+    })
+    .await;
+    let client = connect(&fake.reference("a"), &plain(None), None)
+        .await
+        .unwrap();
+    let upload = client.upload_blob_file(&digest, &path, size as u64);
+    let result = tokio::time::timeout(std::time::Duration::from_secs(30), upload)
+        .await
+        .expect("the upload ends");
+    let e = result.unwrap_err();
+    assert_eq!(e.status(), Some(400), "{}", everything(&e));
+    let statuses: Vec<u16> = patches(&fake).iter().map(|l| l.status).collect();
+    // 3 MiB → 413, 1.5 MiB → 413, 768 KiB → 202, the next 768 KiB → 400: nothing more.
+    assert_eq!(statuses, [413, 413, 202, 400]);
 }
 
 #[tokio::test]
@@ -248,7 +330,9 @@ async fn a_small_blob_goes_in_the_put() {
 }
 
 #[tokio::test]
-async fn redirect_to_another_host_carries_no_authorization() {
+/// Another origin (the same loopback host, another port: plain HTTP may not leave the host) gets
+/// no credentials.
+async fn redirect_to_another_origin_carries_no_authorization() {
     let dir = tempfile::tempdir().unwrap();
     let data = pseudo_random(100_000, 5);
     let digest = Digest::of(&data);
@@ -256,7 +340,7 @@ async fn redirect_to_another_host_carries_no_authorization() {
     let auth = "Basic dTpwYXNzd29yZC0xMjM="; // u:password-123
     let faults = Faults {
         require_auth: Some(auth.into()),
-        blob_redirect: Some(format!("http://localhost:{}", storage.addr.port())),
+        blob_redirect: Some(format!("http://127.0.0.1:{}", storage.addr.port())),
         ..Default::default()
     };
     let fake = Fake::start(faults).await;
@@ -284,7 +368,7 @@ async fn redirect_to_another_host_carries_no_authorization() {
 async fn a_blob_that_does_not_match_its_digest_fails_the_stream() {
     let storage = Storage::start(b"not what was asked for".to_vec()).await;
     let fake = Fake::start(Faults {
-        blob_redirect: Some(format!("http://localhost:{}", storage.addr.port())),
+        blob_redirect: Some(format!("http://127.0.0.1:{}", storage.addr.port())),
         ..Default::default()
     })
     .await;

@@ -6,7 +6,9 @@
 use std::collections::{HashMap, HashSet};
 use std::convert::Infallible;
 use std::io;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use bytes::Bytes;
 use futures_util::StreamExt;
@@ -22,6 +24,8 @@ pub const LIMIT: usize = 1 << 20;
 pub enum Profile {
     /// PATCH → 201; a stale `Range` on later PATCHes; GET of an upload → 404
     /// (rust-oci-client#33, regclient `blob.go` "AWS ECR returns a 201", aws/containers-roadmap#2831).
+    /// One later chunk (`Content-Range` past 0) is reset, so that the upload's status is asked for
+    /// (ECR's 404) and a client believing the stale `Range` would send the wrong bytes next.
     Ecr,
     /// A ranged PATCH over the limit → 416 "exceeds the maximum permissible limit of …MiB"
     /// (rust-oci-client#35/#37, at 4 MiB there); the first manifest PUT → 400 MANIFEST_BLOB_UNKNOWN
@@ -40,16 +44,23 @@ pub enum Profile {
     /// HEAD 200 without `Content-Length` (GCP front ends over HTTP/2, Cloud Run, tunnels:
     /// distribution#4895).
     H2NoLength,
-    /// A mount answered 405 (registries without cross-repo mount; containerd#14086).
-    NoMount,
+    /// A mount answered with this status: 405 (registries without cross-repo mount), 404 (a
+    /// registry that does not know the source repository's blob for this account): containerd#14086.
+    NoMount(u16),
     /// Docker Hub's token service: scopes granted per account; a push with a token lacking `push`
     /// gets 401 `insufficient_scope` (ggcr `CheckPushPermission`). Accounts: `writer` may push,
     /// `reader` may only pull (both with password `pw`).
     DockerHub,
     /// A connection reset in the middle of the first upload of every blob (keyed by body size; the
     /// first streamed upload, of unknown size, after 64 KiB of its body) and of the first GET of
-    /// every blob.
+    /// every blob (half of its body, then the connection drops).
     Reset,
+    /// Accepts the push-permission check (`POST`), then every blob body stops being read after
+    /// 64 KiB and is never answered: a registry or link that stalls mid-upload.
+    Stall,
+    /// Every blob body is answered 300 ms late, so that concurrent uploads overlap and the most in
+    /// flight at once shows ([`Proxy::max_in_flight`]).
+    Slow,
 }
 
 pub struct Proxy {
@@ -68,6 +79,11 @@ struct State {
     manifest_refused: Mutex<bool>,
     /// Reset already injected for these keys.
     reset: Mutex<HashSet<String>>,
+    /// Faults are injected only while armed (a proxy is armed from the start).
+    armed: AtomicBool,
+    /// Blob bodies being received now, and the most at once.
+    in_flight: AtomicUsize,
+    max_in_flight: AtomicUsize,
 }
 
 type Body = BoxBody<Bytes, io::Error>;
@@ -88,6 +104,9 @@ impl Proxy {
             sessions: Default::default(),
             manifest_refused: Default::default(),
             reset: Default::default(),
+            armed: AtomicBool::new(true),
+            in_flight: Default::default(),
+            max_in_flight: Default::default(),
         });
         let st = state.clone();
         tokio::spawn(async move {
@@ -105,9 +124,51 @@ impl Proxy {
         Proxy { addr, state }
     }
 
-    /// "METHOD path?query -> status" for every request.
+    /// "METHOD path?query -> status" for every request. A cut one is "METHOD path?query len=N -> 0"
+    /// (N: its Content-Length, or `streamed`); a blob GET cut half-way is logged so (N: the blob's
+    /// length) once the client has read that far, besides its "-> 200"; a stalled upload is
+    /// "… stalled -> 0".
     pub fn log(&self) -> Vec<String> {
         self.state.log.lock().unwrap().clone()
+    }
+
+    /// Stop injecting faults (e.g. while containerd pulls through the proxy).
+    pub fn disarm(&self) {
+        self.state.armed.store(false, Ordering::SeqCst);
+    }
+
+    /// Inject every fault again, once per key, as a fresh proxy would.
+    pub fn rearm(&self) {
+        self.state.reset.lock().unwrap().clear();
+        self.state.armed.store(true, Ordering::SeqCst);
+    }
+
+    /// Leave the first upload of a body of `len` bytes whole after [`Proxy::rearm`].
+    pub fn spare_upload(&self, len: usize) {
+        let key = format!("up-{:?}", Some(len));
+        self.state.reset.lock().unwrap().insert(key);
+    }
+
+    /// The most blob bodies that were being received at once.
+    pub fn max_in_flight(&self) -> usize {
+        self.state.max_in_flight.load(Ordering::SeqCst)
+    }
+}
+
+/// Counts a blob body in flight while it lives.
+struct InFlight<'a>(&'a State);
+
+impl<'a> InFlight<'a> {
+    fn enter(st: &'a State) -> InFlight<'a> {
+        let now = st.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
+        st.max_in_flight.fetch_max(now, Ordering::SeqCst);
+        InFlight(st)
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::SeqCst);
     }
 }
 
@@ -152,22 +213,32 @@ async fn handle(st: Arc<State>, req: Request<Incoming>) -> Result<Response<Body>
         .get("content-length")
         .and_then(|v| v.to_str().ok()?.parse().ok());
     let upload = path.contains("/blobs/uploads/");
+    let with_body = method == "PATCH" || method == "PUT" && len.unwrap_or(0) > 0;
+    let _in_flight = (upload && with_body).then(|| InFlight::enter(&st));
     let body_upload = upload && len.unwrap_or(0) > 0 && (method == "PATCH" || method == "PUT");
     if st.profile == Profile::Reset && body_upload && st.first(&format!("up-{len:?}")) {
         // Read part of the body, then drop the connection.
         let mut body = body;
         let _ = body.frame().await;
-        st.record(&method, &target, 0);
+        st.record_cut(&method, &target, len);
         return Err(io::Error::other("injected reset"));
+    }
+    if st.profile == Profile::Stall && upload && with_body && st.armed() {
+        return stall(&st, &method, &target, body).await;
+    }
+    if st.profile == Profile::Slow && upload && with_body {
+        tokio::time::sleep(Duration::from_millis(300)).await;
     }
     let resumed = parts
         .headers
         .get("content-range")
         .and_then(|v| v.to_str().ok()?.split('-').next()?.parse::<u64>().ok())
         .is_some_and(|start| start > 0);
-    if st.profile == Profile::Quay && method == "PATCH" && resumed && st.first("quay") {
-        // A later chunk breaks once, so the client must ask the upload's status and read Quay's Range.
-        st.record(&method, &target, 0);
+    let later_chunk = method == "PATCH" && resumed;
+    if later_chunk && matches!(st.profile, Profile::Quay | Profile::Ecr) && st.first("chunk") {
+        // A later chunk breaks once, so the client must ask the upload's status: Quay answers
+        // with its one-past Range, ECR with 404.
+        st.record_cut(&method, &target, len);
         return Err(io::Error::other("injected reset"));
     }
     // A streamed PATCH (chunked, no length): the profiles that cut bodies meet it mid-body.
@@ -193,7 +264,7 @@ async fn handle(st: Arc<State>, req: Request<Incoming>) -> Result<Response<Body>
         }
         if head.len() > cap {
             if st.profile == Profile::Reset && st.first("up-streamed") {
-                st.record(&method, &target, 0);
+                st.record_cut(&method, &target, None);
                 return Err(io::Error::other("injected reset"));
             }
             if st.profile == Profile::Cloudflare {
@@ -214,9 +285,38 @@ async fn handle(st: Arc<State>, req: Request<Incoming>) -> Result<Response<Body>
     Ok(resp)
 }
 
+/// Read 64 KiB of the body, then neither read on nor answer, until the client gives up.
+async fn stall(
+    st: &State,
+    method: &str,
+    target: &str,
+    mut body: Incoming,
+) -> Result<Response<Body>, io::Error> {
+    let mut read = 0;
+    while read < 64 * 1024 {
+        match body.frame().await {
+            Some(Ok(f)) => read += f.into_data().map(|d| d.len()).unwrap_or(0),
+            _ => break,
+        }
+    }
+    st.record(method, &format!("{target} stalled"), 0);
+    std::future::pending::<()>().await;
+    unreachable!()
+}
+
 impl State {
+    /// Whether to inject the fault named `key`: armed, and not yet injected for it.
     fn first(&self, key: &str) -> bool {
-        self.reset.lock().unwrap().insert(key.to_string())
+        self.armed() && self.reset.lock().unwrap().insert(key.to_string())
+    }
+
+    fn armed(&self) -> bool {
+        self.armed.load(Ordering::SeqCst)
+    }
+
+    fn record_cut(&self, method: &str, target: &str, len: Option<usize>) {
+        let len = len.map_or("streamed".to_string(), |n| n.to_string());
+        self.record(method, &format!("{target} len={len}"), 0);
     }
 
     fn record(&self, method: &str, target: &str, status: u16) {
@@ -280,8 +380,8 @@ fn before(
             let html = "<html><head><title>413 Request Entity Too Large</title></head><body>cloudflare</body></html>";
             return Some(full(413, &[("content-type", "text/html".into())], html));
         }
-        Profile::NoMount if method == "POST" && target.contains("mount=") => {
-            return Some(oci_error(405, "UNSUPPORTED", "mount not supported"))
+        Profile::NoMount(status) if method == "POST" && target.contains("mount=") => {
+            return Some(oci_error(status, "UNSUPPORTED", "mount not supported"))
         }
         _ => {}
     }
@@ -352,7 +452,7 @@ fn docker_hub(
 }
 
 async fn forward(
-    st: &State,
+    st: &Arc<State>,
     parts: &hyper::http::request::Parts,
     target: &str,
     body: Bytes,
@@ -383,6 +483,10 @@ async fn forward(
         r = r.header(k.as_str(), v.as_str());
     }
     let reset_get = st.profile == Profile::Reset && blob_get && st.first(parts.uri.path());
+    let length: Option<usize> = up
+        .headers()
+        .get("content-length")
+        .and_then(|v| v.to_str().ok()?.parse().ok());
     let stream = up.bytes_stream().map(|c| c.map_err(io::Error::other));
     let body: Body = if head && st.profile == Profile::H2NoLength {
         // No length known to hyper: it sends none (no Content-Length on a HEAD).
@@ -390,11 +494,12 @@ async fn forward(
             Result<Frame<Bytes>, io::Error>,
         >()))
     } else if reset_get {
-        // Half of the body, then the connection drops.
-        let half = stream
-            .take(2)
+        // Half of the body, then the connection drops (logged once the client has read that far).
+        let (st, line) = (st.clone(), format!("{target} len={}", length.unwrap_or(0)));
+        let half = truncated(stream, length.unwrap_or(0) / 2)
             .map(|c| c.map(Frame::data))
-            .chain(futures_util::stream::once(async {
+            .chain(futures_util::stream::once(async move {
+                st.record("GET", &line, 0);
                 Err(io::Error::other("injected reset"))
             }));
         BodyExt::boxed(StreamBody::new(half))
@@ -448,4 +553,25 @@ fn rewrite_status(st: &State, parts: &hyper::http::request::Parts, status: u16) 
         Profile::Ecr if parts.method == "PATCH" && status == 202 => 201,
         _ => status,
     }
+}
+
+/// The first `keep` bytes of `stream`.
+fn truncated(
+    stream: impl futures_util::Stream<Item = io::Result<Bytes>> + Send + 'static,
+    keep: usize,
+) -> impl futures_util::Stream<Item = io::Result<Bytes>> + Send + 'static {
+    stream
+        .scan(keep, |left, chunk| {
+            let out = match chunk {
+                Ok(_) if *left == 0 => None,
+                Ok(mut c) => {
+                    c.truncate((*left).min(c.len()));
+                    *left -= c.len();
+                    Some(Ok(c))
+                }
+                Err(e) => Some(Err(e)),
+            };
+            futures_util::future::ready(out)
+        })
+        .fuse()
 }
