@@ -3,7 +3,7 @@
 //! into its content store, under our lease. Needs no snapshotter mount and no CAP_SYS_ADMIN
 //! here; cannot apply `--exclude` or `--source-date-epoch`.
 
-use super::{BlobLocation, FinishedLayer, LayerRequest, SourceError};
+use super::{BlobLocation, CaptureReport, FinishedLayer, LayerBlob, LayerRequest, SourceError};
 use crate::containerd::lookup::SnapshotMount;
 use crate::error::CommitError;
 use crate::image::media;
@@ -42,9 +42,7 @@ pub(super) async fn read(
         size: stored.size,
         media_type: req.media_type.to_string(),
     });
-    Ok(FinishedLayer {
-        layer,
-        blob: BlobLocation::ContentStore,
+    let capture = CaptureReport {
         stats: diff::Stats {
             source: "containerd",
             ..Default::default()
@@ -52,7 +50,11 @@ pub(super) async fn read(
         paused,
         source: super::DiffSourceKind::Containerd,
         reason,
-    })
+    };
+    Ok(capture.finished(LayerBlob {
+        desc: layer,
+        location: BlobLocation::ContentStore,
+    }))
 }
 
 /// containerd names compressions by OCI media types; Docker's gzip and tar types are the same bytes.

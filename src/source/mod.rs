@@ -128,17 +128,40 @@ pub enum BlobLocation {
     ContentStore,
 }
 
-/// What every source produces.
+/// A layer's blob once it is built: its descriptor (None: the container changed nothing, and no
+/// layer goes into the image) and where the blob lies.
 #[derive(Debug)]
-pub struct FinishedLayer {
-    /// None when the container changed nothing: no layer goes into the image.
-    pub layer: Option<LayerDescriptor>,
-    pub blob: BlobLocation,
+pub struct LayerBlob {
+    pub desc: Option<LayerDescriptor>,
+    pub location: BlobLocation,
+}
+
+/// What the capture tells of a layer besides its blob: what was read, how the sandbox was
+/// paused, which source ran and why.
+#[derive(Debug)]
+pub struct CaptureReport {
     pub stats: diff::Stats,
     pub paused: PauseReport,
     pub source: DiffSourceKind,
     /// Why this source was used (the result's `diffSourceReason`).
     pub reason: String,
+}
+
+impl CaptureReport {
+    /// The layer, once its blob is built.
+    pub fn finished(self, blob: LayerBlob) -> FinishedLayer {
+        FinishedLayer {
+            blob,
+            capture: self,
+        }
+    }
+}
+
+/// What every source produces.
+#[derive(Debug)]
+pub struct FinishedLayer {
+    pub blob: LayerBlob,
+    pub capture: CaptureReport,
 }
 
 /// A layer whose capture is done (the sandbox runs again) and whose blob may still be on its way:
@@ -147,10 +170,7 @@ pub struct FinishedLayer {
 pub struct StartedLayer {
     pub id: LayerId,
     pub media_type: String,
-    pub stats: diff::Stats,
-    pub paused: PauseReport,
-    pub source: DiffSourceKind,
-    pub reason: String,
+    pub capture: CaptureReport,
     pub finish: LayerFinish,
 }
 
@@ -168,8 +188,8 @@ pub enum LayerId {
 
 /// The blob of a [`StartedLayer`].
 pub enum LayerFinish {
-    /// Done: the descriptor (None: no layer) and where the blob is.
-    Ready(Option<LayerDescriptor>, BlobLocation),
+    /// Done.
+    Ready(LayerBlob),
     /// Being compressed into `path`; its bytes can be read as they come (`compressing.output`).
     Compressing {
         compressing: compress::Compressing,
@@ -183,10 +203,10 @@ pub enum LayerFinish {
 }
 
 impl LayerFinish {
-    /// Waits for the blob: its descriptor (None: no layer) and where it is.
-    pub async fn wait(self) -> Result<(Option<LayerDescriptor>, BlobLocation), CommitError> {
+    /// Waits for the blob.
+    pub async fn wait(self) -> Result<LayerBlob, CommitError> {
         match self {
-            LayerFinish::Ready(layer, blob) => Ok((layer, blob)),
+            LayerFinish::Ready(blob) => Ok(blob),
             LayerFinish::Compressing {
                 compressing,
                 path,
@@ -195,7 +215,10 @@ impl LayerFinish {
             } => {
                 let desc = compressing.checked(expect.as_ref()).await?;
                 drop(raw);
-                Ok((Some(desc), BlobLocation::File(path)))
+                Ok(LayerBlob {
+                    desc: Some(desc),
+                    location: BlobLocation::File(path),
+                })
             }
         }
     }
@@ -204,15 +227,15 @@ impl LayerFinish {
 impl StartedLayer {
     /// Waits for the blob: the finished layer (its tar checked against the capture's diff_id).
     pub async fn finish(self) -> Result<FinishedLayer, CommitError> {
-        let (layer, blob) = self.finish.wait().await?;
-        Ok(FinishedLayer {
-            layer,
-            blob,
-            stats: self.stats,
-            paused: self.paused,
-            source: self.source,
-            reason: self.reason,
-        })
+        let (finish, capture) = self.split();
+        Ok(capture.finished(finish.wait().await?))
+    }
+
+    /// The blob still to come, apart from what the capture already told: the pipeline uploads
+    /// the one while it writes the config from the other, then joins them again
+    /// ([`CaptureReport::finished`]).
+    pub fn split(self) -> (LayerFinish, CaptureReport) {
+        (self.finish, self.capture)
     }
 
     /// The config's view of the layer before its blob is done, when it can be had: `Some(None)`
@@ -232,21 +255,15 @@ impl StartedLayer {
     }
 
     fn ready(layer: FinishedLayer) -> StartedLayer {
+        let desc = layer.blob.desc.as_ref();
         StartedLayer {
-            id: match &layer.layer {
+            id: match desc {
                 Some(l) => LayerId::Known(l.diff_id.clone()),
                 None => LayerId::None,
             },
-            media_type: layer
-                .layer
-                .as_ref()
-                .map(|l| l.media_type.clone())
-                .unwrap_or_default(),
-            stats: layer.stats,
-            paused: layer.paused,
-            source: layer.source,
-            reason: layer.reason,
-            finish: LayerFinish::Ready(layer.layer, layer.blob),
+            media_type: desc.map(|l| l.media_type.clone()).unwrap_or_default(),
+            capture: layer.capture,
+            finish: LayerFinish::Ready(layer.blob),
         }
     }
 }
