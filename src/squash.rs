@@ -18,7 +18,7 @@
 use crate::containerd::lookup::{ContainerInfo, SnapshotMount};
 use crate::containerd::{Containerd, ContainerdError};
 use crate::image::ChainPlan;
-use crate::source::{DiffSourceChoice, DiffSourceKind, SourceError, TempMount};
+use crate::source::{DiffSourceChoice, DiffSourceKind, SnapshotView, SourceError, TempMount};
 use std::path::{Path, PathBuf};
 
 #[derive(Debug, thiserror::Error)]
@@ -179,7 +179,7 @@ pub struct SquashViews {
     /// The container's tree.
     pub upper: PathBuf,
     mounts: Vec<TempMount>,
-    view_key: Option<(Containerd, String, String)>,
+    view: Option<SnapshotView>,
 }
 
 impl SquashViews {
@@ -193,8 +193,8 @@ impl SquashViews {
 
     pub async fn cleanup(mut self) {
         self.mounts.clear();
-        if let Some((ctr, snapshotter, key)) = self.view_key.take() {
-            let _ = ctr.remove_snapshot(&snapshotter, &key).await;
+        if let Some(view) = self.view.take() {
+            view.remove().await;
         }
     }
 }
@@ -268,7 +268,7 @@ fn overlay_views(
         lower,
         upper,
         mounts,
-        view_key: None,
+        view: None,
     })
 }
 
@@ -284,21 +284,15 @@ async fn bind_views(
     if !upper.is_dir() {
         return Err(SquashError::NotVisible { path: upper });
     }
-    let key = format!("committer-squash-{}-{}", info.id, std::process::id());
-    let view = ctr
-        .view_snapshot(&info.snapshotter, &key, base_chain_id)
-        .await?;
-    let views = SquashViews {
-        lower: None,
-        upper,
-        mounts: vec![],
-        view_key: Some((ctr.clone(), info.snapshotter.clone(), key)),
-    };
-    match view.as_slice() {
+    let view = SnapshotView::new(ctr, info, "squash", base_chain_id).await?;
+    match view.mounts.as_slice() {
         [v] if (v.kind == "bind" || v.kind == "rbind") && Path::new(&v.source).is_dir() => {
+            let lower = Some(PathBuf::from(&v.source));
             Ok(SquashViews {
-                lower: Some(PathBuf::from(&v.source)),
-                ..views
+                lower,
+                upper,
+                mounts: vec![],
+                view: Some(view),
             })
         }
         other => {
@@ -307,7 +301,7 @@ async fn bind_views(
                 other.len(),
                 other.first().map(|m| &m.kind)
             );
-            views.cleanup().await;
+            view.remove().await;
             Err(SquashError::Unsupported {
                 id: info.id.clone(),
                 detail,

@@ -3,8 +3,8 @@
 //! into its content store, under our lease. Needs no snapshotter mount and no CAP_SYS_ADMIN
 //! here; cannot apply `--exclude` or `--source-date-epoch`.
 
+use super::prepare::SnapshotView;
 use super::{BlobLocation, CaptureReport, FinishedLayer, LayerBlob, LayerRequest, SourceError};
-use crate::containerd::lookup::SnapshotMount;
 use crate::error::CommitError;
 use crate::image::media;
 use crate::layer::LayerDescriptor;
@@ -29,11 +29,15 @@ pub(super) async fn read(
     }
     let (ctr, info) = (req.ctr, req.info);
     let upper = ctr.snapshot_mounts(info).await?;
-    let view = ParentView::mount(req).await?;
+    // The parent's view (none for a parentless snapshot: everything is new).
+    let view = SnapshotView::of_parent(ctr, info).await?;
+    let parent = view.as_ref().map_or(&[][..], |v| &v.mounts[..]);
     let reference = format!("committer-{}-{}", info.id, std::process::id());
-    let work = ctr.diff_in_containerd(view.mounts(), &upper, oci_type(req.media_type), &reference);
+    let work = ctr.diff_in_containerd(parent, &upper, oci_type(req.media_type), &reference);
     let result = freeze::while_paused(ctr, &info.id, req.plan.pause, work).await;
-    view.remove(req).await;
+    if let Some(view) = view {
+        view.remove().await;
+    }
     let (stored, paused) = result?;
     let stored = stored?;
     let layer = (stored.diff_id.as_str() != EMPTY_TAR_DIFF_ID).then(|| LayerDescriptor {
@@ -63,44 +67,6 @@ fn oci_type(media_type: &str) -> &str {
         media::DOCKER_LAYER_GZIP => media::OCI_LAYER_GZIP,
         media::DOCKER_LAYER_TAR => media::OCI_LAYER_TAR,
         other => other,
-    }
-}
-
-/// A temporary read-only view of the container snapshot's parent (none for a parentless one).
-struct ParentView {
-    key: Option<String>,
-    mounts: Vec<SnapshotMount>,
-}
-
-impl ParentView {
-    async fn mount(req: &LayerRequest<'_>) -> Result<ParentView, CommitError> {
-        let (ctr, info) = (req.ctr, req.info);
-        let Some(parent) = ctr
-            .snapshot_parent(&info.snapshotter, &info.snapshot_key)
-            .await?
-        else {
-            return Ok(ParentView {
-                key: None,
-                mounts: vec![],
-            });
-        };
-        let key = format!("committer-view-{}-{}", info.id, std::process::id());
-        let mounts = ctr.view_snapshot(&info.snapshotter, &key, &parent).await?;
-        Ok(ParentView {
-            key: Some(key),
-            mounts,
-        })
-    }
-
-    fn mounts(&self) -> &[SnapshotMount] {
-        &self.mounts
-    }
-
-    /// Best effort: the view is under our lease and goes with it if this fails.
-    async fn remove(self, req: &LayerRequest<'_>) {
-        if let Some(key) = self.key {
-            let _ = req.ctr.remove_snapshot(&req.info.snapshotter, &key).await;
-        }
     }
 }
 

@@ -21,7 +21,7 @@ mod reflink;
 mod spool;
 
 pub use differ::copy_stored_blob;
-pub use prepare::{view_options, PreparedSource, SourceKind, TempMount};
+pub use prepare::{view_options, PreparedSource, SnapshotView, SourceKind, TempMount};
 pub use reflink::CaptureKind;
 
 use crate::cli::SourcePlan;
