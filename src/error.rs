@@ -1,8 +1,10 @@
 //! The library's error: which stage failed, the typed cause, and the exit code it maps to.
 //!
-//! One rule for messages: a variant's Display says what was being done; a cause marked
-//! `#[source]` is never repeated in it. `main` prints the chain joined with ": ". Every error type
-//! of a stage says its own exit class (`ExitClass`), so the mapping lives next to nothing else.
+//! One rule for messages: a variant either marks its cause `#[source]` (and its Display says only
+//! what was being done) or formats the cause into its Display (and has no source) — never both.
+//! `main` prints the chain joined with ": " ([`chain_line`]), so each cause appears once. Every
+//! error type of a stage says its own exit class (`ExitClass`), so the mapping lives next to
+//! nothing else.
 
 use crate::containerd::ContainerdError;
 use crate::diff::DiffError;
@@ -21,6 +23,19 @@ pub mod exit {
     pub const CONTAINERD: i32 = 6;
     pub const BUSY: i32 = 7;
     pub const INTERRUPTED: i32 = 130;
+}
+
+/// An error and its causes on one line, joined with ": " — what `main` prints. Each cause
+/// appears once because no variant both formats its cause and marks it `#[source]`.
+pub fn chain_line(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut line = e.to_string();
+    let mut next = e.source();
+    while let Some(s) = next {
+        line.push_str(": ");
+        line.push_str(&s.to_string());
+        next = s.source();
+    }
+    line
 }
 
 /// The exit code an error stands for.
@@ -174,15 +189,49 @@ impl ExitClass for RegistryError {
 mod tests {
     use super::*;
 
-    /// What `main` prints: the chain joined with ": ".
+    use crate::diff::NotExact;
+    use crate::squash::SquashError;
+
     fn line(e: &(dyn std::error::Error + 'static)) -> String {
-        let mut parts = vec![e.to_string()];
-        let mut next = e.source();
-        while let Some(s) = next {
-            parts.push(s.to_string());
-            next = s.source();
+        chain_line(e)
+    }
+
+    fn enospc() -> std::io::Error {
+        std::io::Error::from_raw_os_error(28)
+    }
+
+    /// Every error that wraps a cause, printed as main prints it: the cause once, after what
+    /// was being done.
+    #[test]
+    fn each_cause_is_printed_once() {
+        let errors: Vec<CommitError> = vec![
+            DiffError::io("read", b"etc/passwd")(enospc()).into(),
+            DiffError::Write(enospc()).into(),
+            SquashError::Mount {
+                target: "/tmp/v".into(),
+                source: enospc(),
+            }
+            .into(),
+            RegistryError::Io {
+                context: "reading /spool/x".into(),
+                cause: enospc(),
+            }
+            .into(),
+            SourceError::Mount {
+                target: "/tmp/w".into(),
+                source: enospc(),
+            }
+            .into(),
+            CommitError::io("creating /spool/x")(enospc()),
+        ];
+        for e in &errors {
+            let l = line(e);
+            assert_eq!(l.matches("No space left").count(), 1, "{l}");
         }
-        parts.join(": ")
+        let e: CommitError = DiffError::from(NotExact::Redirect("/a".into())).into();
+        let l = line(&e);
+        assert_eq!(l.matches("overlay.redirect").count(), 1, "{l}");
+        assert_eq!(l.matches("not exact").count(), 1, "{l}");
     }
 
     #[test]

@@ -35,7 +35,7 @@ pub enum SquashError {
     Unsupported { id: String, detail: String },
     #[error("{path} (from the snapshot's mounts) is not visible here: mount the snapshotter root at the same path")]
     NotVisible { path: PathBuf },
-    #[error("mounting a read-only view at {target}: {source}")]
+    #[error("mounting a read-only view at {target}")]
     Mount {
         target: PathBuf,
         #[source]

@@ -28,7 +28,7 @@ use crate::cli::SourcePlan;
 use crate::containerd::lookup::ContainerInfo;
 use crate::containerd::{Containerd, ContainerdError};
 use crate::digest::Digest;
-use crate::error::CommitError;
+use crate::error::{chain_line as chain, CommitError};
 use crate::freeze::PauseReport;
 use crate::layer::LayerDescriptor;
 use crate::{diff, log};
@@ -328,16 +328,4 @@ pub async fn start_layer(req: &LayerRequest<'_>) -> Result<StartedLayer, CommitE
         }
         other => other,
     }
-}
-
-/// An error and its causes on one line.
-fn chain(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut line = e.to_string();
-    let mut next = e.source();
-    while let Some(s) = next {
-        line.push_str(": ");
-        line.push_str(&s.to_string());
-        next = s.source();
-    }
-    line
 }
