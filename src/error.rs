@@ -9,9 +9,10 @@
 use crate::containerd::ContainerdError;
 use crate::diff::DiffError;
 use crate::digest::Digest;
-use crate::image::ImageError;
+use crate::image::{ChangeError, ImageError, ProcessError};
 use crate::registry::{ErrorKind, RegistryError};
 use crate::source::SourceError;
+use crate::squash::SquashError;
 
 /// Exit codes (documented in the README).
 pub mod exit {
@@ -72,11 +73,11 @@ pub enum CommitError {
     #[error(transparent)]
     Refused(#[from] Refusal),
     #[error(transparent)]
-    Change(#[from] crate::image::ChangeError),
+    Change(#[from] ChangeError),
     #[error(transparent)]
-    Process(#[from] crate::image::ProcessError),
+    Process(#[from] ProcessError),
     #[error(transparent)]
-    Squash(#[from] crate::squash::SquashError),
+    Squash(#[from] SquashError),
     #[error("{what}")]
     Io {
         what: String,
@@ -118,11 +119,10 @@ impl ExitClass for CommitError {
             CommitError::Diff(e) => e.exit_code(),
             CommitError::Image(e) => e.exit_code(),
             CommitError::Registry(e) => e.exit_code(),
-            CommitError::Refused(_) | CommitError::Process(_) => exit::REFUSED,
-            // A --change the base makes impossible: the user's instruction.
-            CommitError::Change(_) => exit::USAGE,
-            CommitError::Squash(crate::squash::SquashError::Containerd(e)) => e.exit_code(),
-            CommitError::Squash(_) => exit::REFUSED,
+            CommitError::Refused(e) => e.exit_code(),
+            CommitError::Change(e) => e.exit_code(),
+            CommitError::Process(e) => e.exit_code(),
+            CommitError::Squash(e) => e.exit_code(),
             CommitError::Io { .. }
             | CommitError::SpoolCorrupt { .. }
             | CommitError::Task { .. } => exit::INTERNAL,
@@ -137,8 +137,39 @@ impl ExitClass for ContainerdError {
             ContainerdError::Busy { .. } => exit::BUSY,
             // The base the name points to now is not the one the sandbox runs on.
             ContainerdError::BaseMismatch { .. } => exit::REFUSED,
+            // A base we cannot build on, like a malformed descriptor (ImageError).
+            ContainerdError::MalformedBase { .. } => exit::REFUSED,
             e if e.is_not_found() => exit::NOT_FOUND,
             _ => exit::CONTAINERD,
+        }
+    }
+}
+
+impl ExitClass for Refusal {
+    fn exit_code(&self) -> i32 {
+        exit::REFUSED
+    }
+}
+
+impl ExitClass for ChangeError {
+    /// A --change the base makes impossible: the user's instruction.
+    fn exit_code(&self) -> i32 {
+        exit::USAGE
+    }
+}
+
+impl ExitClass for ProcessError {
+    /// A process config that cannot go into an image.
+    fn exit_code(&self) -> i32 {
+        exit::REFUSED
+    }
+}
+
+impl ExitClass for SquashError {
+    fn exit_code(&self) -> i32 {
+        match self {
+            SquashError::Containerd(e) => e.exit_code(),
+            _ => exit::REFUSED,
         }
     }
 }
@@ -190,7 +221,6 @@ mod tests {
     use super::*;
 
     use crate::diff::NotExact;
-    use crate::squash::SquashError;
 
     fn line(e: &(dyn std::error::Error + 'static)) -> String {
         chain_line(e)
@@ -254,6 +284,27 @@ mod tests {
         .into();
         assert_eq!(e.exit_code(), exit::REFUSED);
         assert!(line(&e).contains("\"sb\""));
+    }
+
+    #[test]
+    fn a_malformed_base_is_refused_wherever_it_is_found() {
+        // Read from the content store (its manifest is not JSON) …
+        let in_store: CommitError = ContainerdError::MalformedBase {
+            image: "reg/base:1".into(),
+            detail: "manifest sha256:… is not JSON".into(),
+        }
+        .into();
+        // … or typed later (a layer descriptor without a digest).
+        let base = crate::containerd::content::BaseImage {
+            name: "reg/base:1".into(),
+            manifest_digest: Digest::of(b"m"),
+            manifest_media_type: crate::image::media::OCI_MANIFEST.into(),
+            manifest: serde_json::json!({"config": {}, "layers": [{"size": 1}]}),
+            config_bytes: b"{}".to_vec(),
+        };
+        let typed: CommitError = crate::descriptor::base_blobs(&base).unwrap_err().into();
+        assert_eq!(in_store.exit_code(), exit::REFUSED);
+        assert_eq!(typed.exit_code(), exit::REFUSED);
     }
 
     #[test]

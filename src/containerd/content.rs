@@ -245,8 +245,8 @@ fn parse_digest(name: &str, d: &str) -> Result<Digest, ContainerdError> {
 }
 
 fn invalid(name: &str, detail: &str) -> ContainerdError {
-    ContainerdError::Invalid {
-        what: format!("base image {name:?}"),
+    ContainerdError::MalformedBase {
+        image: name.to_string(),
         detail: detail.to_string(),
     }
 }
