@@ -4,8 +4,8 @@
 //! Each stage is a call into its own module; this file only sequences them, and holds the lease
 //! around everything that reads the container's snapshot.
 
-use crate::cli::{CommitPlan, SourcePlan};
-use crate::containerd::content::BaseImage;
+use crate::base::BaseImage;
+use crate::cli::CommitPlan;
 use crate::containerd::lease::Lease;
 use crate::containerd::lookup::ContainerInfo;
 use crate::containerd::Containerd;
@@ -15,7 +15,9 @@ use crate::image::{self, Blob, Edits, Family, HistoryNote, ImageError, Provenanc
 use crate::layer::LayerDescriptor;
 use crate::registry::{Client, ClientOptions, Reference};
 use crate::report::CommitResult;
-use crate::source::{self, BlobLocation, Destination, FinishedLayer, LayerRequest, StartedLayer};
+use crate::source::{
+    self, BlobLocation, Destination, FinishedLayer, LayerRequest, SourcePlan, StartedLayer,
+};
 use crate::{log, push};
 use std::time::Instant;
 

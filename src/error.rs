@@ -11,8 +11,8 @@ use crate::diff::DiffError;
 use crate::digest::Digest;
 use crate::image::{ChangeError, ImageError, ProcessError};
 use crate::registry::{ErrorKind, RegistryError};
+use crate::source::squash::SquashError;
 use crate::source::SourceError;
-use crate::squash::SquashError;
 
 /// Exit codes (documented in the README).
 pub mod exit {
@@ -295,10 +295,10 @@ mod tests {
         }
         .into();
         // … or typed later (a layer descriptor without a digest).
-        let base = crate::containerd::content::BaseImage {
+        let base = crate::base::BaseImage {
             name: "reg/base:1".into(),
             manifest_digest: Digest::of(b"m"),
-            manifest_media_type: crate::image::media::OCI_MANIFEST.into(),
+            manifest_media_type: crate::media::OCI_MANIFEST.into(),
             manifest: serde_json::json!({"config": {}, "layers": [{"size": 1}]}),
             config_bytes: b"{}".to_vec(),
         };

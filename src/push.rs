@@ -21,7 +21,7 @@ use futures_util::future::{try_join_all, BoxFuture};
 use futures_util::StreamExt;
 use tokio::sync::OnceCell;
 
-use crate::containerd::content::BaseImage;
+use crate::base::BaseImage;
 use crate::containerd::Containerd;
 use crate::digest::Digest;
 use crate::error::CommitError;

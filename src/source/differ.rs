@@ -6,8 +6,8 @@
 use super::prepare::SnapshotView;
 use super::{BlobLocation, CaptureReport, FinishedLayer, LayerBlob, LayerRequest, SourceError};
 use crate::error::CommitError;
-use crate::image::media;
 use crate::layer::LayerDescriptor;
+use crate::media;
 use crate::{diff, freeze};
 
 /// sha256 of an empty tar (two zero blocks): what a differ writes for "no changes".

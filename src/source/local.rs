@@ -13,16 +13,17 @@
 use super::compress::{Compressing, Priority};
 use super::growing::{growing, Growing, GrowingWriter};
 use super::prepare::{prepare, PreparedSource};
-use super::reflink::{self, CaptureKind, Clones};
+use super::reflink::{self, Clones};
+use super::squash;
 use super::{
     BlobLocation, CaptureReport, DiffSourceChoice, DiffSourceKind, LayerBlob, LayerFile,
     LayerFinish, LayerId, LayerRequest, StartedLayer,
 };
 use crate::containerd::lookup::SnapshotMount;
 use crate::error::CommitError;
-use crate::image::Compression;
-use crate::layer::{CompressOptions, LayerDescriptor, LayerWriter};
-use crate::{diff, freeze, log, squash};
+use crate::freeze::CaptureKind;
+use crate::layer::{CompressOptions, Compression, LayerDescriptor, LayerWriter};
+use crate::{diff, freeze, log};
 use std::fs::File;
 use std::io::{BufWriter, Read};
 use std::path::Path;

@@ -3,8 +3,16 @@
 //! layer's descriptor, where its blob lives, what was read, how the sandbox was paused, which
 //! source ran and why. The pipeline never asks which one it was.
 //!
-//! - `prepare`: choosing and mounting a local source (upperdir, or the walk's read-only views).
-//! - `local`: a local source read while paused into the spool, compressed as it is read.
+//! - `prepare`: choosing and mounting a local source (upperdir, or the walk's read-only views),
+//!   and the temporary snapshot views (`SnapshotView`) the walk, the differ and the squash use.
+//! - `local`: a local source read while paused into the spool, then compressed (as it is read,
+//!   or from the recipe once the capture is whole).
+//! - `reflink`: the per-file capture: each changed file's content cloned (or kernel-copied) into
+//!   the spool while paused, the rest of the tar written as a recipe, the tar reassembled after
+//!   the resume.
+//! - `squash`: `--squash`'s source: the stack of upperdirs since the original base, or two
+//!   read-only views.
+//! - `spool`: the room check before the pause, and punching out what the compressor consumed.
 //! - `growing`: a file read while it is written (the raw spool, the compressed layer).
 //! - `compress`: the compressor: any reader of the tar in, a growing layer file out.
 //! - `differ`: containerd's Diff service builds the layer in its content store (socket-only mode).
@@ -19,12 +27,11 @@ mod local;
 mod prepare;
 mod reflink;
 mod spool;
+pub mod squash;
 
 pub use differ::copy_stored_blob;
 pub use prepare::{view_options, PreparedSource, SnapshotView, SourceKind, TempMount};
-pub use reflink::CaptureKind;
 
-use crate::cli::SourcePlan;
 use crate::containerd::lookup::ContainerInfo;
 use crate::containerd::{Containerd, ContainerdError};
 use crate::digest::Digest;
@@ -33,6 +40,24 @@ use crate::freeze::PauseReport;
 use crate::layer::LayerDescriptor;
 use crate::{diff, log};
 use std::path::{Path, PathBuf};
+
+/// What to read and how to build the layer (from `--diff-source`, `--exclude`, … by `cli`).
+#[derive(Debug, Clone)]
+pub struct SourcePlan {
+    pub address: PathBuf,
+    pub namespace: String,
+    pub selector: crate::containerd::lookup::Selector,
+    pub compress: crate::layer::CompressOptions,
+    pub diff_source: DiffSourceChoice,
+    pub exclude: Vec<String>,
+    pub include: Vec<String>,
+    pub source_date_epoch: Option<i64>,
+    pub max_layer_bytes: Option<u64>,
+    pub max_files: Option<u64>,
+    pub keep_xattrs: Vec<String>,
+    pub max_hole_bytes: Option<u64>,
+    pub pause: bool,
+}
 
 /// What the user asked for (`--diff-source`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

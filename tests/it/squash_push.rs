@@ -4,7 +4,7 @@
 
 use crate::lab::{Lab, RunOpts};
 use crate::tree::{compare_trees, CompareOpts};
-use committer::image::media;
+use committer::media;
 use serde_json::Value;
 
 /// Commits container `id` to `REGISTRY/snap:TAG` with `extra` flags; returns the image by digest.

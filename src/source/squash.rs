@@ -15,10 +15,10 @@
 //!
 //! Which lowerdirs belong to the base is a pure function, tested without mounts.
 
+use super::{DiffSourceChoice, DiffSourceKind, SnapshotView, SourceError, TempMount};
 use crate::containerd::lookup::{ContainerInfo, SnapshotMount};
 use crate::containerd::{Containerd, ContainerdError};
 use crate::image::ChainPlan;
-use crate::source::{DiffSourceChoice, DiffSourceKind, SnapshotView, SourceError, TempMount};
 use std::path::{Path, PathBuf};
 
 #[derive(Debug, thiserror::Error)]
@@ -165,8 +165,8 @@ fn stack(m: &SnapshotMount, image_layers: usize, keep: usize) -> Result<SquashSt
     })
 }
 
-/// The walk's view options serve the squash views too.
-pub use crate::source::view_options;
+// The walk's view options serve the squash views too.
+use super::view_options;
 
 fn option<'a>(m: &'a SnapshotMount, name: &str) -> Option<&'a str> {
     m.options.iter().find_map(|o| o.strip_prefix(name))
