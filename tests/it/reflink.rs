@@ -1,4 +1,4 @@
-//! The reflink capture (issue 17): on a loop-mounted XFS with reflink holding containerd's root
+//! The reflink capture: on a loop-mounted XFS with reflink holding containerd's root
 //! and the spool, the changed files are cloned while paused and the layer is built from the
 //! clones after the resume; the pulled image still equals the container byte for byte, and a
 //! sandbox writing right after the resume does not reach the layer. Elsewhere the capture copies.
