@@ -30,6 +30,8 @@ use std::path::Path;
 
 const BUF: usize = 1 << 20;
 
+/// The container's diff from a local source: the spool opened (the raw tar's compressor already
+/// tailing it), the capture while paused, then the layer's blob on its way.
 pub(super) async fn read(req: &LayerRequest<'_>) -> Result<StartedLayer, CommitError> {
     let mounts = req.ctr.snapshot_mounts(req.info).await?;
     let (spool, writer) = Spool::open(req, &mounts).await?;
