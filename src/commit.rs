@@ -304,8 +304,9 @@ impl ImageParts<'_> {
 fn squash_target(base: &BaseImage, edits: &Edits) -> Option<source::SquashTarget> {
     let plan = edits.chain.as_ref().filter(|p| p.squash)?;
     Some(source::SquashTarget {
-        plan: plan.clone(),
         image_layers: base.layers().len(),
+        keep_layers: plan.keep_layers,
+        base_chain_id: plan.original.chain_id.clone(),
     })
 }
 

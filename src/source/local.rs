@@ -384,9 +384,7 @@ async fn capture_squash(
     file: GrowingWriter,
 ) -> Result<Held, CommitError> {
     let (ctr, info) = (req.ctr, req.info);
-    let (layers, plan) = (target.image_layers, &target.plan);
-    let choice = req.plan.diff_source;
-    let first = squash::source(ctr, info, mounts, layers, plan, choice).await?;
+    let first = squash::source(ctr, info, mounts, target, req.plan.diff_source).await?;
     let work = squash_paused(req, target, mounts, first, file);
     let (attempt, paused) = freeze::while_paused(ctr, &info.id, req.plan.pause, work).await?;
     let (captured, source, reason) = attempt?;
@@ -410,7 +408,6 @@ async fn squash_paused(
     (source, reason): (squash::Squash, String),
     file: GrowingWriter,
 ) -> Result<(Captured, squash::Squash, String), CommitError> {
-    let (layers, plan) = (target.image_layers, &target.plan);
     let opts = diff::Options {
         copied_dir_mtimes: squash::copies_trees(mounts),
         ..diff_options(req, mounts)
@@ -436,7 +433,7 @@ async fn squash_paused(
     source.cleanup().await;
     file.rewind()
         .map_err(CommitError::io("rewinding the spool file"))?;
-    let views = squash::views(req.ctr, req.info, mounts, layers, plan).await?;
+    let views = squash::views(req.ctr, req.info, mounts, target).await?;
     let (out, file, views) = tar_blocking(
         squash::Squash::Views(Box::new(views)),
         opts,
@@ -447,7 +444,7 @@ async fn squash_paused(
     if out.is_ok() {
         file.finish();
     }
-    let reason = squash::walk_reason(plan.keep_layers, &why.to_string());
+    let reason = squash::walk_reason(target.keep_layers, &why.to_string());
     Ok((out, views, reason))
 }
 

@@ -302,11 +302,15 @@ pub struct Destination {
 }
 
 /// A squashing commit: the layer is the diff of the container against the original base's
-/// layers only (the first `plan.keep_layers` of the image's `image_layers`).
+/// layers only (the first `keep_layers` of the image's `image_layers`; the chain plan decides).
 #[derive(Debug, Clone)]
 pub struct SquashTarget {
-    pub plan: crate::image::ChainPlan,
+    /// The image's layers: the container's snapshot has as many lowerdirs.
     pub image_layers: usize,
+    /// How many of them are the original base's.
+    pub keep_layers: usize,
+    /// The chain ID of the original base's layers: the snapshot containerd committed for them.
+    pub base_chain_id: String,
 }
 
 /// One read of a container's diff.

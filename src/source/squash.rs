@@ -15,10 +15,9 @@
 //!
 //! Which lowerdirs belong to the base is a pure function, tested without mounts.
 
-use super::{DiffSourceChoice, DiffSourceKind, SnapshotView, SourceError, TempMount};
+use super::{DiffSourceChoice, DiffSourceKind, SnapshotView, SourceError, SquashTarget, TempMount};
 use crate::containerd::lookup::{ContainerInfo, SnapshotMount};
 use crate::containerd::{Containerd, ContainerdError};
-use crate::image::ChainPlan;
 use std::path::{Path, PathBuf};
 
 #[derive(Debug, thiserror::Error)]
@@ -99,11 +98,10 @@ pub async fn source(
     ctr: &Containerd,
     info: &ContainerInfo,
     mounts: &[SnapshotMount],
-    image_layers: usize,
-    plan: &ChainPlan,
+    target: &SquashTarget,
     choice: DiffSourceChoice,
 ) -> Result<(Squash, String), SquashError> {
-    let keep = plan.keep_layers;
+    let (image_layers, keep) = (target.image_layers, target.keep_layers);
     let why_not = match (choice, mounts) {
         (DiffSourceChoice::Walk, _) => "--diff-source walk".to_string(),
         (_, [m]) if m.kind == "overlay" => match stack(m, image_layers, keep) {
@@ -126,7 +124,7 @@ pub async fn source(
         },
         _ => "not an overlay snapshot".to_string(),
     };
-    let views = views(ctr, info, mounts, image_layers, plan).await?;
+    let views = views(ctr, info, mounts, target).await?;
     Ok((Squash::Views(Box::new(views)), walk_reason(keep, &why_not)))
 }
 
@@ -199,14 +197,13 @@ impl SquashViews {
     }
 }
 
-/// Prepares the views for a squashing commit of a container whose image has `image_layers`
-/// layers, `plan.keep_layers` of them the original base's (chain ID `plan.original.chain_id`).
+/// Prepares the views for a squashing commit: the original base (`target.keep_layers` of the
+/// image's `target.image_layers`, chain ID `target.base_chain_id`) and the container.
 pub async fn views(
     ctr: &Containerd,
     info: &ContainerInfo,
     mounts: &[SnapshotMount],
-    image_layers: usize,
-    plan: &ChainPlan,
+    target: &SquashTarget,
 ) -> Result<SquashViews, SquashError> {
     let unsupported = |detail: String| SquashError::Unsupported {
         id: info.id.clone(),
@@ -216,8 +213,8 @@ pub async fn views(
         return Err(unsupported(format!("{} mounts", mounts.len())));
     };
     match m.kind.as_str() {
-        "overlay" => overlay_views(info, m, image_layers, plan.keep_layers),
-        "bind" | "rbind" => bind_views(ctr, info, m, &plan.original.chain_id).await,
+        "overlay" => overlay_views(info, m, target.image_layers, target.keep_layers),
+        "bind" | "rbind" => bind_views(ctr, info, m, &target.base_chain_id).await,
         other => Err(unsupported(format!("a mount of type {other:?}"))),
     }
 }

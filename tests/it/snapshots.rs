@@ -47,7 +47,12 @@ async fn squash_layer(lab: &Lab, id: &str, base_rootfs: &Path, expect: &str) -> 
     assert!(plan.squash, "{plan:?}");
     assert_eq!(plan.keep_layers, 2, "the base image's two layers");
     let mounts = ctr.snapshot_mounts(&info).await.unwrap();
-    let views = committer::source::squash::views(&ctr, &info, &mounts, image.layers().len(), &plan)
+    let target = committer::source::SquashTarget {
+        image_layers: image.layers().len(),
+        keep_layers: plan.keep_layers,
+        base_chain_id: plan.original.chain_id.clone(),
+    };
+    let views = committer::source::squash::views(&ctr, &info, &mounts, &target)
         .await
         .unwrap();
 
@@ -81,8 +86,7 @@ async fn squash_layer(lab: &Lab, id: &str, base_rootfs: &Path, expect: &str) -> 
         &ctr,
         &info,
         &mounts,
-        image.layers().len(),
-        &plan,
+        &target,
         committer::source::DiffSourceChoice::Auto,
     )
     .await
