@@ -2,7 +2,7 @@
 //!
 //! `commit::commit` shows the pipeline order; each stage lives in its own module. Dependencies
 //! point down from the pipeline: the stages use the two clients (`containerd`, `registry`) and the
-//! leaf types (`base`, `media`, `digest`, `descriptor`, `layer`), and nothing but `commit` uses
+//! shared types (`base`, `media`, `digest`, `descriptor`, `layer`), and nothing but `commit` uses
 //! `push`. Two cycles are kept on purpose: the stages' errors meet in `error::CommitError`, which
 //! `source` also returns (`source` ↔ `error`); and `log` ↔ `progress`, which share stderr (a log
 //! line clears the bar, the bar's JSON events are log lines).
