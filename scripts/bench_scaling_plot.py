@@ -1,6 +1,7 @@
 #!/usr/bin/env python3
 """Plots the scaling workload of scripts/bench.sh: pause against diff size, one line per filesystem/capture,
-with the dd of the same bytes to the spool as the disk's limit (dashed) and the issue's targets (dotted).
+with the dd of the same bytes to the spool as the disk's limit (dashed) and the pause targets (dotted:
+1.5 s/GiB copying, 0.1 s/GiB with reflink).
 
     bench_scaling_plot.py SCALING.tsv OUT.png
 

@@ -2,10 +2,9 @@
 //! `CommitPlan` (commit) or `SourcePlan` (diff) that the library runs. Nothing here touches the network or disk.
 
 use crate::containerd::lookup::Selector;
-use crate::image::Compression;
-use crate::layer::CompressOptions;
+use crate::layer::{CompressOptions, Compression};
 use crate::registry::Reference;
-use crate::source::DiffSourceChoice;
+use crate::source::{DiffSourceChoice, SourcePlan};
 use clap::{ArgAction, Args, Parser, Subcommand, ValueEnum};
 use std::path::PathBuf;
 
@@ -250,24 +249,6 @@ pub struct DiffArgs {
 #[derive(Debug, thiserror::Error)]
 #[error("{0}")]
 pub struct UsageError(pub String);
-
-/// What to read and how to build the layer.
-#[derive(Debug, Clone)]
-pub struct SourcePlan {
-    pub address: PathBuf,
-    pub namespace: String,
-    pub selector: Selector,
-    pub compress: CompressOptions,
-    pub diff_source: DiffSourceChoice,
-    pub exclude: Vec<String>,
-    pub include: Vec<String>,
-    pub source_date_epoch: Option<i64>,
-    pub max_layer_bytes: Option<u64>,
-    pub max_files: Option<u64>,
-    pub keep_xattrs: Vec<String>,
-    pub max_hole_bytes: Option<u64>,
-    pub pause: bool,
-}
 
 /// A validated `committer commit`.
 #[derive(Debug, Clone)]

@@ -4,8 +4,8 @@
 //! Each stage is a call into its own module; this file only sequences them, and holds the lease
 //! around everything that reads the container's snapshot.
 
-use crate::cli::{CommitPlan, SourcePlan};
-use crate::containerd::content::BaseImage;
+use crate::base::BaseImage;
+use crate::cli::CommitPlan;
 use crate::containerd::lease::Lease;
 use crate::containerd::lookup::ContainerInfo;
 use crate::containerd::Containerd;
@@ -13,13 +13,15 @@ use crate::descriptor::base_blobs;
 use crate::error::{CommitError, Refusal};
 use crate::image::{self, Blob, Edits, Family, HistoryNote, ImageError, Provenance};
 use crate::layer::LayerDescriptor;
-use crate::registry::{Client, ClientOptions};
+use crate::registry::{Client, ClientOptions, Reference};
 use crate::report::CommitResult;
-use crate::source::{self, BlobLocation, Destination, FinishedLayer, LayerRequest, StartedLayer};
+use crate::source::{
+    self, BlobLocation, Destination, FinishedLayer, LayerRequest, SourcePlan, StartedLayer,
+};
 use crate::{log, push};
 use std::time::Instant;
 
-/// `committer commit`: the whole job.
+/// `committer commit`: the whole job, in pipeline order.
 pub async fn commit(plan: &CommitPlan) -> Result<CommitResult, CommitError> {
     let started = Instant::now();
     let opts = client_options(plan);
@@ -32,20 +34,8 @@ pub async fn commit(plan: &CommitPlan) -> Result<CommitResult, CommitError> {
         let base = leased_base(&ctr, &info, lease).await?;
         let edits = edits(plan, &info, &base)?;
         let family = Family::for_base(&base.manifest_media_type, plan.source.compress.compression);
-        let dest = Destination {
-            spool_dir: plan.spool_dir.clone().unwrap_or_else(std::env::temp_dir),
-            output: None,
-        };
         // Returns once the sandbox runs again; the layer may still be being compressed.
-        let started = source::start_layer(&LayerRequest {
-            ctr: &ctr,
-            info: &info,
-            plan: &plan.source,
-            media_type: family.layer_media_type(plan.source.compress.compression),
-            dest: &dest,
-            squash: squash_target(&base, &edits),
-        })
-        .await?;
+        let layer = start_layer(plan, &ctr, &info, &base, &edits, family).await?;
         let created = now_rfc3339();
         let image = ImageParts {
             base: &base,
@@ -54,61 +44,90 @@ pub async fn commit(plan: &CommitPlan) -> Result<CommitResult, CommitError> {
             edits: &edits,
             created: &created,
         };
-        let config_now = started.config_layer();
         let base_ref = base.name.parse().ok();
-        let job = push::PushJob {
-            client: &client,
-            ctr: &ctr,
-            base: &base,
-            base_ref: base_ref.as_ref(),
-            base_opts: &opts,
-            keep_base_layers: edits
-                .chain
-                .as_ref()
-                .map_or(base.layers().len(), |c| c.keep_layers),
-        };
-        let StartedLayer {
-            stats,
-            paused,
-            source,
-            reason,
-            finish,
-            ..
-        } = started;
-        let layer_and_bases = async {
-            tokio::try_join!(push::push_layer(&job, finish), push::push_base_layers(&job))
-        };
-        // The config needs the diff_id: pushed alongside when the capture knew it, else once
-        // the layer is built.
-        let ((layer, blob), config) = match config_now {
-            Some(known) => {
-                let config = image.config(known.as_ref())?;
-                let (((layer, blob), ()), ()) =
-                    tokio::try_join!(layer_and_bases, push::push_config(&job, &config))?;
-                ((layer, blob), config)
-            }
-            None => {
-                let ((layer, blob), ()) = layer_and_bases.await?;
-                let config = image.config(layer.as_ref())?;
-                push::push_config(&job, &config).await?;
-                ((layer, blob), config)
-            }
-        };
-        let manifest = image.manifest(&config, layer.as_ref())?;
+        let job = push_job(&client, &ctr, &base, base_ref.as_ref(), &opts, &edits);
+        let (layer, config) = push_blobs(&job, &image, layer).await?;
+        let manifest = image.manifest(&config, layer.blob.desc.as_ref())?;
         push::push_manifest(&client, &manifest, &tags(plan)).await?;
-        let layer = FinishedLayer {
-            layer,
-            blob,
-            stats,
-            paused,
-            source,
-            reason,
-        };
         Ok(result(plan, &info, &base, layer, &config, &manifest))
     })
     .await?;
     result.duration_ms = started.elapsed().as_millis() as u64;
     Ok(result)
+}
+
+/// The capture, into the spool; the blob may still be being compressed when it returns.
+async fn start_layer(
+    plan: &CommitPlan,
+    ctr: &Containerd,
+    info: &ContainerInfo,
+    base: &BaseImage,
+    edits: &Edits,
+    family: Family,
+) -> Result<StartedLayer, CommitError> {
+    let dest = Destination {
+        spool_dir: plan.spool_dir.clone().unwrap_or_else(std::env::temp_dir),
+        output: None,
+    };
+    source::start_layer(&LayerRequest {
+        ctr,
+        info,
+        plan: &plan.source,
+        media_type: family.layer_media_type(plan.source.compress.compression),
+        dest: &dest,
+        squash: squash_target(base, edits),
+    })
+    .await
+}
+
+fn push_job<'a>(
+    client: &'a Client,
+    ctr: &'a Containerd,
+    base: &'a BaseImage,
+    base_ref: Option<&'a Reference>,
+    base_opts: &'a ClientOptions,
+    edits: &Edits,
+) -> push::PushJob<'a> {
+    push::PushJob {
+        client,
+        ctr,
+        base,
+        base_ref,
+        base_opts,
+        keep_base_layers: edits
+            .chain
+            .as_ref()
+            .map_or(base.layers().len(), |c| c.keep_layers),
+    }
+}
+
+/// The new layer (uploaded as it is compressed), the kept base layers and the config, at once.
+/// The config needs the diff_id: pushed alongside when the capture knew it, else once the layer
+/// is built.
+async fn push_blobs(
+    job: &push::PushJob<'_>,
+    image: &ImageParts<'_>,
+    layer: StartedLayer,
+) -> Result<(FinishedLayer, Blob), CommitError> {
+    let config_now = layer.config_layer();
+    let (finish, capture) = layer.split();
+    let layer_and_bases =
+        async { tokio::try_join!(push::push_layer(job, finish), push::push_base_layers(job)) };
+    let (blob, config) = match config_now {
+        Some(known) => {
+            let config = image.config(known.as_ref())?;
+            let ((blob, ()), ()) =
+                tokio::try_join!(layer_and_bases, push::push_config(job, &config))?;
+            (blob, config)
+        }
+        None => {
+            let (blob, ()) = layer_and_bases.await?;
+            let config = image.config(blob.desc.as_ref())?;
+            push::push_config(job, &config).await?;
+            (blob, config)
+        }
+    };
+    Ok((capture.finished(blob), config))
 }
 
 /// `committer diff`: the layer written to `output`; returns its descriptor.
@@ -134,10 +153,10 @@ pub async fn diff_to_file(
             squash: None,
         })
         .await?;
-        let desc = layer.layer.ok_or_else(|| Refusal::EmptyDiff {
+        let desc = layer.blob.desc.ok_or_else(|| Refusal::EmptyDiff {
             container: info.id.clone(),
         })?;
-        if let BlobLocation::ContentStore = layer.blob {
+        if let BlobLocation::ContentStore = layer.blob.location {
             source::copy_stored_blob(&ctr, &desc.digest, output).await?;
         }
         Ok(desc)
@@ -285,8 +304,9 @@ impl ImageParts<'_> {
 fn squash_target(base: &BaseImage, edits: &Edits) -> Option<source::SquashTarget> {
     let plan = edits.chain.as_ref().filter(|p| p.squash)?;
     Some(source::SquashTarget {
-        plan: plan.clone(),
         image_layers: base.layers().len(),
+        keep_layers: plan.keep_layers,
+        base_chain_id: plan.original.chain_id.clone(),
     })
 }
 
@@ -343,15 +363,15 @@ fn result(
         manifest_digest: manifest.digest.clone(),
         config_digest: config.digest.clone(),
         media_type: manifest.media_type.clone(),
-        layer: layer.layer,
+        layer: layer.blob.desc,
         base_image: base.name.clone(),
         base_digest: base.manifest_digest.clone(),
         container: info.id.clone(),
-        diff_source: layer.source.to_string(),
-        diff_source_reason: layer.reason,
-        entries: layer.stats.entries,
-        content_bytes: layer.stats.content_bytes,
-        paused: layer.paused,
+        diff_source: layer.capture.source.to_string(),
+        diff_source_reason: layer.capture.reason,
+        entries: layer.capture.stats.entries,
+        content_bytes: layer.capture.stats.content_bytes,
+        paused: layer.capture.paused,
         duration_ms: 0,
     }
 }

@@ -2,7 +2,7 @@
 //! that unknown keys survive): the base's config and layers as `Descriptor`s, so that no later
 //! stage digs digests out of untyped JSON.
 
-use crate::containerd::content::BaseImage;
+use crate::base::BaseImage;
 use crate::digest::Digest;
 use crate::image::ImageError;
 use serde_json::Value;
@@ -73,7 +73,7 @@ mod tests {
         BaseImage {
             name: "reg/base:1".into(),
             manifest_digest: Digest::of(b"m"),
-            manifest_media_type: crate::image::media::OCI_MANIFEST.into(),
+            manifest_media_type: crate::media::OCI_MANIFEST.into(),
             manifest,
             config_bytes: b"{}".to_vec(),
         }

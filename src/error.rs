@@ -1,14 +1,17 @@
 //! The library's error: which stage failed, the typed cause, and the exit code it maps to.
 //!
-//! One rule for messages: a variant's Display says what was being done; a cause marked
-//! `#[source]` is never repeated in it. `main` prints the chain joined with ": ". Every error type
-//! of a stage says its own exit class (`ExitClass`), so the mapping lives next to nothing else.
+//! One rule for messages: a variant either marks its cause `#[source]` (and its Display says only
+//! what was being done) or formats the cause into its Display (and has no source) — never both.
+//! `main` prints the chain joined with ": " ([`chain_line`]), so each cause appears once. Every
+//! error type of a stage says its own exit class (`ExitClass`), so the mapping lives next to
+//! nothing else.
 
 use crate::containerd::ContainerdError;
 use crate::diff::DiffError;
 use crate::digest::Digest;
-use crate::image::ImageError;
+use crate::image::{ChangeError, ImageError, ProcessError};
 use crate::registry::{ErrorKind, RegistryError};
+use crate::source::squash::SquashError;
 use crate::source::SourceError;
 
 /// Exit codes (documented in the README).
@@ -21,6 +24,19 @@ pub mod exit {
     pub const CONTAINERD: i32 = 6;
     pub const BUSY: i32 = 7;
     pub const INTERRUPTED: i32 = 130;
+}
+
+/// An error and its causes on one line, joined with ": " — what `main` prints. Each cause
+/// appears once because no variant both formats its cause and marks it `#[source]`.
+pub fn chain_line(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut line = e.to_string();
+    let mut next = e.source();
+    while let Some(s) = next {
+        line.push_str(": ");
+        line.push_str(&s.to_string());
+        next = s.source();
+    }
+    line
 }
 
 /// The exit code an error stands for.
@@ -57,11 +73,11 @@ pub enum CommitError {
     #[error(transparent)]
     Refused(#[from] Refusal),
     #[error(transparent)]
-    Change(#[from] crate::image::ChangeError),
+    Change(#[from] ChangeError),
     #[error(transparent)]
-    Process(#[from] crate::image::ProcessError),
+    Process(#[from] ProcessError),
     #[error(transparent)]
-    Squash(#[from] crate::squash::SquashError),
+    Squash(#[from] SquashError),
     #[error("{what}")]
     Io {
         what: String,
@@ -103,11 +119,10 @@ impl ExitClass for CommitError {
             CommitError::Diff(e) => e.exit_code(),
             CommitError::Image(e) => e.exit_code(),
             CommitError::Registry(e) => e.exit_code(),
-            CommitError::Refused(_) | CommitError::Process(_) => exit::REFUSED,
-            // A --change the base makes impossible: the user's instruction.
-            CommitError::Change(_) => exit::USAGE,
-            CommitError::Squash(crate::squash::SquashError::Containerd(e)) => e.exit_code(),
-            CommitError::Squash(_) => exit::REFUSED,
+            CommitError::Refused(e) => e.exit_code(),
+            CommitError::Change(e) => e.exit_code(),
+            CommitError::Process(e) => e.exit_code(),
+            CommitError::Squash(e) => e.exit_code(),
             CommitError::Io { .. }
             | CommitError::SpoolCorrupt { .. }
             | CommitError::Task { .. } => exit::INTERNAL,
@@ -122,8 +137,39 @@ impl ExitClass for ContainerdError {
             ContainerdError::Busy { .. } => exit::BUSY,
             // The base the name points to now is not the one the sandbox runs on.
             ContainerdError::BaseMismatch { .. } => exit::REFUSED,
+            // A base we cannot build on, like a malformed descriptor (ImageError).
+            ContainerdError::MalformedBase { .. } => exit::REFUSED,
             e if e.is_not_found() => exit::NOT_FOUND,
             _ => exit::CONTAINERD,
+        }
+    }
+}
+
+impl ExitClass for Refusal {
+    fn exit_code(&self) -> i32 {
+        exit::REFUSED
+    }
+}
+
+impl ExitClass for ChangeError {
+    /// A --change the base makes impossible: the user's instruction.
+    fn exit_code(&self) -> i32 {
+        exit::USAGE
+    }
+}
+
+impl ExitClass for ProcessError {
+    /// A process config that cannot go into an image.
+    fn exit_code(&self) -> i32 {
+        exit::REFUSED
+    }
+}
+
+impl ExitClass for SquashError {
+    fn exit_code(&self) -> i32 {
+        match self {
+            SquashError::Containerd(e) => e.exit_code(),
+            _ => exit::REFUSED,
         }
     }
 }
@@ -174,15 +220,48 @@ impl ExitClass for RegistryError {
 mod tests {
     use super::*;
 
-    /// What `main` prints: the chain joined with ": ".
+    use crate::diff::NotExact;
+
     fn line(e: &(dyn std::error::Error + 'static)) -> String {
-        let mut parts = vec![e.to_string()];
-        let mut next = e.source();
-        while let Some(s) = next {
-            parts.push(s.to_string());
-            next = s.source();
+        chain_line(e)
+    }
+
+    fn enospc() -> std::io::Error {
+        std::io::Error::from_raw_os_error(28)
+    }
+
+    /// Every error that wraps a cause, printed as main prints it: the cause once, after what
+    /// was being done.
+    #[test]
+    fn each_cause_is_printed_once() {
+        let errors: Vec<CommitError> = vec![
+            DiffError::io("read", b"etc/passwd")(enospc()).into(),
+            DiffError::Write(enospc()).into(),
+            SquashError::Mount {
+                target: "/tmp/v".into(),
+                source: enospc(),
+            }
+            .into(),
+            RegistryError::Io {
+                context: "reading /spool/x".into(),
+                cause: enospc(),
+            }
+            .into(),
+            SourceError::Mount {
+                target: "/tmp/w".into(),
+                source: enospc(),
+            }
+            .into(),
+            CommitError::io("creating /spool/x")(enospc()),
+        ];
+        for e in &errors {
+            let l = line(e);
+            assert_eq!(l.matches("No space left").count(), 1, "{l}");
         }
-        parts.join(": ")
+        let e: CommitError = DiffError::from(NotExact::Redirect("/a".into())).into();
+        let l = line(&e);
+        assert_eq!(l.matches("overlay.redirect").count(), 1, "{l}");
+        assert_eq!(l.matches("not exact").count(), 1, "{l}");
     }
 
     #[test]
@@ -205,6 +284,27 @@ mod tests {
         .into();
         assert_eq!(e.exit_code(), exit::REFUSED);
         assert!(line(&e).contains("\"sb\""));
+    }
+
+    #[test]
+    fn a_malformed_base_is_refused_wherever_it_is_found() {
+        // Read from the content store (its manifest is not JSON) …
+        let in_store: CommitError = ContainerdError::MalformedBase {
+            image: "reg/base:1".into(),
+            detail: "manifest sha256:… is not JSON".into(),
+        }
+        .into();
+        // … or typed later (a layer descriptor without a digest).
+        let base = crate::base::BaseImage {
+            name: "reg/base:1".into(),
+            manifest_digest: Digest::of(b"m"),
+            manifest_media_type: crate::media::OCI_MANIFEST.into(),
+            manifest: serde_json::json!({"config": {}, "layers": [{"size": 1}]}),
+            config_bytes: b"{}".to_vec(),
+        };
+        let typed: CommitError = crate::descriptor::base_blobs(&base).unwrap_err().into();
+        assert_eq!(in_store.exit_code(), exit::REFUSED);
+        assert_eq!(typed.exit_code(), exit::REFUSED);
     }
 
     #[test]

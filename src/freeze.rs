@@ -38,7 +38,17 @@ pub struct PauseReport {
     pub skipped: Option<PauseSkipped>,
     /// How the local source captured the diff (`reflink`: contents cloned while paused, read
     /// after the resume; `copy`: copied while paused); null for containerd's differ.
-    pub capture: Option<crate::source::CaptureKind>,
+    pub capture: Option<CaptureKind>,
+}
+
+/// How the capture was made (the result's `paused.capture`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CaptureKind {
+    /// Contents cloned while paused, read after the resume.
+    Reflink,
+    /// Contents copied while paused.
+    Copy,
 }
 
 /// Runs `work` with the container paused (when `enabled` and its task runs), and resumes it

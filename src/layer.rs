@@ -5,9 +5,16 @@
 //! Writers nest: `LayerWriter { diff_id: Sha256, enc: Encoder<Counted<W>> }`.
 
 use crate::digest::Digest;
-use crate::image::Compression;
 use sha2::{Digest as _, Sha256};
 use std::io::{self, Write};
+
+/// How the new layer is compressed; decides its media type.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Compression {
+    Gzip,
+    Zstd,
+    None,
+}
 
 /// The new layer, as the manifest and the config name it.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]

@@ -1,8 +1,13 @@
 //! committer: turn a running containerd container's filesystem into an OCI image in a registry.
 //!
-//! `commit::commit` shows the pipeline order; each stage lives in its own module and knows
-//! nothing of the stages after it.
+//! `commit::commit` shows the pipeline order; each stage lives in its own module. Dependencies
+//! point down from the pipeline: the stages use the two clients (`containerd`, `registry`) and the
+//! shared types (`base`, `media`, `digest`, `descriptor`, `layer`), and nothing but `commit` uses
+//! `push`. Two cycles are kept on purpose: the stages' errors meet in `error::CommitError`, which
+//! `source` also returns (`source` ↔ `error`); and `log` ↔ `progress`, which share stderr (a log
+//! line clears the bar, the bar's JSON events are log lines).
 
+pub mod base;
 pub mod cli;
 pub mod commit;
 pub mod containerd;
@@ -15,6 +20,7 @@ pub mod guard;
 pub mod image;
 pub mod layer;
 pub mod log;
+pub mod media;
 pub mod outputs;
 pub mod pgzip;
 pub mod progress;
@@ -22,7 +28,6 @@ pub mod push;
 pub mod registry;
 pub mod report;
 pub mod source;
-pub mod squash;
 pub mod supervise;
 #[cfg(test)]
 mod testing;

@@ -291,17 +291,7 @@ fn fail_line(line: &str, code: i32) -> i32 {
 }
 
 fn failure(e: CommitError) -> i32 {
-    let mut line = e.to_string();
-    let mut source = std::error::Error::source(&e);
-    while let Some(s) = source {
-        let text = s.to_string();
-        if !line.contains(&text) {
-            line.push_str(": ");
-            line.push_str(&text);
-        }
-        source = s.source();
-    }
-    fail_line(&line, e.exit_code())
+    fail_line(&committer::error::chain_line(&e), e.exit_code())
 }
 
 #[cfg(test)]

@@ -7,7 +7,7 @@
 //! growing compressed file, and the blob is committed with the digest known at its end. The file
 //! stays on disk, so when the streamed upload fails for any reason the layer is uploaded again
 //! from the file by the robust path (chunks, quirks, retries), never compressed again. The base
-//! layers and the config (which needs only the diff_id) go up meanwhile ([`push_base_and_config`]).
+//! layers and the config (which needs only the diff_id) go up meanwhile ([`push_base_layers`], [`push_config`]).
 //!
 //! Sources: the new layer from the spool file or containerd's content store; the config from memory;
 //! a base layer from the node's content store, or — when the node discarded it (containerd's
@@ -21,7 +21,7 @@ use futures_util::future::{try_join_all, BoxFuture};
 use futures_util::StreamExt;
 use tokio::sync::OnceCell;
 
-use crate::containerd::content::BaseImage;
+use crate::base::BaseImage;
 use crate::containerd::Containerd;
 use crate::digest::Digest;
 use crate::error::CommitError;
@@ -33,7 +33,7 @@ use crate::registry::{
     RegistryBlob,
 };
 use crate::source::compress::Compressing;
-use crate::source::{BlobLocation, LayerFile, LayerFinish};
+use crate::source::{BlobLocation, LayerBlob, LayerFile, LayerFinish};
 
 pub struct PushJob<'a> {
     /// The target repository (push scope).
@@ -98,15 +98,13 @@ pub async fn push_manifest(
 
 /// The new layer into the target repository: uploaded as it is compressed when it still is,
 /// else from where it lies. Returns its descriptor (None: no layer) and where its blob is.
-pub async fn push_layer(
-    job: &PushJob<'_>,
-    finish: LayerFinish,
-) -> Result<(Option<LayerDescriptor>, BlobLocation), CommitError> {
+pub async fn push_layer(job: &PushJob<'_>, finish: LayerFinish) -> Result<LayerBlob, CommitError> {
     match finish {
-        LayerFinish::Ready(None, blob) => Ok((None, blob)),
-        LayerFinish::Ready(Some(desc), blob) => {
-            push_new_layer(job, &desc, &blob).await?;
-            Ok((Some(desc), blob))
+        LayerFinish::Ready(blob) => {
+            if let Some(desc) = &blob.desc {
+                push_new_layer(job, desc, &blob.location).await?;
+            }
+            Ok(blob)
         }
         LayerFinish::Compressing {
             compressing,
@@ -120,7 +118,10 @@ pub async fn push_layer(
             drop(raw);
             let file = Box::new(FileSource::new(path.path()));
             push_new_layer_from(job.client, &desc, file).await?;
-            Ok((Some(desc), BlobLocation::File(path)))
+            Ok(LayerBlob {
+                desc: Some(desc),
+                location: BlobLocation::File(path),
+            })
         }
         LayerFinish::Compressing {
             compressing,
@@ -129,7 +130,10 @@ pub async fn push_layer(
             expect,
         } => {
             let desc = stream_new_layer(job.client, compressing, raw, &path, expect).await?;
-            Ok((Some(desc), BlobLocation::File(path)))
+            Ok(LayerBlob {
+                desc: Some(desc),
+                location: BlobLocation::File(path),
+            })
         }
     }
 }

@@ -113,7 +113,7 @@ mod tests {
             paused: PauseReport {
                 ms: 0,
                 skipped: None,
-                capture: Some(crate::source::CaptureKind::Reflink),
+                capture: Some(crate::freeze::CaptureKind::Reflink),
             },
             duration_ms: 1,
         }

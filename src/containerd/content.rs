@@ -11,23 +11,15 @@
 
 use super::lookup::ContainerInfo;
 use super::{Containerd, ContainerdError};
+use crate::base::BaseImage;
 use crate::digest::Digest;
-use crate::image::media;
+use crate::media;
 use containerd_client::services::v1::{GetImageRequest, ListImagesRequest, ReadContentRequest};
 
 /// Manifests and configs are small; anything bigger than this in the content store is not one.
 const MAX_METADATA_BLOB: i64 = 8 << 20;
 
-/// The image the container was created from.
-#[derive(Debug, Clone)]
-pub struct BaseImage {
-    pub name: String,
-    pub manifest_digest: Digest,
-    pub manifest_media_type: String,
-    pub manifest: serde_json::Value,
-    pub config_bytes: Vec<u8>,
-}
-
+// Read here; the type is in `crate::base`, where the stages that build on it find it.
 impl BaseImage {
     /// The chain ID of the config's `rootfs.diff_ids` ("" for an image with no layers): the
     /// name containerd's unpacker gives the snapshot of the image's top layer.
@@ -40,15 +32,6 @@ impl BaseImage {
             .ok_or_else(|| invalid(&self.name, "config has no rootfs.diff_ids"))?;
         let ids: Vec<&str> = ids.iter().filter_map(|d| d.as_str()).collect();
         Ok(chain_id(&ids))
-    }
-
-    /// The base manifest's layer descriptors, as JSON objects (annotations and all).
-    pub fn layers(&self) -> Vec<serde_json::Value> {
-        self.manifest
-            .get("layers")
-            .and_then(|l| l.as_array())
-            .cloned()
-            .unwrap_or_default()
     }
 }
 
@@ -245,8 +228,8 @@ fn parse_digest(name: &str, d: &str) -> Result<Digest, ContainerdError> {
 }
 
 fn invalid(name: &str, detail: &str) -> ContainerdError {
-    ContainerdError::Invalid {
-        what: format!("base image {name:?}"),
+    ContainerdError::MalformedBase {
+        image: name.to_string(),
         detail: detail.to_string(),
     }
 }

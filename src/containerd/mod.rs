@@ -64,6 +64,10 @@ pub enum ContainerdError {
     },
     #[error("{what}: {detail}")]
     Invalid { what: String, detail: String },
+    /// The base image's record, index, manifest or config cannot be built on: refused, as a
+    /// malformed descriptor found later is (`ImageError`).
+    #[error("base image {image:?}: {detail}")]
+    MalformedBase { image: String, detail: String },
     #[error("container {container:?} was created from other layers than image {image:?} holds now: its snapshot's parent is {parent:?}, the image's layers chain to {image_chain}, and no image in containerd chains to the parent; the tag was moved or the image removed — pull the image it was created from (by digest) and commit again")]
     BaseMismatch {
         container: String,

@@ -196,7 +196,7 @@ pub struct Stats {
 /// Why the layer could not be written. Paths are displayed lossily.
 #[derive(Debug, thiserror::Error)]
 pub enum DiffError {
-    #[error("{op} {path}: {source}")]
+    #[error("{op} {path}")]
     Io {
         path: String,
         op: &'static str,
@@ -213,9 +213,9 @@ pub enum DiffError {
     LimitExceeded { what: &'static str, limit: u64 },
     #[error("{path} cannot be put in a layer: {why}")]
     Unrepresentable { path: String, why: String },
-    #[error("writing the layer: {0}")]
+    #[error("writing the layer")]
     Write(#[source] std::io::Error),
-    #[error("the upperdir is not exact: {0}")]
+    #[error("the upperdir is not exact")]
     NotExact(#[from] NotExact),
     #[error("{path}: a name starting with .wh. is a whiteout in an image layer (it would delete a file on restore); rename it or --exclude it")]
     ReservedName { path: String },

@@ -8,7 +8,7 @@
 //! `diff_ids` before the record is trusted, so a re-based or rewritten image is never
 //! squashed onto the wrong layers.
 
-use crate::containerd::content::BaseImage;
+use crate::base::BaseImage;
 use crate::digest::Digest;
 use serde_json::Value;
 

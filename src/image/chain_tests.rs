@@ -13,7 +13,7 @@ fn base(name: &str) -> BaseImage {
     BaseImage {
         name: name.into(),
         manifest_digest: Digest::of(name.as_bytes()),
-        manifest_media_type: crate::image::media::OCI_MANIFEST.into(),
+        manifest_media_type: crate::media::OCI_MANIFEST.into(),
         manifest: json!({}),
         config_bytes: vec![],
     }

@@ -2,9 +2,10 @@
 //! not know — Healthcheck, Shell, OnBuild, annotations — survive in their order) and serialised
 //! once into the exact bytes that are hashed and uploaded.
 
-use crate::containerd::content::BaseImage;
+use crate::base::BaseImage;
 use crate::digest::Digest;
-use crate::layer::LayerDescriptor;
+use crate::layer::{Compression, LayerDescriptor};
+use crate::media;
 use serde_json::{json, Map, Value};
 
 pub mod chain;
@@ -18,36 +19,6 @@ pub use chain::ChainPlan;
 pub use change::{ChangeError, Changes};
 pub use process::{process_config, ProcessConfig, ProcessError};
 pub use provenance::Provenance;
-
-pub mod media {
-    //! Media types, and which family (OCI or Docker schema2) each belongs to.
-    pub const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
-    pub const OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";
-    pub const OCI_CONFIG: &str = "application/vnd.oci.image.config.v1+json";
-    pub const OCI_LAYER_TAR: &str = "application/vnd.oci.image.layer.v1.tar";
-    pub const OCI_LAYER_GZIP: &str = "application/vnd.oci.image.layer.v1.tar+gzip";
-    pub const OCI_LAYER_ZSTD: &str = "application/vnd.oci.image.layer.v1.tar+zstd";
-    pub const DOCKER_MANIFEST: &str = "application/vnd.docker.distribution.manifest.v2+json";
-    pub const DOCKER_LIST: &str = "application/vnd.docker.distribution.manifest.list.v2+json";
-    pub const DOCKER_CONFIG: &str = "application/vnd.docker.container.image.v1+json";
-    pub const DOCKER_LAYER_TAR: &str = "application/vnd.docker.image.rootfs.diff.tar";
-    pub const DOCKER_LAYER_GZIP: &str = "application/vnd.docker.image.rootfs.diff.tar.gzip";
-
-    pub fn is_index(mt: &str) -> bool {
-        mt == OCI_INDEX || mt == DOCKER_LIST
-    }
-    pub fn is_manifest(mt: &str) -> bool {
-        mt == OCI_MANIFEST || mt == DOCKER_MANIFEST
-    }
-}
-
-/// How the new layer is compressed; decides its media type.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Compression {
-    Gzip,
-    Zstd,
-    None,
-}
 
 /// Which manifest family the new image is written in.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

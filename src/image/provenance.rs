@@ -4,7 +4,7 @@
 //! the sandbox's environment, arguments or files.
 
 use super::chain::OriginalBase;
-use crate::containerd::content::BaseImage;
+use crate::base::BaseImage;
 use serde_json::{Map, Value};
 
 pub const BASE_NAME: &str = "org.opencontainers.image.base.name";

@@ -90,10 +90,12 @@ pub enum RegistryError {
     Config(String),
     #[error(transparent)]
     Reference(#[from] ParseReferenceError),
-    #[error("{context}: {source}")]
+    /// A local file (the spool) could not be read. The cause is in the message (like every
+    /// variant here), so it is not also a `source`.
+    #[error("{context}: {cause}")]
     Io {
         context: String,
-        source: std::io::Error,
+        cause: std::io::Error,
     },
 }
 

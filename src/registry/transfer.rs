@@ -349,15 +349,15 @@ async fn read_all(source: &dyn BlobSource, size: u64) -> io::Result<Bytes> {
 fn source_error(digest: &Digest, offset: u64, source: io::Error) -> RegistryError {
     RegistryError::Io {
         context: format!("reading blob {digest} at byte {offset}"),
-        source,
+        cause: source,
     }
 }
 
 /// A short file would otherwise surface as a broken request body, retried as if the network failed.
 async fn check_file_size(path: &std::path::Path, size: u64) -> Result<(), RegistryError> {
-    let io_err = |source| RegistryError::Io {
+    let io_err = |cause| RegistryError::Io {
         context: format!("reading {}", path.display()),
-        source,
+        cause,
     };
     let len = tokio::fs::metadata(path).await.map_err(io_err)?.len();
     if len < size {

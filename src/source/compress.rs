@@ -217,7 +217,7 @@ mod nice {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::image::Compression;
+    use crate::layer::Compression;
 
     #[tokio::test]
     async fn a_started_over_input_is_compressed_again_from_its_new_start() {

@@ -4,12 +4,14 @@
 //! here; cannot apply `--exclude`, `--include`, `--source-date-epoch`, the limits or
 //! `--keep-xattrs`, which are refused (`refuse_local_only_flags`).
 
-use super::{BlobLocation, DiffSourceChoice, FinishedLayer, LayerRequest, SourceError};
-use crate::cli::SourcePlan;
-use crate::containerd::lookup::SnapshotMount;
+use super::prepare::SnapshotView;
+use super::{
+    BlobLocation, CaptureReport, DiffSourceChoice, FinishedLayer, LayerBlob, LayerRequest, SourceError,
+    SourcePlan,
+};
 use crate::error::CommitError;
-use crate::image::media;
 use crate::layer::LayerDescriptor;
+use crate::media;
 use crate::{diff, freeze};
 
 /// sha256 of an empty tar (two zero blocks): what a differ writes for "no changes".
@@ -23,11 +25,15 @@ pub(super) async fn read(
     refuse_local_only_flags(req.plan)?;
     let (ctr, info) = (req.ctr, req.info);
     let upper = ctr.snapshot_mounts(info).await?;
-    let view = ParentView::mount(req).await?;
+    // The parent's view (none for a parentless snapshot: everything is new).
+    let view = SnapshotView::of_parent(ctr, info).await?;
+    let parent = view.as_ref().map_or(&[][..], |v| &v.mounts[..]);
     let reference = format!("committer-{}-{}", info.id, std::process::id());
-    let work = ctr.diff_in_containerd(view.mounts(), &upper, oci_type(req.media_type), &reference);
+    let work = ctr.diff_in_containerd(parent, &upper, oci_type(req.media_type), &reference);
     let result = freeze::while_paused(ctr, &info.id, req.plan.pause, work).await;
-    view.remove(req).await;
+    if let Some(view) = view {
+        view.remove().await;
+    }
     let (stored, paused) = result?;
     let stored = stored?;
     let layer = (stored.diff_id.as_str() != EMPTY_TAR_DIFF_ID).then(|| LayerDescriptor {
@@ -36,9 +42,7 @@ pub(super) async fn read(
         size: stored.size,
         media_type: req.media_type.to_string(),
     });
-    Ok(FinishedLayer {
-        layer,
-        blob: BlobLocation::ContentStore,
+    let capture = CaptureReport {
         stats: diff::Stats {
             source: "containerd",
             ..Default::default()
@@ -46,7 +50,11 @@ pub(super) async fn read(
         paused,
         source: super::DiffSourceKind::Containerd,
         reason,
-    })
+    };
+    Ok(capture.finished(LayerBlob {
+        desc: layer,
+        location: BlobLocation::ContentStore,
+    }))
 }
 
 /// Flags containerd's differ cannot apply (it would silently ignore them: a limit not enforced, an
@@ -83,44 +91,6 @@ fn oci_type(media_type: &str) -> &str {
         media::DOCKER_LAYER_GZIP => media::OCI_LAYER_GZIP,
         media::DOCKER_LAYER_TAR => media::OCI_LAYER_TAR,
         other => other,
-    }
-}
-
-/// A temporary read-only view of the container snapshot's parent (none for a parentless one).
-struct ParentView {
-    key: Option<String>,
-    mounts: Vec<SnapshotMount>,
-}
-
-impl ParentView {
-    async fn mount(req: &LayerRequest<'_>) -> Result<ParentView, CommitError> {
-        let (ctr, info) = (req.ctr, req.info);
-        let Some(parent) = ctr
-            .snapshot_parent(&info.snapshotter, &info.snapshot_key)
-            .await?
-        else {
-            return Ok(ParentView {
-                key: None,
-                mounts: vec![],
-            });
-        };
-        let key = format!("committer-view-{}-{}", info.id, std::process::id());
-        let mounts = ctr.view_snapshot(&info.snapshotter, &key, &parent).await?;
-        Ok(ParentView {
-            key: Some(key),
-            mounts,
-        })
-    }
-
-    fn mounts(&self) -> &[SnapshotMount] {
-        &self.mounts
-    }
-
-    /// Best effort: the view is under our lease and goes with it if this fails.
-    async fn remove(self, req: &LayerRequest<'_>) {
-        if let Some(key) = self.key {
-            let _ = req.ctr.remove_snapshot(&req.info.snapshotter, &key).await;
-        }
     }
 }
 

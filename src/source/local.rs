@@ -13,132 +13,235 @@
 use super::compress::{Compressing, Priority};
 use super::growing::{growing, Growing, GrowingWriter};
 use super::prepare::{prepare, PreparedSource};
-use super::reflink::{self, CaptureKind, Clones};
+use super::reflink::{self, Clones};
+use super::squash;
 use super::{
-    BlobLocation, DiffSourceChoice, LayerFile, LayerFinish, LayerId, LayerRequest, StartedLayer,
+    BlobLocation, CaptureReport, DiffSourceChoice, DiffSourceKind, LayerBlob, LayerFile,
+    LayerFinish, LayerId, LayerRequest, StartedLayer,
 };
 use crate::containerd::lookup::SnapshotMount;
 use crate::error::CommitError;
-use crate::image::Compression;
-use crate::layer::{CompressOptions, LayerDescriptor, LayerWriter};
-use crate::{diff, freeze, log, squash};
+use crate::freeze::CaptureKind;
+use crate::layer::{CompressOptions, Compression, LayerDescriptor, LayerWriter};
+use crate::{diff, freeze, log};
 use std::fs::File;
 use std::io::{BufWriter, Read};
 use std::path::Path;
 
 const BUF: usize = 1 << 20;
 
+/// The container's diff from a local source: the spool opened (the raw tar's compressor already
+/// tailing it), the capture while paused, then the layer's blob on its way.
 pub(super) async fn read(req: &LayerRequest<'_>) -> Result<StartedLayer, CommitError> {
-    let compressed = req.plan.compress.compression != Compression::None;
     let mounts = req.ctr.snapshot_mounts(req.info).await?;
-    // A squash reads through overlay views: its captures are the raw tar.
-    let clones = match req.squash {
-        None => reflink::choose(&req.dest.spool_dir, reflink::data_dir(&mounts).as_deref()),
-        Some(_) => None,
-    };
-    // Uncompressed and whole, the capture is the layer: straight into the caller's file.
-    let (file, path) = match (&req.dest.output, compressed, &clones) {
-        (Some(out), false, None) => (create(out)?, LayerFile::Kept(out.clone())),
-        _ => spool_file(&req.dest.spool_dir, ".committer-tar-")?,
-    };
-    super::spool::check_room(req.ctr, req.info, &mounts, &req.dest.spool_dir).await?;
-    // The recipe, read back by the assembler once the capture is done.
-    let recipe = match &clones {
-        Some(_) => Some(
-            file.try_clone()
-                .map_err(CommitError::io("duplicating the spool file handle"))?,
-        ),
-        None => None,
-    };
-    let start = CompressStart::from_env();
-    let (writer, raw) = growing(file, start == CompressStart::Resumed);
-    let priority = match start {
-        CompressStart::Paused => Priority::low(),
-        CompressStart::Resumed => Priority::default(),
-    };
-    // The raw tar is compressed as it is written; a recipe only once it is whole.
-    let compressor = match (compressed, &clones) {
-        (true, None) => {
-            let (out, layer_path) = layer_file(req)?;
-            let c = start_compressor(req, &raw, out, priority.clone())
-                .map_err(CommitError::io("starting the compressor thread"))?;
-            Some((c, layer_path))
-        }
-        _ => None,
-    };
-    let hook = clones.as_ref().map(|(c, _)| c.hook());
+    let (spool, writer) = Spool::open(req, &mounts).await?;
     let held = match &req.squash {
-        None => capture_paused(req, &mounts, writer, hook).await,
+        None => capture_paused(req, &mounts, writer, spool.hook()).await,
         Some(target) => capture_squash(req, target, &mounts, writer).await,
     };
     // The sandbox runs again (or never paused): the compressor gets its share of the CPU back,
     // and its output may be uploaded.
-    raw.unhold();
-    priority.restore();
-    if let Some((c, _)) = &compressor {
-        c.output.unhold();
-    }
-    let (captured, kind, reason, mut paused) = held?;
-    paused.capture = Some(clones.as_ref().map_or(CaptureKind::Copy, |(_, k)| *k));
-    let (mut desc, stats) = captured?;
-    if let Some((c, _)) = &clones {
-        // The recipe lacks the kept contents; the layer has them.
-        desc.size += c.stored_bytes();
-    }
-    // --max-layer-bytes bounds the layer itself (the tar with its headers and padding), not only
-    // the file content the diff counted while reading.
-    if let Some(limit) = req.plan.max_layer_bytes.filter(|l| desc.size > *l) {
-        return Err(diff::DiffError::LimitExceeded {
-            what: "bytes (uncompressed layer, --max-layer-bytes)",
-            limit,
-        }
-        .into());
-    }
-    let (id, finish) = match (stats.entries, compressor, clones.zip(recipe)) {
-        (0, _, _) => (
-            LayerId::None,
-            LayerFinish::Ready(None, BlobLocation::File(path)),
-        ),
-        // The tar exists only as recipe + kept contents: rebuilt for the compressor (which
-        // computes the diff_id), even uncompressed.
-        (_, _, Some(((clones, _), recipe))) => {
-            let (out, layer_path) = layer_file(req)?;
-            let compressing = start_assembled(req, clones, recipe, out)
-                .map_err(CommitError::io("starting the compressor thread"))?;
-            crate::progress::captured();
-            let finish = LayerFinish::Compressing {
-                compressing,
-                path: layer_path,
-                raw: path,
-                expect: None,
-            };
-            (LayerId::Later, finish)
-        }
-        (_, None, None) => (
-            LayerId::Known(desc.diff_id.clone()),
-            LayerFinish::Ready(Some(desc.clone()), BlobLocation::File(path)),
-        ),
-        (_, Some((compressing, layer_path)), None) => {
-            crate::progress::captured();
-            let finish = LayerFinish::Compressing {
-                compressing,
-                path: layer_path,
-                // The raw spool lives until the compressor is done with it.
-                raw: path,
-                expect: Some(desc.diff_id.clone()),
-            };
-            (LayerId::Known(desc.diff_id), finish)
-        }
-    };
+    spool.resumed();
+    let Held {
+        captured,
+        source,
+        reason,
+        mut paused,
+    } = held?;
+    paused.capture = Some(spool.capture_kind());
+    let (desc, stats) = captured?;
+    check_layer_size(req, spool.tar_size(&desc))?;
+    let (id, finish) = spool.finish(req, desc, stats.entries)?;
     Ok(StartedLayer {
         id,
         media_type: req.media_type.to_string(),
-        stats,
-        paused,
-        source: kind,
-        reason,
+        capture: CaptureReport {
+            stats,
+            paused,
+            source,
+            reason,
+        },
         finish,
     })
+}
+
+/// --max-layer-bytes bounds the layer itself (the tar with its headers and padding), not only
+/// the file content the diff counted while reading.
+fn check_layer_size(req: &LayerRequest<'_>, tar_size: u64) -> Result<(), CommitError> {
+    match req.plan.max_layer_bytes {
+        Some(limit) if tar_size > limit => Err(diff::DiffError::LimitExceeded {
+            what: "bytes (uncompressed layer, --max-layer-bytes)",
+            limit,
+        }
+        .into()),
+        _ => Ok(()),
+    }
+}
+
+/// The capture's spool file and what turns it into the layer's blob.
+struct Spool {
+    /// The raw tar or the recipe (or the caller's file, when the raw tar is the layer).
+    path: LayerFile,
+    /// The spool as it is written, for the compressor to tail.
+    raw: Growing,
+    priority: Priority,
+    assembly: Assembly,
+}
+
+/// How the captured tar becomes the layer's blob.
+enum Assembly {
+    /// The raw tar is the layer (uncompressed).
+    Raw,
+    /// The raw tar, compressed as it is written into `layer`.
+    Compressed {
+        compressing: Compressing,
+        layer: LayerFile,
+    },
+    /// The per-file capture: the spool holds the recipe (read back through `recipe`), the kept
+    /// contents are in `clones`; the tar is rebuilt for the compressor once the capture is whole.
+    Recipe {
+        clones: Clones,
+        kind: CaptureKind,
+        recipe: File,
+    },
+}
+
+impl Spool {
+    /// The spool for this capture, with room checked; the raw tar's compressor already tails it.
+    /// The writer goes to the capture.
+    async fn open(
+        req: &LayerRequest<'_>,
+        mounts: &[SnapshotMount],
+    ) -> Result<(Spool, GrowingWriter), CommitError> {
+        let compressed = req.plan.compress.compression != Compression::None;
+        // A squash reads through overlay views: its captures are the raw tar.
+        let clones = match req.squash {
+            None => reflink::choose(&req.dest.spool_dir, reflink::data_dir(mounts).as_deref()),
+            Some(_) => None,
+        };
+        // Uncompressed and whole, the capture is the layer: straight into the caller's file.
+        let (file, path) = match (&req.dest.output, compressed, &clones) {
+            (Some(out), false, None) => (create(out)?, LayerFile::Kept(out.clone())),
+            _ => spool_file(&req.dest.spool_dir, ".committer-tar-")?,
+        };
+        super::spool::check_room(req.ctr, req.info, mounts, &req.dest.spool_dir).await?;
+        // The recipe, read back by the assembler once the capture is done.
+        let recipe = match &clones {
+            Some(_) => Some(
+                file.try_clone()
+                    .map_err(CommitError::io("duplicating the spool file handle"))?,
+            ),
+            None => None,
+        };
+        let start = CompressStart::from_env();
+        let (writer, raw) = growing(file, start == CompressStart::Resumed);
+        let priority = match start {
+            CompressStart::Paused => Priority::low(),
+            CompressStart::Resumed => Priority::default(),
+        };
+        // The raw tar is compressed as it is written; a recipe only once it is whole.
+        let assembly = match (clones.zip(recipe), compressed) {
+            (Some(((clones, kind), recipe)), _) => Assembly::Recipe {
+                clones,
+                kind,
+                recipe,
+            },
+            (None, true) => {
+                let (out, layer) = layer_file(req)?;
+                let compressing = start_compressor(req, &raw, out, priority.clone())
+                    .map_err(CommitError::io("starting the compressor thread"))?;
+                Assembly::Compressed { compressing, layer }
+            }
+            (None, false) => Assembly::Raw,
+        };
+        let spool = Spool {
+            path,
+            raw,
+            priority,
+            assembly,
+        };
+        Ok((spool, writer))
+    }
+
+    /// What the per-file capture gives each file's content to.
+    fn hook(&self) -> Option<diff::ContentHook> {
+        match &self.assembly {
+            Assembly::Recipe { clones, .. } => Some(clones.hook()),
+            _ => None,
+        }
+    }
+
+    fn capture_kind(&self) -> CaptureKind {
+        match &self.assembly {
+            Assembly::Recipe { kind, .. } => *kind,
+            _ => CaptureKind::Copy,
+        }
+    }
+
+    /// The sandbox runs again: the spool may be read as it grows, the compressor runs at its
+    /// normal priority and its output may be uploaded.
+    fn resumed(&self) {
+        self.raw.unhold();
+        self.priority.restore();
+        if let Assembly::Compressed { compressing, .. } = &self.assembly {
+            compressing.output.unhold();
+        }
+    }
+
+    /// The layer's tar size: the recipe lacks the kept contents; the layer has them.
+    fn tar_size(&self, desc: &LayerDescriptor) -> u64 {
+        match &self.assembly {
+            Assembly::Recipe { clones, .. } => desc.size + clones.stored_bytes(),
+            _ => desc.size,
+        }
+    }
+
+    /// What is known of the layer's diff_id now, and its blob (ready, or being compressed).
+    fn finish(
+        self,
+        req: &LayerRequest<'_>,
+        desc: LayerDescriptor,
+        entries: u64,
+    ) -> Result<(LayerId, LayerFinish), CommitError> {
+        let Spool { path, assembly, .. } = self;
+        if entries == 0 {
+            let blob = LayerBlob {
+                desc: None,
+                location: BlobLocation::File(path),
+            };
+            return Ok((LayerId::None, LayerFinish::Ready(blob)));
+        }
+        let (id, compressing, layer, expect) = match assembly {
+            Assembly::Raw => {
+                let blob = LayerBlob {
+                    desc: Some(desc.clone()),
+                    location: BlobLocation::File(path),
+                };
+                return Ok((LayerId::Known(desc.diff_id), LayerFinish::Ready(blob)));
+            }
+            // The tar exists only as recipe + kept contents: rebuilt for the compressor (which
+            // computes the diff_id), even uncompressed.
+            Assembly::Recipe { clones, recipe, .. } => {
+                let (out, layer) = layer_file(req)?;
+                let compressing = start_assembled(req, clones, recipe, out)
+                    .map_err(CommitError::io("starting the compressor thread"))?;
+                (LayerId::Later, compressing, layer, None)
+            }
+            Assembly::Compressed { compressing, layer } => {
+                let expect = Some(desc.diff_id.clone());
+                (LayerId::Known(desc.diff_id), compressing, layer, expect)
+            }
+        };
+        crate::progress::captured();
+        let finish = LayerFinish::Compressing {
+            compressing,
+            path: layer,
+            // The raw spool lives until the compressor is done with it.
+            raw: path,
+            expect,
+        };
+        Ok((id, finish))
+    }
 }
 
 /// Where the compressed layer goes: the caller's file, else the spool.
@@ -237,7 +340,12 @@ fn start_compressor(
 type Captured = Result<(LayerDescriptor, diff::Stats), CommitError>;
 
 /// A capture, which source made it and why, and how the sandbox was held meanwhile.
-type Held = (Captured, super::DiffSourceKind, String, freeze::PauseReport);
+struct Held {
+    captured: Captured,
+    source: DiffSourceKind,
+    reason: String,
+    paused: freeze::PauseReport,
+}
 
 /// The diff against the snapshot's parent, captured while paused; the source is cleaned up
 /// after the resume.
@@ -253,12 +361,17 @@ async fn capture_paused(
         freeze::while_paused(req.ctr, &req.info.id, req.plan.pause, work).await?;
     let (kind, reason) = match &source {
         Some(s) => (s.kind.kind(), s.reason.clone()),
-        None => (super::DiffSourceKind::Walk, String::new()),
+        None => (DiffSourceKind::Walk, String::new()),
     };
     if let Some(s) = source {
         s.cleanup().await;
     }
-    Ok((captured, kind, reason, paused))
+    Ok(Held {
+        captured,
+        source: kind,
+        reason,
+        paused,
+    })
 }
 
 /// `--squash`: the container against the original base's layers only, captured while paused:
@@ -271,54 +384,68 @@ async fn capture_squash(
     file: GrowingWriter,
 ) -> Result<Held, CommitError> {
     let (ctr, info) = (req.ctr, req.info);
-    let (layers, plan) = (target.image_layers, &target.plan);
-    let choice = req.plan.diff_source;
-    let (source, reason) = squash::source(ctr, info, mounts, layers, plan, choice).await?;
+    let first = squash::source(ctr, info, mounts, target, req.plan.diff_source).await?;
+    let work = squash_paused(req, target, mounts, first, file);
+    let (attempt, paused) = freeze::while_paused(ctr, &info.id, req.plan.pause, work).await?;
+    let (captured, source, reason) = attempt?;
+    let held = Held {
+        captured,
+        source: source.kind(),
+        reason,
+        paused,
+    };
+    source.cleanup().await;
+    Ok(held)
+}
+
+/// The paused part of a squash: tar the diff into `file` from the stack, or read the views
+/// instead when the stack's walk meets a redirect or metacopy. Hands the source back so it is
+/// cleaned up after the resume.
+async fn squash_paused(
+    req: &LayerRequest<'_>,
+    target: &super::SquashTarget,
+    mounts: &[SnapshotMount],
+    (source, reason): (squash::Squash, String),
+    file: GrowingWriter,
+) -> Result<(Captured, squash::Squash, String), CommitError> {
     let opts = diff::Options {
         copied_dir_mtimes: squash::copies_trees(mounts),
         ..diff_options(req, mounts)
     };
-    let work = async {
-        let (out, mut file, source) =
-            tar_blocking(source, opts.clone(), req.media_type.into(), file).await?;
-        let why = match out {
-            Err(CommitError::Diff(diff::DiffError::NotExact(why)))
-                if matches!(source, squash::Squash::Stack(_)) =>
-            {
-                why
-            }
-            out => {
-                if out.is_ok() {
-                    file.finish();
-                }
-                return Ok((out, source, reason));
-            }
-        };
-        log::info(&format!(
-            "upperdir is not exact ({why}); reading the squash by a walk"
-        ));
-        source.cleanup().await;
-        file.rewind()
-            .map_err(CommitError::io("rewinding the spool file"))?;
-        let views = squash::views(ctr, info, mounts, layers, plan).await?;
-        let (out, file, views) = tar_blocking(
-            squash::Squash::Views(Box::new(views)),
-            opts,
-            req.media_type.into(),
-            file,
-        )
-        .await?;
-        if out.is_ok() {
-            file.finish();
+    let (out, mut file, source) =
+        tar_blocking(source, opts.clone(), req.media_type.into(), file).await?;
+    let why = match out {
+        Err(CommitError::Diff(diff::DiffError::NotExact(why)))
+            if matches!(source, squash::Squash::Stack(_)) =>
+        {
+            why
         }
-        let reason = squash::walk_reason(plan.keep_layers, &why.to_string());
-        Ok::<_, CommitError>((out, views, reason))
+        out => {
+            if out.is_ok() {
+                file.finish();
+            }
+            return Ok((out, source, reason));
+        }
     };
-    let (attempt, paused) = freeze::while_paused(ctr, &info.id, req.plan.pause, work).await?;
-    let (captured, source, reason) = attempt?;
-    let kind = source.kind();
+    log::info(&format!(
+        "upperdir is not exact ({why}); reading the squash by a walk"
+    ));
     source.cleanup().await;
-    Ok((captured, kind, reason, paused))
+    file.rewind()
+        .map_err(CommitError::io("rewinding the spool file"))?;
+    let views = squash::views(req.ctr, req.info, mounts, target).await?;
+    let (out, file, views) = tar_blocking(
+        squash::Squash::Views(Box::new(views)),
+        opts,
+        req.media_type.into(),
+        file,
+    )
+    .await?;
+    if out.is_ok() {
+        file.finish();
+    }
+    let reason = squash::walk_reason(target.keep_layers, &why.to_string());
+    Ok((out, views, reason))
 }
 
 /// The paused part: tar the diff into `file`, falling back from the upperdir to a walk when the
@@ -344,7 +471,7 @@ async fn capture(
         (source, file) = (src, f);
         let why = match out {
             Err(CommitError::Diff(diff::DiffError::NotExact(why)))
-                if source.kind.kind() == super::DiffSourceKind::Upperdir =>
+                if source.kind.kind() == DiffSourceKind::Upperdir =>
             {
                 why
             }

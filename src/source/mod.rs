@@ -3,8 +3,16 @@
 //! layer's descriptor, where its blob lives, what was read, how the sandbox was paused, which
 //! source ran and why. The pipeline never asks which one it was.
 //!
-//! - `prepare`: choosing and mounting a local source (upperdir, or the walk's read-only views).
-//! - `local`: a local source read while paused into the spool, compressed as it is read.
+//! - `prepare`: choosing and mounting a local source (upperdir, or the walk's read-only views),
+//!   and the temporary snapshot views (`SnapshotView`) the walk, the differ and the squash use.
+//! - `local`: a local source read while paused into the spool, then compressed (as it is read,
+//!   or from the recipe once the capture is whole).
+//! - `reflink`: the per-file capture: each changed file's content cloned (or kernel-copied) into
+//!   the spool while paused, the rest of the tar written as a recipe, the tar reassembled after
+//!   the resume.
+//! - `squash`: `--squash`'s source: the stack of upperdirs since the original base, or two
+//!   read-only views.
+//! - `spool`: the room check before the pause, and punching out what the compressor consumed.
 //! - `growing`: a file read while it is written (the raw spool, the compressed layer).
 //! - `compress`: the compressor: any reader of the tar in, a growing layer file out.
 //! - `differ`: containerd's Diff service builds the layer in its content store (socket-only mode).
@@ -19,20 +27,37 @@ mod local;
 mod prepare;
 mod reflink;
 mod spool;
+pub mod squash;
 
 pub use differ::copy_stored_blob;
-pub use prepare::{view_options, PreparedSource, SourceKind, TempMount};
-pub use reflink::CaptureKind;
+pub use prepare::{view_options, PreparedSource, SnapshotView, SourceKind, TempMount};
 
-use crate::cli::SourcePlan;
 use crate::containerd::lookup::ContainerInfo;
 use crate::containerd::{Containerd, ContainerdError};
 use crate::digest::Digest;
-use crate::error::CommitError;
+use crate::error::{chain_line as chain, CommitError};
 use crate::freeze::PauseReport;
 use crate::layer::LayerDescriptor;
 use crate::{diff, log};
 use std::path::{Path, PathBuf};
+
+/// What to read and how to build the layer (from `--diff-source`, `--exclude`, … by `cli`).
+#[derive(Debug, Clone)]
+pub struct SourcePlan {
+    pub address: PathBuf,
+    pub namespace: String,
+    pub selector: crate::containerd::lookup::Selector,
+    pub compress: crate::layer::CompressOptions,
+    pub diff_source: DiffSourceChoice,
+    pub exclude: Vec<String>,
+    pub include: Vec<String>,
+    pub source_date_epoch: Option<i64>,
+    pub max_layer_bytes: Option<u64>,
+    pub max_files: Option<u64>,
+    pub keep_xattrs: Vec<String>,
+    pub max_hole_bytes: Option<u64>,
+    pub pause: bool,
+}
 
 /// What the user asked for (`--diff-source`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -128,17 +153,40 @@ pub enum BlobLocation {
     ContentStore,
 }
 
-/// What every source produces.
+/// A layer's blob once it is built: its descriptor (None: the container changed nothing, and no
+/// layer goes into the image) and where the blob lies.
 #[derive(Debug)]
-pub struct FinishedLayer {
-    /// None when the container changed nothing: no layer goes into the image.
-    pub layer: Option<LayerDescriptor>,
-    pub blob: BlobLocation,
+pub struct LayerBlob {
+    pub desc: Option<LayerDescriptor>,
+    pub location: BlobLocation,
+}
+
+/// What the capture tells of a layer besides its blob: what was read, how the sandbox was
+/// paused, which source ran and why.
+#[derive(Debug)]
+pub struct CaptureReport {
     pub stats: diff::Stats,
     pub paused: PauseReport,
     pub source: DiffSourceKind,
     /// Why this source was used (the result's `diffSourceReason`).
     pub reason: String,
+}
+
+impl CaptureReport {
+    /// The layer, once its blob is built.
+    pub fn finished(self, blob: LayerBlob) -> FinishedLayer {
+        FinishedLayer {
+            blob,
+            capture: self,
+        }
+    }
+}
+
+/// What every source produces.
+#[derive(Debug)]
+pub struct FinishedLayer {
+    pub blob: LayerBlob,
+    pub capture: CaptureReport,
 }
 
 /// A layer whose capture is done (the sandbox runs again) and whose blob may still be on its way:
@@ -147,10 +195,7 @@ pub struct FinishedLayer {
 pub struct StartedLayer {
     pub id: LayerId,
     pub media_type: String,
-    pub stats: diff::Stats,
-    pub paused: PauseReport,
-    pub source: DiffSourceKind,
-    pub reason: String,
+    pub capture: CaptureReport,
     pub finish: LayerFinish,
 }
 
@@ -168,8 +213,8 @@ pub enum LayerId {
 
 /// The blob of a [`StartedLayer`].
 pub enum LayerFinish {
-    /// Done: the descriptor (None: no layer) and where the blob is.
-    Ready(Option<LayerDescriptor>, BlobLocation),
+    /// Done.
+    Ready(LayerBlob),
     /// Being compressed into `path`; its bytes can be read as they come (`compressing.output`).
     Compressing {
         compressing: compress::Compressing,
@@ -183,10 +228,10 @@ pub enum LayerFinish {
 }
 
 impl LayerFinish {
-    /// Waits for the blob: its descriptor (None: no layer) and where it is.
-    pub async fn wait(self) -> Result<(Option<LayerDescriptor>, BlobLocation), CommitError> {
+    /// Waits for the blob.
+    pub async fn wait(self) -> Result<LayerBlob, CommitError> {
         match self {
-            LayerFinish::Ready(layer, blob) => Ok((layer, blob)),
+            LayerFinish::Ready(blob) => Ok(blob),
             LayerFinish::Compressing {
                 compressing,
                 path,
@@ -195,7 +240,10 @@ impl LayerFinish {
             } => {
                 let desc = compressing.checked(expect.as_ref()).await?;
                 drop(raw);
-                Ok((Some(desc), BlobLocation::File(path)))
+                Ok(LayerBlob {
+                    desc: Some(desc),
+                    location: BlobLocation::File(path),
+                })
             }
         }
     }
@@ -204,15 +252,15 @@ impl LayerFinish {
 impl StartedLayer {
     /// Waits for the blob: the finished layer (its tar checked against the capture's diff_id).
     pub async fn finish(self) -> Result<FinishedLayer, CommitError> {
-        let (layer, blob) = self.finish.wait().await?;
-        Ok(FinishedLayer {
-            layer,
-            blob,
-            stats: self.stats,
-            paused: self.paused,
-            source: self.source,
-            reason: self.reason,
-        })
+        let (finish, capture) = self.split();
+        Ok(capture.finished(finish.wait().await?))
+    }
+
+    /// The blob still to come, apart from what the capture already told: the pipeline uploads
+    /// the one while it writes the config from the other, then joins them again
+    /// ([`CaptureReport::finished`]).
+    pub fn split(self) -> (LayerFinish, CaptureReport) {
+        (self.finish, self.capture)
     }
 
     /// The config's view of the layer before its blob is done, when it can be had: `Some(None)`
@@ -232,21 +280,15 @@ impl StartedLayer {
     }
 
     fn ready(layer: FinishedLayer) -> StartedLayer {
+        let desc = layer.blob.desc.as_ref();
         StartedLayer {
-            id: match &layer.layer {
+            id: match desc {
                 Some(l) => LayerId::Known(l.diff_id.clone()),
                 None => LayerId::None,
             },
-            media_type: layer
-                .layer
-                .as_ref()
-                .map(|l| l.media_type.clone())
-                .unwrap_or_default(),
-            stats: layer.stats,
-            paused: layer.paused,
-            source: layer.source,
-            reason: layer.reason,
-            finish: LayerFinish::Ready(layer.layer, layer.blob),
+            media_type: desc.map(|l| l.media_type.clone()).unwrap_or_default(),
+            capture: layer.capture,
+            finish: LayerFinish::Ready(layer.blob),
         }
     }
 }
@@ -260,11 +302,15 @@ pub struct Destination {
 }
 
 /// A squashing commit: the layer is the diff of the container against the original base's
-/// layers only (the first `plan.keep_layers` of the image's `image_layers`).
+/// layers only (the first `keep_layers` of the image's `image_layers`; the chain plan decides).
 #[derive(Debug, Clone)]
 pub struct SquashTarget {
-    pub plan: crate::image::ChainPlan,
+    /// The image's layers: the container's snapshot has as many lowerdirs.
     pub image_layers: usize,
+    /// How many of them are the original base's.
+    pub keep_layers: usize,
+    /// The chain ID of the original base's layers: the snapshot containerd committed for them.
+    pub base_chain_id: String,
 }
 
 /// One read of a container's diff.
@@ -316,16 +362,4 @@ pub async fn start_layer(req: &LayerRequest<'_>) -> Result<StartedLayer, CommitE
         }
         other => other,
     }
-}
-
-/// An error and its causes on one line.
-fn chain(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut line = e.to_string();
-    let mut next = e.source();
-    while let Some(s) = next {
-        line.push_str(": ");
-        line.push_str(&s.to_string());
-        next = s.source();
-    }
-    line
 }

@@ -5,7 +5,7 @@
 
 use super::{DiffSourceChoice, DiffSourceKind, SourceError};
 use crate::containerd::lookup::{ContainerInfo, SnapshotMount};
-use crate::containerd::Containerd;
+use crate::containerd::{Containerd, ContainerdError};
 use std::path::{Path, PathBuf};
 
 /// The prepared source. Dropping it unmounts what it mounted.
@@ -14,7 +14,7 @@ pub struct PreparedSource {
     /// Why this source was picked (reported in the result).
     pub reason: String,
     mounts: Vec<TempMount>,
-    view_key: Option<(Containerd, String, String)>,
+    view: Option<SnapshotView>,
 }
 
 pub enum SourceKind {
@@ -53,8 +53,8 @@ impl PreparedSource {
     /// Removes the temporary snapshot view (the mounts go on drop).
     pub async fn cleanup(mut self) {
         self.mounts.clear();
-        if let Some((ctr, snapshotter, key)) = self.view_key.take() {
-            let _ = ctr.remove_snapshot(&snapshotter, &key).await;
+        if let Some(view) = self.view.take() {
+            view.remove().await;
         }
     }
 }
@@ -111,7 +111,7 @@ fn overlay_source(
             kind: SourceKind::Upperdir { upper, lowers },
             reason: "overlay upperdir is exact".into(),
             mounts: vec![],
-            view_key: None,
+            view: None,
         }),
         (DiffSourceChoice::Upperdir, Err(why)) => Err(SourceError::UpperdirNotExact {
             id: info.id.clone(),
@@ -168,7 +168,7 @@ fn overlay_walk(
         },
         reason,
         mounts,
-        view_key: None,
+        view: None,
     })
 }
 
@@ -205,10 +205,7 @@ async fn bind_source(
     if !upper.is_dir() {
         return Err(SourceError::NotVisible { path: upper });
     }
-    let parent = ctr
-        .snapshot_parent(&info.snapshotter, &info.snapshot_key)
-        .await?;
-    let Some(parent) = parent else {
+    let Some(view) = SnapshotView::of_parent(ctr, info).await? else {
         return Ok(PreparedSource {
             kind: SourceKind::Walk { lower: None, upper },
             reason: format!(
@@ -216,13 +213,10 @@ async fn bind_source(
                 info.snapshotter
             ),
             mounts: vec![],
-            view_key: None,
+            view: None,
         });
     };
-    let key = format!("committer-view-{}-{}", info.id, std::process::id());
-    let view = ctr.view_snapshot(&info.snapshotter, &key, &parent).await?;
-    let view_key = Some((ctr.clone(), info.snapshotter.clone(), key));
-    match view.as_slice() {
+    match view.mounts.as_slice() {
         [v] if v.kind == "bind" || v.kind == "rbind" => Ok(PreparedSource {
             kind: SourceKind::Walk {
                 lower: Some(PathBuf::from(&v.source)),
@@ -233,26 +227,70 @@ async fn bind_source(
                 info.snapshotter
             ),
             mounts: vec![],
-            view_key,
+            view: Some(view),
         }),
         other => {
-            let src = PreparedSource {
-                kind: SourceKind::Walk { lower: None, upper },
-                reason: String::new(),
-                mounts: vec![],
-                view_key,
-            };
-            src.cleanup().await;
+            let detail = format!(
+                "a parent view of {} mounts ({:?})",
+                other.len(),
+                other.first().map(|m| &m.kind)
+            );
+            view.remove().await;
             Err(SourceError::Unsupported {
                 id: info.id.clone(),
                 snapshotter: info.snapshotter.clone(),
-                detail: format!(
-                    "a parent view of {} mounts ({:?})",
-                    other.len(),
-                    other.first().map(|m| &m.kind)
-                ),
+                detail,
             })
         }
+    }
+}
+
+/// A temporary read-only view of a committed snapshot, named after the container and this
+/// process. Removed by [`SnapshotView::remove`]; it is under the commit's lease, so it goes with
+/// the lease if that removal fails or never runs.
+pub struct SnapshotView {
+    ctr: Containerd,
+    snapshotter: String,
+    key: String,
+    pub mounts: Vec<SnapshotMount>,
+}
+
+impl SnapshotView {
+    /// A view of `parent` (a committed snapshot's key) in the container's snapshotter; `what`
+    /// names the view's use in its key (`committer-{what}-{container}-{pid}`).
+    pub async fn new(
+        ctr: &Containerd,
+        info: &ContainerInfo,
+        what: &str,
+        parent: &str,
+    ) -> Result<SnapshotView, ContainerdError> {
+        let key = format!("committer-{what}-{}-{}", info.id, std::process::id());
+        let mounts = ctr.view_snapshot(&info.snapshotter, &key, parent).await?;
+        Ok(SnapshotView {
+            ctr: ctr.clone(),
+            snapshotter: info.snapshotter.clone(),
+            key,
+            mounts,
+        })
+    }
+
+    /// A view of the container snapshot's parent; None for a snapshot without one.
+    pub async fn of_parent(
+        ctr: &Containerd,
+        info: &ContainerInfo,
+    ) -> Result<Option<SnapshotView>, ContainerdError> {
+        let parent = ctr
+            .snapshot_parent(&info.snapshotter, &info.snapshot_key)
+            .await?;
+        match parent {
+            Some(p) => Ok(Some(SnapshotView::new(ctr, info, "view", &p).await?)),
+            None => Ok(None),
+        }
+    }
+
+    /// Best effort: the view is under our lease and goes with it if this fails.
+    pub async fn remove(self) {
+        let _ = self.ctr.remove_snapshot(&self.snapshotter, &self.key).await;
     }
 }
 

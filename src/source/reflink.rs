@@ -17,6 +17,7 @@
 use super::spool;
 use crate::containerd::lookup::SnapshotMount;
 use crate::diff::{ContentHook, ContentStore, Kept};
+use crate::freeze::CaptureKind;
 use std::fs::{File, OpenOptions};
 use std::io::{self, Read};
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
@@ -26,16 +27,6 @@ use std::sync::{Arc, Mutex};
 /// Files smaller than this go into the recipe inline: reading them costs less than a clone's
 /// create, ioctl and later unlink, and a clone shares whole blocks only.
 const INLINE: u64 = 64 << 10;
-
-/// How the capture was made (the result's `paused.capture`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum CaptureKind {
-    /// Contents cloned while paused, read after the resume.
-    Reflink,
-    /// Contents copied while paused.
-    Copy,
-}
 
 /// The capture forced by the environment: `tar` (the raw tar copied and hashed while paused);
 /// anything else is the per-file capture.

@@ -32,7 +32,12 @@ async fn squash_layer(lab: &Lab, id: &str, base_rootfs: &Path, expect: &str) -> 
     assert!(plan.squash, "{plan:?}");
     assert_eq!(plan.keep_layers, 2, "the base image's two layers");
     let mounts = ctr.snapshot_mounts(&info).await.unwrap();
-    let views = committer::squash::views(&ctr, &info, &mounts, image.layers().len(), &plan)
+    let target = committer::source::SquashTarget {
+        image_layers: image.layers().len(),
+        keep_layers: plan.keep_layers,
+        base_chain_id: plan.original.chain_id.clone(),
+    };
+    let views = committer::source::squash::views(&ctr, &info, &mounts, &target)
         .await
         .unwrap();
 
@@ -58,16 +63,15 @@ async fn squash_layer(lab: &Lab, id: &str, base_rootfs: &Path, expect: &str) -> 
     let file = std::fs::File::create(&tar_path).unwrap();
     let opts = committer::diff::Options {
         skip_mount_stubs: info.mount_destinations.clone(),
-        copied_dir_mtimes: committer::squash::copies_trees(&mounts),
+        copied_dir_mtimes: committer::source::squash::copies_trees(&mounts),
         ..Default::default()
     };
     views.cleanup().await;
-    let (source, reason) = committer::squash::source(
+    let (source, reason) = committer::source::squash::source(
         &ctr,
         &info,
         &mounts,
-        image.layers().len(),
-        &plan,
+        &target,
         committer::source::DiffSourceChoice::Auto,
     )
     .await

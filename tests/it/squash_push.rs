@@ -4,7 +4,7 @@
 
 use crate::lab::{Lab, RunOpts};
 use crate::tree::{compare_trees, CompareOpts};
-use committer::image::media;
+use committer::media;
 use committer::report::CommitResult;
 use serde_json::Value;
 

@@ -15,10 +15,9 @@
 //!
 //! Which lowerdirs belong to the base is a pure function, tested without mounts.
 
+use super::{DiffSourceChoice, DiffSourceKind, SnapshotView, SourceError, SquashTarget, TempMount};
 use crate::containerd::lookup::{ContainerInfo, SnapshotMount};
 use crate::containerd::{Containerd, ContainerdError};
-use crate::image::ChainPlan;
-use crate::source::{DiffSourceChoice, DiffSourceKind, SourceError, TempMount};
 use std::path::{Path, PathBuf};
 
 #[derive(Debug, thiserror::Error)]
@@ -35,7 +34,7 @@ pub enum SquashError {
     Unsupported { id: String, detail: String },
     #[error("{path} (from the snapshot's mounts) is not visible here: mount the snapshotter root at the same path")]
     NotVisible { path: PathBuf },
-    #[error("mounting a read-only view at {target}: {source}")]
+    #[error("mounting a read-only view at {target}")]
     Mount {
         target: PathBuf,
         #[source]
@@ -99,11 +98,10 @@ pub async fn source(
     ctr: &Containerd,
     info: &ContainerInfo,
     mounts: &[SnapshotMount],
-    image_layers: usize,
-    plan: &ChainPlan,
+    target: &SquashTarget,
     choice: DiffSourceChoice,
 ) -> Result<(Squash, String), SquashError> {
-    let keep = plan.keep_layers;
+    let (image_layers, keep) = (target.image_layers, target.keep_layers);
     let why_not = match (choice, mounts) {
         (DiffSourceChoice::Walk, _) => "--diff-source walk".to_string(),
         (_, [m]) if m.kind == "overlay" => match stack(m, image_layers, keep) {
@@ -126,7 +124,7 @@ pub async fn source(
         },
         _ => "not an overlay snapshot".to_string(),
     };
-    let views = views(ctr, info, mounts, image_layers, plan).await?;
+    let views = views(ctr, info, mounts, target).await?;
     Ok((Squash::Views(Box::new(views)), walk_reason(keep, &why_not)))
 }
 
@@ -165,8 +163,8 @@ fn stack(m: &SnapshotMount, image_layers: usize, keep: usize) -> Result<SquashSt
     })
 }
 
-/// The walk's view options serve the squash views too.
-pub use crate::source::view_options;
+// The walk's view options serve the squash views too.
+use super::view_options;
 
 fn option<'a>(m: &'a SnapshotMount, name: &str) -> Option<&'a str> {
     m.options.iter().find_map(|o| o.strip_prefix(name))
@@ -179,7 +177,7 @@ pub struct SquashViews {
     /// The container's tree.
     pub upper: PathBuf,
     mounts: Vec<TempMount>,
-    view_key: Option<(Containerd, String, String)>,
+    view: Option<SnapshotView>,
 }
 
 impl SquashViews {
@@ -193,20 +191,19 @@ impl SquashViews {
 
     pub async fn cleanup(mut self) {
         self.mounts.clear();
-        if let Some((ctr, snapshotter, key)) = self.view_key.take() {
-            let _ = ctr.remove_snapshot(&snapshotter, &key).await;
+        if let Some(view) = self.view.take() {
+            view.remove().await;
         }
     }
 }
 
-/// Prepares the views for a squashing commit of a container whose image has `image_layers`
-/// layers, `plan.keep_layers` of them the original base's (chain ID `plan.original.chain_id`).
+/// Prepares the views for a squashing commit: the original base (`target.keep_layers` of the
+/// image's `target.image_layers`, chain ID `target.base_chain_id`) and the container.
 pub async fn views(
     ctr: &Containerd,
     info: &ContainerInfo,
     mounts: &[SnapshotMount],
-    image_layers: usize,
-    plan: &ChainPlan,
+    target: &SquashTarget,
 ) -> Result<SquashViews, SquashError> {
     let unsupported = |detail: String| SquashError::Unsupported {
         id: info.id.clone(),
@@ -216,8 +213,8 @@ pub async fn views(
         return Err(unsupported(format!("{} mounts", mounts.len())));
     };
     match m.kind.as_str() {
-        "overlay" => overlay_views(info, m, image_layers, plan.keep_layers),
-        "bind" | "rbind" => bind_views(ctr, info, m, &plan.original.chain_id).await,
+        "overlay" => overlay_views(info, m, target.image_layers, target.keep_layers),
+        "bind" | "rbind" => bind_views(ctr, info, m, &target.base_chain_id).await,
         other => Err(unsupported(format!("a mount of type {other:?}"))),
     }
 }
@@ -268,7 +265,7 @@ fn overlay_views(
         lower,
         upper,
         mounts,
-        view_key: None,
+        view: None,
     })
 }
 
@@ -284,21 +281,15 @@ async fn bind_views(
     if !upper.is_dir() {
         return Err(SquashError::NotVisible { path: upper });
     }
-    let key = format!("committer-squash-{}-{}", info.id, std::process::id());
-    let view = ctr
-        .view_snapshot(&info.snapshotter, &key, base_chain_id)
-        .await?;
-    let views = SquashViews {
-        lower: None,
-        upper,
-        mounts: vec![],
-        view_key: Some((ctr.clone(), info.snapshotter.clone(), key)),
-    };
-    match view.as_slice() {
+    let view = SnapshotView::new(ctr, info, "squash", base_chain_id).await?;
+    match view.mounts.as_slice() {
         [v] if (v.kind == "bind" || v.kind == "rbind") && Path::new(&v.source).is_dir() => {
+            let lower = Some(PathBuf::from(&v.source));
             Ok(SquashViews {
-                lower: Some(PathBuf::from(&v.source)),
-                ..views
+                lower,
+                upper,
+                mounts: vec![],
+                view: Some(view),
             })
         }
         other => {
@@ -307,7 +298,7 @@ async fn bind_views(
                 other.len(),
                 other.first().map(|m| &m.kind)
             );
-            views.cleanup().await;
+            view.remove().await;
             Err(SquashError::Unsupported {
                 id: info.id.clone(),
                 detail,
