@@ -6,8 +6,8 @@
 
 use super::prepare::SnapshotView;
 use super::{
-    BlobLocation, CaptureReport, DiffSourceChoice, FinishedLayer, LayerBlob, LayerRequest, SourceError,
-    SourcePlan,
+    BlobLocation, CaptureReport, DiffSourceChoice, FinishedLayer, LayerBlob, LayerRequest,
+    SourceError, SourcePlan,
 };
 use crate::error::CommitError;
 use crate::layer::LayerDescriptor;

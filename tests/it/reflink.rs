@@ -6,8 +6,8 @@
 use crate::fidelity::{host_changes, opts, TORTURE};
 use crate::lab::{check, describe, Lab, RunOpts};
 use crate::tree::compare_trees;
-use committer::report::CommitResult;
 use committer::freeze::CaptureKind;
+use committer::report::CommitResult;
 use std::process::Command;
 
 /// Big files (cloned, not inlined), one hardlinked, one rewritten in place, on top of the
