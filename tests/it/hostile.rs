@@ -256,3 +256,89 @@ fn deep_tree(root: &Path, depth: usize) {
         fd = openat(&fd, "d", OFlags::DIRECTORY, Mode::empty()).unwrap();
     }
 }
+
+/// A tmpfs of `size` mounted at `dir` for the test's life.
+struct Tmpfs(std::path::PathBuf);
+
+impl Tmpfs {
+    fn mount(dir: std::path::PathBuf, size: &str) -> Tmpfs {
+        std::fs::create_dir_all(&dir).unwrap();
+        rustix::mount::mount(
+            "tmpfs",
+            &dir,
+            "tmpfs",
+            rustix::mount::MountFlags::empty(),
+            Some(std::ffi::CString::new(size).unwrap().as_c_str()),
+        )
+        .unwrap_or_else(|e| panic!("mounting a tmpfs at {}: {e}", dir.display()));
+        Tmpfs(dir)
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = rustix::mount::unmount(&self.0, rustix::mount::UnmountFlags::DETACH);
+    }
+}
+
+#[test]
+fn a_spool_that_fills_while_paused_fails_with_exit_4_naming_it_and_keeps_its_reserve() {
+    let lab = Lab::start();
+    sandbox(&lab, "fill");
+    // 200 MiB long, 1 MiB allocated: containerd's size estimate (allocated blocks) fits the
+    // spool, the holes are within --max-hole-bytes, and the capture writes them as zeros.
+    lab.exec(
+        "fill",
+        "dd if=/dev/urandom of=/sparse bs=1M count=1 seek=199 2>/dev/null",
+    );
+    let spool = Tmpfs::mount(lab.dir.join("tiny-spool"), "size=64m");
+    let commit = |repo: &str| {
+        let mut cmd = lab.committer_command();
+        cmd.args([
+            "commit",
+            "--container",
+            "fill",
+            "--image",
+            &format!("{}/{repo}:v1", lab.registry),
+            "--plain-http",
+            "--spool-dir",
+            spool.0.to_str().unwrap(),
+        ]);
+        cmd.output().unwrap()
+    };
+    let out = commit("hostile/fill");
+    let free = rustix::fs::statvfs(&spool.0).unwrap();
+    eprintln!("{}", crate::cli::stderr_text(&out));
+    let dir = spool.0.display().to_string();
+    assert_refused(&lab, "fill", "hostile/fill", &out, &dir, "ran out of room");
+    let last = crate::cli::stderr_text(&out)
+        .lines()
+        .last()
+        .unwrap()
+        .to_string();
+    // The default reserve: 5% of the 64 MiB filesystem.
+    assert!(last.contains("3355440 are kept free"), "{last}");
+    assert!(last.contains("--spool-dir"), "{last}");
+    assert_eq!(
+        du(&spool.0),
+        0,
+        "the spool must hold nothing after the failure"
+    );
+    assert_eq!(free.f_bavail, free.f_blocks, "the spool is empty again");
+
+    // A diff that cannot fit is refused before the pause, with the numbers.
+    lab.exec(
+        "fill",
+        "rm /sparse && head -c 67108864 /dev/urandom > /dense",
+    );
+    let out = commit("hostile/fill2");
+    assert_refused(
+        &lab,
+        "fill",
+        "hostile/fill2",
+        &out,
+        &dir,
+        "this diff needs about",
+    );
+    assert_eq!(du(&spool.0), 0);
+}
