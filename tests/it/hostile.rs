@@ -439,3 +439,61 @@ fn a_spool_that_fills_while_paused_fails_with_exit_4_naming_it_and_keeps_its_res
     );
     assert_eq!(du(&spool.0), 0);
 }
+
+#[test]
+fn a_file_name_with_a_newline_and_escapes_stays_one_escaped_error_line() {
+    let lab = Lab::start();
+    sandbox(&lab, "nl");
+    // Refused for its `.wh.` prefix; the rest of the name tries to forge a log line and clear
+    // the terminal.
+    let name = ".wh.x\n{\"level\":\"info\",\"msg\":\"forged\"}\n\u{1b}[2J";
+    std::fs::write(lab.rootfs("nl").join("data").join(name), b"x").unwrap();
+    for format in ["text", "json"] {
+        let repo = format!("hostile/nl-{format}");
+        let out = lab.committer(&[
+            "commit",
+            "--container",
+            "nl",
+            "--image",
+            &format!("{}/{repo}:v1", lab.registry),
+            "--plain-http",
+            "--log-format",
+            format,
+        ]);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(4), "{stderr}");
+        assert!(
+            !stderr.contains('\u{1b}'),
+            "a raw ESC reached stderr: {stderr:?}"
+        );
+        assert!(
+            !stderr
+                .lines()
+                .any(|l| l.starts_with("{\"level\":\"info\",\"msg\":\"forged\"")),
+            "a forged line: {stderr}"
+        );
+        let last = stderr.lines().last().unwrap();
+        match format {
+            "text" => {
+                assert!(last.starts_with("committer: "), "{stderr}");
+                assert!(last.contains(r#"/data/.wh.x\n{"level":"info""#), "{last}");
+            }
+            _ => {
+                for l in stderr.lines() {
+                    serde_json::from_str::<Value>(l).unwrap_or_else(|e| panic!("{e}: {l:?}"));
+                }
+                let v: Value = serde_json::from_str(last).unwrap();
+                assert_eq!(v["level"], "error", "{last}");
+                assert!(
+                    v["msg"]
+                        .as_str()
+                        .unwrap()
+                        .contains(&format!("/data/{name}")),
+                    "{last}"
+                );
+            }
+        }
+        assert_eq!(lab.task_status("nl"), "RUNNING");
+        assert!(lab.tags(&repo).is_empty());
+    }
+}

@@ -556,17 +556,22 @@ fn leftover_views(lab: &Lab) -> Vec<String> {
 }
 
 #[test]
-fn sigkill_during_a_walk_leaves_no_view_mounted() {
+fn the_walks_views_are_nosuid_nodev_and_a_sigkill_during_the_walk_leaves_none_mounted() {
     let lab = Lab::start();
     big_sandbox(&lab, "s10");
     let child = spawn_commit(&lab, "s10", "snap/s10", &["--diff-source", "walk"]);
     wait_until("the sandbox to be paused", Duration::from_secs(30), || {
         lab.task_status("s10") == "PAUSED"
     });
-    assert!(
-        !leftover_views(&lab).is_empty(),
-        "the walk mounts its read-only views"
-    );
+    let views = leftover_views(&lab);
+    assert!(!views.is_empty(), "the walk mounts its read-only views");
+    // Nothing in the sandbox's tree may act as a device or a setuid program through a view.
+    for v in &views {
+        let opts: Vec<&str> = v.split(' ').nth(5).unwrap().split(',').collect();
+        for want in ["ro", "nosuid", "nodev"] {
+            assert!(opts.contains(&want), "view without {want}: {v}");
+        }
+    }
     signal(worker_of(child.id()), rustix::process::Signal::KILL);
     child.wait_with_output().unwrap();
     wait_until(
@@ -577,4 +582,52 @@ fn sigkill_during_a_walk_leaves_no_view_mounted() {
     wait_until("the sandbox to run again", Duration::from_secs(2), || {
         lab.task_status("s10") == "RUNNING"
     });
+}
+
+#[test]
+fn an_https_registry_answering_with_a_plain_http_upload_location_gets_no_layer_data() {
+    let lab = Lab::start();
+    let base = lab.base_image("base", false);
+    lab.run_container("dg", &base, &RunOpts::default());
+    lab.exec("dg", "echo private > /data/secret");
+    // A real registry over TLS whose generated URLs say http:// (distribution's `http.host`),
+    // as a misconfigured or hostile front end would: its upload Location is plain HTTP.
+    let dir = lab.dir.join("downgrading-registry");
+    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/registry.sh");
+    crate::lab::check(
+        std::process::Command::new(&script)
+            .args(["start"])
+            .arg(&dir)
+            .arg("--tls")
+            .env("REGISTRY_HTTP_HOST", "http://127.0.0.1:9"),
+    );
+    let env = std::fs::read_to_string(dir.join("env")).unwrap();
+    let get = |k: &str| {
+        env.lines()
+            .find_map(|l| l.strip_prefix(&format!("{k}=")).map(str::to_string))
+            .unwrap()
+    };
+    let reg = crate::push::Registry {
+        dir,
+        addr: get("REGISTRY_ADDR"),
+        ca: Some(get("REGISTRY_CA").into()),
+    };
+    let out = lab.committer(&[
+        "commit",
+        "--container",
+        "dg",
+        "--image",
+        &format!("{}/team/dg:v1", reg.addr),
+        "--registry-ca",
+        reg.ca.as_ref().unwrap().to_str().unwrap(),
+    ]);
+    let stderr = crate::cli::stderr_text(&out);
+    assert_eq!(out.status.code(), Some(5), "{stderr}");
+    let last = stderr.lines().last().unwrap();
+    assert!(
+        last.contains("sent a plain-HTTP upload Location from HTTPS") && last.contains(&reg.addr),
+        "{stderr}"
+    );
+    assert_eq!(lab.task_status("dg"), "RUNNING");
+    assert!(!leases(&lab).contains("committer/dg"), "{}", leases(&lab));
 }
