@@ -1,7 +1,8 @@
 //! A hostile sandbox against a real commit (containerd, runc, the registry): names that are
 //! whiteouts in the layer format, forged overlay xattrs, node-local security labels and xattr
-//! names a PAX record cannot carry, a 50 GiB sparse file. Each refusal is exit 4 naming the
-//! path, with the sandbox running again and no tag pushed.
+//! names a PAX record cannot carry, a 50 GiB sparse file, a diff bigger than the spool; and an
+//! HTTPS registry that downgrades its upload to plain HTTP. Each refusal is one error line naming
+//! what was refused, with the sandbox running again and no tag pushed.
 
 use crate::lab::{describe, Lab, RunOpts};
 use crate::tree::{compare_trees, xattrs, CompareOpts};
@@ -266,7 +267,7 @@ fn timed(cmd: &mut std::process::Command) -> (Output, u64) {
     .filter_map(|m| stderr.find(m))
     .min()
     .unwrap_or(stderr.len());
-    out.stderr = stderr[..own].as_bytes().to_vec();
+    out.stderr = stderr.as_bytes()[..own].to_vec();
     (out, kib * 1024)
 }
 
@@ -496,4 +497,53 @@ fn a_file_name_with_a_newline_and_escapes_stays_one_escaped_error_line() {
         assert_eq!(lab.task_status("nl"), "RUNNING");
         assert!(lab.tags(&repo).is_empty());
     }
+}
+
+#[test]
+fn an_https_registry_answering_with_a_plain_http_upload_location_gets_no_layer_data() {
+    let lab = Lab::start();
+    let base = lab.base_image("base", false);
+    lab.run_container("dg", &base, &RunOpts::default());
+    lab.exec("dg", "echo private > /data/secret");
+    // A real registry over TLS whose generated URLs say http:// (distribution's `http.host`),
+    // as a misconfigured or hostile front end would: its upload Location is plain HTTP.
+    let dir = lab.dir.join("downgrading-registry");
+    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/registry.sh");
+    crate::lab::check(
+        std::process::Command::new(&script)
+            .args(["start"])
+            .arg(&dir)
+            .arg("--tls")
+            .env("REGISTRY_HTTP_HOST", "http://127.0.0.1:9"),
+    );
+    let env = std::fs::read_to_string(dir.join("env")).unwrap();
+    let get = |k: &str| {
+        env.lines()
+            .find_map(|l| l.strip_prefix(&format!("{k}=")).map(str::to_string))
+            .unwrap()
+    };
+    let reg = crate::push::Registry {
+        dir,
+        addr: get("REGISTRY_ADDR"),
+        ca: Some(get("REGISTRY_CA").into()),
+    };
+    let out = lab.committer(&[
+        "commit",
+        "--container",
+        "dg",
+        "--image",
+        &format!("{}/team/dg:v1", reg.addr),
+        "--registry-ca",
+        reg.ca.as_ref().unwrap().to_str().unwrap(),
+    ]);
+    let stderr = crate::cli::stderr_text(&out);
+    assert_eq!(out.status.code(), Some(5), "{stderr}");
+    let last = stderr.lines().last().unwrap();
+    assert!(
+        last.contains("sent a plain-HTTP upload Location from HTTPS") && last.contains(&reg.addr),
+        "{stderr}"
+    );
+    assert_eq!(lab.task_status("dg"), "RUNNING");
+    let leases = lab.ctr(&["leases", "ls"]);
+    assert!(!leases.contains("committer/dg"), "{leases}");
 }

@@ -156,7 +156,7 @@ impl Drop for MemCgroup {
 
 /// A sandbox whose capture lasts: 30 000 small files walked first (seconds of paused work in a
 /// debug build) and 96 MiB of data after them (`/zbig` sorts last).
-fn long_capture_sandbox(lab: &Lab, id: &str) {
+pub(crate) fn long_capture_sandbox(lab: &Lab, id: &str) {
     let base = lab.base_image("base", false);
     lab.run_container(id, &base, &crate::lab::RunOpts::default());
     lab.exec(
