@@ -3,7 +3,7 @@
 # then). Idempotent; needs root only when something is missing. Used by scripts/test.sh and scripts/demo.sh.
 set -euo pipefail
 
-PACKAGES=(containerd runc docker-registry skopeo umoci busybox-static protobuf-compiler curl python3 openssl
+PACKAGES=(containerd runc docker-registry skopeo umoci busybox-static protobuf-compiler curl python3 python3-venv openssl
   apache2-utils ca-certificates util-linux musl-tools binutils xfsprogs)
 missing=()
 for p in "${PACKAGES[@]}"; do

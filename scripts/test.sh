@@ -98,6 +98,23 @@ fi
 [ -z "$docker20" ] || export COMMITTER_DOCKER_20_BIN_DIR=$docker20
 [ -z "$docker28" ] || export COMMITTER_DOCKER_28_BIN_DIR=$docker28
 
+# The admission policy's CEL on sample pods and on deploy/commit-job.yaml (deploy/check-admission-policy.py), with
+# cel-python in a venv kept in the cache dir: run when cel-python can be had (a SKIP says when not), required with
+# COMMITTER_TEST_FIELD=1.
+policy_py=$cache/celvenv/bin/python
+if ! "$policy_py" -c 'import celpy, yaml' 2>/dev/null; then
+  { python3 -m venv "$cache/celvenv" && "$cache/celvenv/bin/pip" install -q 'cel-python==0.5.0' pyyaml; } </dev/null >/dev/null 2>&1 || true
+fi
+if "$policy_py" -c 'import celpy, yaml' 2>/dev/null; then
+  "$policy_py" deploy/check-admission-policy.py >"$cache/admission-policy.log" 2>&1 ||
+    { cat "$cache/admission-policy.log" >&2; die "deploy/check-admission-policy.py: a case disagrees with the policy"; }
+  say "admission policy: $(tail -n1 "$cache/admission-policy.log")"
+elif [ "$field" = 1 ]; then
+  die "cel-python could not be installed from PyPI for deploy/check-admission-policy.py (COMMITTER_TEST_FIELD=1)"
+else
+  say "SKIP: cel-python could not be installed from PyPI: deploy/check-admission-policy.py not run"
+fi
+
 # Build once; every pass below runs the same test binary.
 t0=$SECONDS
 cargo test --locked --features lab --no-run

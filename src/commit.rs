@@ -51,7 +51,8 @@ pub async fn commit(plan: &CommitPlan) -> Result<CommitResult, CommitError> {
         push::push_manifest(&client, &manifest, &tags(plan)).await?;
         Ok(result(plan, &info, &base, layer, &config, &manifest))
     })
-    .await?;
+    .await
+    .map_err(source::spool::classify)?;
     result.duration_ms = started.elapsed().as_millis() as u64;
     Ok(result)
 }
@@ -162,6 +163,7 @@ pub async fn diff_to_file(
         Ok(desc)
     })
     .await
+    .map_err(source::spool::classify)
 }
 
 async fn connect(plan: &SourcePlan) -> Result<(Containerd, ContainerInfo), CommitError> {

@@ -175,10 +175,19 @@ pub async fn resume_until_running(
     let mut attempt = 0u32;
     loop {
         attempt += 1;
-        let err = match step(&mut conn, target).await {
-            Ok(true) => return Ok(()),
-            Ok(false) => None,
-            Err(e) => Some(e),
+        // One attempt never runs past the deadline (a hung containerd answers no call): the
+        // budget is exact, and the Job's grace period can be set to cover it.
+        let left = deadline
+            .saturating_sub(started.elapsed())
+            .max(Duration::from_secs(1));
+        let err = match tokio::time::timeout(left, step(&mut conn, target)).await {
+            Ok(Ok(true)) => return Ok(()),
+            Ok(Ok(false)) => None,
+            Ok(Err(e)) => Some(e),
+            Err(_) => Some(ContainerdError::Invalid {
+                what: format!("resuming {:?}", target.container),
+                detail: format!("containerd did not answer within the {deadline:?} allowed"),
+            }),
         };
         if started.elapsed() + delay > deadline {
             return Err(err.unwrap_or_else(|| ContainerdError::Invalid {

@@ -129,19 +129,26 @@ pub fn chain_id(diff_ids: &[&str]) -> String {
 }
 
 impl Containerd {
-    /// The image the container's snapshot was made from (see the module header). A refusal is
-    /// `ContainerdError::BaseMismatch`, naming the image and the snapshot's parent.
+    /// The image the container's snapshot was made from (see the module header): its layers
+    /// chain to the snapshot's parent and, when the CRI recorded the image's ID, its config is
+    /// that one (an image with the same layers and another Env/Cmd/User is not the base). A
+    /// refusal is `ContainerdError::BaseMismatch`, naming the image and the snapshot's parent.
     pub async fn base_of(&self, info: &ContainerInfo) -> Result<BaseImage, ContainerdError> {
         let parent = self
             .snapshot_parent(&info.snapshotter, &info.snapshot_key)
             .await?
             .unwrap_or_default();
+        let config_ok = |b: &BaseImage| {
+            info.image_config
+                .as_ref()
+                .is_none_or(|want| Digest::of(&b.config_bytes) == *want)
+        };
         let named = self.base_image(&info.image).await;
         let named_chain = match &named {
             Ok(b) => b.chain_id()?,
             Err(e) => format!("unreadable ({e})"),
         };
-        if named_chain == parent {
+        if named_chain == parent && named.as_ref().is_ok_and(config_ok) {
             return named;
         }
         let names = self
@@ -158,9 +165,9 @@ impl Containerd {
             let Ok(b) = self.base_image(&name).await else {
                 continue;
             };
-            if b.chain_id().ok().as_deref() == Some(parent.as_str()) {
+            if b.chain_id().ok().as_deref() == Some(parent.as_str()) && config_ok(&b) {
                 crate::log::warn(&format!(
-                    "image {:?} no longer is what container {:?} was created from; using {name:?}, whose layers are the container's snapshot parent {parent}",
+                    "image {:?} no longer is what container {:?} was created from; using {name:?}, whose layers are the container's snapshot parent {parent} (and whose config is the one the CRI recorded, if it did)",
                     info.image, info.id
                 ));
                 return Ok(b);
@@ -171,6 +178,10 @@ impl Containerd {
             image: info.image.clone(),
             image_chain: named_chain,
             parent,
+            config: match &info.image_config {
+                Some(d) => format!(" with the image config {d} the CRI recorded for it"),
+                None => String::new(),
+            },
         })
     }
 }

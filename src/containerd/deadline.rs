@@ -49,6 +49,20 @@ fn for_method(path: &str) -> Option<Duration> {
 pub struct Deadlined {
     inner: Channel,
     address: Arc<str>,
+    /// Calls that create a resource under the connection's lease hold this shared; a lease
+    /// renewal holds it exclusively (`lease.rs`), so no resource is created while the lease
+    /// is being handed over.
+    pub(super) gate: Arc<tokio::sync::RwLock<()>>,
+}
+
+/// Whether a call can add a resource to the lease named in its header: a snapshot view or
+/// active snapshot, content written (by us or by the diff service), an image record.
+fn creates_leased(path: &str) -> bool {
+    let method = path.rsplit('/').next().unwrap_or_default();
+    (path.contains(".snapshots.v1.Snapshots/") && matches!(method, "Prepare" | "View"))
+        || path.contains(".diff.v1.Diff/")
+        || (path.contains(".content.v1.Content/") && method == "Write")
+        || (path.contains(".images.v1.Images/") && matches!(method, "Create" | "Update"))
 }
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -65,8 +79,19 @@ impl Service<http::Request<Body>> for Deadlined {
     fn call(&mut self, req: http::Request<Body>) -> Self::Future {
         let limit = for_method(req.uri().path());
         let address = self.address.clone();
-        let call = self.inner.call(req);
+        let gated =
+            req.headers().contains_key("containerd-lease") && creates_leased(req.uri().path());
+        // The channel made ready by poll_ready goes into the call (tower's contract).
+        let fresh = self.inner.clone();
+        let mut inner = std::mem::replace(&mut self.inner, fresh);
+        let gate = self.gate.clone();
         Box::pin(async move {
+            // Held until containerd answered: by then the resource is on the lease.
+            let _shared = match gated {
+                true => Some(gate.read_owned().await),
+                false => None,
+            };
+            let call = inner.call(req);
             let Some(limit) = limit else {
                 return call.await.map_err(Into::into);
             };
@@ -111,6 +136,7 @@ pub async fn connect(path: &Path) -> Result<Deadlined, ContainerdError> {
         Ok(Ok(inner)) => Ok(Deadlined {
             inner,
             address: path.display().to_string().into(),
+            gate: Arc::default(),
         }),
     }
 }

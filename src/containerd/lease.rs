@@ -8,7 +8,11 @@
 //! longer than the TTL keeps it and no later commit can take it over. containerd has no call
 //! that updates a lease's labels, so a renewal hands the resources to a short-lived second lease
 //! (`ID.handover`), re-creates the lease with a later expiry, and drops the handover: garbage
-//! collection never sees the resources unleased.
+//! collection never sees the resources unleased. Calls that create a resource under the lease
+//! (a view, content, an image record) and a renewal exclude each other (`Deadlined::gate`): a
+//! resource created mid-renewal would otherwise land on a lease about to be deleted, or be
+//! missing from the resources copied over. A renewal waits for such calls in flight (the diff
+//! service's can take minutes; the lease has two thirds of its TTL left then).
 
 use super::{Containerd, ContainerdError};
 use containerd_client::services::v1::{
@@ -182,6 +186,7 @@ impl Containerd {
 
     /// Moves the lease's expiry `ttl` ahead (see the module header for how).
     async fn renew(&self, id: &str, owner: &str) -> Result<(), ContainerdError> {
+        let _exclusive = self.channel.gate.clone().write_owned().await;
         let handover = format!("{id}.handover");
         let resources = self
             .leases()

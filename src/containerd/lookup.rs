@@ -37,6 +37,9 @@ pub struct ContainerInfo {
     pub labels: std::collections::HashMap<String, String>,
     /// The OCI runtime spec as containerd holds it (JSON), for recording the process config.
     pub spec: Vec<u8>,
+    /// The config digest of the image the CRI created it from (its `ImageRef`, the image ID),
+    /// when the CRI recorded one: the base's config must be that one, not only its layers.
+    pub image_config: Option<crate::digest::Digest>,
 }
 
 /// A pod's container is kept by the kubelet after it exits, and a restart adds a new one with
@@ -127,6 +130,14 @@ fn attempt(c: &Container) -> u64 {
         });
     let from_label = c.labels.get(RESTART_COUNT).and_then(|v| v.parse().ok());
     from_metadata.or(from_spec).or(from_label).unwrap_or(0)
+}
+
+/// The image ID (config digest) the CRI plugin recorded in its container metadata extension.
+fn cri_image_ref(c: &Container) -> Option<crate::digest::Digest> {
+    c.extensions
+        .get("io.cri-containerd.container.metadata")
+        .and_then(|any| serde_json::from_slice::<serde_json::Value>(&any.value).ok())
+        .and_then(|v| v.pointer("/Metadata/ImageRef")?.as_str()?.parse().ok())
 }
 
 /// One mount of the container's snapshot, as containerd describes it.
@@ -304,7 +315,9 @@ fn container_info(c: Container) -> Result<ContainerInfo, ContainerdError> {
             })
         })
         .unwrap_or_default();
+    let image_config = cri_image_ref(&c);
     Ok(ContainerInfo {
+        image_config,
         id: c.id,
         image: c.image,
         snapshotter: c.snapshotter,
@@ -493,6 +506,7 @@ mod tests {
             mount_destinations: vec![],
             labels: Default::default(),
             spec: vec![],
+            image_config: None,
         }
     }
 

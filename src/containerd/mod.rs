@@ -68,12 +68,14 @@ pub enum ContainerdError {
     /// malformed descriptor found later is (`ImageError`).
     #[error("base image {image:?}: {detail}")]
     MalformedBase { image: String, detail: String },
-    #[error("container {container:?} was created from other layers than image {image:?} holds now: its snapshot's parent is {parent:?}, the image's layers chain to {image_chain}, and no image in containerd chains to the parent; the tag was moved or the image removed — pull the image it was created from (by digest) and commit again")]
+    #[error("container {container:?} was created from other layers than image {image:?} holds now: its snapshot's parent is {parent:?}, the image's layers chain to {image_chain}, and no image in containerd chains to the parent{config}; the tag was moved or the image removed — pull the image it was created from (by digest) and commit again")]
     BaseMismatch {
         container: String,
         image: String,
         image_chain: String,
         parent: String,
+        /// "" or what else the base must match (the CRI's image ID).
+        config: String,
     },
 }
 

@@ -106,10 +106,11 @@ impl GrowingWriter {
 
 impl Write for GrowingWriter {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        let n = self.file.write_at(buf, self.pos)?;
+        let n = super::spool::observe(self.file.write_at(buf, self.pos))?;
         self.pos += n as u64;
         let pos = self.pos;
         self.shared.update(|s| s.len = pos);
+        super::spool::wrote(n as u64)?;
         Ok(n)
     }
     fn flush(&mut self) -> io::Result<()> {

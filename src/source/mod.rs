@@ -26,7 +26,7 @@ pub mod growing;
 mod local;
 mod prepare;
 mod reflink;
-mod spool;
+pub mod spool;
 pub mod squash;
 
 pub use differ::copy_stored_blob;
@@ -117,8 +117,19 @@ pub enum SourceError {
         #[source]
         source: std::io::Error,
     },
-    #[error("the spool at {dir} has {free} bytes free but this diff needs about {need} (the container snapshot's size as containerd reports it): point --spool-dir at a filesystem with more room")]
-    SpoolTooSmall { dir: PathBuf, free: u64, need: u64 },
+    #[error("the spool at {dir} has {free} bytes free, {reserve} of them kept free for the node (COMMITTER_SPOOL_RESERVE), but this diff needs about {need} (the container snapshot's size as containerd reports it): point --spool-dir at a filesystem with more room")]
+    SpoolTooSmall {
+        dir: PathBuf,
+        free: u64,
+        need: u64,
+        reserve: u64,
+    },
+    #[error("the spool at {dir} ran out of room ({free} bytes were free, {reserve} are kept free for the node: COMMITTER_SPOOL_RESERVE); nothing was pushed: point --spool-dir at a filesystem with more room (in the Job, a larger spool volume)")]
+    SpoolFull {
+        dir: PathBuf,
+        free: u64,
+        reserve: u64,
+    },
     #[error("the spool directory {dir} cannot be used (see --spool-dir)")]
     SpoolUnusable {
         dir: PathBuf,

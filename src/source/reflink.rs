@@ -228,15 +228,18 @@ impl Store {
         while self.kernel_copy && done < size {
             let want = usize::try_from(size - done)
                 .unwrap_or(usize::MAX)
-                .min(1 << 30);
+                .min(spool::CHECK_CHUNK);
             let (mut off_in, mut off_out) = (done, done);
             match rustix::fs::copy_file_range(src, Some(&mut off_in), dst, Some(&mut off_out), want)
             {
                 Ok(0) => return Ok(done),
-                Ok(n) => done += n as u64,
+                Ok(n) => {
+                    done += n as u64;
+                    spool::wrote(n as u64)?;
+                }
                 Err(rustix::io::Errno::INTR) => {}
                 Err(e) if done == 0 && refused(&e.into()) => self.kernel_copy = false,
-                Err(e) => return Err(e.into()),
+                Err(e) => return spool::observe(Err(e.into())),
             }
         }
         if done < size {
@@ -261,7 +264,8 @@ fn copy_rest(src: &File, dst: &File, from: u64, size: u64) -> io::Result<u64> {
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
             Err(e) => return Err(e),
         };
-        dst.write_all_at(&buf[..n], at)?;
+        spool::observe(dst.write_all_at(&buf[..n], at))?;
+        spool::wrote(n as u64)?;
         at += n as u64;
     }
     Ok(at - from)

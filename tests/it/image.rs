@@ -9,7 +9,7 @@
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
@@ -227,6 +227,10 @@ fn assert_image_shape(b: &Built) {
 
 /// `ctr run --rm` of the committer image as the Job runs it. `caps` are added to an empty set.
 fn run_as_job(lab: &Lab, image: &str, id: &str, caps: &[String], args: &[&str]) -> Output {
+    run(&mut job_command(lab, image, id, caps, args))
+}
+
+fn job_command(lab: &Lab, image: &str, id: &str, caps: &[String], args: &[&str]) -> Command {
     let snapshots = lab.dir.join("root/io.containerd.snapshotter.v1.overlayfs");
     let mut cmd = lab.ctr_command();
     cmd.args(["run", "--rm", "--net-host", "--seccomp", "--read-only"]);
@@ -258,7 +262,57 @@ fn run_as_job(lab: &Lab, image: &str, id: &str, caps: &[String], args: &[&str]) 
     }
     // ctr replaces the image's entrypoint and cmd with these args.
     cmd.args([image, id, "/committer"]).args(args);
-    run(&mut cmd)
+    cmd
+}
+
+/// committer as PID 1 of the Job's container: a SIGKILL of its commit process while the sandbox
+/// is paused is undone by PID 1 within 2 s (sandbox RUNNING, no lease, no tag, exit 137).
+fn sigkill_of_the_worker_in_the_job_container(lab: &Lab, image: &str, caps: &[String]) {
+    crate::supervisor::long_capture_sandbox(lab, "paused-sib");
+    let sock = lab.address.to_str().unwrap().to_string();
+    let target = format!("{}/snap/paused-sib:killed", lab.registry);
+    let args = [
+        "commit",
+        "--container",
+        "paused-sib",
+        "--image",
+        &target,
+        "--plain-http",
+        "--address",
+        &sock,
+        "--namespace",
+        &lab.namespace,
+    ];
+    let mut cmd = job_command(lab, image, "committer-killed", caps, &args);
+    let child = cmd
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    crate::safety::wait_until("the sandbox to be paused", Duration::from_secs(60), || {
+        lab.task_status("paused-sib") == "PAUSED"
+    });
+    let pid1 = lab.task_pid("committer-killed");
+    let worker = crate::safety::worker_of(pid1);
+    crate::safety::signal(worker, rustix::process::Signal::KILL);
+    let killed = Instant::now();
+    crate::safety::wait_until("the sandbox to run again", Duration::from_secs(2), || {
+        lab.task_status("paused-sib") == "RUNNING"
+    });
+    eprintln!(
+        "in the Job's container: RUNNING {:?} after the SIGKILL",
+        killed.elapsed()
+    );
+    let out = child.wait_with_output().unwrap();
+    let stderr = crate::cli::stderr_text(&out);
+    assert_eq!(out.status.code(), Some(137), "{stderr}");
+    assert!(
+        stderr.contains("was paused; the sandbox is running again"),
+        "{stderr}"
+    );
+    let leases = lab.ctr(&["leases", "ls"]);
+    assert!(!leases.contains("committer/paused-sib"), "{leases}");
+    assert!(lab.tags("snap/paused-sib").is_empty());
 }
 
 fn one_json_line(out: &Output) -> Value {
@@ -402,6 +456,7 @@ fn image_built_without_an_engine_runs_under_containerd_as_the_job_and_commits_a_
     assert_eq!(lab.task_status("sib"), "RUNNING", "the sibling runs on");
 
     assert_image_is_rootfs(&lab, result["image"].as_str().unwrap(), "sib");
+    sigkill_of_the_worker_in_the_job_container(&lab, &committer_image, &caps);
 
     // With less than the Job's capabilities committer must not trust the upperdir: it either commits through
     // another source (the walk, or containerd's diff service, which needs only the socket) and the image is still

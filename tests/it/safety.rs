@@ -581,17 +581,22 @@ fn leftover_views(lab: &Lab) -> Vec<String> {
 }
 
 #[test]
-fn sigkill_during_a_walk_leaves_no_view_mounted() {
+fn the_walks_views_are_nosuid_nodev_and_a_sigkill_during_the_walk_leaves_none_mounted() {
     let lab = Lab::start();
     big_sandbox(&lab, "s10");
     let child = spawn_commit(&lab, "s10", "snap/s10", &["--diff-source", "walk"]);
     wait_until("the sandbox to be paused", Duration::from_secs(30), || {
         lab.task_status("s10") == "PAUSED"
     });
-    assert!(
-        !leftover_views(&lab).is_empty(),
-        "the walk mounts its read-only views"
-    );
+    let views = leftover_views(&lab);
+    assert!(!views.is_empty(), "the walk mounts its read-only views");
+    // Nothing in the sandbox's tree may act as a device or a setuid program through a view.
+    for v in &views {
+        let opts: Vec<&str> = v.split(' ').nth(5).unwrap().split(',').collect();
+        for want in ["ro", "nosuid", "nodev"] {
+            assert!(opts.contains(&want), "view without {want}: {v}");
+        }
+    }
     signal(worker_of(child.id()), rustix::process::Signal::KILL);
     child.wait_with_output().unwrap();
     wait_until(

@@ -101,51 +101,88 @@ fn as_pid1_sigterm_exits_130_with_the_sandbox_running_and_no_lease_or_tag() {
     assert!(lab.tags("snap/p2").is_empty());
 }
 
-/// A memory cgroup (v2, or v1's memory controller) below this process's own, limited to
-/// `limit` bytes; removed on drop.
-struct MemCgroup(std::path::PathBuf);
+/// A memory cgroup (v2, or v1's memory controller) below this process's own, unlimited until
+/// `limit_near_usage`; removed on drop.
+struct MemCgroup {
+    path: std::path::PathBuf,
+    /// The limit's file and the usage's file (v1 or v2 names).
+    max: &'static str,
+    usage: &'static str,
+}
 
 impl MemCgroup {
-    fn new(name: &str, limit: u64) -> MemCgroup {
+    fn new(name: &str) -> MemCgroup {
         // v1's memory controller when mounted (this machine), else the v2 unified hierarchy.
         let own = std::fs::read_to_string("/proc/self/cgroup").unwrap();
-        let (dir, max) = match own.lines().find_map(|l| l.split_once(":memory:")) {
+        let (dir, max, usage) = match own.lines().find_map(|l| l.split_once(":memory:")) {
             Some((_, v1)) => (
                 format!("/sys/fs/cgroup/memory{v1}"),
                 "memory.limit_in_bytes",
+                "memory.usage_in_bytes",
             ),
             None => {
                 let v2 = own.lines().find_map(|l| l.strip_prefix("0::")).unwrap();
-                (format!("/sys/fs/cgroup{v2}"), "memory.max")
+                (
+                    format!("/sys/fs/cgroup{v2}"),
+                    "memory.max",
+                    "memory.current",
+                )
             }
         };
         let path = std::path::Path::new(&dir).join(name);
         std::fs::create_dir_all(&path).unwrap();
-        std::fs::write(path.join(max), limit.to_string()).unwrap();
-        MemCgroup(path)
+        MemCgroup { path, max, usage }
     }
     fn add(&self, pid: u32) {
-        std::fs::write(self.0.join("cgroup.procs"), pid.to_string()).unwrap();
+        std::fs::write(self.path.join("cgroup.procs"), pid.to_string()).unwrap();
+    }
+    /// Limits the cgroup to what it uses now plus `headroom` bytes: the next `headroom` bytes
+    /// its processes charge (tmpfs pages cannot be reclaimed without swap) bring the OOM killer.
+    /// Retried while the usage grows past the limit being written (v1 answers EBUSY).
+    fn limit_near_usage(&self, headroom: u64) {
+        for _ in 0..100 {
+            let used: u64 = std::fs::read_to_string(self.path.join(self.usage))
+                .unwrap()
+                .trim()
+                .parse()
+                .unwrap();
+            if std::fs::write(self.path.join(self.max), (used + headroom).to_string()).is_ok() {
+                return;
+            }
+        }
+        panic!("could not limit {} near its usage", self.path.display());
     }
 }
 
 impl Drop for MemCgroup {
     fn drop(&mut self) {
-        let _ = std::fs::remove_dir(&self.0);
+        let _ = std::fs::remove_dir(&self.path);
     }
 }
 
+/// A sandbox whose capture lasts: 30 000 small files walked first (seconds of paused work in a
+/// debug build) and 96 MiB of data after them (`/zbig` sorts last).
+pub(crate) fn long_capture_sandbox(lab: &Lab, id: &str) {
+    let base = lab.base_image("base", false);
+    lab.run_container(id, &base, &crate::lab::RunOpts::default());
+    lab.exec(
+        id,
+        "mkdir -p /many /zbig && i=0; while [ $i -lt 30000 ]; do echo $i > /many/$i; i=$((i+1)); done; \
+         for i in 1 2 3; do head -c 33554432 /dev/urandom > /zbig/f$i; done",
+    );
+}
+
 #[test]
-fn as_pid1_an_oom_kill_of_the_worker_is_undone_and_its_spool_removed() {
+fn as_pid1_an_oom_kill_of_the_worker_while_paused_is_undone_and_its_spool_removed() {
     let lab = Lab::start();
-    big_sandbox(&lab, "p3");
+    long_capture_sandbox(&lab, "p3");
     // The spool on tmpfs: its pages are charged to the worker's cgroup and cannot be reclaimed.
     let spool = tempfile::Builder::new()
         .prefix("committer-oom-spool-")
         .tempdir_in("/dev/shm")
         .unwrap();
-    let cgroup = MemCgroup::new(&format!("committer-oom-{}", std::process::id()), 24 << 20);
-    let child = spawn_commit_as_pid1(
+    let cgroup = MemCgroup::new(&format!("committer-oom-{}", std::process::id()));
+    let mut child = spawn_commit_as_pid1(
         &lab,
         "p3",
         "snap/p3",
@@ -153,10 +190,24 @@ fn as_pid1_an_oom_kill_of_the_worker_is_undone_and_its_spool_removed() {
     );
     let supervisor = pid1_of(&child);
     cgroup.add(worker_of(supervisor));
+    // The limit comes only once the sandbox is paused: the OOM kill cannot come before it.
+    wait_until("the sandbox to be paused", Duration::from_secs(60), || {
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "the commit ended before the sandbox was seen paused"
+        );
+        lab.task_status("p3") == "PAUSED"
+    });
+    cgroup.limit_near_usage(8 << 20);
     let out = child.wait_with_output().unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(137), "{stderr}");
     assert!(stderr.contains("OOM killer"), "{stderr}");
+    // The supervisor's own resume, not a worker that resumed before it died.
+    assert!(
+        stderr.contains("was paused; the sandbox is running again"),
+        "{stderr}"
+    );
     assert_eq!(lab.task_status("p3"), "RUNNING");
     assert!(!leases(&lab).contains("committer/p3"), "{}", leases(&lab));
     assert!(lab.tags("snap/p3").is_empty());
