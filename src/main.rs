@@ -192,6 +192,7 @@ async fn commit(args: &committer::cli::CommitArgs, mode: progress::Mode) -> Resu
         outputs::check_result_file(path).map_err(usage)?;
     }
     outputs::check_spool_dir(plan.spool_dir.as_deref()).map_err(usage)?;
+    committer::source::spool::check_reserve_setting().map_err(|e| usage(UsageError(e)))?;
     progress::start(mode);
     let result = committer::commit::commit(&plan).await.map_err(failure)?;
     progress::stop();
@@ -234,6 +235,7 @@ fn summary(r: &report::CommitResult) {
 async fn diff(args: &committer::cli::DiffArgs, mode: progress::Mode) -> Result<(), i32> {
     let plan = args.plan().map_err(usage)?;
     let output = DiffOutput::prepare(&args.output).map_err(usage)?;
+    committer::source::spool::check_reserve_setting().map_err(|e| usage(UsageError(e)))?;
     progress::start(mode);
     let desc = committer::commit::diff_to_file(&plan, output.path())
         .await

@@ -73,14 +73,23 @@ pub struct ReadingThread(());
 /// Debug and lab builds only, on the thread that reads the paused sandbox: `COMMITTER_TEST_PANIC=reading`
 /// panics there, as a bug would (a test sees a panic end in one line, exit 1 and a running sandbox);
 /// `COMMITTER_TEST_STALL=reading` holds the read for a minute (a test kills the process while the
-/// sandbox is paused, however fast the capture).
+/// sandbox is paused, however fast the capture), `reading:N` for N seconds (a test sees the pause
+/// however slowly it polls, and the commit then goes on).
 #[cfg(any(debug_assertions, feature = "lab"))]
 fn test_panic_point() {
     if std::env::var_os("COMMITTER_TEST_PANIC").is_some_and(|v| v == "reading") {
         panic!("COMMITTER_TEST_PANIC=reading");
     }
-    if std::env::var_os("COMMITTER_TEST_STALL").is_some_and(|v| v == "reading") {
-        std::thread::sleep(Duration::from_secs(60));
+    if let Some(v) = std::env::var_os("COMMITTER_TEST_STALL") {
+        let seconds = match v.to_str().and_then(|v| v.strip_prefix("reading")) {
+            Some("") => 60,
+            Some(n) => n
+                .strip_prefix(':')
+                .and_then(|n| n.parse().ok())
+                .unwrap_or(0),
+            None => 0,
+        };
+        std::thread::sleep(Duration::from_secs(seconds));
     }
 }
 

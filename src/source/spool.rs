@@ -83,9 +83,17 @@ pub(super) fn watch(dir: &Path) -> Result<u64, SourceError> {
 }
 
 /// The reserve for a filesystem of `size` bytes: `spec` (bytes or `N%`), else the default.
+/// `COMMITTER_SPOOL_RESERVE` as set, checked before any work (a usage error, not a refusal after
+/// the container was found).
+pub fn check_reserve_setting() -> Result<(), String> {
+    reserve_for(0, std::env::var(RESERVE_ENV).ok().as_deref()).map(|_| ())
+}
+
 fn reserve_for(size: u64, spec: Option<&str>) -> Result<u64, String> {
-    let bad =
-        || format!("{RESERVE_ENV}={spec:?}: give bytes (0 for none) or a percentage like 10%");
+    let bad = || {
+        let spec = spec.unwrap_or_default();
+        format!("{RESERVE_ENV}={spec:?}: give bytes (0 for none) or a percentage like 10%")
+    };
     match spec.map(str::trim).filter(|s| !s.is_empty()) {
         None => Ok((size / 100 * RESERVE_PERCENT).min(RESERVE_CAP)),
         Some(s) => match s.strip_suffix('%') {

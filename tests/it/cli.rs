@@ -196,6 +196,7 @@ fn bad_inputs_end_in_one_line_with_the_documented_exit_code_and_leave_nothing() 
         ("spool dir missing", 2, vec!["commit", "m1", t, "--spool-dir", "/nonexistent"]),
         ("tcp address", 2, vec!["commit", "m1", t, "--address", "tcp://127.0.0.1:1"]),
         ("diff output dir missing", 2, vec!["diff", "m1", "--output", "/nonexistent/dir/l.tar"]),
+        ("bad COMMITTER_SPOOL_RESERVE", 2, vec!["commit", "m1", t]),
         ("container missing", 3, vec!["commit", "nope", t]),
         ("ambiguous prefix", 3, vec!["commit", "pfx-", t]),
         ("pod missing", 3, vec!["commit", "--pod", "team/none", t]),
@@ -236,6 +237,7 @@ fn bad_inputs_end_in_one_line_with_the_documented_exit_code_and_leave_nothing() 
             match *case {
                 "empty SOURCE_DATE_EPOCH is unset" => cmd.env("SOURCE_DATE_EPOCH", ""),
                 "a panic while paused" => cmd.env("COMMITTER_TEST_PANIC", "reading"),
+                "bad COMMITTER_SPOOL_RESERVE" => cmd.env("COMMITTER_SPOOL_RESERVE", "lots"),
                 _ => &mut cmd,
             };
             let out = crate::lab::run(&mut cmd);
@@ -246,6 +248,9 @@ fn bad_inputs_end_in_one_line_with_the_documented_exit_code_and_leave_nothing() 
                 "a panic while paused" => "please report".into(),
                 "containerd answers an error" => "containerd answered InvalidArgument".into(),
                 "socket permission denied" => "permission denied: the socket is root's".into(),
+                "bad COMMITTER_SPOOL_RESERVE" => {
+                    "COMMITTER_SPOOL_RESERVE=\"lots\": give bytes".into()
+                }
                 _ => String::new(),
             };
             assert!(line.contains(&want), "{case}: {line}");

@@ -307,7 +307,7 @@ fn sigkill_of_the_worker_in_the_job_container(lab: &Lab, image: &str, caps: &[St
     let stderr = crate::cli::stderr_text(&out);
     assert_eq!(out.status.code(), Some(137), "{stderr}");
     assert!(
-        stderr.contains("was paused; the sandbox is running again"),
+        stderr.contains("cleaned up after it; the sandbox \"paused-sib\" is running again"),
         "{stderr}"
     );
     let leases = lab.ctr(&["leases", "ls"]);

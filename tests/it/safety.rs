@@ -28,7 +28,10 @@ pub(crate) fn spawn_commit(lab: &Lab, id: &str, repo: &str, extra: &[&str]) -> C
         &target,
         "--plain-http",
     ])
-    .args(extra);
+    .args(extra)
+    // The read is held 5 s with the sandbox paused, so a test polling `ctr tasks ls` on a loaded
+    // machine sees the pause (a per-file capture can pause for less than 200 ms).
+    .env("COMMITTER_TEST_STALL", "reading:5");
     cmd.stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
