@@ -82,8 +82,9 @@ def admit(spec, pod, namespace):
 COMMIT = ["commit", "--pod", "default/sandbox", "--image", "reg.example/snap:v1"]
 
 
-def pod(paths, images, ephemeral=None, init=None, command=None, args=COMMIT, env=None):
-    """Every hostPath is mounted at its own path in every container, the emptyDir at /tmp."""
+def pod(paths, images, ephemeral=None, init=None, command=None, args=COMMIT, env=None, readonly=False):
+    """Every hostPath is mounted at its own path in every container (read-only with `readonly`), the emptyDir
+    at /tmp."""
     def container(name, image):
         c = {"name": name, "image": image}
         if command is not None:
@@ -92,7 +93,8 @@ def pod(paths, images, ephemeral=None, init=None, command=None, args=COMMIT, env
             c["args"] = args
         if env is not None:
             c["env"] = env
-        c["volumeMounts"] = [{"name": f"v{i}", "mountPath": p} for i, p in enumerate(paths)] + [
+        c["volumeMounts"] = [dict({"name": f"v{i}", "mountPath": p}, **({"readOnly": True} if readonly else {}))
+                             for i, p in enumerate(paths)] + [
             {"name": "scratch", "mountPath": "/tmp"}
         ]
         return c
@@ -163,6 +165,8 @@ CASES = [
     ("--registry-config through ..", pod([SOCK], [GOOD], args=COMMIT + ["--registry-config", "/tmp/../run/containerd/x"]), "committer-system", [True, True, True, False]),
     ("--registry-config relative", pod([SOCK], [GOOD], args=COMMIT + ["--registry-config", "run/containerd/x"]), "committer-system", [True, True, True, False]),
     ("--certs-dir under a mounted /proc/1/root", pod(["/proc/1/root"], [GOOD], args=COMMIT + ["--certs-dir", "/proc/1/root/etc"]), "committer-system", [True, True, True, False]),
+    ("--certs-dir on a read-only certs.d mount", pod([SOCK, "/etc/containerd/certs.d"], [GOOD], readonly=True, args=COMMIT + ["--certs-dir", "/etc/containerd/certs.d"]), "committer-system", [True, True, True, True]),
+    ("--registry-config on a read-only hostPath mount", pod([SOCK, "/etc/containerd/certs.d"], [GOOD], readonly=True, args=COMMIT + ["--registry-config", "/etc/containerd/certs.d/c.json"]), "committer-system", [True, True, True, False]),
     ("--result-file with no value", pod([SOCK], [GOOD], args=COMMIT + ["--result-file"]), "committer-system", [True, True, True, False]),
     ("TMPDIR inside a hostPath mount", pod(["/run/containerd"], [GOOD], env=[{"name": "TMPDIR", "value": "/run/containerd/tmp"}]), "committer-system", [True, True, True, False]),
     ("deploy/commit-job.yaml as shipped", job_pod(), "committer-system", [True, True, True, True]),
