@@ -2,6 +2,7 @@
 //! commit, two commits of one container do not run at once, limits are enforced.
 
 use crate::lab::{Lab, RunOpts};
+use committer::freeze::PauseSkipped;
 use serde_json::Value;
 use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
@@ -251,42 +252,22 @@ fn a_paused_sandbox_is_left_paused() {
     lab.run_container("s5", &base, &RunOpts::default());
     lab.exec("s5", "echo x > /x");
     lab.ctr(&["tasks", "pause", "s5"]);
-    let out = lab.committer(&[
-        "commit",
-        "--container",
-        "s5",
-        "--image",
-        &format!("{}/snap/s5:v1", lab.registry),
-        "--plain-http",
-    ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    let paused = lab.commit("s5", "snap/s5:v1", &[]).paused;
+    assert_eq!(
+        (paused.ms, paused.skipped),
+        (0, Some(PauseSkipped::AlreadyPaused))
     );
-    let result: Value = serde_json::from_slice(&out.stdout).unwrap();
-    assert_eq!(result["paused"]["ms"], 0);
-    assert_eq!(result["paused"]["skipped"], "already-paused");
     assert_eq!(lab.task_status("s5"), "PAUSED");
     lab.ctr(&["tasks", "resume", "s5"]);
 
     // A stopped task has nothing to freeze: read as it is, and said so.
     lab.ctr(&["tasks", "kill", "-s", "SIGKILL", "s5"]);
     lab.wait_status("s5", "STOPPED", Duration::from_secs(10));
-    let out = lab.committer(&[
-        "commit",
-        "s5",
-        &format!("{}/snap/s5:v2", lab.registry),
-        "--plain-http",
-    ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    let paused = lab.commit("s5", "snap/s5:v2", &[]).paused;
+    assert_eq!(
+        (paused.ms, paused.skipped),
+        (0, Some(PauseSkipped::NotRunning))
     );
-    let result: Value = serde_json::from_slice(&out.stdout).unwrap();
-    assert_eq!(result["paused"]["ms"], 0);
-    assert_eq!(result["paused"]["skipped"], "not-running");
 }
 
 /// A TCP proxy to `upstream` that lets at most `bytes_per_sec` through towards the registry.
