@@ -181,15 +181,17 @@ pub(super) async fn check_room(
         need,
         reserve,
     };
-    if free < reserve {
-        return Err(SourceError::SpoolFull {
+    // Without a size estimate, a spool already inside its reserve is all that can be refused.
+    let at_reserve = || match free < reserve {
+        true => Err(SourceError::SpoolFull {
             dir: dir.to_path_buf(),
             free,
             reserve,
-        });
-    }
+        }),
+        false => Ok(()),
+    };
     if !mounts.iter().any(|m| m.kind == "overlay") {
-        return Ok(());
+        return at_reserve();
     }
     use containerd_client::services::v1::snapshots::UsageRequest;
     let asked = ctr
@@ -210,7 +212,7 @@ pub(super) async fn check_room(
                 info.snapshot_key,
                 s.message()
             ));
-            return Ok(());
+            return at_reserve();
         }
     };
     let need = (usage.size.max(0) as u64).saturating_add(usage.inodes.max(0) as u64 * PER_ENTRY);
